@@ -1,0 +1,315 @@
+"""Bootstrap the embedded default: a tiny but trained text-to-image base model and two tiny CLIPs.
+
+Stands in for Stable Diffusion 1.5 / ViT-H-14 / ViT-B-16 on machines that cannot download weights.
+Everything is saved in the real formats (a diffusers pipeline directory; open_clip config +
+safetensors checkpoint) so the loading code in components/base_model.py serves both presets.
+
+Recipe (docs/bootstrap.md has the reasoning): render captioned toy scenes, holding out some
+(shape, colour, background colour) combos; train a VAE 64x64x3 -> 16x16x4 and cache unit-variance
+latents; train text encoder + UNet jointly with v-prediction on a zero-terminal-SNR cosine schedule
+(so the sampler can set global colour, which eps-prediction with nonzero terminal SNR washes out),
+condition dropout for classifier-free guidance, and an EMA of the weights; then train two CLIPs
+contrastively on separate renders and seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from components import toy_world as tw
+from components.config import BootstrapConfig, Config
+from components.progress import Progress
+from components.toy_tokenizer import save_toy_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+# --- data -----------------------------------------------------------------------------------------
+def render_dataset(scenes: list[tw.Scene], seed: int) -> torch.Tensor:
+    """uint8 renders -> float tensor (N, 3, 64, 64) in [-1, 1]."""
+    images = tw.render_batch(scenes, 64, seed)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def caption_variant(scene: tw.Scene, rng: random.Random) -> str:
+    """Captions of varying detail, so CLIP scores partial prompts (e.g. 'on a beach') sensibly."""
+    r = rng.random()
+    if r < 0.6:
+        return scene.caption()
+    if r < 0.8:
+        return scene.concept.phrase(scene.size, scene.count)
+    if r < 0.9:
+        return tw.background_phrase(scene.background, scene.background_colour)
+    return scene.caption(subject="an object") if scene.count == 1 else scene.caption()
+
+
+# --- VAE ------------------------------------------------------------------------------------------
+def make_vae(channels: tuple[int, ...] = (16, 32, 32)):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels, norm_num_groups=8)
+
+
+def train_vae(images: torch.Tensor, b: BootstrapConfig):
+    vae = make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=b.vae_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(b.seed)
+    progress = Progress("vae", b.vae_steps)
+    for step in range(b.vae_steps):
+        batch = images[torch.randint(len(images), (b.vae_batch,), generator=gen)]
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        rec_loss = F.mse_loss(recon, batch) + 0.5 * F.l1_loss(recon, batch)
+        loss = rec_loss + b.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for group in opt.param_groups:  # cosine decay keeps the last steps from bouncing
+            group["lr"] = b.vae_lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / b.vae_steps))
+        progress.update(step + 1, loss=rec_loss.item())
+    vae.eval()
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    return torch.cat([vae.encode(images[i:i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
+
+
+# --- text encoder + UNet --------------------------------------------------------------------------
+def make_text_encoder(vocab_size: int, b: BootstrapConfig, bos: int, eos: int, max_length: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=b.text_width, intermediate_size=4 * b.text_width,
+        num_hidden_layers=b.text_layers, num_attention_heads=4, max_position_embeddings=max_length,
+        projection_dim=b.text_width, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+        hidden_act="quick_gelu"))
+
+
+def make_unet(b: BootstrapConfig):
+    from diffusers import UNet2DConditionModel
+
+    c = tuple(b.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=c,
+        down_block_types=("CrossAttnDownBlock2D",) * (len(c) - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(c) - 1),
+        cross_attention_dim=b.text_width, attention_head_dim=4, norm_num_groups=min(16, c[0]))
+
+
+def scheduler_config(b: BootstrapConfig) -> dict:
+    return dict(num_train_timesteps=1000, beta_schedule=b.beta_schedule, prediction_type=b.prediction_type,
+                rescale_betas_zero_snr=b.zero_terminal_snr, timestep_spacing="trailing", clip_sample=False)
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float):
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+
+def train_denoiser(latents: torch.Tensor, input_ids: torch.Tensor, empty_ids: torch.Tensor,
+                   text_encoder, unet, b: BootstrapConfig) -> dict:
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    noise_scheduler = DDPMScheduler(**scheduler_config(b))
+    alphas = noise_scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas).clamp(min=1e-8)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=b.unet_lr, weight_decay=1e-2)
+    sched = get_cosine_schedule_with_warmup(opt, b.warmup_steps, max(b.unet_steps, 1))
+    ema = EMA([unet, text_encoder], b.ema_decay)
+    gen = torch.Generator().manual_seed(b.seed + 7)
+    progress = Progress("unet", b.unet_steps)
+    unet.train()
+    text_encoder.train()
+    recent: list[float] = []
+    for step in range(b.unet_steps):
+        idx = torch.randint(len(latents), (b.unet_batch,), generator=gen)
+        x0 = latents[idx]
+        ids = input_ids[idx].clone()
+        drop = torch.rand(b.unet_batch, generator=gen) < b.cond_dropout
+        ids[drop] = empty_ids
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b.unet_batch,), generator=gen)
+        xt = noise_scheduler.add_noise(x0, noise, t)
+        target = noise_scheduler.get_velocity(x0, noise, t) if b.prediction_type == "v_prediction" else noise
+        cond = text_encoder(ids)[0]
+        pred = unet(xt, t, encoder_hidden_states=cond).sample
+        # min-SNR-style weighting, written so the zero-SNR endpoint (global colour) keeps weight 1
+        weight = (snr[t] + 1).clamp(max=b.min_snr_gamma) / (snr[t] + 1)
+        loss = (weight * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.update(step)
+        recent = (recent + [loss.item()])[-50:]
+        progress.update(step + 1, loss=sum(recent) / len(recent), lr=sched.get_last_lr()[0])
+    ema.copy_to_model()
+    unet.eval()
+    text_encoder.eval()
+    return {"unet_final_loss": sum(recent) / max(len(recent), 1)}
+
+
+# --- open_clip CLIPs ------------------------------------------------------------------------------
+def clip_model_config(width: int = 96, layers: int = 3) -> dict:
+    return {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 64, "layers": layers, "width": width, "patch_size": 8, "head_width": 32},
+        # the standard open_clip BPE vocabulary, so stock get_tokenizer() works; text tower kept narrow
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 3},
+    }
+
+
+def train_clip(name: str, out: Path, scenes: list[tw.Scene], images: torch.Tensor, b: BootstrapConfig,
+               seed: int) -> dict:
+    """Train one open_clip CLIP contrastively on (render, caption) pairs and save config + weights."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / f"{name}.json"
+    config_path.write_text(json.dumps(clip_model_config(), indent=1) + "\n")
+    open_clip.add_model_config(config_path)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name)
+    tokenizer = open_clip.get_tokenizer(name)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=b.clip_lr, weight_decay=0.05)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    progress = Progress(f"clip:{name}", b.clip_steps)
+    model.train()
+    for step in range(b.clip_steps):
+        idx = torch.randint(len(scenes), (b.clip_batch,), generator=gen)
+        pixels = ((images[idx] + 1) / 2 - mean) / std
+        texts = tokenizer([caption_variant(scenes[i], rng) for i in idx.tolist()])
+        img_f, txt_f, scale = model(pixels, texts)[:3]  # normalised features, exp(logit_scale)
+        logits = scale * img_f @ txt_f.T
+        labels = torch.arange(len(idx))
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for group in opt.param_groups:
+            warm = min(1.0, (step + 1) / max(1, b.clip_steps // 20))
+            group["lr"] = b.clip_lr * warm * 0.5 * (1 + math.cos(math.pi * (step + 1) / b.clip_steps))
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        progress.update(step + 1, loss=loss.item())
+    model.eval()
+    # fp16 on disk halves the size; open_clip loads it into the fp32 model unchanged in meaning
+    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()},
+              str(out / "open_clip_model.safetensors"))
+    return {"params": sum(p.numel() for p in model.parameters()), "final_loss": loss.item()}
+
+
+# --- the stage ------------------------------------------------------------------------------------
+def bootstrap(cfg: Config, out_dir: str | None = None) -> dict:
+    """Train and save models/toy-base and models/toy-clip/{backbone,metrics}; return a report."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    b = cfg.bootstrap
+    out = Path(out_dir or b.out_dir)
+    staging = out / ".bootstrap.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    torch.set_num_threads(b.threads)
+    torch.manual_seed(b.seed)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, t0: float) -> float:
+        timings[name] = round(time.perf_counter() - t0, 1)
+        return time.perf_counter()
+
+    t = time.perf_counter()
+    scenes = tw.scenes_for_training(b.train_images, b.seed, cfg.toy_world.base_holdout_fraction)
+    images = render_dataset(scenes, b.seed)
+    log.info("rendered %d training scenes (held-out combos excluded)", len(scenes))
+    t = lap("render_s", t)
+
+    vae = train_vae(images, b)
+    raw = encode_latents(vae, images)
+    vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
+    latents = raw * vae.config.scaling_factor
+    t = lap("vae_s", t)
+
+    tokenizer = save_toy_tokenizer(staging / "toy-base" / "tokenizer")
+    max_length = tokenizer.model_max_length
+    enc = lambda texts: tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                                  return_tensors="pt").input_ids
+    input_ids = enc([s.caption() for s in scenes])
+    empty_ids = enc([""])[0]
+    text_encoder = make_text_encoder(len(tokenizer), b, tokenizer.bos_token_id, tokenizer.eos_token_id, max_length)
+    unet = make_unet(b)
+    losses = train_denoiser(latents, input_ids, empty_ids, text_encoder, unet, b)
+    t = lap("unet_s", t)
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler(**scheduler_config(b)), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.save_pretrained(staging / "toy-base", safe_serialization=True)
+
+    half = len(scenes) // 2
+    clip_reports = {"backbone": train_clip("datencoder-toy-backbone", staging / "toy-clip" / "backbone",
+                                           scenes[:half], images[:half], b, b.seed + 1)}
+    metric_scenes = tw.scenes_for_training(half, b.seed + 2)
+    clip_reports["metrics"] = train_clip("datencoder-toy-metrics", staging / "toy-clip" / "metrics",
+                                         metric_scenes, render_dataset(metric_scenes, b.seed + 2), b, b.seed + 2)
+    t = lap("clip_s", t)
+
+    for name in ("toy-base", "toy-clip"):  # swap in only complete results
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+        (staging / name).rename(out / name)
+    shutil.rmtree(staging)
+    size = sum(f.stat().st_size for d in ("toy-base", "toy-clip") for f in (out / d).rglob("*") if f.is_file())
+    return {
+        "out": str(out),
+        "seconds": round(time.perf_counter() - started, 1),
+        "timings": timings,
+        "size_mb": round(size / 2**20, 2),
+        "params": {"unet": sum(p.numel() for p in unet.parameters()),
+                   "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
+                   "vae": sum(p.numel() for p in vae.parameters()),
+                   "clip_backbone": clip_reports["backbone"]["params"],
+                   "clip_metrics": clip_reports["metrics"]["params"]},
+        "final_loss": {"unet": losses["unet_final_loss"],
+                       **{f"clip_{k}": v["final_loss"] for k, v in clip_reports.items()}},
+        "latent_scaling_factor": vae.config.scaling_factor,
+    }

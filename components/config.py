@@ -1,0 +1,183 @@
+"""One typed configuration schema with presets.
+
+A config is built as: defaults <- preset overrides <- config file (params.yaml) <- explicit overrides,
+then validated. Unknown keys and wrong types fail at load with a message naming the key, because a
+typo in params.yaml silently training with defaults is the worst kind of wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from components.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ClipConfig(Section):
+    """An open_clip model: a registered name plus a checkpoint file or pretrained tag."""
+
+    model_name: str
+    pretrained: str
+    config_path: str | None = None  # open_clip config JSON to register first (toy CLIPs)
+
+
+class BaseConfig(Section):
+    kind: Literal["toy", "sd15"] = "toy"
+    pretrained: str = "models/toy-base"  # diffusers pipeline directory or hub id
+    revision: str | None = None
+    backbone_clip: ClipConfig = ClipConfig(
+        model_name="datencoder-toy-backbone",
+        pretrained="models/toy-clip/backbone/open_clip_model.safetensors",
+        config_path="models/toy-clip/backbone/datencoder-toy-backbone.json")
+    metrics_clip: ClipConfig = ClipConfig(
+        model_name="datencoder-toy-metrics",
+        pretrained="models/toy-clip/metrics/open_clip_model.safetensors",
+        config_path="models/toy-clip/metrics/datencoder-toy-metrics.json")
+
+
+class ToyWorldConfig(Section):
+    out: str = "data/raw/toy-world"
+    n: int = Field(4000, gt=0)
+    seed: int = 0
+    scene_fraction: float = Field(0.25, ge=0, le=1)
+    resolution: int = Field(64, gt=0)
+    # shapes kept out of encoder pre-training: the unseen domains of the paper's claim
+    encoder_holdout_shapes: list[str] = ["crescent", "arrow"]
+    # (shape, colour, background colour) combos the base model never sees; check-base uses them
+    base_holdout_fraction: float = Field(0.1, ge=0, lt=1)
+
+
+class BootstrapConfig(Section):
+    """Recipe for the tiny base model and CLIPs (see docs/bootstrap.md for why each choice)."""
+
+    out_dir: str = "models"
+    seed: int = 0
+    threads: int = Field(2, gt=0)
+    train_images: int = Field(20000, gt=0)
+    # VAE 64x64x3 -> 16x16x4
+    vae_steps: int = Field(800, ge=0)
+    vae_batch: int = Field(16, gt=0)
+    vae_lr: float = Field(1e-3, gt=0)
+    vae_kl_weight: float = Field(1e-6, ge=0)
+    # text encoder + UNet (trained jointly on cached latents)
+    unet_steps: int = Field(3000, ge=0)
+    unet_batch: int = Field(64, gt=0)
+    unet_lr: float = Field(8e-4, gt=0)
+    unet_channels: list[int] = [32, 64, 64]
+    text_width: int = Field(64, gt=0)
+    text_layers: int = Field(2, gt=0)
+    warmup_steps: int = Field(200, ge=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    cond_dropout: float = Field(0.1, ge=0, lt=1)
+    min_snr_gamma: float = Field(5.0, gt=0)
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    zero_terminal_snr: bool = True
+    # open_clip CLIPs (backbone and metrics: separate seeds and data so the judge is not the student)
+    clip_steps: int = Field(800, ge=0)
+    clip_batch: int = Field(128, gt=0)
+    clip_lr: float = Field(1e-3, gt=0)
+
+
+class CheckBaseConfig(Section):
+    prompts: int = Field(48, gt=0)
+    fresh_renders: int = Field(480, gt=0)
+    guidance_scale: float = Field(4.0, ge=1)
+    num_inference_steps: int = Field(25, gt=0)
+    seed: int = 0
+
+
+class Config(Section):
+    preset: Literal["toy", "smoke", "sd15"] = "toy"
+    base: BaseConfig = BaseConfig()
+    toy_world: ToyWorldConfig = ToyWorldConfig()
+    bootstrap: BootstrapConfig = BootstrapConfig()
+    check_base: CheckBaseConfig = CheckBaseConfig()
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "toy": {},
+    "smoke": {
+        "toy_world": {"n": 64},
+        "bootstrap": {"train_images": 256, "vae_steps": 4, "vae_batch": 8, "unet_steps": 4,
+                      "unet_batch": 8, "unet_channels": [16, 32, 32], "text_width": 32, "text_layers": 1,
+                      "warmup_steps": 1, "clip_steps": 4, "clip_batch": 16},
+        "check_base": {"prompts": 4, "fresh_renders": 24, "num_inference_steps": 4},
+    },
+    "sd15": {
+        "base": {
+            "kind": "sd15",
+            "pretrained": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "backbone_clip": {"model_name": "ViT-H-14", "pretrained": "laion2b_s32b_b79k", "config_path": None},
+            "metrics_clip": {"model_name": "ViT-B-16", "pretrained": "openai", "config_path": None},
+        },
+    },
+}
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        parts.append(f"{key}: {e['msg']}")
+    return f"invalid config ({source}): " + "; ".join(parts)
+
+
+def load_config(preset: str | None = None, path: str | Path | None = None,
+                overrides: dict | None = None) -> Config:
+    """Resolve a config. `preset` (if given) wins over the file's `preset:` key."""
+    file_values: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            file_values = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise UserError(f"cannot read config {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"cannot parse config {path}: {str(e).splitlines()[0]}") from None
+        if not isinstance(file_values, dict):
+            raise UserError(f"config {path} must be a mapping of sections, got {type(file_values).__name__}")
+    name = preset or file_values.get("preset") or "toy"
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    values = deep_merge(PRESETS[name], file_values)
+    values = deep_merge(values, overrides or {})
+    values["preset"] = name
+    try:
+        return Config.model_validate(values)
+    except ValidationError as e:
+        raise UserError(_format_validation(e, source)) from None
+
+
+def resolved(config: Config) -> dict:
+    """Flat {section.key: value} view, for MLflow params and reports."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat[prefix] = value
+
+    walk("", config.model_dump())
+    return flat

@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only; every task calls a stage function in `components`."""
