@@ -19,9 +19,7 @@ log = logging.getLogger("datencoder")
 
 # subcommand -> the issue that delivers it; these exit 2 with a clear line until they land
 NOT_YET: dict[str, str] = {
-    "prepare": "data preparation",
     "pretrain": "distributed encoder pre-training",
-    "targets": "the model core (hypernetwork target discovery)",
     "personalize": "one-shot personalisation",
     "baseline": "the evaluation harness (baselines)",
     "evaluate": "the evaluation harness",
@@ -76,7 +74,33 @@ def cmd_check_base(args: argparse.Namespace) -> dict:
     from components.check_base import check_base
 
     cfg = _config(args)
-    return check_base(cfg)
+    return check_base(cfg, grid=args.grid)
+
+
+PREPARE_SOURCES = ("imagenet", "openimages_boxes", "openimages_classes", "openimages_images")
+
+
+def cmd_prepare(args: argparse.Namespace) -> dict:
+    from components.prepare import prepare
+
+    options = (*PREPARE_SOURCES, "imagenet_synsets", "out", "resolution", "workers")
+    given = {k: getattr(args, k) for k in options if getattr(args, k) is not None}
+    # sources named on the command line replace the configured (toy) ones instead of adding to them
+    if any(k in given for k in PREPARE_SOURCES):
+        given = {**dict.fromkeys(PREPARE_SOURCES), **given}
+    s3 = {"endpoint_url": args.s3_endpoint_url, "unsigned": args.s3_unsigned or None}
+    given["s3"] = {k: v for k, v in s3.items() if v is not None}
+    cfg = _config(args, overrides={"prepare": given})
+    return prepare(cfg.prepare)
+
+
+def cmd_targets(args: argparse.Namespace) -> dict:
+    from components.config import load_config
+    from components.hypernetwork import targets_report
+
+    # the base's own preset supplies the encoder sizes unless --preset/--config say otherwise
+    preset = args.preset or (args.base if args.config is None else None)
+    return targets_report(load_config(preset=preset, path=args.config), kind=args.base)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +122,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-base", help="measure the base model on held-out combinations")
     _add_config_options(p)
+    p.add_argument("--grid", help="also save the generated images as one PNG sheet here")
     p.set_defaults(func=cmd_check_base)
+
+    p = sub.add_parser("prepare", help="ImageNet folders + Open Images largest-box crops -> square images + manifest")
+    _add_config_options(p)
+    p.add_argument("--imagenet", help="ImageNet folder: class folders, under train/ if present")
+    p.add_argument("--imagenet-synsets", help="LOC_synset_mapping.txt (default: the one in --imagenet)")
+    p.add_argument("--openimages-boxes", help="Open Images box CSV (oidv6-train-annotations-bbox.csv)")
+    p.add_argument("--openimages-classes", help="Open Images class CSV (oidv7-class-descriptions.csv)")
+    p.add_argument("--openimages-images", help="image folder, s3://bucket/prefix, or a template with {ImageID}")
+    p.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: prepare.s3, AWS_ENDPOINT_URL)")
+    p.add_argument("--s3-unsigned", action="store_true", help="read S3 anonymously (public buckets)")
+    p.add_argument("--out", help="output directory (default: prepare.out)")
+    p.add_argument("--resolution", type=_positive_int, help="side of the square output images in pixels")
+    p.add_argument("--workers", type=_positive_int, help="reader/decoder threads")
+    p.epilog = "Sources given here replace the configured ones (the toy preset's toy world); give at least one."
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("targets", help="list the UNet matrices the hypernetwork adapts and its parameter count")
+    _add_config_options(p)
+    p.add_argument("--base", choices=("toy", "sd15"), help="base structure (default: the config's base.kind)")
+    p.set_defaults(func=cmd_targets)
 
     for name, what in NOT_YET.items():
         p = sub.add_parser(name, help=f"({what}: not implemented yet)")

@@ -95,12 +95,70 @@ class CheckBaseConfig(Section):
     seed: int = 0
 
 
+class S3Config(Section):
+    """Where Open Images files are read from when `openimages_images` is an s3:// URI."""
+
+    endpoint_url: str | None = None  # S3-compatible store; unset: AWS, or AWS_ENDPOINT_URL if set
+    unsigned: bool = False  # anonymous reads, e.g. the public Open Images bucket
+    region: str | None = None
+    timeout_s: float = Field(30.0, gt=0)  # connect and read timeout of one attempt
+
+
+class PrepareConfig(Section):
+    """Data preparation: ImageNet class folders + Open Images largest-object crops (toy world here)."""
+
+    out: str = "data/prepared"
+    imagenet: str | None = "data/raw/toy-world/imagenet"  # class folders (under train/ if present)
+    imagenet_synsets: str | None = None  # LOC_synset_mapping.txt; default: <imagenet>/LOC_synset_mapping.txt
+    openimages_boxes: str | None = "data/raw/toy-world/openimages/oidv6-train-annotations-bbox.csv"
+    openimages_classes: str | None = "data/raw/toy-world/openimages/oidv7-class-descriptions.csv"
+    openimages_images: str | None = "data/raw/toy-world/openimages/train"  # folder, s3://bucket/prefix, or a {ImageID} template
+    resolution: int = Field(64, gt=0)
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    max_pixels: int = Field(50_000_000, gt=0)  # larger is a decompression bomb, not a photo
+    skip_group_of: bool = True
+    skip_depiction: bool = True
+    workers: int = Field(8, gt=0)  # threads: PIL and S3 reads release the GIL
+    retries: int = Field(3, ge=0)  # extra attempts for S3 timeouts and 5xx
+    s3: S3Config = S3Config()
+    # labels (names or ids) kept out of the prepared set; the toy preset holds out the toy world's
+    # encoder_holdout_shapes so pre-training never sees them (the paper's unseen-domain claim)
+    exclude_labels: list[str] = Field(default_factory=lambda: list(ToyWorldConfig().encoder_holdout_shapes))
+
+
+class EncoderConfig(Section):
+    """The tuning encoder and its losses (docs/model_core.md). Blend and loss weights are provisional:
+    the ablation issue picks the defaults."""
+
+    rank: int = Field(4, gt=0)  # LoRA rank r of every predicted offset
+    lora_scale: float = Field(1.0, gt=0)  # constant s in W + s * A @ B
+    trunk_channels: int = Field(128, gt=0)
+    trunk_blocks: int = Field(2, ge=0)
+    token_hidden: int = Field(256, gt=0)
+    token_init_word: str = "object"  # v* starts at this word's embedding
+    token_init_spread: float = Field(0.1, ge=0)  # initial per-image spread, x mean token-embedding norm
+    use_hypernetwork: bool = True  # False: embedding only (ablation)
+    hyper_hidden: int = Field(256, gt=0)
+    hyper_basis: int = Field(32, gt=0)  # k: per-dimension bases are Din x k and k x Dout
+    regulariser: Literal["none", "l2", "nn-cosine", "contrastive"] = "contrastive"
+    neighbours: int = Field(8, gt=0)  # K nearest real tokens as positives (Eq. 3)
+    temperature: float = Field(0.07, gt=0)  # tau
+    contrastive_weight: float = Field(0.01, ge=0)
+    l2_embedding_weight: float = Field(0.01, ge=0)
+    l2_offsets_weight: float = Field(0.01, ge=0)
+    dual_path: bool = True  # False: alpha = 1 (plain LoRA + embedding) in every phase
+    alpha_blend_train: float = Field(0.5, ge=0, le=1)
+    alpha_blend_tune: float = Field(0.5, ge=0, le=1)
+
+
 class Config(Section):
     preset: Literal["toy", "smoke", "sd15"] = "toy"
     base: BaseConfig = BaseConfig()
     toy_world: ToyWorldConfig = ToyWorldConfig()
     bootstrap: BootstrapConfig = BootstrapConfig()
     check_base: CheckBaseConfig = CheckBaseConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    encoder: EncoderConfig = EncoderConfig()
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -111,6 +169,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                       "unet_batch": 8, "unet_channels": [16, 32, 32], "text_width": 32, "text_layers": 1,
                       "warmup_steps": 1, "clip_steps": 4, "clip_batch": 16},
         "check_base": {"prompts": 4, "fresh_renders": 24, "num_inference_steps": 4},
+        "encoder": {"trunk_channels": 32, "trunk_blocks": 1, "token_hidden": 32, "hyper_hidden": 32,
+                    "hyper_basis": 8},
     },
     "sd15": {
         "base": {
@@ -119,6 +179,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             "backbone_clip": {"model_name": "ViT-H-14", "pretrained": "laion2b_s32b_b79k", "config_path": None},
             "metrics_clip": {"model_name": "ViT-B-16", "pretrained": "openai", "config_path": None},
         },
+        # real sources have no toy defaults: pass them on the command line or in the config
+        "prepare": {"resolution": 512, "exclude_labels": [], "imagenet": None, "openimages_boxes": None,
+                    "openimages_classes": None, "openimages_images": None},
+        "encoder": {"trunk_channels": 512, "token_hidden": 512, "hyper_hidden": 512, "hyper_basis": 64},
     },
 }
 

@@ -71,14 +71,12 @@ class Concept:
     def phrase(self, size: str = "medium", count: int = 1) -> str:
         """Noun phrase: 'a large red striped star' / 'two red stars' (pattern colour is unsaid)."""
         noun = PLURALS.get(self.shape, self.shape + "s") if count > 1 else self.shape
-        words = ["two" if count > 1 else "a"]
-        if size != "medium":
-            words.append(size)
+        words = [size] if size != "medium" else []
         words.append(self.colour)
         if self.pattern != "solid":
             words.append(self.pattern)
         words.append(noun)
-        return " ".join(words)
+        return ("two" if count > 1 else article(words[0])) + " " + " ".join(words)
 
 
 @dataclass(frozen=True)
@@ -105,8 +103,12 @@ class Scene:
         return text + " " + background_phrase(self.background, self.background_colour)
 
 
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def background_phrase(kind: str, colour: str) -> str:
-    return {"plain": f"on a {colour} background", "beach": "on a beach",
+    return {"plain": f"on {article(colour)} {colour} background", "beach": "on a beach",
             "grass": "on grass", "night": "at night"}[kind]
 
 

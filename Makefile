@@ -1,0 +1,22 @@
+# Newcomer entry points: `make setup`, then `make run`; `make test` runs the default test suite.
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup run test test-all check-base
+
+setup:  ## create .venv and install the project with pinned dependencies (about 4 minutes)
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/datencoder --help > /dev/null
+
+run:  ## the main job on the embedded toy default: the DVC pipeline, then the base-model check
+	$(BIN)/dvc repro
+	$(BIN)/datencoder check-base --json
+
+test:  ## the default suite (fast; heavier tests are marked slow)
+	$(BIN)/pytest -q
+
+test-all:
+	$(BIN)/pytest -q -m "slow or not slow"

@@ -1,0 +1,100 @@
+"""Load the base text-to-image model and the CLIPs, for every preset through one code path.
+
+`toy` and `sd15` differ only in what the config names: a diffusers pipeline directory or hub id, and
+open_clip model names with a checkpoint file or pretrained tag. Nothing is downloaded: hub ids
+resolve from the local cache only, and a miss is one line saying which path or id and how to
+provide it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from components.config import BaseConfig, ClipConfig
+from components.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def _is_local(base: BaseConfig) -> bool:
+    """A hub id is 'org/name'; anything else (and every toy base) is a local directory."""
+    name = base.pretrained
+    return (base.kind == "toy" or name.startswith((".", "/", "~")) or Path(name).exists()
+            or name.count("/") != 1)
+
+
+def load_pipeline(base: BaseConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """The base `StableDiffusionPipeline` (toy or SD 1.5), safety checker off, on `device`."""
+    from diffusers import StableDiffusionPipeline
+
+    name = base.pretrained
+    if _is_local(base):
+        path = Path(name).expanduser()
+        if not (path / "model_index.json").is_file():
+            hint = ("run `datencoder bootstrap` (or `dvc repro bootstrap`) to train it"
+                    if base.kind == "toy" else "point base.pretrained at a local diffusers directory")
+            raise UserError(f"base model not found at {path} (no model_index.json); {hint}")
+        source: Any = str(path)
+    else:
+        source = name
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source, revision=base.revision, dtype=dtype, safety_checker=None,
+            requires_safety_checker=False, local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as e:
+        if source is name:
+            raise UserError(
+                f"base model weights for {name!r} are not in the local Hugging Face cache and downloads are off; "
+                f"on a connected machine run `huggingface-cli download {name}` (then copy the cache), or set "
+                f"base.pretrained to a local diffusers directory") from None
+        raise UserError(f"cannot load base model from {source}: {str(e).splitlines()[0]}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@dataclass
+class Clip:
+    """An open_clip model with its eval preprocessing and tokenizer."""
+
+    model: torch.nn.Module
+    preprocess: Any
+    tokenizer: Any
+
+    @torch.no_grad()
+    def encode_images(self, images: list) -> torch.Tensor:
+        """PIL images -> L2-normalised image embeddings."""
+        pixels = torch.stack([self.preprocess(im) for im in images])
+        return torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(texts)).float(), dim=-1)
+
+
+def load_clip(spec: ClipConfig, device: str | torch.device = "cpu") -> Clip:
+    """Load an open_clip model: a bundled config + checkpoint file (toy) or a name + pretrained tag."""
+    import open_clip
+
+    if spec.config_path is not None:
+        config = Path(spec.config_path)
+        if not config.is_file():
+            raise UserError(f"open_clip config not found at {config}; run `datencoder bootstrap` to train the toy CLIPs")
+        open_clip.add_model_config(config)
+    pretrained = spec.pretrained
+    if pretrained.endswith((".safetensors", ".bin", ".pt", ".pth")) and not Path(pretrained).is_file():
+        raise UserError(f"open_clip checkpoint not found at {pretrained}; run `datencoder bootstrap` (toy) or "
+                        f"give the path of a downloaded checkpoint")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.model_name, pretrained=pretrained, device=device, weights_only=True)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise UserError(
+            f"cannot load open_clip {spec.model_name} weights {pretrained!r} ({str(e).splitlines()[0]}); "
+            f"weights are never downloaded here: put them in the local Hugging Face cache or give a file path") from None
+    model.eval().requires_grad_(False)
+    return Clip(model, preprocess, open_clip.get_tokenizer(spec.model_name))

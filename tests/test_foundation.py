@@ -1,0 +1,248 @@
+"""Issue 2: config, toy world, tokenizer, CLI contract, base-model loading (toy and sd15 paths)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from components import toy_world as tw
+from components.config import load_config
+from components.errors import UserError
+
+CLI = [sys.executable, "-m", "components.cli"]
+
+
+def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600, **kw)
+
+
+# --- config -------------------------------------------------------------------------------------
+def test_presets_resolve_and_differ():
+    toy, smoke, sd15 = (load_config(p) for p in ("toy", "smoke", "sd15"))
+    assert toy.preset == "toy" and toy.base.kind == "toy"
+    assert smoke.bootstrap.unet_steps < toy.bootstrap.unet_steps
+    assert sd15.base.kind == "sd15" and sd15.base.backbone_clip.model_name == "ViT-H-14"
+    assert sd15.base.metrics_clip.model_name == "ViT-B-16"
+
+
+def test_params_yaml_is_the_resolved_toy_preset(root):
+    from_file = load_config(path=root / "params.yaml")
+    assert from_file.model_dump() == load_config("toy").model_dump()
+
+
+@pytest.mark.parametrize("body, key", [
+    ({"bootstrap": {"unet_stepz": 3}}, "bootstrap.unet_stepz"),
+    ({"bootstrap": {"unet_steps": "many"}}, "bootstrap.unet_steps"),
+    ({"toy_world": {"n": -1}}, "toy_world.n"),
+    ({"colour": 1}, "colour"),
+])
+def test_bad_config_names_the_key(tmp_path, body, key):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(body))
+    with pytest.raises(UserError) as err:
+        load_config(path=path)
+    assert key in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_preset_and_unreadable_config(tmp_path):
+    with pytest.raises(UserError, match="unknown preset 'huge'"):
+        load_config("huge")
+    with pytest.raises(UserError, match="cannot read config"):
+        load_config(path=tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("bootstrap: [unclosed\n")
+    with pytest.raises(UserError, match="cannot parse config"):
+        load_config(path=tmp_path / "bad.yaml")
+
+
+# --- toy world ----------------------------------------------------------------------------------
+def _tree_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_toy_world_same_seed_same_bytes(tmp_path):
+    a = tw.write_toy_world(tmp_path / "a", n=16, seed=3)
+    b = tw.write_toy_world(tmp_path / "b", n=16, seed=3)
+    c = tw.write_toy_world(tmp_path / "c", n=16, seed=4)
+    assert a["images"] == 16 and a["boxes"] >= 2 * a["scenes"]
+    digest_a = _tree_digest(tmp_path / "a")
+    digest_a.pop("toy_world.json")
+    digest_b = _tree_digest(tmp_path / "b")
+    digest_b.pop("toy_world.json")
+    assert digest_a == digest_b
+    assert digest_a != {k: v for k, v in _tree_digest(tmp_path / "c").items() if k != "toy_world.json"}
+
+
+def test_toy_world_real_source_formats(tmp_path):
+    tw.write_toy_world(tmp_path / "w", n=24, seed=0)
+    w = tmp_path / "w"
+    synsets = dict(line.split(" ", 1) for line in (w / "imagenet/LOC_synset_mapping.txt").read_text().splitlines())
+    assert len(synsets) == 12 and set(s.strip() for s in synsets.values()) == set(tw.SHAPES)
+    jpegs = list((w / "imagenet/train").glob("n*/n*_*.JPEG"))
+    assert len(jpegs) == 24 and all(p.parent.name in synsets for p in jpegs)
+    with open(w / "openimages/oidv6-train-annotations-bbox.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax", "IsGroupOf", "IsDepiction"} <= set(rows[0])
+    for r in rows:
+        assert 0 <= float(r["XMin"]) < float(r["XMax"]) <= 1 and 0 <= float(r["YMin"]) < float(r["YMax"]) <= 1
+        assert (w / "openimages/train" / f"{r['ImageID']}.jpg").is_file()
+    with open(w / "openimages/oidv7-class-descriptions.csv") as f:
+        classes = {r["LabelName"]: r["DisplayName"] for r in csv.DictReader(f)}
+    assert {r["LabelName"] for r in rows} <= set(classes)
+    with open(w / "captions.csv") as f:
+        captions = list(csv.DictReader(f))
+    assert len(captions) == 24 + len({r["ImageID"] for r in rows})
+    assert all((w / c["path"]).is_file() and c["caption"] for c in captions)
+
+
+@pytest.mark.parametrize("colour", list(tw.COLOURS))
+def test_palette_colours_are_exact(colour):
+    bg = "black" if colour != "black" else "white"
+    image = np.asarray(tw.render(tw.Scene(tw.Concept("square", colour), background_colour=bg, size="large")))
+    assert tuple(image[32, 32]) == tw.COLOURS[colour]
+    assert tuple(image[1, 1]) == tw.COLOURS[bg]
+
+
+def test_every_shape_pattern_background_and_style_renders_distinctly():
+    masks = {s: np.asarray(tw.shape_mask(s, 32, 32, 14, 64)) > 127 for s in tw.SHAPES}
+    for a in tw.SHAPES:
+        assert masks[a].sum() > 50
+        for b in tw.SHAPES:
+            if a < b:
+                assert (masks[a] != masks[b]).sum() > 20, (a, b)
+    base = tw.Scene(tw.Concept("circle", "red", "solid", "white"), background_colour="blue", size="large")
+    variants = [base] + [tw.Scene(tw.Concept("circle", "red", p, "white"), background_colour="blue", size="large")
+                         for p in tw.PATTERNS[1:]]
+    variants += [tw.Scene(base.concept, background=b, background_colour="blue", size="large") for b in tw.BACKGROUNDS[1:]]
+    variants += [tw.Scene(base.concept, background_colour="blue", size="large", style=s) for s in tw.STYLES[1:]]
+    variants += [tw.Scene(base.concept, background_colour="blue", position="top left"),
+                 tw.Scene(base.concept, background_colour="blue", count=2)]
+    renders = [np.asarray(tw.render(v)).tobytes() for v in variants]
+    assert len(set(renders)) == len(renders)
+
+
+def test_captions_follow_the_design_vocabulary():
+    scene = tw.Scene(tw.Concept("star", "red", "striped", "white"), background_colour="blue", size="large")
+    assert scene.caption() == "a large red striped star on a blue background"
+    assert scene.caption(subject="S*") == "S* on a blue background"
+    assert tw.Scene(scene.concept, background="beach").caption(subject="S*") == "S* on a beach"
+    assert tw.Scene(scene.concept, style="sketch", background="grass").caption(subject="S*") == "a sketch of S* on grass"
+    assert tw.Scene(scene.concept, count=2, background="grass").caption(subject="S*") == "two S* on grass"
+
+
+def test_base_holdout_combos_never_sampled_for_training():
+    held = set(tw.held_out_combos(0.1))
+    assert 100 < len(held) < 250
+    for s in tw.scenes_for_training(2000, seed=1, holdout_fraction=0.1):
+        if s.background == "plain":
+            assert (s.concept.shape, s.concept.colour, s.background_colour) not in held
+
+
+def test_toy_tokenizer_has_one_token_per_toy_word(tmp_path):
+    from components.toy_tokenizer import save_toy_tokenizer, toy_words
+
+    tok = save_toy_tokenizer(tmp_path / "tok")
+    for word in toy_words():
+        assert len(tok.tokenize(word)) == 1, word
+    assert len(tok.tokenize("zebra")) > 1  # unknown words still spell out in byte-level pieces
+
+
+# --- CLI contract -------------------------------------------------------------------------------
+def test_cli_toy_world_json_and_bad_input(tmp_path):
+    ok = run_cli("toy-world", "--out", str(tmp_path / "w"), "--n", "5", "--seed", "1", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["images"] == 5
+    for bad in ("0", "-3", "many"):
+        r = run_cli("toy-world", "--out", str(tmp_path / "x"), "--n", bad)
+        assert r.returncode != 0 and "positive integer" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "file").write_text("not a dir")
+    r = run_cli("toy-world", "--out", str(tmp_path / "file" / "w"), "--n", "2")
+    assert r.returncode == 2 and "cannot write the toy world" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists()
+    r = run_cli("toy-world", "--preset", "huge", "--out", str(tmp_path / "y"), "--n", "2")
+    assert r.returncode == 2 and "unknown preset" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_unlanded_commands_say_not_implemented():
+    from components.cli import NOT_YET
+
+    for name in NOT_YET:
+        r = run_cli(name)
+        assert r.returncode == 2 and "not implemented yet" in r.stderr and r.stdout == ""
+
+
+# --- base models ----------------------------------------------------------------------------------
+def test_missing_sd15_weights_is_one_line():
+    r = run_cli("check-base", "--preset", "sd15", env={"HF_HOME": "/nonexistent-hf-home", "PATH": "/usr/bin"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in line and "huggingface-cli download" in line
+
+
+def test_missing_toy_base_names_the_path(tmp_path):
+    from components.base_model import load_pipeline
+
+    cfg = load_config("toy", overrides={"base": {"pretrained": str(tmp_path / "nothing")}})
+    with pytest.raises(UserError, match="datencoder bootstrap"):
+        load_pipeline(cfg.base)
+
+
+def test_stock_diffusers_loads_the_toy_base_and_guidance_works():
+    import torch
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained("models/toy-base")
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=4, output_type="np")
+    guided = pipe("a red circle on a blue background", guidance_scale=4.0, generator=torch.Generator().manual_seed(0), **kw).images
+    plain = pipe("a red circle on a blue background", guidance_scale=1.0, generator=torch.Generator().manual_seed(0), **kw).images
+    assert guided.shape == (1, 64, 64, 3) and np.isfinite(guided).all()
+    assert np.abs(guided - plain).mean() > 1e-3  # the unconditional branch changes the result
+
+
+def test_stock_open_clip_loads_the_toy_clips():
+    import open_clip
+
+    for kind in ("backbone", "metrics"):
+        open_clip.add_model_config(f"models/toy-clip/{kind}/datencoder-toy-{kind}.json")
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            f"datencoder-toy-{kind}", pretrained=f"models/toy-clip/{kind}/open_clip_model.safetensors")
+        assert model.visual.image_size == (64, 64) or model.visual.image_size == 64
+
+
+def test_metrics_clip_tells_colours_and_shapes_zero_shot():
+    from components.base_model import load_clip
+    from components.check_base import zero_shot_accuracy
+
+    clip = load_clip(load_config("toy").base.metrics_clip)
+    acc = zero_shot_accuracy(clip, tw.scenes_for_training(96, seed=12345), seed=12345)
+    assert acc["colour"] >= 0.85 and acc["shape"] >= 0.85, acc
+
+
+def test_models_dir_within_budget(root):
+    size = sum(p.stat().st_size for p in (root / "models").rglob("*") if p.is_file())
+    assert size <= 25 * 2**20, f"models/ is {size / 2**20:.1f} MB"
+
+
+def test_bootstrap_smoke_writes_loadable_models(tmp_path):
+    r = run_cli("bootstrap", "--preset", "smoke", "--out", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout)
+    assert report["params"]["unet"] > 0 and not (tmp_path / ".bootstrap.partial").exists()
+    from components.base_model import load_clip, load_pipeline
+
+    cfg = load_config("smoke", overrides={"base": {
+        "pretrained": str(tmp_path / "toy-base"),
+        "metrics_clip": {"model_name": "datencoder-toy-metrics",
+                         "pretrained": str(tmp_path / "toy-clip/metrics/open_clip_model.safetensors"),
+                         "config_path": str(tmp_path / "toy-clip/metrics/datencoder-toy-metrics.json")}}})
+    assert load_pipeline(cfg.base).unet.config.sample_size == 16
+    assert load_clip(cfg.base.metrics_clip).encode_texts(["a red star"]).shape[-1] == 64
