@@ -67,6 +67,7 @@ class BootstrapConfig(Section):
     vae_batch: int = Field(16, gt=0)
     vae_lr: float = Field(1e-3, gt=0)
     vae_kl_weight: float = Field(1e-6, ge=0)
+    vae_decoder_steps: int = Field(2500, ge=0)  # decoder-only fine-tune, encoder frozen
     # text encoder + UNet (trained jointly on cached latents)
     unet_steps: int = Field(3000, ge=0)
     unet_batch: int = Field(64, gt=0)
@@ -82,7 +83,9 @@ class BootstrapConfig(Section):
     beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     zero_terminal_snr: bool = True
     # open_clip CLIPs (backbone and metrics: separate seeds and data so the judge is not the student)
-    clip_steps: int = Field(800, ge=0)
+    clip_steps: int = Field(800, ge=0)  # backbone CLIP
+    metrics_clip_steps: int = Field(1500, ge=0)
+    clip_hard_groups: int = Field(4000, gt=0)  # attribute-swap groups of 4 for the metrics CLIP
     clip_batch: int = Field(128, gt=0)
     clip_lr: float = Field(1e-3, gt=0)
 
@@ -165,9 +168,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "toy": {},
     "smoke": {
         "toy_world": {"n": 64},
-        "bootstrap": {"train_images": 256, "vae_steps": 4, "vae_batch": 8, "unet_steps": 4,
+        "bootstrap": {"train_images": 256, "vae_steps": 4, "vae_decoder_steps": 2, "vae_batch": 8, "unet_steps": 4,
                       "unet_batch": 8, "unet_channels": [16, 32, 32], "text_width": 32, "text_layers": 1,
-                      "warmup_steps": 1, "clip_steps": 4, "clip_batch": 16},
+                      "warmup_steps": 1, "clip_steps": 4, "metrics_clip_steps": 4, "clip_hard_groups": 8,
+                      "clip_batch": 16},
         "check_base": {"prompts": 4, "fresh_renders": 24, "num_inference_steps": 4},
         "encoder": {"trunk_channels": 32, "trunk_blocks": 1, "token_hidden": 32, "hyper_hidden": 32,
                     "hyper_basis": 8},
