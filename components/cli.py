@@ -19,14 +19,10 @@ log = logging.getLogger("datencoder")
 
 # subcommand -> the issue that delivers it; these exit 2 with a clear line until they land
 NOT_YET: dict[str, str] = {
-    "pretrain": "distributed encoder pre-training",
-    "personalize": "one-shot personalisation",
     "baseline": "the evaluation harness (baselines)",
     "evaluate": "the evaluation harness",
     "ablate": "the evaluation harness (ablations)",
-    "register": "the MLflow registry",
     "pipeline": "orchestration (the Prefect retrain flow)",
-    "serve": "serving",
 }
 
 
@@ -94,6 +90,14 @@ def cmd_prepare(args: argparse.Namespace) -> dict:
     return prepare(cfg.prepare)
 
 
+def cmd_pretrain(args: argparse.Namespace) -> dict:
+    from components.pretrain import pretrain
+
+    return pretrain(_config(args), workers=args.workers, max_steps=args.max_steps,
+                    checkpoint_every=args.checkpoint_every, storage=args.storage, address=args.address,
+                    parent_run_id=args.parent_run_id, restart=args.restart)
+
+
 def cmd_targets(args: argparse.Namespace) -> dict:
     from components.config import load_config
     from components.hypernetwork import targets_report
@@ -101,6 +105,27 @@ def cmd_targets(args: argparse.Namespace) -> dict:
     # the base's own preset supplies the encoder sizes unless --preset/--config say otherwise
     preset = args.preset or (args.base if args.config is None else None)
     return targets_report(load_config(preset=preset, path=args.config), kind=args.base)
+
+
+def cmd_personalize(args: argparse.Namespace) -> dict:
+    from components.personalize import personalize
+
+    return personalize(_config(args), args.image, args.prompt, model=args.model, out=args.out, export=args.export,
+                       scheduler=args.scheduler, tuning_steps=args.steps, num_images=args.num_images, seed=args.seed,
+                       alpha_blend=args.blend, guidance_scale=args.guidance_scale,
+                       num_inference_steps=args.sampling_steps)
+
+
+def cmd_register(args: argparse.Namespace) -> dict:
+    from components.registry import register
+
+    return register(_config(args), encoder=args.encoder)
+
+
+def cmd_serve(args: argparse.Namespace) -> dict:
+    from components.serve import serve
+
+    return serve(_config(args), model=args.model, host=args.host, port=args.port, workers=args.workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,10 +165,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog = "Sources given here replace the configured ones (the toy preset's toy world); give at least one."
     p.set_defaults(func=cmd_prepare)
 
+    p = sub.add_parser("pretrain", help="pre-train the encoder with Ray Train (DDP); resumes from its last checkpoint")
+    _add_config_options(p)
+    p.add_argument("--workers", type=_positive_int, help="training workers (default: pretrain.workers)")
+    p.add_argument("--max-steps", type=_positive_int, help="train up to this optimiser step (default: pretrain.max_steps)")
+    p.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints")
+    p.add_argument("--storage", help="checkpoint storage: a local path or s3://bucket/prefix (default: pretrain.storage)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--parent-run-id", help="nest the MLflow run under this run")
+    p.add_argument("--restart", action="store_true", help="discard this run's checkpoints and start from step 0")
+    p.set_defaults(func=cmd_pretrain)
+
     p = sub.add_parser("targets", help="list the UNet matrices the hypernetwork adapts and its parameter count")
     _add_config_options(p)
     p.add_argument("--base", choices=("toy", "sd15"), help="base structure (default: the config's base.kind)")
     p.set_defaults(func=cmd_targets)
+
+    p = sub.add_parser("personalize", help="one image + prompts with S* -> images of that concept (and an export)")
+    _add_config_options(p)
+    p.add_argument("--image", required=True, help="the concept's image (PNG, JPEG, ...)")
+    p.add_argument("--prompt", action="append", required=True, help='prompt with the placeholder S*; repeatable')
+    p.add_argument("--steps", type=int, help="tuning steps, 0-100 (default: personalize.steps, 12)")
+    p.add_argument("--num-images", type=int, help="images per prompt, 1-16")
+    p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--blend", type=float, help="dual-path blend a in [0, 1] for generation (1: plain LoRA + embedding)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
+    p.add_argument("--sampling-steps", type=int, help="sampler steps")
+    p.add_argument("--scheduler", choices=("ddim", "dpm"), help="DDIM or DPM-Solver++ (default: personalize.scheduler)")
+    p.add_argument("--out", help="image directory (default: personalize.out)")
+    p.add_argument("--export", help="also write the concept here as a diffusers LoRA + embedding + kohya keys")
+    p.add_argument("--model", help="MLflow model URI or encoder directory (default: datencoder@champion if "
+                                   "registered, else personalize.encoder)")
+    p.set_defaults(func=cmd_personalize)
+
+    p = sub.add_parser("register", help="log the encoder as an MLflow pyfunc, register it, promote it if it wins the gate")
+    _add_config_options(p)
+    p.add_argument("--encoder", help="encoder directory (default: personalize.encoder)")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("serve", help="serve models:/datencoder@champion with the MLflow scoring server")
+    _add_config_options(p)
+    p.add_argument("--model", help="MLflow model URI (default: models:/datencoder@champion)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_positive_int, default=5000)
+    p.add_argument("--workers", type=_positive_int, default=1, help="server processes (each loads the model)")
+    p.set_defaults(func=cmd_serve)
 
     for name, what in NOT_YET.items():
         p = sub.add_parser(name, help=f"({what}: not implemented yet)")

@@ -154,6 +154,61 @@ class EncoderConfig(Section):
     alpha_blend_tune: float = Field(0.5, ge=0, le=1)
 
 
+class PretrainConfig(Section):
+    """Distributed encoder pre-training (docs/pretrain.md). Batch sizes are global (all workers together)."""
+
+    data: str = "data/prepared"  # prepared dataset (manifest.parquet + images) on a filesystem every worker sees
+    out: str = "models/toy-encoder"  # the final encoder (config.json + model.safetensors)
+    storage: str = "checkpoints"  # Ray Train storage for checkpoints: a local path or s3://bucket/prefix
+    s3: S3Config = S3Config()  # endpoint/region for s3:// storage; credentials only from the environment
+    workers: int = Field(2, gt=0)
+    cpus_per_worker: int = Field(1, gt=0)  # Ray CPUs per worker, also its torch threads
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has one per worker
+    max_steps: int = Field(1000, gt=0)  # optimiser steps; the cosine decay ends here
+    batch_size: int = Field(32, gt=0)  # samples per optimiser step, split over workers and micro-batches
+    grad_accum: int = Field(1, gt=0)  # micro-batches per optimiser step
+    lr: float = Field(1e-4, gt=0)  # AdamW, linear warm-up then cosine decay to 0 (paper)
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)  # max global gradient norm
+    seed: int = 0
+    prompts: list[str] = ["a photo of S*"]  # one per image, drawn at random; each must contain S*
+    checkpoint_every: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    max_failures: int = Field(3, ge=-1)  # worker-group restarts from the last checkpoint (-1: unlimited)
+    experiment: str = "datencoder-pretrain"  # MLflow experiment (a parent run's experiment wins)
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(250, gt=0)  # held-out loss and a sample grid
+    heldout_images: int = Field(32, gt=0)  # per held-out set: the val split, the unseen shapes (toy)
+    sample_concepts: int = Field(4, gt=0)  # grid rows
+    sample_prompts: list[str] = ["a photo of S*", "S* on a beach"]  # grid columns after the input
+    sample_steps: int = Field(25, gt=0)
+    sample_guidance: float = Field(4.0, ge=1)
+    system_metrics_s: float = Field(10.0, gt=0)  # MLflow system-metrics sampling interval
+
+
+class PersonalizeConfig(Section):
+    """One-shot personalisation (docs/personalize.md): encoder forward, a short tuning run, generation."""
+
+    steps: int = Field(12, ge=0, le=100)  # tuning steps of v* and the LoRA factors (paper: at most 12)
+    lr: float = Field(2e-3, gt=0)  # paper
+    l2_weight: float = Field(1.0, ge=0)  # pull toward the encoder's initial prediction
+    views: int = Field(1, gt=0)  # augmented views of the single image per tuning step (the batch)
+    prompts: list[str] = ["a photo of S*"]  # tuning prompts (the pre-training prompts), each with S*
+    encoder_timestep: int = Field(500, ge=0)  # noise level of the latent the encoder sees
+    alpha_blend: float | None = Field(None, ge=0, le=1)  # generation blend; None: encoder.alpha_blend_tune
+    num_images: int = Field(1, ge=1, le=16)
+    seed: int = 0
+    guidance_scale: float = Field(4.0, ge=1)
+    num_inference_steps: int = Field(25, gt=0, le=1000)
+    scheduler: Literal["ddim", "dpm"] = "ddim"  # DDIM or DPM-Solver++ on the base pipeline's config
+    cache_size: int = Field(32, ge=0)  # tuned concepts kept in memory (LRU); 0 disables the cache
+    max_pixels: int = Field(20_000_000, gt=0)  # larger input images are refused
+    encoder: str = "models/toy-encoder"  # the committed encoder, used when the registry has no champion
+    out: str = "outputs/personalize"  # where the CLI writes images
+    request_timeout_s: int = Field(900, gt=0)  # serving: CPU generation of 16 images takes minutes
+
+
 class Config(Section):
     preset: Literal["toy", "smoke", "sd15"] = "toy"
     base: BaseConfig = BaseConfig()
@@ -162,6 +217,8 @@ class Config(Section):
     check_base: CheckBaseConfig = CheckBaseConfig()
     prepare: PrepareConfig = PrepareConfig()
     encoder: EncoderConfig = EncoderConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    personalize: PersonalizeConfig = PersonalizeConfig()
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -175,6 +232,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "check_base": {"prompts": 4, "fresh_renders": 24, "num_inference_steps": 4},
         "encoder": {"trunk_channels": 32, "trunk_blocks": 1, "token_hidden": 32, "hyper_hidden": 32,
                     "hyper_basis": 8},
+        "pretrain": {"max_steps": 6, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 3, "log_every": 1,
+                     "eval_every": 4, "heldout_images": 4, "sample_concepts": 2, "sample_steps": 2,
+                     "system_metrics_s": 1.0},
+        "personalize": {"steps": 2, "num_inference_steps": 2},
     },
     "sd15": {
         "base": {
@@ -187,6 +248,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "prepare": {"resolution": 512, "exclude_labels": [], "imagenet": None, "openimages_boxes": None,
                     "openimages_classes": None, "openimages_images": None},
         "encoder": {"trunk_channels": 512, "token_hidden": 512, "hyper_hidden": 512, "hyper_basis": 64},
+        # paper: 150k steps for the final model; bf16 on GPUs, so 8 per micro-batch
+        "pretrain": {"out": "models/encoder-sd15", "max_steps": 150_000, "batch_size": 64, "grad_accum": 1,
+                     "warmup_steps": 1000, "checkpoint_every": 1000, "log_every": 50, "eval_every": 2000},
     },
 }
 

@@ -48,13 +48,14 @@ class FrozenBase:
         self.prompts = PromptEncoder(tokenizer, text_encoder)
 
     @classmethod
-    def load(cls, cfg: Config) -> FrozenBase:
-        """From the diffusers pipeline at cfg.base.pretrained and the backbone CLIP cfg.base.backbone_clip."""
+    def load(cls, cfg: Config, pipe=None) -> FrozenBase:
+        """From the diffusers pipeline at cfg.base.pretrained (or `pipe`, already loaded from it: then the
+        base shares its modules, and the pipeline's VAE and sampler stay usable) and the backbone CLIP."""
         from diffusers import DDPMScheduler
 
         from components.base_model import load_clip, load_pipeline
 
-        pipe = load_pipeline(cfg.base)
+        pipe = pipe if pipe is not None else load_pipeline(cfg.base)
         # training noises with DDPM on the pipeline's own betas and prediction type
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         clip = ClipImageTower(load_clip(cfg.base.backbone_clip).model.visual)

@@ -1,0 +1,106 @@
+"""Peak GPU memory and time of inference-time tuning at Stable Diffusion 1.5 size (never run in CI).
+
+    .venv/bin/python benchmarks/gpu_check.py [--batch 16] [--side 512] [--steps 12] [--dtype bf16]
+
+Builds the SD 1.5 UNet and text encoder from the bundled configs (components/configs/sd15/) with random
+weights on CUDA, the SD VAE architecture and an open_clip ViT-H-14 image tower (random weights), the
+sd15-preset encoder on top, and runs the encoder forward plus `--steps` tuning steps of one concept
+with `--batch` augmented views at `--side` px, dual path on (a = encoder.alpha_blend_tune). Weights do
+not change memory or time, so random ones measure the real thing. Goal: peak < 20 GB.
+Exits 0 with a message when there is no CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GOAL_GB = 20.0
+# diffusers AutoencoderKL as in SD 1.5's vae/config.json
+SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
+              block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.18215)
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    prediction_type="epsilon", clip_sample=False, steps_offset=1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16, help="augmented views per tuning step")
+    parser.add_argument("--side", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="frozen base weights")
+    parser.add_argument("--checkpointing", action="store_true", help="UNet gradient checkpointing")
+    parser.add_argument("--device", default="cuda", help="cpu: a slow check of the code path only (no memory figure)")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here; run this on a machine with an NVIDIA GPU", file=sys.stderr)
+        return 0
+
+    import open_clip
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from components import sd15
+    from components.backbone import ClipImageTower
+    from components.config import load_config
+    from components.encoder import FrozenBase, TuningEncoder
+    from components.toy_tokenizer import save_toy_tokenizer
+    from components.tuning import predict_concept, tune
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    cfg = load_config("sd15")
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(sd15.unet_config())
+        text_encoder = CLIPTextModel(CLIPTextConfig(**sd15.text_encoder_config()))
+        vae = AutoencoderKL(**SD_VAE)
+        clip = open_clip.create_model("ViT-H-14", device=device)
+    # the CLIP tower stays fp32: ClipImageTower feeds it fp32 pixels (it runs without gradient)
+    unet, text_encoder, vae = (m.to(dtype) for m in (unet, text_encoder, vae))
+    if args.checkpointing:
+        unet.enable_gradient_checkpointing()
+    with tempfile.TemporaryDirectory() as tmp:
+        # SD's tokenizer cannot be downloaded here; the toy BPE tokenizer's ids fit SD's 49,408-row table
+        tokenizer = save_toy_tokenizer(Path(tmp) / "tokenizer", max_length=77)
+    base = FrozenBase(unet, text_encoder, tokenizer, DDPMScheduler(**SD_SCHEDULER), ClipImageTower(clip.visual))
+    encoder = TuningEncoder.for_base(cfg.encoder, base).to(device)
+    alpha = cfg.encoder.alpha_blend_tune if cfg.encoder.dual_path else 1.0
+    pixels = torch.rand(1, 3, args.side, args.side, device=device) * 2 - 1
+    ids = base.prompts.tokenize(cfg.personalize.prompts).to(device)
+    generator = torch.Generator().manual_seed(0)  # CPU generator: tuning draws on CPU and moves to the device
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    start = predict_concept(encoder, vae, pixels, cfg.personalize.encoder_timestep, generator)
+    sync()
+    encoder_s = time.perf_counter() - started
+    t0 = time.perf_counter()
+    tune(base, vae, start, pixels, ids, args.steps, cfg.personalize.lr, cfg.personalize.l2_weight,
+         args.batch, alpha, generator)
+    sync()
+    tune_s = time.perf_counter() - t0
+    peak_gb = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    print(json.dumps({
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": args.dtype, "checkpointing": args.checkpointing,
+        "side": args.side, "batch": args.batch, "steps": args.steps, "alpha_blend": alpha,
+        "targets": len(encoder.shape.targets), "encoder_s": round(encoder_s, 2), "tune_s": round(tune_s, 2),
+        "seconds_per_step": round(tune_s / max(args.steps, 1), 3), "peak_gb": round(peak_gb, 2),
+        "goal_gb": GOAL_GB, "meets_goal": peak_gb < GOAL_GB if cuda else None}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

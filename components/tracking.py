@@ -1,0 +1,78 @@
+"""MLflow conventions for every stage that leaves a run record.
+
+Runs are addressed by id through an `MlflowClient`, never through mlflow's thread-local active run:
+the stage function, Ray workers and Prefect tasks each log to a run id they were handed. The
+tracking URI is MLFLOW_TRACKING_URI, else the project's `sqlite:///mlflow.db`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from components.errors import UserError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tracking_uri() -> str:
+    """The tracking URI, a relative sqlite path made absolute (workers elsewhere must find the same file)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def start_run(client, experiment: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
+    """A new run in `experiment` (or, nested, in its parent's experiment); returns its id."""
+    from mlflow.exceptions import MlflowException
+
+    tags = {"git_commit": (commit := git_commit()), "mlflow.source.git.commit": commit, **tags}
+    if parent_run_id:
+        try:
+            experiment_id = client.get_run(parent_run_id).info.experiment_id
+        except MlflowException:
+            raise UserError(f"MLflow parent run {parent_run_id!r} not found at {client.tracking_uri}") from None
+        tags["mlflow.parentRunId"] = parent_run_id
+    else:
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]  # MLflow's value limit
+    for i in range(0, len(items), 100):  # and its batch limit
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_metrics(client, run_id: str, values: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+
+def log_dataset(client, run_id: str, frame, source: str, name: str, digest: str, context: str = "train") -> None:
+    """A data set input (schema and row count from `frame`) identified by `digest` (the DVC hash)."""
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+
+    dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
+                                                     tags=[InputTag("mlflow.data.context", context)])])

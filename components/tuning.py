@@ -1,0 +1,103 @@
+"""Inference-time tuning (paper section 4.3): a few steps on one image, starting from the encoder.
+
+The encoder predicts v* and LoRA factors for the image; we then optimise exactly those tensors (not
+the encoder, not the base) for at most a dozen steps of the denoising loss (Eq. 1) on lightly
+augmented views of the single image, with an L2 pull toward the encoder's prediction so that a
+dozen steps of lr 2e-3 refine the concept instead of overfitting one photo. The result is a
+`Concept`: a small state applied per UNet call, never written into the base weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from components.dual_path import Factors
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One personalised concept: v* (1, D) and factors {target: (A (1, Din, r), B (1, r, Dout))};
+    `scale` is the constant s of W + s * A @ B."""
+
+    v_star: Tensor
+    factors: Factors | None
+    scale: float
+
+    def repeat(self, n: int) -> tuple[Tensor, Factors | None]:
+        """v* and factors for a batch of n rows of this concept (views, or images to generate)."""
+        factors = None if self.factors is None else {
+            name: (a.expand(n, -1, -1), b.expand(n, -1, -1)) for name, (a, b) in self.factors.items()}
+        return self.v_star.expand(n, -1), factors
+
+    def tensors(self) -> list[Tensor]:
+        return [self.v_star, *(t for ab in (self.factors or {}).values() for t in ab)]
+
+    def detached(self) -> Concept:
+        factors = None if self.factors is None else {
+            name: (a.detach().clone(), b.detach().clone()) for name, (a, b) in self.factors.items()}
+        return Concept(self.v_star.detach().clone(), factors, self.scale)
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: Tensor) -> Tensor:
+    """Scaled VAE latents (the distribution's mean: tuning should not learn the VAE's sampling noise)."""
+    return vae.encode(pixels.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def predict_concept(encoder, vae, pixels: Tensor, timestep: int, generator: torch.Generator) -> Concept:
+    """The encoder's concept for one image (pixels (1, 3, H, W) in [-1, 1]) from its latent noised to `timestep`."""
+    latents = encode_latents(vae, pixels)
+    t = torch.tensor([timestep], device=latents.device)
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    noisy, _ = encoder.base.noised(latents, noise, t)
+    v_star, factors = encoder.predict(pixels, noisy, t)
+    return Concept(v_star, factors, encoder.config.lora_scale)
+
+
+def augment(pixels: Tensor, n: int, generator: torch.Generator, min_crop: float = 0.85) -> Tensor:
+    """n light views of one image: a random square crop of 85-100% of the side, resized back.
+    No flips or colour changes: orientation and colour are part of a concept's identity."""
+    side = pixels.shape[-1]
+    views = []
+    for _ in range(n):
+        crop = int(round(side * (min_crop + (1 - min_crop) * torch.rand((), generator=generator).item())))
+        top, left = (int(torch.randint(0, side - crop + 1, (), generator=generator)) for _ in range(2))
+        view = pixels[..., top:top + crop, left:left + crop]
+        views.append(F.interpolate(view, size=(side, side), mode="bilinear", align_corners=False, antialias=True))
+    return torch.cat(views)
+
+
+def tune(base, vae, start: Concept, pixels: Tensor, prompt_ids: Tensor, steps: int, lr: float, l2_weight: float,
+         views: int, alpha: float, generator: torch.Generator,
+         on_step: Callable[[int, float], None] | None = None) -> Concept:
+    """`steps` Adam steps on v* and the factors from `start` (see the module docstring).
+
+    Each step: `views` augmented views, random timesteps and noise, one of `prompt_ids`' rows (each with
+    S*) per view; loss = denoising MSE + l2_weight * mean squared drift from `start`."""
+    concept = start.detached()
+    tuned = [t.requires_grad_() for t in concept.tensors()]
+    anchors = [t.detach() for t in start.tensors()]
+    optimizer = torch.optim.Adam(tuned, lr=lr)
+    train_steps = base.noise_scheduler.config.num_train_timesteps
+    for step in range(steps):
+        latents = encode_latents(vae, augment(pixels, views, generator))
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        t = torch.randint(0, train_steps, (views,), generator=generator).to(latents.device)
+        ids = prompt_ids[torch.randint(0, len(prompt_ids), (views,), generator=generator)]
+        noisy, target = base.noised(latents, noise, t)
+        v_star, factors = concept.repeat(views)
+        prediction = base.denoise(noisy, t, ids, v_star, factors, concept.scale, alpha)
+        drift = torch.stack([F.mse_loss(p, a) for p, a in zip(tuned, anchors)]).mean()
+        loss = F.mse_loss(prediction.float(), target.float()) + l2_weight * drift
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if on_step is not None:
+            on_step(step + 1, loss.item())
+    return concept.detached()

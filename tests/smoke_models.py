@@ -1,0 +1,84 @@
+"""Random-weight smoke models saved in the real formats, for the personalisation and serving tests.
+
+A diffusers pipeline directory (toy tokenizer, smoke-sized text encoder, UNet, VAE, DDIM scheduler)
+and an open_clip backbone config + safetensors checkpoint, built in a second or two instead of
+training them (the smoke bootstrap trains, which takes minutes on a busy 2-core machine). The
+untrained encoder for them is saved with `TuningEncoder.save_pretrained`, as pre-training would.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from components.config import Config, load_config
+
+SMOKE_CLIP = "datencoder-smoke-backbone"
+
+
+def write_smoke_models(out: Path, seed: int = 0) -> dict:
+    """Write out/toy-base and out/toy-clip/backbone; return config overrides that point at them."""
+    import open_clip
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from components.bootstrap import clip_model_config, make_text_encoder, make_unet, make_vae, scheduler_config
+    from components.toy_tokenizer import save_toy_tokenizer
+
+    torch.manual_seed(seed)
+    b = load_config("smoke").bootstrap
+    tokenizer = save_toy_tokenizer(out / "tokenizer")
+    text_encoder = make_text_encoder(len(tokenizer), b, tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                     tokenizer.model_max_length)
+    pipe = StableDiffusionPipeline(vae=make_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=make_unet(b),
+                                   scheduler=DDIMScheduler(**scheduler_config(b)), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out / "toy-base", safe_serialization=True)
+
+    clip_dir = out / "toy-clip" / "backbone"
+    clip_dir.mkdir(parents=True)
+    config_path = clip_dir / f"{SMOKE_CLIP}.json"
+    config_path.write_text(json.dumps(clip_model_config(width=32, layers=1)))
+    open_clip.add_model_config(config_path)
+    clip = open_clip.create_model(SMOKE_CLIP)
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(clip_dir / "open_clip_model.safetensors"))
+    return {"base": {"pretrained": str(out / "toy-base"),
+                     "backbone_clip": {"model_name": SMOKE_CLIP,
+                                       "pretrained": str(clip_dir / "open_clip_model.safetensors"),
+                                       "config_path": str(config_path)}}}
+
+
+def write_smoke_encoder(cfg: Config, out: Path, seed: int = 1) -> Path:
+    from components.encoder import FrozenBase, TuningEncoder
+
+    torch.manual_seed(seed)
+    TuningEncoder.for_base(cfg.encoder, FrozenBase.load(cfg)).save_pretrained(out)
+    return out
+
+
+def solid_png(rgb: tuple[int, int, int], side: int = 64, shape_rgb: tuple[int, int, int] | None = None) -> bytes:
+    """A PNG of one colour, optionally with a centred square of another (a stand-in concept image)."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (side, side), rgb)
+    if shape_rgb is not None:
+        ImageDraw.Draw(image).rectangle([side // 4, side // 4, 3 * side // 4, 3 * side // 4], fill=shape_rgb)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def isolated_store(tmp: Path) -> str:
+    """A fresh sqlite tracking store whose register experiment keeps its artifacts under `tmp`
+    (MLflow's default artifact root, ./mlruns, would be the repository)."""
+    from mlflow import MlflowClient
+
+    from components.registry import EXPERIMENT
+
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(tmp / "artifacts").as_uri())
+    return uri

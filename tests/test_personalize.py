@@ -1,0 +1,324 @@
+"""One-shot personalisation (issue 6): input checks, tuning, the concept cache, export to stock diffusers,
+the CLI, the pyfunc model and the registry gate. Smoke-sized random-weight models built per module."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from components.config import load_config
+from components.errors import UserError
+from components.personalize import Personalizer, check_value, read_image
+from components.tuning import Concept
+from smoke_models import isolated_store, solid_png, write_smoke_encoder, write_smoke_models
+
+BLUE_ON_RED = solid_png((220, 40, 40), shape_rgb=(40, 80, 220))
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """(config file, config, encoder dir) for random-weight smoke models."""
+    tmp = tmp_path_factory.mktemp("smoke")
+    overrides = write_smoke_models(tmp)
+    config_file = tmp / "config.yaml"
+    config_file.write_text(yaml.safe_dump({"preset": "smoke", **overrides}))
+    cfg = load_config(path=config_file)
+    return config_file, cfg, write_smoke_encoder(cfg, tmp / "encoder")
+
+
+@pytest.fixture(scope="module")
+def personalizer(smoke):
+    _, cfg, encoder = smoke
+    return Personalizer(cfg, encoder)
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def state_hash(*modules) -> str:
+    h = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def visible(concept: Concept, seed: int = 0) -> Concept:
+    """The concept with a clearly non-zero LoRA and a shifted v*, so that exports have something to show."""
+    g = torch.Generator().manual_seed(seed)
+    return Concept(concept.v_star + 0.5 * torch.randn(concept.v_star.shape, generator=g),
+                   {k: (a, 0.3 * torch.randn(b.shape, generator=g)) for k, (a, b) in concept.factors.items()},
+                   concept.scale)
+
+
+# --- input checks ---------------------------------------------------------------------------------
+def test_read_image_rejects_bad_bytes_with_a_reason():
+    photo = Image.new("RGB", (40, 30), (10, 200, 30))
+    cases = {
+        b"": "empty",
+        b"definitely not an image": "not an image",
+        png_bytes(photo)[:-40]: "truncated or corrupt",
+        png_bytes(photo, "JPEG")[:200]: "truncated or corrupt",
+        png_bytes(Image.new("1", (5000, 4500))): "22.5 megapixels; the limit is 20",
+    }
+    for data, reason in cases.items():
+        with pytest.raises(UserError, match=reason):
+            read_image(data, max_pixels=20_000_000)
+    assert read_image(png_bytes(photo), 20_000_000).getpixel((3, 3)) == (10, 200, 30)
+    # transparency shows as white, not as whatever the hidden colour channels hold
+    clear = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    assert read_image(png_bytes(clear), 20_000_000).getpixel((0, 0)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("tuning_steps", -1, "between 0 and 100"), ("tuning_steps", 101, "between 0 and 100"),
+    ("num_images", 0, "between 1 and 16"), ("num_images", 17, "between 1 and 16"),
+    ("seed", 1.5, "must be an integer"), ("seed", "7", "must be a number"), ("seed", True, "must be a number"),
+    ("alpha_blend", 1.5, "between 0 and 1"), ("tuning_step", 3, "unknown parameter 'tuning_step'"),
+])
+def test_request_parameters_are_checked(name, value, message):
+    with pytest.raises(UserError, match=message):
+        check_value(name, value)
+
+
+def test_prompts_need_the_placeholder_and_fit(personalizer):
+    settings = personalizer.settings(tuning_steps=0, num_inference_steps=1)
+    with pytest.raises(UserError, match="no placeholder S"):
+        personalizer.run(BLUE_ON_RED, ["a red circle"], settings)
+    with pytest.raises(UserError, match="too long"):
+        personalizer.run(BLUE_ON_RED, ["word " * 40 + "S*"], settings)
+    assert personalizer.cache.misses == 0  # refused before any tuning
+
+
+# --- tuning and the cache -------------------------------------------------------------------------
+def test_tuning_starts_from_the_encoder_and_the_l2_pull_holds_it(smoke, personalizer):
+    from components.tuning import predict_concept, tune
+    from components.personalize import to_pixels
+
+    _, cfg, _ = smoke
+    pixels = to_pixels(read_image(BLUE_ON_RED, 10**8), personalizer.side)
+    start = predict_concept(personalizer.encoder, personalizer.pipe.vae, pixels, 500, torch.Generator().manual_seed(0))
+    ids = personalizer.tuning_ids
+
+    def run(steps: int, l2_weight: float) -> Concept:
+        return tune(personalizer.base, personalizer.pipe.vae, start, pixels, ids, steps, 2e-3, l2_weight, 2, 0.5,
+                    torch.Generator().manual_seed(1))
+
+    def drift(c: Concept) -> float:
+        return sum((x - y).pow(2).sum().item() for x, y in zip(c.tensors(), start.tensors()))
+
+    assert drift(run(0, 1.0)) == 0
+    free, held = run(4, 0.0), run(4, 1e4)
+    assert all(b.abs().max() == 0 for _, b in start.factors.values())  # zero-initialised B ...
+    assert all(b.abs().max() > 0 for _, b in free.factors.values())  # ... is tuned
+    assert (free.v_star - start.v_star).abs().max() > 0
+    assert drift(held) < 0.5 * drift(free)
+
+
+def test_second_request_skips_tuning_and_base_weights_are_never_written(personalizer):
+    base = personalizer.base
+    before = state_hash(base.unet, base.text_encoder, personalizer.pipe.vae)
+    settings = personalizer.settings(tuning_steps=2, num_images=2, seed=3, num_inference_steps=2)
+    first = personalizer.run(BLUE_ON_RED, ["S* on a beach"], settings)
+    again = personalizer.run(BLUE_ON_RED, ["S* on a beach"], settings)
+    other_seed = personalizer.run(BLUE_ON_RED, ["S* on a beach"], personalizer.settings(
+        tuning_steps=2, num_images=1, seed=9, num_inference_steps=2))
+    assert not first.cached and first.timings["tune_s"] > 0
+    assert again.cached and again.timings["tune_s"] == 0 and again.timings["encoder_s"] == 0
+    assert other_seed.cached
+    assert [g.seed for g in first.images] == [3, 4]
+    assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(first.images, again.images))
+    assert not np.array_equal(first.images[0].pixels, first.images[1].pixels)  # seeds 3 and 4 differ
+    assert first.images[0].pixels.shape == (64, 64, 3)
+    assert state_hash(base.unet, base.text_encoder, personalizer.pipe.vae) == before
+    # different tuning settings are a different concept
+    retuned = personalizer.run(BLUE_ON_RED, ["S* on a beach"], personalizer.settings(
+        tuning_steps=3, num_inference_steps=2))
+    assert not retuned.cached
+
+
+def test_dpm_solver_and_blend_change_the_samples(personalizer):
+    kw = dict(tuning_steps=1, num_inference_steps=3, seed=0)
+    ddim = personalizer.run(BLUE_ON_RED, ["S* on grass"], personalizer.settings(**kw, alpha_blend=1.0))
+    dpm = personalizer.run(BLUE_ON_RED, ["S* on grass"], personalizer.settings(scheduler="dpm", **kw, alpha_blend=1.0))
+    blended = personalizer.run(BLUE_ON_RED, ["S* on grass"], personalizer.settings(**kw, alpha_blend=0.0))
+    for other in (dpm, blended):
+        assert np.abs(other.images[0].pixels.astype(int) - ddim.images[0].pixels.astype(int)).mean() > 0.5
+
+
+# --- export ---------------------------------------------------------------------------------------
+def test_export_is_reproduced_by_stock_diffusers(smoke, personalizer, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from components.export import export_concept
+    from components.generate import generate
+
+    _, cfg, _ = smoke
+    settings = personalizer.settings(tuning_steps=1, num_inference_steps=3)
+    concept = visible(personalizer.run(BLUE_ON_RED, ["S* on a beach"], settings).concept)
+    ours = generate(personalizer.pipe, personalizer.base.prompts, concept, ["S* on a beach"], [11], 4.0, 3, "ddim", 1.0)[0]
+    token = "<concept-test>"
+    info = export_concept(concept, tmp_path / "export", token=token)
+    assert info["token"] == token and info["rank"] == cfg.encoder.rank
+
+    lora = load_file(str(tmp_path / "export" / "pytorch_lora_weights.safetensors"))
+    target = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    assert lora[f"unet.{target}.lora_A.weight"].shape[0] == cfg.encoder.rank
+    assert len(lora) == 2 * len(concept.factors)
+    kohya = load_file(str(tmp_path / "export" / "lora_kohya.safetensors"))
+    prefix = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    assert {f"{prefix}.lora_down.weight", f"{prefix}.lora_up.weight", f"{prefix}.alpha"} <= set(kohya)
+    assert kohya[f"{prefix}.alpha"].item() == cfg.encoder.rank
+
+    def stock(lora_file: str | None):
+        pipe = StableDiffusionPipeline.from_pretrained(cfg.base.pretrained, safety_checker=None,
+                                                       requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        if lora_file:
+            pipe.load_lora_weights(str(tmp_path / "export"), weight_name=lora_file)
+        pipe.load_textual_inversion(str(tmp_path / "export" / "learned_embeds.safetensors"), token=token)
+        image = pipe(f"{token} on a beach", num_inference_steps=3, guidance_scale=4.0,
+                     generator=torch.Generator().manual_seed(11), output_type="np").images[0]
+        return np.round(image * 255).astype(np.uint8)
+
+    for lora_file in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+        theirs = stock(lora_file)
+        assert np.abs(theirs.astype(int) - ours.astype(int)).max() <= 1, lora_file  # within rounding
+    assert np.abs(stock(None).astype(int) - ours.astype(int)).mean() > 1  # and the LoRA matters
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "components.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_cli_personalize_json_and_export(smoke, tmp_path):
+    config_file, cfg, encoder = smoke
+    image = tmp_path / "concept.png"
+    image.write_bytes(BLUE_ON_RED)
+    common = ["personalize", "--config", str(config_file), "--image", str(image), "--model", str(encoder)]
+    r = run_cli(*common, "--prompt", "S* on a beach", "--prompt", "a sketch of S*", "--num-images", "2",
+                "--seed", "5", "--blend", "1", "--steps", "2", "--out", str(tmp_path / "out"),
+                "--export", str(tmp_path / "export"), "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    assert [(i["prompt"], i["seed"]) for i in report["images"]] == [
+        ("S* on a beach", 5), ("S* on a beach", 6), ("a sketch of S*", 5), ("a sketch of S*", 6)]
+    assert all(Image.open(i["path"]).size == (64, 64) for i in report["images"])
+    assert report["seed"] == 5
+    assert report["generation"] == {"num_inference_steps": cfg.personalize.num_inference_steps,
+                                    "guidance_scale": cfg.personalize.guidance_scale,
+                                    "scheduler": "DDIMScheduler", "alpha_blend": 1.0}
+    assert set(report["timings"]) == {"encoder_s", "tune_s", "sample_s", "total_s"}
+    assert report["timings"]["total_s"] >= report["timings"]["tune_s"] > 0
+    assert report["peak_rss_mb"] > 100
+    assert report["export"]["token"].startswith("<concept-")
+    assert (tmp_path / "export" / "pytorch_lora_weights.safetensors").is_file()
+    assert "tune 2/2" in r.stderr  # progress on stderr
+
+
+def test_cli_bad_input_is_one_line(smoke, tmp_path, capsys):
+    from components.cli import main
+
+    config_file, _, encoder = smoke
+    image = tmp_path / "concept.png"
+    image.write_bytes(BLUE_ON_RED)
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG not really")
+    common = ["personalize", "--config", str(config_file), "--model", str(encoder)]
+    cases = [(["--image", str(image), "--prompt", "on a beach"], "no placeholder S*"),
+             (["--image", str(image), "--prompt", "S* " + "very " * 40], "too long"),
+             (["--image", str(tmp_path / "junk.png"), "--prompt", "S*"], "not an image"),
+             (["--image", str(tmp_path / "missing.png"), "--prompt", "S*"], "cannot read image"),
+             (["--image", str(image), "--prompt", "S*", "--steps", "101"], "tuning_steps must be between 0 and 100"),
+             (["--image", str(image), "--prompt", "S*", "--num-images", "0"], "num_images must be between 1 and 16")]
+    for args, reason in cases:
+        code = main([*common, *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and reason in err[-1] and err[-1].startswith("datencoder personalize: error:"), (args, err)
+
+
+def test_cli_without_any_model_says_to_run_the_pipeline(smoke, tmp_path, capsys, monkeypatch):
+    from components.cli import main
+
+    config_file, _, _ = smoke
+    config = yaml.safe_load(config_file.read_text())
+    config["personalize"] = {"encoder": str(tmp_path / "no-encoder")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "concept.png").write_bytes(BLUE_ON_RED)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/none.db")
+    code = main(["personalize", "--config", str(tmp_path / "c.yaml"), "--image", str(tmp_path / "concept.png"),
+                 "--prompt", "S*"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "run the pipeline" in err[0]
+    assert not (tmp_path / "none.db").exists()  # looking does not create a store
+
+
+# --- registry and pyfunc --------------------------------------------------------------------------
+def test_register_gates_the_champion_and_pyfunc_tunes_each_image_once(smoke, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file, save_file
+
+    from components import registry
+
+    _, cfg, encoder = smoke
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", isolated_store(tmp_path))
+    # a second encoder with large random LoRA offsets (B != 0): the gate tells the two apart
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text((encoder / "config.json").read_text())
+    weights = load_file(str(encoder / "model.safetensors"))
+    weights["hypernetwork.to_b.weight"] = torch.randn(weights["hypernetwork.to_b.weight"].shape,
+                                                      generator=torch.Generator().manual_seed(0))
+    save_file(weights, str(other / "model.safetensors"))
+    scores = {d: registry.gate_loss(Personalizer(cfg, d)) for d in (encoder, other)}
+    worse_dir, better_dir = sorted(scores, key=scores.get, reverse=True)
+    assert scores[worse_dir] > scores[better_dir]
+
+    first = registry.register(cfg, str(worse_dir))
+    better = registry.register(cfg, str(better_dir))
+    worse = registry.register(cfg, str(worse_dir))
+    assert first["promoted"] and first["gate"]["champion_version"] is None
+    assert better["gate"]["score"] == pytest.approx(scores[better_dir]) and better["promoted"]
+    assert not worse["promoted"] and worse["gate"]["champion_version"] == better["version"]
+    client = MlflowClient()
+    assert int(client.get_model_version_by_alias("datencoder", "champion").version) == better["version"]
+    tags = client.get_model_version("datencoder", str(worse["version"])).tags
+    assert {"data_version", "git_commit", "gate", registry.GATE} <= set(tags)
+    assert float(tags[registry.GATE]) == pytest.approx(worse["gate"]["score"], rel=1e-4)
+    assert registry.champion_uri() == "models:/datencoder@champion"
+
+    model = mlflow.pyfunc.load_model("models:/datencoder@champion")
+    params = model.metadata.get_params_schema().to_dict()
+    assert {p["name"] for p in params} == {"tuning_steps", "num_images", "seed", "guidance_scale",
+                                           "num_inference_steps", "alpha_blend"}
+    assert model.metadata.get_input_schema().input_names() == ["image", "prompt"]
+    other = solid_png((40, 170, 70), shape_rgb=(240, 215, 40))
+    import pandas as pd
+
+    rows = pd.DataFrame({"image": [BLUE_ON_RED, other, BLUE_ON_RED], "prompt": ["S* on a beach", "S* on grass", "a sketch of S*"]})
+    out = model.predict(rows, params={"tuning_steps": 1, "num_images": 2, "num_inference_steps": 1, "seed": 4})
+    assert list(out.columns) == ["image", "prompt", "seed"]
+    assert list(out["prompt"]) == ["S* on a beach"] * 2 + ["S* on grass"] * 2 + ["a sketch of S*"] * 2
+    assert list(out["seed"]) == [4, 5] * 3
+    assert all(Image.open(io.BytesIO(png)).size == (64, 64) for png in out["image"])
+    cache = model.unwrap_python_model().personalizer.cache
+    assert (cache.misses, cache.hits) == (2, 0)  # three rows, two distinct images, each tuned once
+    with pytest.raises(mlflow.exceptions.MlflowException, match="unknown parameter"):
+        model.predict(rows, params={"tuning_stepz": 1})

@@ -1,0 +1,428 @@
+"""Distributed encoder pre-training (issue 5): real Ray workers, real checkpoints, real MLflow records.
+
+The fast tests share one local Ray cluster and one smoke-sized base model and data set (built by the
+project's own bootstrap and prepare stages); the multi-node cluster, job kill and S3 storage tests
+are marked slow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from components.config import load_config
+from smoke_models import write_smoke_models
+
+ROOT = Path(__file__).resolve().parents[1]
+DATENCODER = str(Path(sys.executable).parent / "datencoder")
+
+
+# --- shared set-up --------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict:
+    """Random-weight smoke models in the real formats and a prepared smoke toy world."""
+    from components.prepare import prepare
+    from components.toy_world import write_toy_world
+
+    tmp = tmp_path_factory.mktemp("pretrain-assets")
+    overrides = write_smoke_models(tmp / "models")
+    cfg = load_config("smoke")
+    raw = tmp / "raw"
+    write_toy_world(raw, n=cfg.toy_world.n, seed=0, scene_fraction=cfg.toy_world.scene_fraction)
+    prepare(cfg.prepare.model_copy(update={
+        "out": str(tmp / "prepared"), "imagenet": str(raw / "imagenet"), "workers": 2,
+        "openimages_boxes": str(raw / "openimages/oidv6-train-annotations-bbox.csv"),
+        "openimages_classes": str(raw / "openimages/oidv7-class-descriptions.csv"),
+        "openimages_images": str(raw / "openimages/train")}))
+    return {"base": overrides["base"], "data": tmp / "prepared"}
+
+
+def smoke_overrides(assets: dict, work: Path, **pretrain) -> dict:
+    return {"base": assets["base"], "pretrain": {"data": str(assets["data"]), "out": str(work / "encoder"),
+                                                 "storage": str(work / "checkpoints"), **pretrain}}
+
+
+def write_config(path: Path, assets: dict, work: Path, **pretrain) -> Path:
+    path.write_text(yaml.safe_dump({"preset": "smoke", **smoke_overrides(assets, work, **pretrain)}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory):
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI")
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(mlflow_uri):
+    """One local cluster for the fast tests (4 logical CPUs: two workers plus slack on 2 cores)."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # smoke steps take ~0.1 s: poll workers often, so a checkpoint is registered before the next one
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def mlflow_client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+# --- units ----------------------------------------------------------------------------------------
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
+    from components.train_loop import lr_factor
+
+    factors = [lr_factor(s, warmup=10, total=110) for s in range(110)]
+    assert factors[0] == pytest.approx(0.1) and factors[4] == pytest.approx(0.5) and factors[9] == 1.0
+    assert factors[10] == 1.0 and factors[60] == pytest.approx(0.5) and factors[109] == pytest.approx(0.5 * (1 + math.cos(0.99 * math.pi)))
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert lr_factor(200, 10, 110) == 0.0  # past the end (a resumed run that lowered max_steps)
+
+
+def test_shards_partition_the_train_split_and_batches_are_pure(tmp_path):
+    from PIL import Image
+
+    from components.train_loop import Shard
+
+    rows = []
+    for i in range(10):
+        Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(tmp_path / f"{i}.jpg", quality=100)
+        rows.append({"path": f"{i}.jpg", "split": "val" if i == 9 else "train"})
+    manifest = pd.DataFrame(rows)
+    shards = [Shard(tmp_path, manifest, rank, 2, prompts=3, seed=0) for rank in range(2)]
+    assert [len(s) for s in shards] == [5, 4]
+    assert not {p.name for p in shards[0].paths} & {p.name for p in shards[1].paths}
+    assert {p.name for s in shards for p in s.paths} == {f"{i}.jpg" for i in range(9)}
+    pixels, prompts = shards[0].batch(0, 5)  # one epoch of a shard: each of its rows once
+    assert sorted((pixels[:, 0, 0, 0] + 1).mul(127.5).round().int().tolist()) == [0, 40, 80, 120, 160]
+    assert pixels.min() >= -1 and pixels.max() <= 1 and prompts.min() >= 0 and prompts.max() < 3
+    again, again_prompts = Shard(tmp_path, manifest, 0, 2, prompts=3, seed=0).batch(3, 4)  # fresh reader, mid-stream
+    assert torch.equal(again, torch.cat([shards[0].batch(3, 2)[0], shards[0].batch(5, 2)[0]]))
+    assert torch.equal(again_prompts, shards[0].batch(3, 4)[1])
+    assert not torch.equal(shards[0].batch(5, 5)[0], pixels)  # the next epoch is another permutation
+
+
+def test_run_name_keys_the_recipe_not_the_duration():
+    from components.pretrain import run_name
+
+    cfg = load_config("smoke")
+    same = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"max_steps": 99, "workers": 2})})
+    other = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"lr": 3e-4})})
+    assert run_name(cfg, "v1") == run_name(same, "v1")
+    assert run_name(cfg, "v1") != run_name(other, "v1") and run_name(cfg, "v1") != run_name(cfg, "v2")
+
+
+def test_kuberay_manifests_submit_the_cli_entry_point_with_s3_storage():
+    import shlex
+
+    from components.cli import build_parser, cmd_pretrain
+
+    manifests = {p.name: yaml.safe_load(p.read_text()) for p in (ROOT / "infra/kuberay").glob("*.yaml")}
+    job, cluster = manifests["rayjob-pretrain.yaml"], manifests["raycluster.yaml"]
+    assert (job["kind"], cluster["kind"]) == ("RayJob", "RayCluster")
+    args = build_parser().parse_args(shlex.split(job["spec"]["entrypoint"])[1:])
+    assert args.func is cmd_pretrain and args.storage.startswith("s3://") and args.workers == 4
+    for spec in (job["spec"]["rayClusterSpec"], cluster["spec"]):
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in head["env"]}
+        assert "AWS_SECRET_ACCESS_KEY" not in env and head["envFrom"][0]["secretRef"]["name"] == "datencoder-s3"
+        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # workers only on worker pods
+
+
+# --- real runs ------------------------------------------------------------------------------------
+def test_two_workers_train_checkpoint_log_and_resume(assets, ray_cluster, mlflow_uri, tmp_path):
+    from safetensors.torch import load_file
+
+    from components.encoder import TuningEncoder
+    from components.prepare import data_version
+    from components.pretrain import pretrain
+
+    cfg = load_config("smoke", overrides=smoke_overrides(assets, tmp_path))
+    first = pretrain(cfg, workers=2, max_steps=4, checkpoint_every=2)
+    assert (first["start_step"], first["end_step"], first["workers"], first["restarts"]) == (0, 4, 2, 0)
+    assert first["samples_per_s"] > 0 and len(first["peak_memory_mb"]) == 2 and min(first["peak_memory_mb"]) > 100
+
+    checkpoint = Path(first["checkpoint"])
+    assert checkpoint.name == "step-00000004" and checkpoint.parent.parent == tmp_path / "checkpoints"
+    assert {p.name for p in checkpoint.iterdir()} >= {"encoder", "trainer.pt", "rng-0.pt", "rng-1.pt"}
+    state = torch.load(checkpoint / "trainer.pt", weights_only=True)
+    assert state["step"] == 4 and state["schedule"]["last_epoch"] == 4 and state["optimizer"]["state"]
+    rng = [torch.load(checkpoint / f"rng-{r}.pt", weights_only=True)["torch"] for r in range(2)]
+    assert not torch.equal(*rng)  # each worker draws its own noise
+    # the final encoder is the last checkpoint's, in diffusers-style format
+    assert sorted(p.name for p in Path(first["out"]).iterdir()) == ["config.json", "model.safetensors"]
+    weights = load_file(str(Path(first["out"]) / "model.safetensors"))
+    assert all(torch.equal(v, load_file(str(checkpoint / "encoder/model.safetensors"))[k]) for k, v in weights.items())
+    TuningEncoder.from_pretrained(first["out"])  # loadable without the base (config + shapes are saved)
+    heldout = first["heldout_loss"]
+    assert set(heldout) <= {"val", "unseen_shapes"} and "unseen_shapes" in heldout
+    assert all(0 < v["trained"] < 10 and 0 < v["untrained"] < 10 for v in heldout.values())
+
+    client = mlflow_client(mlflow_uri)
+    run = client.get_run(first["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["pretrain.lr"] == "0.0001" and run.data.params["encoder.rank"] == "4"
+    assert run.data.params["pretrain.workers"] == "2" and run.data.params["pretrain.max_steps"] == "4"
+    assert run.data.tags["data_version"] == data_version(assets["data"]) == first["data_version"]
+    assert run.data.tags["git_commit"] and run.data.tags["mlflow.source.git.commit"] == run.data.tags["git_commit"]
+    dataset = run.inputs.dataset_inputs[0]
+    assert dataset.dataset.digest == first["data_version"] and dataset.tags[0].value == "train"
+    for key in ("loss/diffusion", "loss/contrastive", "loss/l2_embedding", "loss/l2_offsets", "loss/total", "lr"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == [1, 2, 3, 4], key
+    lrs = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)]
+    assert lrs == pytest.approx([0.5e-4, 1e-4, 1e-4, 0.5e-4])  # warm-up over 2 steps, cosine towards 0 at step 4
+    assert any(key.startswith("system/") for key in run.data.metrics)
+    assert {"heldout/unseen_shapes", "heldout_untrained/unseen_shapes"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "encoder")}
+    assert artifacts == {"encoder/config.json", "encoder/model.safetensors"}
+    assert [a.path for a in client.list_artifacts(run.info.run_id)].count("images") == 1
+
+    # the same command with a larger --max-steps continues where it stopped
+    second = pretrain(cfg, workers=2, max_steps=6, checkpoint_every=2)
+    assert (second["start_step"], second["end_step"], second["run_name"]) == (4, 6, first["run_name"])
+    assert Path(second["checkpoint"]).name == "step-00000006"
+    steps = client.get_metric_history(second["mlflow_run_id"], "loss/total")
+    assert sorted(m.step for m in steps) == [5, 6]
+    after = load_file(str(Path(second["out"]) / "model.safetensors"))
+    assert any(not torch.equal(after[k], weights[k]) for k in weights)
+    # checkpoints kept: the newest two
+    assert sorted(p.name for p in checkpoint.parent.glob("step-*")) == ["step-00000004", "step-00000006"]
+
+
+def worker_pids() -> list[int]:
+    """Training-worker processes of this test session's own Ray cluster (its raylet is our child)."""
+    import psutil
+
+    return [p.pid for p in psutil.Process().children(recursive=True)
+            if any("RayTrainWorker" in part for part in p.cmdline())]
+
+
+def registered_step(storage: Path) -> int:
+    """The newest checkpoint Ray Train has registered (what a restarted worker group resumes from)."""
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        with contextlib.suppress(ValueError, TypeError):  # written while we read it
+            return json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["step"]
+    return 0
+
+
+def test_killed_worker_resumes_from_last_checkpoint(assets, ray_cluster, mlflow_uri, tmp_path):
+    from components.pretrain import pretrain
+
+    every, total = 5, 40
+    cfg = load_config("smoke", overrides=smoke_overrides(assets, tmp_path, eval_every=100))
+    killed: dict = {}
+
+    def kill_one_worker_after_a_checkpoint():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if registered_step(tmp_path / "checkpoints") >= 10 and len(pids := worker_pids()) == 2:
+                killed["after"] = registered_step(tmp_path / "checkpoints")
+                os.kill(pids[1], signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_worker_after_a_checkpoint)
+    killer.start()
+    report = pretrain(cfg, workers=2, max_steps=total, checkpoint_every=every)
+    killer.join()
+    assert killed["after"] >= 10
+    assert (report["start_step"], report["end_step"], report["restarts"]) == (0, total, 1)
+    client = mlflow_client(mlflow_uri)
+    starts = [int(m.value) for m in sorted(client.get_metric_history(report["mlflow_run_id"], "start_step"),
+                                           key=lambda m: m.timestamp)]
+    assert starts[0] == 0 and starts[1] >= killed["after"] and starts[1] % every == 0
+    steps = [m.step for m in client.get_metric_history(report["mlflow_run_id"], "loss/total")]
+    assert set(steps) == set(range(1, total + 1))  # continuous: every step trained and logged
+    assert len(steps) - total <= every  # at most one checkpoint interval repeated
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([DATENCODER, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("case", ["storage not writable", "no data", "zero rows", "unreachable address"])
+def test_user_errors_are_one_line_and_exit_2(assets, tmp_path, case, capsys):
+    from components.cli import main
+
+    work = tmp_path / "work"
+    overrides = {}
+    if case == "storage not writable":
+        (tmp_path / "a-file").write_text("x")
+        overrides = {"storage": str(tmp_path / "a-file" / "checkpoints")}
+    elif case == "no data":
+        overrides = {"data": str(tmp_path / "nothing")}
+    elif case == "zero rows":
+        empty = pd.read_parquet(assets["data"] / "manifest.parquet").iloc[:0]
+        (tmp_path / "empty").mkdir()
+        empty.to_parquet(tmp_path / "empty/manifest.parquet")
+        overrides = {"data": str(tmp_path / "empty")}
+    config = str(write_config(tmp_path / "cfg.yaml", assets, work, **overrides))
+    if case == "unreachable address":  # in a fresh process: the tests' own Ray connection must not be reused
+        result = run_cli("pretrain", "--config", config, "--address", "127.0.0.1:1", "--json", timeout=120)
+        code, out, err = result.returncode, result.stdout, result.stderr
+    else:
+        code = main(["pretrain", "--config", config, "--json"])
+        out, err = capsys.readouterr()
+    expected = {"storage not writable": "is not writable", "no data": "no prepared data at",
+                "zero rows": "has 0 training rows", "unreachable address": "127.0.0.1:1 is unreachable"}[case]
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert expected in lines[-1] and lines[-1].startswith("datencoder pretrain: error:"), err
+    assert not (work / "encoder").exists()
+
+
+# --- slow: a two-node cluster, job submission, whole-job kill, S3 -----------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(tmp_path_factory):
+    """`ray start --head` and a second `ray start --address` node on loopback, one CPU each, so two
+    training workers must land on different nodes."""
+    ray = str(Path(sys.executable).parent / "ray")
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's unix sockets live under it
+    gcs, dashboard = free_port(), free_port()
+    # a loopback-only test cluster: no token authentication between its nodes
+    env = {**os.environ, "RAY_TRAIN_V2_ENABLED": "1", "RAY_AUTH_MODE": "disabled"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    node = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+    try:
+        subprocess.run([ray, "start", "--head", *node, f"--port={gcs}", "--include-dashboard=true",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
+                        f"--dashboard-agent-listen-port={free_port()}"], check=True, env=env, capture_output=True)
+        subprocess.run([ray, "start", f"--address=127.0.0.1:{gcs}", *node,
+                        f"--dashboard-agent-listen-port={free_port()}"], check=True, env=env, capture_output=True)
+        yield {"address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dashboard}"}
+    finally:
+        stop_processes_mentioning(str(temp))  # not `ray stop`: that would stop every Ray on the machine
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop_processes_mentioning(text: str) -> None:
+    """Terminate the processes whose command line contains `text` (our nodes), and their children."""
+    import psutil
+
+    ours = [p for p in psutil.process_iter(["cmdline"]) if any(text in part for part in p.info["cmdline"] or [])]
+    family = {q.pid: q for p in ours for q in [p, *p.children(recursive=True)]}
+    for process in family.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(list(family.values()), timeout=15)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+def submit(client, command: str, tmp_path: Path) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return client.submit_job(entrypoint=f"cd {ROOT} && {DATENCODER} {command}",
+                             runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri}})
+
+
+def wait(client, job: str, timeout: float = 400) -> str:
+    from ray.job_submission import JobStatus
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get_job_status(job)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return status
+        time.sleep(1)
+    raise TimeoutError(client.get_job_logs(job)[-3000:])
+
+
+def last_json(logs: str) -> dict:
+    return json.loads([line for line in logs.splitlines() if line.startswith("{")][-1])
+
+
+@pytest.mark.slow
+def test_job_on_two_node_cluster_then_killed_job_resumes(assets, two_node_cluster, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(two_node_cluster["dashboard"])
+    config = write_config(tmp_path / "cfg.yaml", assets, tmp_path, eval_every=100)
+    job = submit(client, f"pretrain --config {config} --workers 2 --max-steps 4 --checkpoint-every 2 --json", tmp_path)
+    assert wait(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
+    report = last_json(client.get_job_logs(job))
+    assert (report["start_step"], report["end_step"], report["workers"], report["nodes"]) == (0, 4, 2, 2)
+
+    # kill the whole job mid-run (after a checkpoint), then submit the same command again: it resumes
+    job = submit(client, f"pretrain --config {config} --workers 2 --max-steps 60 --checkpoint-every 2 --json", tmp_path)
+    deadline = time.time() + 300
+    while registered_step(tmp_path / "checkpoints") < 10 and time.time() < deadline:
+        time.sleep(0.2)
+    client.stop_job(job)
+    assert wait(client, job) == JobStatus.STOPPED
+    saved = registered_step(tmp_path / "checkpoints")  # the last checkpoint Ray recorded before the kill
+    assert 10 <= saved < 60
+    job = submit(client, f"pretrain --config {config} --workers 2 --max-steps 60 --checkpoint-every 2 --json", tmp_path)
+    assert wait(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
+    resumed = last_json(client.get_job_logs(job))
+    assert (resumed["start_step"], resumed["end_step"], resumed["nodes"]) == (saved, 60, 2)
+
+
+@pytest.mark.slow
+def test_s3_storage_and_no_secrets_logged(assets, tmp_path):
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    secret = "not-a-real-secret-but-unique-7f3a"
+    env = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    try:
+        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=secret, region_name="us-east-1")
+        s3.create_bucket(Bucket="ckpt")
+        config = str(write_config(tmp_path / "cfg.yaml", assets, tmp_path, eval_every=100))
+        first = run_cli("pretrain", "--config", config, "--storage", "s3://ckpt/runs", "--max-steps", "2", "--json", env=env)
+        assert first.returncode == 0, first.stderr[-3000:]
+        report = json.loads(first.stdout)
+        assert report["checkpoint"].startswith("s3://ckpt/runs/encoder-") and report["checkpoint"].endswith("step-00000002")
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="ckpt")["Contents"]}
+        prefix = report["checkpoint"][len("s3://ckpt/"):]
+        assert {f"{prefix}/encoder/model.safetensors", f"{prefix}/trainer.pt", f"{prefix}/rng-0.pt"} <= keys
+        second = run_cli("pretrain", "--config", config, "--storage", "s3://ckpt/runs", "--max-steps", "3", "--json",
+                         env=env)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert json.loads(second.stdout)["start_step"] == 2
+        run = mlflow_client(env["MLFLOW_TRACKING_URI"]).get_run(report["mlflow_run_id"])
+        logged = json.dumps([run.data.params, run.data.tags])
+        assert secret not in logged and "testing-key-id" not in logged
+        assert run.data.params["pretrain.storage"] == "s3://ckpt/runs"
+    finally:
+        server.stop()
