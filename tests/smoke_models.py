@@ -58,6 +58,16 @@ def write_smoke_encoder(cfg: Config, out: Path, seed: int = 1) -> Path:
     return out
 
 
+def smoke_setup(tmp: Path) -> tuple[Path, Config, Path]:
+    """(config file, config, encoder dir): random-weight smoke models and encoder under `tmp`."""
+    import yaml
+
+    config_file = tmp / "config.yaml"
+    config_file.write_text(yaml.safe_dump({"preset": "smoke", **write_smoke_models(tmp)}))
+    cfg = load_config(path=config_file)
+    return config_file, cfg, write_smoke_encoder(cfg, tmp / "encoder")
+
+
 def solid_png(rgb: tuple[int, int, int], side: int = 64, shape_rgb: tuple[int, int, int] | None = None) -> bytes:
     """A PNG of one colour, optionally with a centred square of another (a stand-in concept image)."""
     import io

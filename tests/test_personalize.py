@@ -16,11 +16,10 @@ import torch
 import yaml
 from PIL import Image
 
-from components.config import load_config
 from components.errors import UserError
 from components.personalize import Personalizer, check_value, read_image
 from components.tuning import Concept
-from smoke_models import isolated_store, solid_png, write_smoke_encoder, write_smoke_models
+from smoke_models import isolated_store, smoke_setup, solid_png
 
 BLUE_ON_RED = solid_png((220, 40, 40), shape_rgb=(40, 80, 220))
 
@@ -28,12 +27,7 @@ BLUE_ON_RED = solid_png((220, 40, 40), shape_rgb=(40, 80, 220))
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """(config file, config, encoder dir) for random-weight smoke models."""
-    tmp = tmp_path_factory.mktemp("smoke")
-    overrides = write_smoke_models(tmp)
-    config_file = tmp / "config.yaml"
-    config_file.write_text(yaml.safe_dump({"preset": "smoke", **overrides}))
-    cfg = load_config(path=config_file)
-    return config_file, cfg, write_smoke_encoder(cfg, tmp / "encoder")
+    return smoke_setup(tmp_path_factory.mktemp("smoke"))
 
 
 @pytest.fixture(scope="module")

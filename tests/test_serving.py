@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from components.config import load_config
-from smoke_models import isolated_store, solid_png, write_smoke_encoder, write_smoke_models
+from smoke_models import isolated_store, smoke_setup, solid_png
 
 TOY_ENCODER = Path("models/toy-encoder")
 
@@ -96,11 +95,7 @@ def decode(prediction: dict) -> np.ndarray:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serving")
-    overrides = write_smoke_models(tmp)
-    config_file = tmp / "config.yaml"
-    config_file.write_text(yaml.safe_dump({"preset": "smoke", **overrides}))
-    cfg = load_config(path=config_file)
-    return tmp, config_file, cfg, write_smoke_encoder(cfg, tmp / "encoder")
+    return (tmp, *smoke_setup(tmp))
 
 
 @pytest.fixture(scope="module")
