@@ -13,6 +13,7 @@ function of the image and the settings alone, and the generation seed only picks
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import logging
@@ -190,6 +191,22 @@ class Personalizer:
         tuning_prompts = cfg.personalize.prompts
         self.tuning_ids = self.base.prompts.tokenize(tuning_prompts)  # fails early on a prompt without S*
 
+    def variant(self, cfg: Config, encoder_dir: str | Path | None = None) -> Personalizer:
+        """A Personalizer over the same loaded base with another config (tuning settings, blend) and
+        optionally another encoder: the evaluation's variants without reloading the base each time.
+        The base config must be the same; the variant gets its own concept cache."""
+        from components.encoder import TuningEncoder
+
+        if cfg.base != self.cfg.base:
+            raise ValueError("a variant must share the base model")
+        other = copy.copy(self)
+        other.cfg = cfg
+        other.cache = ConceptCache(cfg.personalize.cache_size)
+        other.tuning_ids = self.base.prompts.tokenize(cfg.personalize.prompts)
+        if encoder_dir is not None:
+            other.encoder = TuningEncoder.from_pretrained(encoder_dir, self.base).eval().requires_grad_(False)
+        return other
+
     def settings(self, scheduler: str | None = None, **given: Any) -> Settings:
         """Request settings: `given` (names of PARAM_LIMITS) checked, the rest from the config."""
         p = self.cfg.personalize
@@ -221,7 +238,8 @@ class Personalizer:
     def concept(self, image, digest: str, steps: int) -> tuple[Concept, bool, dict[str, float]]:
         """The tuned concept for a checked PIL image with sha256 `digest` (cached)."""
         p = self.cfg.personalize
-        key = (digest, steps, p.lr, p.l2_weight, p.views, tuple(p.prompts), p.encoder_timestep, self.tuning_alpha)
+        key = (digest, steps, p.lr, p.l2_weight, p.views, tuple(p.prompts), p.encoder_timestep, self.tuning_alpha,
+               p.tune_parts)
         timings = {"encoder_s": 0.0, "tune_s": 0.0}
 
         def make() -> Concept:
@@ -232,7 +250,8 @@ class Personalizer:
             t1 = time.perf_counter()
             progress = Progress("tune", steps, every_s=2.0)
             tuned = tune(self.base, self.pipe.vae, start, pixels, self.tuning_ids, steps, p.lr, p.l2_weight, p.views,
-                         self.tuning_alpha, generator, on_step=lambda i, loss: progress.update(i, loss=loss))
+                         self.tuning_alpha, generator, on_step=lambda i, loss: progress.update(i, loss=loss),
+                         parts=p.tune_parts)
             timings.update(encoder_s=t1 - t0, tune_s=time.perf_counter() - t1)
             return tuned
 

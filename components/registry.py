@@ -5,10 +5,11 @@
 a version of model `datencoder` tagged with the data version, git commit and gate metric, and moves
 the `champion` alias to it only when it beats the current champion on the gate.
 
-The gate is a PLACEHOLDER until the evaluation issue lands (then identity and prompt similarity
-replace it): the encoder's held-out denoising loss (Eq. 1, no tuning) on a fixed set of canonical
-toy renders that includes the shapes kept out of pre-training, at fixed noise levels and noise;
-lower is better. Its name is versioned (`GATE`) so scores from different gates are never compared.
+The gate is the evaluation's own measure on a small fixed subset (components/evaluation.py
+`gate_scores`): ours (encoder + tuning + sampling) on the first `evaluate.gate_concepts` held-out
+evaluation concepts x the first `evaluate.gate_prompts` prompts, seed 0, scored by the metrics CLIP;
+the score is the mean of identity and prompt similarity, higher is better. Its name is versioned
+(`GATE`) so scores from different gates are never compared.
 
 Base weights are referenced by path or hub id in the logged config; only the small toy base (and
 its backbone CLIP) is logged as an artifact, so a toy model is self-contained. SD weights never are.
@@ -20,9 +21,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 import yaml
 
 from components import tracking
@@ -34,11 +32,8 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "datencoder"
 ALIAS = "champion"
 EXPERIMENT = "datencoder-register"
-GATE = "gate_heldout_denoise_loss_v1"  # placeholder gate: lower is better
+GATE = "gate_identity_prompt_v1"  # mean of identity and prompt similarity on the gate subset: higher is better
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-GATE_SHAPES = ("circle", "star", "heart", "hexagon", "crescent", "arrow")  # the last two: unseen in pre-training
-GATE_COLOURS = ("red", "blue", "green", "yellow", "purple", "orange")
-GATE_LEVELS = 4  # noise levels per image, spread over the schedule
 
 
 def is_model_uri(model: str) -> bool:
@@ -143,28 +138,11 @@ def log_model(cfg: Config, encoder_dir: str | Path):
 
 
 # --- the gate --------------------------------------------------------------------------------------
-@torch.no_grad()
-def gate_loss(personalizer) -> float:
-    """The placeholder gate (module docstring) of a loaded Personalizer's encoder: mean denoising MSE."""
-    from components import toy_world as tw
-    from components.tuning import encode_latents
+def gate_score(personalizer) -> dict:
+    """The gate (module docstring) of a loaded Personalizer: {"identity", "prompt", "score"}."""
+    from components.evaluation import gate_scores
 
-    cfg, base, encoder, pipe = personalizer.cfg, personalizer.base, personalizer.encoder, personalizer.pipe
-    renders = [np.asarray(tw.render(tw.canonical(tw.Concept(shape, colour)), 64, seed=i), dtype=np.float32)
-               for i, (shape, colour) in enumerate(zip(GATE_SHAPES, GATE_COLOURS))]
-    pixels = torch.from_numpy(np.stack(renders)).permute(0, 3, 1, 2) / 127.5 - 1
-    side = personalizer.side
-    pixels = F.interpolate(pixels, size=(side, side), mode="bilinear", antialias=True).repeat_interleave(GATE_LEVELS, 0)
-    steps = base.noise_scheduler.config.num_train_timesteps
-    timesteps = torch.tensor([int((k + 0.5) * steps / GATE_LEVELS) for k in range(GATE_LEVELS)]).repeat(len(renders))
-    latents = encode_latents(pipe.vae, pixels)
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
-    noisy, target = base.noised(latents, noise, timesteps)
-    v_star, factors = encoder.predict(pixels, noisy, timesteps)
-    ids = base.prompts.tokenize(cfg.personalize.prompts[:1]).expand(len(pixels), -1)
-    alpha = cfg.encoder.alpha_blend_train if cfg.encoder.dual_path else 1.0
-    prediction = base.denoise(noisy, timesteps, ids, v_star, factors, cfg.encoder.lora_scale, alpha)
-    return F.mse_loss(prediction.float(), target.float()).item()
+    return gate_scores(personalizer)
 
 
 def _champion_score(client) -> tuple[int | None, float | None]:
@@ -179,7 +157,7 @@ def _champion_score(client) -> tuple[int | None, float | None]:
     version = int(champion.version)
     if champion.tags.get("gate") == GATE and GATE in champion.tags:
         return version, float(champion.tags[GATE])
-    return version, gate_loss(load_pyfunc_personalizer(f"models:/{MODEL_NAME}/{champion.version}"))
+    return version, gate_score(load_pyfunc_personalizer(f"models:/{MODEL_NAME}/{champion.version}"))["score"]
 
 
 def data_version(cfg: Config) -> str:
@@ -202,10 +180,12 @@ def register(cfg: Config, encoder: str | None = None) -> dict:
     from components.personalize import Personalizer
 
     client = _client()
-    score = gate_loss(Personalizer(cfg, encoder_dir))
+    gate = gate_score(Personalizer(cfg, encoder_dir))
+    score = gate["score"]
     tags = {"data_version": data_version(cfg), "preset": cfg.preset, "stage": "register"}
     run_id = tracking.start_run(client, EXPERIMENT, f"register-{encoder_dir.name}", tags)
-    tracking.log_metrics(client, run_id, {GATE: score}, step=0)
+    tracking.log_metrics(client, run_id, {GATE: score, "gate_identity": gate["identity"],
+                                          "gate_prompt": gate["prompt"]}, step=0)
     with mlflow.start_run(run_id=run_id):
         info = log_model(cfg, encoder_dir)
     version = mlflow.register_model(info.model_uri, MODEL_NAME).version
@@ -213,14 +193,15 @@ def register(cfg: Config, encoder: str | None = None) -> dict:
                        "encoder": str(encoder_dir)}.items():
         client.set_model_version_tag(MODEL_NAME, version, key, str(value))
     champion, champion_score = _champion_score(client)
-    promoted = champion is None or score < champion_score
+    promoted = champion is None or score > champion_score  # a tie keeps the champion
     if promoted:
         client.set_registered_model_alias(MODEL_NAME, ALIAS, version)
     client.set_terminated(run_id)
     log.info("registered %s version %s (%s = %.5g); %s", MODEL_NAME, version, GATE, score,
              f"now {ALIAS}" if promoted else f"{ALIAS} stays version {champion} ({champion_score:.5g})")
     return {"model": MODEL_NAME, "version": int(version), "run_id": run_id, "model_uri": info.model_uri,
-            "tracking_uri": client.tracking_uri, "gate": {"name": GATE, "score": score, "lower_is_better": True,
+            "tracking_uri": client.tracking_uri, "gate": {"name": GATE, "score": score, "identity": gate["identity"],
+                                                          "prompt": gate["prompt"], "higher_is_better": True,
                                                           "champion_version": champion, "champion_score": champion_score},
             "promoted": promoted, "alias": ALIAS, "tags": tags}
 

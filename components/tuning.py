@@ -73,16 +73,26 @@ def augment(pixels: Tensor, n: int, generator: torch.Generator, min_crop: float 
     return torch.cat(views)
 
 
+TUNE_PARTS = ("all", "embedding", "weights")
+
+
 def tune(base, vae, start: Concept, pixels: Tensor, prompt_ids: Tensor, steps: int, lr: float, l2_weight: float,
          views: int, alpha: float, generator: torch.Generator,
-         on_step: Callable[[int, float], None] | None = None) -> Concept:
+         on_step: Callable[[int, float], None] | None = None, parts: str = "all") -> Concept:
     """`steps` Adam steps on v* and the factors from `start` (see the module docstring).
 
     Each step: `views` augmented views, random timesteps and noise, one of `prompt_ids`' rows (each with
-    S*) per view; loss = denoising MSE + l2_weight * mean squared drift from `start`."""
+    S*) per view; loss = denoising MSE + l2_weight * mean squared drift from `start`. `parts` picks what
+    moves: all, the embedding v* only, or the LoRA factors ("weights") only (the ablations)."""
+    if parts not in TUNE_PARTS:
+        raise ValueError(f"unknown tuning parts {parts!r}; choose one of {', '.join(TUNE_PARTS)}")
     concept = start.detached()
-    tuned = [t.requires_grad_() for t in concept.tensors()]
-    anchors = [t.detach() for t in start.tensors()]
+    chosen = {"all": concept.tensors(), "embedding": [concept.v_star], "weights": concept.tensors()[1:]}[parts]
+    if not chosen:  # weights-only tuning of an encoder without hypernetwork: nothing to tune
+        return concept
+    tuned = [t.requires_grad_() for t in chosen]
+    anchors = [t.detach() for t in {"all": start.tensors(), "embedding": [start.v_star],
+                                    "weights": start.tensors()[1:]}[parts]]
     optimizer = torch.optim.Adam(tuned, lr=lr)
     train_steps = base.noise_scheduler.config.num_train_timesteps
     for step in range(steps):

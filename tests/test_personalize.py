@@ -281,9 +281,9 @@ def test_register_gates_the_champion_and_pyfunc_tunes_each_image_once(smoke, tmp
     weights["hypernetwork.to_b.weight"] = torch.randn(weights["hypernetwork.to_b.weight"].shape,
                                                       generator=torch.Generator().manual_seed(0))
     save_file(weights, str(other / "model.safetensors"))
-    scores = {d: registry.gate_loss(Personalizer(cfg, d)) for d in (encoder, other)}
-    worse_dir, better_dir = sorted(scores, key=scores.get, reverse=True)
-    assert scores[worse_dir] > scores[better_dir]
+    scores = {d: registry.gate_score(Personalizer(cfg, d))["score"] for d in (encoder, other)}
+    worse_dir, better_dir = sorted(scores, key=scores.get)  # higher is better
+    assert scores[worse_dir] < scores[better_dir]
 
     first = registry.register(cfg, str(worse_dir))
     better = registry.register(cfg, str(better_dir))

@@ -1,0 +1,316 @@
+"""The evaluation harness (issue 7): CLIP metrics, the held-out evaluation set, baselines, evaluate and
+ablate on smoke-sized random-weight models with real MLflow stores. The committed toy metrics CLIP
+scores (it is small); the run that re-trains every ablation encoder on Ray is marked slow."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from components import toy_world as tw
+from components.config import load_config
+from components.errors import UserError
+from smoke_models import smoke_setup, write_smoke_encoder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Smoke models + encoder, a prepared smoke toy world, and a config whose outputs stay under tmp."""
+    from components.prepare import prepare
+
+    tmp = tmp_path_factory.mktemp("evaluation")
+    config_file, cfg, encoder = smoke_setup(tmp)
+    raw = tmp / "raw"
+    tw.write_toy_world(raw, n=cfg.toy_world.n, seed=0, scene_fraction=cfg.toy_world.scene_fraction)
+    prepare(cfg.prepare.model_copy(update={
+        "out": str(tmp / "prepared"), "imagenet": str(raw / "imagenet"), "workers": 2,
+        "openimages_boxes": str(raw / "openimages/oidv6-train-annotations-bbox.csv"),
+        "openimages_classes": str(raw / "openimages/oidv7-class-descriptions.csv"),
+        "openimages_images": str(raw / "openimages/train")}))
+    values = yaml.safe_load(config_file.read_text())
+    values.update({"toy_world": {"out": str(raw)}, "pretrain": {"data": str(tmp / "prepared"), "workers": 1},
+                   "personalize": {"encoder": str(encoder)},
+                   "evaluate": {"cache": str(tmp / "cache"), "out": str(tmp / "evaluate")},
+                   "ablate": {"out": str(tmp / "ablate")}})
+    config_file.write_text(yaml.safe_dump(values))
+    return config_file, load_config(path=config_file), tmp
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --- metrics --------------------------------------------------------------------------------------
+def test_metrics_on_known_inputs():
+    from components.base_model import load_clip
+    from components.metrics import ClipMetrics, mean_ci, strip_placeholder
+
+    assert strip_placeholder("S* on a beach") == "on a beach"
+    assert strip_placeholder("a sketch of S* at night") == "a sketch of at night"
+    assert strip_placeholder("two S*") == "two"
+
+    metrics = ClipMetrics(load_clip(load_config("toy").base.metrics_clip))  # the judge, not the backbone
+    star = tw.render(tw.canonical(tw.Concept("star", "red")), 64)
+    circle = tw.render(tw.canonical(tw.Concept("circle", "blue")), 64)
+    identity = metrics.identity([star, circle], star)
+    assert identity[0] == pytest.approx(1.0, abs=1e-5) and identity[1] < identity[0] - 0.05
+    # the text of the caption a render was drawn for scores higher than another object's
+    on_beach = tw.render(tw.Scene(tw.Concept("star", "red"), background="beach"), 64)
+    scores = metrics.prompt([on_beach, on_beach], ["a red star on a beach", "a blue circle at night"])
+    assert scores[0] > scores[1]
+    # the placeholder is removed before the text is embedded
+    assert metrics.prompt([on_beach], ["S* on a beach"])[0] == pytest.approx(
+        metrics.prompt([on_beach], ["on a beach"])[0], abs=1e-6)
+
+    values = np.arange(31, dtype=float)
+    mean, half = mean_ci(values)
+    assert mean == 15 and half == pytest.approx(2.0423 * values.std(ddof=1) / np.sqrt(31), rel=1e-3)
+    assert mean_ci([0.5]) == (0.5, 0.0)
+
+
+def test_findings_are_computed_from_the_numbers_and_pair_shared_samples():
+    from components.evaluation import MethodResult
+    from components.report import compare
+
+    spread = [0.1, 0.5, 0.9, 0.3]  # concept-to-concept spread that both methods share
+    concepts = ["a", "b", "c", "d"]
+    tuned = MethodResult("ours", [v + 0.02 for v in spread], [0.6] * 4, concepts)
+    untuned = MethodResult("ours-no-tuning", spread, [0.6] * 4, concepts)
+    finding = compare("tuning raises identity", "about +20%", tuned, untuned, "identity")
+    assert finding["status"] == "reproduced" and finding["values"] == [0.47, 0.45]
+    assert compare("x", "y", untuned, tuned, "identity")["status"] == "not reproduced"
+    assert compare("x", "y", tuned, untuned, "prompt")["status"] == "inconclusive"
+    # different samples (other concepts): the two means' intervals, which the spread dominates
+    elsewhere = MethodResult("lora", spread, [0.6] * 4, ["e", "f", "g", "h"])
+    assert compare("x", "y", tuned, elsewhere, "identity")["status"] == "inconclusive"
+
+
+# --- the evaluation set ---------------------------------------------------------------------------
+def test_eval_set_is_held_out_of_pretraining_through_the_manifest():
+    from components.eval_set import check_held_out, load_eval_set, parse_concept, pretraining_looks
+
+    cfg = load_config("toy")
+    prepared, raw = ROOT / cfg.pretrain.data, ROOT / cfg.toy_world.out
+    if not (prepared / "manifest.parquet").is_file() or not (raw / "captions.csv").is_file():
+        pytest.skip("the toy world and prepared data are DVC outputs: `dvc repro prepare` first")
+    eval_set = load_eval_set(cfg)
+    assert len(eval_set.concepts) >= 17 and len(eval_set.prompts) >= 10
+    assert all(3 <= len(c.images) <= 5 for c in eval_set.concepts)
+    words = " ".join(eval_set.prompts)
+    assert all(edit in words for edit in ("beach", "grass", "night", "top left", "two", "sketch", "pixel art"))
+
+    seen = pretraining_looks(prepared, raw)
+    concepts = [parse_concept(key) for key in cfg.evaluate.concepts]
+    assert not any(seen.contains(c) for c in concepts)
+    unseen_shapes = set(cfg.toy_world.encoder_holdout_shapes)
+    assert unseen_shapes <= {c.shape for c in concepts} and not unseen_shapes & seen.labels
+    assert {c.shape for c in concepts} - unseen_shapes  # and instances of seen shapes
+    assert check_held_out(cfg)["checked"]
+
+    # a concept pre-training did see is caught
+    import pandas as pd
+
+    captions = pd.read_csv(raw / "captions.csv")
+    manifest = pd.read_parquet(prepared / "manifest.parquet")
+    row = captions[captions.path == "imagenet/train/" + manifest[manifest.source == "imagenet"].source_id.iloc[0]].iloc[0]
+    leaked = tw.Concept(row["shape"], row["colour"], row["pattern"], row["pattern_colour"])
+    assert seen.contains(leaked)
+    with pytest.raises(UserError, match="appear in the pre-training data"):
+        check_held_out(cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"concepts": [leaked.key]})}))
+
+
+def test_sd15_eval_set_needs_its_folder(tmp_path):
+    from components.eval_set import load_eval_set
+
+    cfg = load_config("sd15")
+    with pytest.raises(UserError, match="evaluate.concept_dir"):
+        load_eval_set(cfg)
+    missing = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"concept_dir": str(tmp_path / "no")})})
+    with pytest.raises(UserError, match="is not a folder"):
+        load_eval_set(missing)
+    (tmp_path / "dog").mkdir()
+    for i in range(3):
+        tw.render(tw.canonical(tw.Concept("heart", "red")), 64, seed=i).save(tmp_path / "dog" / f"{i}.png")
+    tw.render(tw.canonical(tw.Concept("ring", "blue")), 64).save(tmp_path / "backpack.jpg")
+    (tmp_path / "prompts.txt").write_text("a photo of S* on the beach\n\na watercolor of S*\n")
+    folder = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={
+        "concept_dir": str(tmp_path), "prompts_file": str(tmp_path / "prompts.txt")})})
+    eval_set = load_eval_set(folder)
+    assert [(c.name, len(c.images)) for c in eval_set.concepts] == [("backpack", 1), ("dog", 3)]
+    assert eval_set.prompts == ["a photo of S* on the beach", "a watercolor of S*"]
+
+
+# --- baselines ------------------------------------------------------------------------------------
+def test_baseline_cli_json_has_the_personalize_shape(smoke, tmp_path, capsys):
+    from components.cli import main
+
+    config_file, _, _ = smoke
+    views = [tw.render(tw.canonical(tw.Concept("crescent", "green"), "gray"), 64, seed=i) for i in range(3)]
+    paths = []
+    for i, view in enumerate(views):
+        paths += ["--image", str(tmp_path / f"view{i}.png")]
+        view.save(tmp_path / f"view{i}.png")
+    runs = {"lora": paths[:2], "ti": paths[:2], "dreambooth": paths}  # one-shot, one-shot, few-shot
+    for method, images in runs.items():
+        code = main(["baseline", method, "--config", str(config_file), *images, "--prompt", "S* on a beach",
+                     "--prompt", "two S* on grass", "--steps", "2", "--num-images", "2", "--seed", "3",
+                     "--out", str(tmp_path / method), "--json"])
+        out = capsys.readouterr().out
+        assert code == 0
+        report = json.loads(out)
+        assert set(report) == {"model", "images", "seed", "settings", "cached", "generation", "timings", "peak_rss_mb"}
+        assert report["settings"]["shots"] == len(images) // 2 and report["settings"]["steps"] == 2
+        assert [(i["prompt"], i["seed"]) for i in report["images"]] == [
+            ("S* on a beach", 3), ("S* on a beach", 4), ("two S* on grass", 3), ("two S* on grass", 4)]
+        assert all(Image.open(i["path"]).size == (64, 64) for i in report["images"])
+        assert report["timings"]["train_s"] > 0
+
+
+def test_baseline_bad_input_is_one_line(smoke, tmp_path, capsys):
+    from components.cli import main
+
+    config_file, _, _ = smoke
+    image = tmp_path / "concept.png"
+    data = png(tw.render(tw.canonical(tw.Concept("star", "red")), 64))
+    image.write_bytes(data)
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    common = ["--config", str(config_file), "--steps", "1"]
+    cases = [(["lora", "--image", str(tmp_path / "missing.png"), "--prompt", "S*"], "cannot read image"),
+             (["lora", "--image", str(tmp_path / "cut.png"), "--prompt", "S*"], "truncated or corrupt"),
+             (["ti", "--image", str(image), "--prompt", " "], "non-empty --prompt"),
+             (["ti", "--image", str(image), "--prompt", "on a beach"], "no placeholder S*"),
+             (["textual-inversion", "--image", str(image), "--prompt", "S*"], "unknown baseline method"),
+             (["dreambooth", "--image", str(image), "--prompt", "S*", "--num-images", "0"], "num_images must be")]
+    for args, reason in cases:
+        code = main(["baseline", args[0], *common, *args[1:]])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and reason in err[-1] and err[-1].startswith("datencoder baseline: error:"), (args, err)
+
+
+# --- determinism ----------------------------------------------------------------------------------
+def test_same_seed_and_config_give_the_same_metrics(smoke):
+    from components.evaluation import load_harness
+
+    _, cfg, _ = smoke
+
+    def measure() -> list[float]:
+        harness = load_harness(cfg)  # a fresh load: nothing carried over in memory
+        ours = harness.ours("ours", limit=2)
+        lora = harness.baseline("lora-few-shot", "lora", 3, limit=1)
+        return ours.identity + ours.prompt + lora.identity + lora.prompt
+
+    first, second = measure(), measure()
+    assert len(first) == 2 * 2 * 2 + 2 * 2
+    np.testing.assert_allclose(first, second, atol=1e-4, rtol=0)
+
+
+# --- evaluate and ablate --------------------------------------------------------------------------
+def seed_encoder_cache(cfg) -> list[Path]:
+    """The re-trained variants' cache entries, as a previous run leaves them (random smoke weights)."""
+    from components.ablation import EVALUATE_RETRAINED, encoder_variant, retrain_steps, retrained_variants
+
+    dirs = []
+    for overrides in [*EVALUATE_RETRAINED.values(), *retrained_variants(cfg).values()]:
+        variant, encoder_dir = encoder_variant(cfg, overrides, retrain_steps(cfg))
+        if not encoder_dir.exists():
+            write_smoke_encoder(variant, encoder_dir)
+        dirs.append(encoder_dir)
+    return dirs
+
+
+EVALUATE_NAMES = {"ours", "ours-no-tuning", "ours-no-dual-path", "ours-no-reg", "ours-nn-cosine", "ours-no-hypernet",
+                  "lora-one-shot", "lora-few-shot", "ti-one-shot", "ti-few-shot", "dreambooth-one-shot",
+                  "dreambooth-few-shot"}
+
+
+def check_logged(client, result: dict, names: set[str]) -> list:
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    children = client.search_runs([run.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{run.info.run_id}' and tags.stage != 'pretrain'")
+    assert {c.info.run_name for c in children} >= names
+    for child in children:
+        assert {"identity", "prompt", "seconds", "peak_mb"} <= set(child.data.metrics)
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "samples")] == [
+            f"samples/{child.info.run_name}.png"]
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {"report/results.csv", "report/results.md", "report/tradeoff.png", "report/grids"} <= logged
+    for key in ("csv", "markdown", "plot"):
+        assert Path(result["report"][key]).is_file()
+    assert set(result["methods"]) >= names
+    for row in result["methods"].values():
+        assert -1 <= row["identity"] <= 1 and -1 <= row["prompt"] <= 1 and row["seconds"] > 0 and row["peak_mb"] > 0
+    return children
+
+
+def test_evaluate_and_ablate_log_nested_runs_and_reuse_cached_encoders(smoke, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from components.ablation import ablate
+    from components.evaluation import evaluate
+
+    _, cfg, _ = smoke
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cached = seed_encoder_cache(cfg)
+    stamps = {d: (d / "model.safetensors").stat().st_mtime_ns for d in cached}
+    client = MlflowClient(uri)
+    parent = client.create_run(client.create_experiment("pipeline", artifact_location=(tmp_path / "a").as_uri())
+                               ).info.run_id
+
+    result = evaluate(cfg, parent_run_id=parent)
+    check_logged(client, result, EVALUATE_NAMES)
+    assert client.get_run(result["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == parent
+    claims = [f["claim"] for f in result["findings"]]
+    assert any("tuning raises identity" in c for c in claims) and any("LoRA" in c for c in claims)
+    assert all(f["status"] in ("reproduced", "not reproduced", "inconclusive") for f in result["findings"])
+    assert result["held_out"]["checked"]
+    table = Path(result["report"]["csv"]).read_text()
+    assert all(name in table for name in EVALUATE_NAMES)
+
+    ablation = ablate(cfg, parent_run_id=parent)
+    names = {"ours", "no-tuning", "no-dual-path-tune", "no-dual-path-train", "no-hypernet", "tune-embedding-only",
+             "tune-weights-only", "reg-none", "reg-l2", "reg-nn-cosine", "reg-contrastive", "alpha-0", "alpha-1"}
+    check_logged(client, ablation, names)
+    assert ablation["alpha_blend"]["chosen"] in cfg.ablate.alpha_blends
+    # every re-trained variant came from the cache: nothing was trained, nothing rewritten
+    assert not client.search_runs([client.get_run(parent).info.experiment_id], "tags.stage = 'pretrain'")
+    assert {d: (d / "model.safetensors").stat().st_mtime_ns for d in cached} == stamps
+
+
+@pytest.mark.slow
+def test_smoke_evaluate_and_ablate_train_their_variants_on_ray(smoke, tmp_path, monkeypatch):
+    """The whole smoke grid from an empty cache: every re-trained variant is a real pretrain() run."""
+    from mlflow import MlflowClient
+
+    from components.ablation import ablate
+    from components.evaluation import evaluate
+
+    _, cfg, _ = smoke
+    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"cache": str(tmp_path / "cache")})})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    for experiment in (cfg.evaluate.experiment, cfg.ablate.experiment):  # artifacts under tmp, not ./mlruns
+        client.create_experiment(experiment, artifact_location=(tmp_path / experiment).as_uri())
+    result = evaluate(cfg)
+    check_logged(client, result, EVALUATE_NAMES)
+    ablation = ablate(cfg)
+    check_logged(client, ablation, {"reg-none", "reg-contrastive", "no-dual-path-train", "no-hypernet"})
+    pretrain_runs = client.search_runs([client.get_run(result["mlflow_run_id"]).info.experiment_id,
+                                        client.get_run(ablation["mlflow_run_id"]).info.experiment_id],
+                                       "tags.stage = 'pretrain'")
+    # 4 for evaluate; ablate adds l2, no dual path in training (contrastive, none, nn, no-hypernet are cached)
+    assert len(pretrain_runs) == 6
+    assert len(list((tmp_path / "cache").iterdir())) == 6
