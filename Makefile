@@ -11,9 +11,8 @@ setup:  ## create .venv and install the project with pinned dependencies (about 
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	$(BIN)/datencoder --help > /dev/null
 
-run:  ## the main job on the embedded toy default: the DVC pipeline, then the base-model check
-	$(BIN)/dvc repro
-	$(BIN)/datencoder check-base --json
+run:  ## the main job on the embedded toy default: the Prefect retrain flow (docs/orchestration.md)
+	$(BIN)/datencoder pipeline
 
 test:  ## the default suite (fast; heavier tests are marked slow)
 	$(BIN)/pytest -q

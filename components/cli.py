@@ -18,12 +18,7 @@ from components.errors import UserError
 log = logging.getLogger("datencoder")
 
 # subcommand -> the issue that delivers it; these exit 2 with a clear line until they land
-NOT_YET: dict[str, str] = {
-    "baseline": "the evaluation harness (baselines)",
-    "evaluate": "the evaluation harness",
-    "ablate": "the evaluation harness (ablations)",
-    "pipeline": "orchestration (the Prefect retrain flow)",
-}
+NOT_YET: dict[str, str] = {}
 
 
 def _positive_int(text: str) -> int:
@@ -41,6 +36,14 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None,
                    help="YAML config with a `preset:` key and section overrides (e.g. params.yaml)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """What personalize and baseline share: images per prompt and the sampler."""
+    p.add_argument("--num-images", type=int, help="images per prompt, 1-16")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
+    p.add_argument("--sampling-steps", type=int, help="sampler steps")
+    p.add_argument("--scheduler", choices=("ddim", "dpm"), help="DDIM or DPM-Solver++ (default: personalize.scheduler)")
 
 
 def _config(args: argparse.Namespace, overrides: dict | None = None):
@@ -122,6 +125,41 @@ def cmd_register(args: argparse.Namespace) -> dict:
     return register(_config(args), encoder=args.encoder)
 
 
+def cmd_pipeline(args: argparse.Namespace) -> dict:
+    from components.pipeline import main_job
+
+    return main_job(preset=args.preset, config=args.config, workspace=args.workspace, refresh=args.refresh,
+                    serve=args.serve, cron=args.cron)
+
+
+def cmd_baseline(args: argparse.Namespace) -> dict:
+    from components.baselines import baseline
+
+    return baseline(_config(args), args.method, args.image, args.prompt, steps=args.steps, out=args.out,
+                    scheduler=args.scheduler, seed=args.seed, num_images=args.num_images,
+                    guidance_scale=args.guidance_scale, num_inference_steps=args.sampling_steps)
+
+
+def _evaluation_overrides(args: argparse.Namespace) -> dict:
+    given = {"full": args.full or None, "retrain_steps": args.retrain_steps, "out": args.out}
+    return {"evaluate": {k: v for k, v in given.items() if v is not None}}
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict:
+    from components.evaluation import evaluate
+
+    return evaluate(_config(args, overrides=_evaluation_overrides(args)), parent_run_id=args.parent_run_id)
+
+
+def cmd_ablate(args: argparse.Namespace) -> dict:
+    from components.ablation import ablate
+
+    overrides = _evaluation_overrides(args)
+    if overrides["evaluate"].pop("out", None) is not None:
+        overrides["ablate"] = {"out": args.out}
+    return ablate(_config(args, overrides=overrides), parent_run_id=args.parent_run_id)
+
+
 def cmd_serve(args: argparse.Namespace) -> dict:
     from components.serve import serve
 
@@ -186,12 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="the concept's image (PNG, JPEG, ...)")
     p.add_argument("--prompt", action="append", required=True, help='prompt with the placeholder S*; repeatable')
     p.add_argument("--steps", type=int, help="tuning steps, 0-100 (default: personalize.steps, 12)")
-    p.add_argument("--num-images", type=int, help="images per prompt, 1-16")
     p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i")
     p.add_argument("--blend", type=float, help="dual-path blend a in [0, 1] for generation (1: plain LoRA + embedding)")
-    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
-    p.add_argument("--sampling-steps", type=int, help="sampler steps")
-    p.add_argument("--scheduler", choices=("ddim", "dpm"), help="DDIM or DPM-Solver++ (default: personalize.scheduler)")
+    _add_sampling_options(p)
     p.add_argument("--out", help="image directory (default: personalize.out)")
     p.add_argument("--export", help="also write the concept here as a diffusers LoRA + embedding + kohya keys")
     p.add_argument("--model", help="MLflow model URI or encoder directory (default: datencoder@champion if "
@@ -202,6 +237,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(p)
     p.add_argument("--encoder", help="encoder directory (default: personalize.encoder)")
     p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("pipeline", help="the main job: the Prefect retrain flow (prepare_data, pretrain, evaluate, "
+                                        "ablate, register) and its report")
+    _add_config_options(p)
+    p.add_argument("--workspace", help="pipeline workspace (dvc.yaml, params.yaml, stores); created when new "
+                                       "(default: this checkout, or outputs/workspaces/PRESET for another preset)")
+    p.add_argument("--refresh", action="store_true", help="ignore the Prefect cache: run every stage again")
+    p.add_argument("--serve", action="store_true", help="serve a Prefect deployment of retrain on a cron schedule "
+                                                        "(needs PREFECT_API_URL; runs until interrupted)")
+    p.add_argument("--cron", help="schedule of --serve (default: pipeline.cron)")
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("baseline", help="an optimisation baseline (TI, LoRA, DreamBooth) on 1 image (one-shot) or 3-5 "
+                                        "(few-shot) + prompts with S* -> images, shaped like personalize")
+    _add_config_options(p)
+    # not argparse choices: an unknown method gets the same one-line error as every other bad input
+    p.add_argument("method", help="ti (textual inversion), lora or dreambooth")
+    p.add_argument("--image", action="append", required=True, help="an image of the concept; repeat for few-shot")
+    p.add_argument("--prompt", action="append", required=True, help="prompt with the placeholder S*; repeatable")
+    p.add_argument("--steps", type=_positive_int, help="optimisation steps (default: evaluate.{ti,lora,dreambooth}_steps)")
+    p.add_argument("--seed", type=int, help="training seed and seed of the first image; image i uses seed + i")
+    _add_sampling_options(p)
+    p.add_argument("--out", help="image directory (default: outputs/baseline-METHOD)")
+    p.set_defaults(func=cmd_baseline)
+
+    for name, func, what in (("evaluate", cmd_evaluate, "CLIP identity/prompt similarity of ours, its variants and "
+                              "the baselines; results table, trade-off plot and findings to MLflow"),
+                             ("ablate", cmd_ablate, "the ablation grid (regulariser, dual path, hypernetwork, tuning "
+                              "parts, blend sweep), each a nested MLflow run")):
+        p = sub.add_parser(name, help=what)
+        _add_config_options(p)
+        p.add_argument("--full", action="store_true", help="the issue's whole grid: every concept for every method, "
+                                                           "evaluate.full_seeds, evaluate.full_retrain_steps")
+        p.add_argument("--retrain-steps", type=_positive_int, help="pre-training steps of the re-trained variants")
+        p.add_argument("--out", help="report directory (default: evaluate.out / ablate.out)")
+        p.add_argument("--parent-run-id", help="nest the MLflow run under this run")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("serve", help="serve models:/datencoder@champion with the MLflow scoring server")
     _add_config_options(p)

@@ -194,6 +194,7 @@ class PersonalizeConfig(Section):
     lr: float = Field(2e-3, gt=0)  # paper
     l2_weight: float = Field(1.0, ge=0)  # pull toward the encoder's initial prediction
     views: int = Field(1, gt=0)  # augmented views of the single image per tuning step (the batch)
+    tune_parts: Literal["all", "embedding", "weights"] = "all"  # what tuning moves (the last two: ablations)
     prompts: list[str] = ["a photo of S*"]  # tuning prompts (the pre-training prompts), each with S*
     encoder_timestep: int = Field(500, ge=0)  # noise level of the latent the encoder sees
     alpha_blend: float | None = Field(None, ge=0, le=1)  # generation blend; None: encoder.alpha_blend_tune
@@ -209,6 +210,80 @@ class PersonalizeConfig(Section):
     request_timeout_s: int = Field(900, gt=0)  # serving: CPU generation of 16 images takes minutes
 
 
+class EvaluateConfig(Section):
+    """The evaluation harness (docs/evaluation.md): CLIP metrics of ours, its variants and the baselines.
+
+    The defaults size the toy grid to fit the pipeline's time budget on 2 CPU cores; `full: true` runs the
+    issue's whole grid (every concept for every method, `full_seeds`, `full_retrain_steps`)."""
+
+    # toy: concept keys colour-pattern-patterncolour-shape (components.toy_world.Concept.key), all held out
+    # of encoder pre-training (the first eight are shapes it never saw; the rest are unseen instances)
+    concepts: list[str] = [
+        "green-solid-pink-crescent", "green-dotted-orange-crescent", "green-checkered-black-crescent",
+        "purple-dotted-white-arrow", "pink-solid-gray-crescent", "purple-solid-green-crescent",
+        "brown-solid-purple-arrow", "purple-dotted-brown-arrow", "green-dotted-red-diamond",
+        "yellow-checkered-red-triangle", "yellow-checkered-cyan-triangle", "pink-striped-white-cross",
+        "gray-striped-red-square", "purple-striped-green-heart", "blue-checkered-cyan-diamond",
+        "red-checkered-brown-square", "black-striped-yellow-star"]
+    concept_dir: str | None = None  # sd15: one image per concept, or one folder of 3-5 images per concept
+    prompts: list[str] = [
+        "S* on a beach", "S* on grass", "S* at night", "S* on a blue background",
+        "S* at the top left on a gray background", "S* at the bottom right on grass", "two S* on a gray background",
+        "two S* on a beach", "a sketch of S* on a white background", "pixel art of S* at night"]
+    prompts_file: str | None = None  # one prompt with S* per line; replaces `prompts` (the sd15 set)
+    seeds: list[int] = [0]
+    max_concepts: int | None = Field(10, gt=0)  # ours and its variants: the first N concepts (None: all)
+    baseline_concepts: int = Field(1, gt=0)  # the optimisation baselines: the first N concepts (cost)
+    few_shot_images: int = Field(4, ge=3, le=5)  # images of the concept for the few-shot baselines
+    ti_steps: int = Field(3000, gt=0)
+    ti_lr: float = Field(5e-3, gt=0)  # diffusers textual_inversion.py
+    lora_steps: int = Field(500, gt=0)
+    lora_lr: float = Field(1e-4, gt=0)  # diffusers train_dreambooth_lora.py
+    dreambooth_steps: int = Field(400, gt=0)
+    dreambooth_lr: float = Field(5e-6, gt=0)  # diffusers train_dreambooth.py
+    dreambooth_prior_images: int = Field(0, ge=0)  # class images for prior preservation (0: off)
+    retrain_steps: int = Field(60, gt=0)  # pre-training length of the re-training ablations (and their reference)
+    full: bool = False
+    full_retrain_steps: int = Field(1000, gt=0)
+    full_seeds: list[int] = [0, 1, 2]
+    gate_concepts: int = Field(4, gt=0)  # the registry gate: the first N concepts ...
+    gate_prompts: int = Field(3, gt=0)  # ... x the first N prompts, seed 0
+    cache: str = "checkpoints/ablation-encoders"  # re-trained encoders, keyed by their config
+    out: str = "outputs/evaluate"  # reports and sample grids (also logged to MLflow)
+    experiment: str = "datencoder-evaluate"
+
+
+class AblateConfig(Section):
+    """The ablation grid (docs/evaluation.md); re-training variants share evaluate.retrain_steps."""
+
+    concepts: int = Field(4, gt=0)  # the first N evaluation concepts
+    regularisers: list[Literal["none", "l2", "nn-cosine", "contrastive"]] = ["none", "l2", "nn-cosine", "contrastive"]
+    alpha_blends: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]  # the tuning/generation blend sweep
+    out: str = "outputs/ablate"
+    experiment: str = "datencoder-ablate"
+
+
+STAGES = ("prepare_data", "pretrain", "evaluate", "ablate", "register")
+
+
+class PipelineConfig(Section):
+    """Orchestration (docs/orchestration.md): the Prefect `retrain` flow, its schedule, retries and locks."""
+
+    stages: list[Literal["prepare_data", "pretrain", "evaluate", "ablate", "register"]] = list(STAGES)
+    dvc_stages: list[str] = ["prepare"]  # what prepare_data reproduces (`dvc repro`; upstream stages come along)
+    dvc_push: bool = True  # push the DVC outputs after repro (teammates `dvc pull` them)
+    dvc_remote: str | None = None  # the remote to push to; None: the workspace's default (core.remote)
+    experiment: str = "datencoder-pipeline"  # MLflow experiment of the parent run each stage nests under
+    cron: str = "0 3 * * 1"  # scheduled retraining (the Prefect deployment): Mondays 03:00
+    timezone: str = "UTC"
+    retries: int = Field(3, ge=0)  # extra attempts of a stage after a transient error (S3, MLflow HTTP, network)
+    retry_delay_s: float = Field(10.0, ge=0)  # first backoff delay; doubles on each retry
+    timeout_s: float = Field(6 * 3600, gt=0)  # per stage
+    lock_wait_s: float = Field(0.0, ge=0)  # a second run in the same workspace waits this long, then refuses
+    prefect_startup_timeout_s: int = Field(300, gt=0)  # the run's local Prefect server, on a cold machine
+    report: str = "outputs/pipeline"  # report.md, metrics.csv and the plot of the last run
+
+
 class Config(Section):
     preset: Literal["toy", "smoke", "sd15"] = "toy"
     base: BaseConfig = BaseConfig()
@@ -219,6 +294,9 @@ class Config(Section):
     encoder: EncoderConfig = EncoderConfig()
     pretrain: PretrainConfig = PretrainConfig()
     personalize: PersonalizeConfig = PersonalizeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    ablate: AblateConfig = AblateConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -236,6 +314,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "eval_every": 4, "heldout_images": 4, "sample_concepts": 2, "sample_steps": 2,
                      "system_metrics_s": 1.0},
         "personalize": {"steps": 2, "num_inference_steps": 2},
+        "evaluate": {"prompts": ["S* on a beach", "two S* on grass"], "max_concepts": 2, "baseline_concepts": 1,
+                     "few_shot_images": 3, "ti_steps": 2, "lora_steps": 2, "dreambooth_steps": 2, "retrain_steps": 2,
+                     "gate_concepts": 2, "gate_prompts": 1},
+        "ablate": {"concepts": 1, "alpha_blends": [0.0, 1.0]},
+        "pipeline": {"retry_delay_s": 1.0, "timeout_s": 900},
     },
     "sd15": {
         "base": {

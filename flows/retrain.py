@@ -1,0 +1,157 @@
+"""The `retrain` flow and its stage flows: orchestration only (docs/orchestration.md).
+
+    prepare_data -> pretrain -> evaluate -> ablate -> register -> report
+
+Each stage flow runs one task that calls the same stage function as the CLI and DVC. Tasks are
+cached on what decides their result (config, data version, code, upstream encoder; never a run id,
+components.pipeline.stage_key) with results persisted in the workspace, so an unchanged re-run
+skips them and a run after a failure starts at the failed stage. Transient errors (network, S3,
+MLflow HTTP 5xx) are retried with exponential backoff; every stage has a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE, TASK_SOURCE, Inputs
+from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
+
+from components import pipeline
+from components.config import Config
+
+CACHED = Inputs(exclude=["cfg", "parent_run_id"]) + TASK_SOURCE  # the key is the `key` argument + this code
+
+
+def _retry_if_transient(task, task_run, state) -> bool:
+    return pipeline.is_transient(state.result(raise_on_failure=False))
+
+
+def _configured(t, cfg: Config, refresh: bool):
+    p = cfg.pipeline
+    return t.with_options(retries=p.retries, retry_delay_seconds=exponential_backoff(p.retry_delay_s),
+                          retry_jitter_factor=0.2, retry_condition_fn=_retry_if_transient,
+                          timeout_seconds=p.timeout_s, refresh_cache=refresh)
+
+
+# --- tasks: one stage function each -----------------------------------------------------------------
+@task(name="dvc-repro", cache_policy=NO_CACHE)  # DVC decides what is up to date
+def dvc_repro_task(cfg: Config) -> dict:
+    return pipeline.dvc_repro(cfg)
+
+
+@task(name="pretrain", cache_policy=CACHED, persist_result=True)
+def pretrain_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
+    return pipeline.pretrain_stage(cfg, parent_run_id)
+
+
+@task(name="evaluate", cache_policy=CACHED, persist_result=True)
+def evaluate_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
+    from components.evaluation import evaluate
+
+    return evaluate(cfg, parent_run_id=parent_run_id)
+
+
+@task(name="ablate", cache_policy=CACHED, persist_result=True)
+def ablate_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
+    from components.ablation import ablate
+
+    return ablate(cfg, parent_run_id=parent_run_id)
+
+
+@task(name="register", cache_policy=CACHED, persist_result=True)
+def register_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
+    from components.registry import register
+
+    return register(cfg, encoder=cfg.pretrain.out)
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(cfg: Config, results: dict, parent_run_id: str) -> dict:
+    report = pipeline.write_report(cfg, results, parent_run_id, flow_run.get_name() or "retrain")
+    create_markdown_artifact(markdown=report["markdown"], key="retrain-report",
+                             description=f"datencoder retrain ({cfg.preset})")
+    if report["rows"]:
+        create_table_artifact(table=report["rows"], key="retrain-metrics", description="evaluation and ablation")
+    return report
+
+
+# --- stage flows ------------------------------------------------------------------------------------
+@flow(name="prepare_data")
+def prepare_data(cfg: Config, refresh: bool = False) -> dict:
+    return _configured(dvc_repro_task, cfg, refresh)(cfg)
+
+
+@flow(name="pretrain")
+def pretrain(cfg: Config, data_version: str, parent_run_id: str | None = None, refresh: bool = False) -> dict:
+    return _configured(pretrain_task, cfg, refresh)(cfg, pipeline.stage_key(cfg, "pretrain", data_version),
+                                                    parent_run_id)
+
+
+def _after_pretrain(t, cfg: Config, stage: str, data_version: str, encoder: str, parent_run_id, refresh) -> dict:
+    return _configured(t, cfg, refresh)(cfg, pipeline.stage_key(cfg, stage, data_version, encoder), parent_run_id)
+
+
+@flow(name="evaluate")
+def evaluate(cfg: Config, data_version: str, encoder: str, parent_run_id: str | None = None,
+             refresh: bool = False) -> dict:
+    return _after_pretrain(evaluate_task, cfg, "evaluate", data_version, encoder, parent_run_id, refresh)
+
+
+@flow(name="ablate")
+def ablate(cfg: Config, data_version: str, encoder: str, parent_run_id: str | None = None,
+           refresh: bool = False) -> dict:
+    return _after_pretrain(ablate_task, cfg, "ablate", data_version, encoder, parent_run_id, refresh)
+
+
+@flow(name="register")
+def register(cfg: Config, data_version: str, encoder: str, parent_run_id: str | None = None,
+             refresh: bool = False) -> dict:
+    return _after_pretrain(register_task, cfg, "register", data_version, encoder, parent_run_id, refresh)
+
+
+# --- the parent flow --------------------------------------------------------------------------------
+@flow(name="retrain", log_prints=True)
+def retrain(workspace: str = ".", preset: str | None = None, refresh: bool = False) -> dict[str, Any]:
+    """The whole pipeline in `workspace` (its params.yaml; `preset` must agree with it)."""
+    os.chdir(workspace)
+    cfg = pipeline.workspace_config(".", preset)
+    with pipeline.workspace_lock(".", "pipeline", wait_s=cfg.pipeline.lock_wait_s, what="a pipeline run"):
+        pipeline.check_tracking()
+        parent = pipeline.start_parent_run(cfg, flow_run.get_name() or "retrain")
+        results: dict[str, dict] = {}
+        try:
+            for stage in cfg.pipeline.stages:
+                results[stage] = _stage(stage, cfg, results, parent, refresh)
+            report = report_task(cfg, results, parent)
+        except BaseException:
+            pipeline.end_parent_run(parent, "FAILED")
+            raise
+        version = str((results.get("register") or {}).get("version", ""))
+        pipeline.end_parent_run(parent, "FINISHED", {"registered_version": version} if version else {})
+    return {"workspace": os.getcwd(), "report": report["report"], "metrics_csv": report["csv"],
+            "mlflow_parent_run_id": parent, "tracking_uri": pipeline.tracking.tracking_uri(),
+            "stages": {s: {k: v for k, v in r.items() if not isinstance(v, (dict, list))} for s, r in results.items()},
+            "serve": pipeline.serve_commands()}
+
+
+def _stage(stage: str, cfg: Config, results: dict, parent: str, refresh: bool) -> dict:
+    """Run one stage flow; a failure ends the run with the stage named and its error."""
+    data = (results.get("prepare_data") or {}).get("data_version") or pipeline.current_data_version(cfg)
+    done = results.get("pretrain") or {}
+    encoder = f"{done.get('run_name')}@{done.get('end_step')}" if done else pipeline.encoder_version(cfg)
+    calls = {"prepare_data": lambda: prepare_data(cfg, refresh),
+             "pretrain": lambda: pretrain(cfg, data, parent, refresh),
+             "evaluate": lambda: evaluate(cfg, data, encoder, parent, refresh),
+             "ablate": lambda: ablate(cfg, data, encoder, parent, refresh),
+             "register": lambda: register(cfg, data, encoder, parent, refresh)}
+    try:
+        return calls[stage]()
+    except Exception as e:  # noqa: BLE001 - re-raised with the stage named
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not isinstance(e, pipeline.UserError):
+            reason = f"{type(e).__name__}: {reason}"
+        raise pipeline.StageFailed(f"stage {stage} failed: {reason}") from e
