@@ -97,13 +97,32 @@ def test_findings_are_computed_from_the_numbers_and_pair_shared_samples():
 
 
 # --- the evaluation set ---------------------------------------------------------------------------
-def test_eval_set_is_held_out_of_pretraining_through_the_manifest():
-    from components.eval_set import check_held_out, load_eval_set, parse_concept, pretraining_looks
+def toy_pretraining_data(tmp_path: Path):
+    """The toy config whose pre-training data exists: the workspace's DVC outputs, or (on a fresh
+    clone, as in CI) the same stages run into tmp_path (about a minute)."""
+    from components.prepare import prepare
+    from components.toy_world import write_toy_world
 
     cfg = load_config("toy")
+    if (ROOT / cfg.pretrain.data / "manifest.parquet").is_file() and (ROOT / cfg.toy_world.out / "captions.csv").is_file():
+        return cfg
+    raw, prepared = tmp_path / "raw", tmp_path / "prepared"
+    w = cfg.toy_world
+    write_toy_world(raw, n=w.n, seed=w.seed, scene_fraction=w.scene_fraction)
+    moved = lambda path: str(raw / Path(path).relative_to(w.out))
+    sources = ("imagenet", "openimages_boxes", "openimages_classes", "openimages_images")
+    cfg = load_config("toy", overrides={"toy_world": {"out": str(raw)}, "pretrain": {"data": str(prepared)},
+                                        "prepare": {"out": str(prepared),
+                                                    **{k: moved(getattr(cfg.prepare, k)) for k in sources}}})
+    prepare(cfg.prepare)
+    return cfg
+
+
+def test_eval_set_is_held_out_of_pretraining_through_the_manifest(tmp_path):
+    from components.eval_set import check_held_out, load_eval_set, parse_concept, pretraining_looks
+
+    cfg = toy_pretraining_data(tmp_path)
     prepared, raw = ROOT / cfg.pretrain.data, ROOT / cfg.toy_world.out
-    if not (prepared / "manifest.parquet").is_file() or not (raw / "captions.csv").is_file():
-        pytest.skip("the toy world and prepared data are DVC outputs: `dvc repro prepare` first")
     eval_set = load_eval_set(cfg)
     assert len(eval_set.concepts) >= 17 and len(eval_set.prompts) >= 10
     assert all(3 <= len(c.images) <= 5 for c in eval_set.concepts)
