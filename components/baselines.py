@@ -247,16 +247,13 @@ def sample(pipe, prompts_encoder, result: BaselineResult, prompts: list[str], se
 
 def read_images(paths: list[str], max_pixels: int) -> list:
     """RGB PIL images from files, each checked like a personalisation upload (a UserError names the file)."""
-    from components.personalize import read_image
+    from components.personalize import read_image, read_image_file
 
     if not paths:
         raise UserError("give at least one --image")
     images = []
     for path in paths:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as e:
-            raise UserError(f"cannot read image {path}: {e.strerror}") from None
+        data = read_image_file(path)
         try:
             images.append(read_image(data, max_pixels))
         except UserError as e:

@@ -308,13 +308,17 @@ def slug(text: str, length: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower().replace("s*", "concept")).strip("-")[:length] or "image"
 
 
+def read_image_file(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read image {path}: {e.strerror}") from None
+
+
 def personalize(cfg: Config, image: str, prompts: list[str], model: str | None = None, out: str | None = None,
                 export: str | None = None, scheduler: str | None = None, **params: Any) -> dict:
     """The stage: personalise `image` for `prompts`, write PNGs to `out` (and the concept to `export`)."""
-    try:
-        image_bytes = Path(image).read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read image {image}: {e.strerror}") from None
+    image_bytes = read_image_file(image)
     personalizer, loaded = load_personalizer(cfg, model)
     settings = personalizer.settings(scheduler=scheduler, **params)
     result = personalizer.run(image_bytes, prompts, settings)
