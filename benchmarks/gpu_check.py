@@ -8,6 +8,11 @@ sd15-preset encoder on top, and runs the encoder forward plus `--steps` tuning s
 with `--batch` augmented views at `--side` px, dual path on (a = encoder.alpha_blend_tune). Weights do
 not change memory or time, so random ones measure the real thing. Goal: peak < 20 GB.
 Exits 0 with a message when there is no CUDA device.
+
+Measured on one H100 80GB (2026-11-26; bf16 base, 512 px, batch 16, 12 steps, 96 LoRA targets):
+  --no-checkpointing  peak 20.51 GB, 1.35 s/step (first run in a fresh process: includes CUDA warm-up)
+  (default)           peak 11.96 GB, 0.68 s/step (UNet gradient checkpointing, the sd15 preset's default)
+Paper: < 30 GB; E4T about 70 GB.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ def main() -> int:
     parser.add_argument("--side", type=int, default=512)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="frozen base weights")
-    parser.add_argument("--checkpointing", action="store_true", help="UNet gradient checkpointing")
+    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="UNet gradient checkpointing (default: the sd15 preset's base.gradient_checkpointing)")
     parser.add_argument("--device", default="cuda", help="cpu: a slow check of the code path only (no memory figure)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -60,6 +66,7 @@ def main() -> int:
     cuda = device.type == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     cfg = load_config("sd15")
+    checkpointing = cfg.base.gradient_checkpointing if args.checkpointing is None else args.checkpointing
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(sd15.unet_config())
@@ -68,12 +75,12 @@ def main() -> int:
         clip = open_clip.create_model("ViT-H-14", device=device)
     # the CLIP tower stays fp32: ClipImageTower feeds it fp32 pixels (it runs without gradient)
     unet, text_encoder, vae = (m.to(dtype) for m in (unet, text_encoder, vae))
-    if args.checkpointing:
+    if checkpointing:
         unet.enable_gradient_checkpointing()
     with tempfile.TemporaryDirectory() as tmp:
         # SD's tokenizer cannot be downloaded here; the toy BPE tokenizer's ids fit SD's 49,408-row table
         tokenizer = save_toy_tokenizer(Path(tmp) / "tokenizer", max_length=77)
-    base = FrozenBase(unet, text_encoder, tokenizer, DDPMScheduler(**SD_SCHEDULER), ClipImageTower(clip.visual))
+    base = FrozenBase(unet, text_encoder, tokenizer, DDPMScheduler(**SD_SCHEDULER), ClipImageTower(clip.visual).to(device))
     encoder = TuningEncoder.for_base(cfg.encoder, base).to(device)
     alpha = cfg.encoder.alpha_blend_tune if cfg.encoder.dual_path else 1.0
     pixels = torch.rand(1, 3, args.side, args.side, device=device) * 2 - 1
@@ -94,7 +101,7 @@ def main() -> int:
     tune_s = time.perf_counter() - t0
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     print(json.dumps({
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": args.dtype, "checkpointing": args.checkpointing,
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": args.dtype, "checkpointing": checkpointing,
         "side": args.side, "batch": args.batch, "steps": args.steps, "alpha_blend": alpha,
         "targets": len(encoder.shape.targets), "encoder_s": round(encoder_s, 2), "tune_s": round(tune_s, 2),
         "seconds_per_step": round(tune_s / max(args.steps, 1), 3), "peak_gb": round(peak_gb, 2),

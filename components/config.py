@@ -33,6 +33,8 @@ class BaseConfig(Section):
     kind: Literal["toy", "sd15"] = "toy"
     pretrained: str = "models/toy-base"  # diffusers pipeline directory or hub id
     revision: str | None = None
+    # recompute the frozen UNet's activations in backward: tuning at SD size then fits 20 GB (docs/personalize.md)
+    gradient_checkpointing: bool = False
     backbone_clip: ClipConfig = ClipConfig(
         model_name="datencoder-toy-backbone",
         pretrained="models/toy-clip/backbone/open_clip_model.safetensors",
@@ -324,6 +326,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "base": {
             "kind": "sd15",
             "pretrained": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "gradient_checkpointing": True,
             "backbone_clip": {"model_name": "ViT-H-14", "pretrained": "laion2b_s32b_b79k", "config_path": None},
             "metrics_clip": {"model_name": "ViT-B-16", "pretrained": "openai", "config_path": None},
         },

@@ -59,6 +59,8 @@ class FrozenBase:
         # training noises with DDPM on the pipeline's own betas and prediction type
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         clip = ClipImageTower(load_clip(cfg.base.backbone_clip).model.visual)
+        if cfg.base.gradient_checkpointing:  # only acts while gradients flow (tuning, pre-training)
+            pipe.unet.enable_gradient_checkpointing()
         return cls(pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, clip)
 
     def to(self, *args, **kwargs) -> FrozenBase:

@@ -123,6 +123,26 @@ def test_tuning_starts_from_the_encoder_and_the_l2_pull_holds_it(smoke, personal
     assert drift(held) < 0.5 * drift(free)
 
 
+def test_gradient_checkpointing_saves_memory_without_changing_the_result(smoke, personalizer):
+    """base.gradient_checkpointing (the sd15 default; benchmarks/gpu_check.py measures the memory) only
+    recomputes activations: the tuned concept is the same."""
+    from components.personalize import to_pixels
+    from components.tuning import predict_concept, tune
+
+    _, cfg, encoder = smoke
+    checkpointed = Personalizer(cfg.model_copy(update={"base": cfg.base.model_copy(update={"gradient_checkpointing": True})}),
+                                encoder)
+    assert checkpointed.pipe.unet.is_gradient_checkpointing and not personalizer.pipe.unet.is_gradient_checkpointing
+    pixels = to_pixels(read_image(BLUE_ON_RED, 10**8), personalizer.side)
+
+    def tuned(p: Personalizer) -> Concept:
+        start = predict_concept(p.encoder, p.pipe.vae, pixels, 500, torch.Generator().manual_seed(0))
+        return tune(p.base, p.pipe.vae, start, pixels, p.tuning_ids, 3, 2e-3, 1.0, 2, 0.5, torch.Generator().manual_seed(1))
+
+    for x, y in zip(tuned(personalizer).tensors(), tuned(checkpointed).tensors()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
 def test_second_request_skips_tuning_and_base_weights_are_never_written(personalizer):
     base = personalizer.base
     before = state_hash(base.unet, base.text_encoder, personalizer.pipe.vae)
