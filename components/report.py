@@ -116,12 +116,19 @@ def tradeoff_plot(results: dict, path: Path, title: str) -> None:
 
 def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub markdown table (pandas' to_markdown needs tabulate, not a dependency)."""
-    def cell(v) -> str:
+    # counts (concepts, samples) arrive as floats after aggregation: a column of whole numbers prints as ints
+    whole = {c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])
+             and frame[c].dropna().map(float.is_integer if frame[c].dtype.kind == "f" else (lambda _: True)).all()}
+
+    def cell(column, v) -> str:
+        if column in whole and pd.notna(v):
+            return str(int(v))
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
     header = [frame.index.name or "", *frame.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join([str(i), *(cell(v) for v in row)]) + " |" for i, row in zip(frame.index, frame.values)]
+    lines += ["| " + " | ".join([str(i), *(cell(c, v) for c, v in zip(frame.columns, row))]) + " |"
+              for i, row in zip(frame.index, frame.itertuples(index=False))]
     return "\n".join(lines)
 
 

@@ -333,3 +333,13 @@ def test_smoke_evaluate_and_ablate_train_their_variants_on_ray(smoke, tmp_path, 
     # 4 for evaluate; ablate adds l2, no dual path in training (contrastive, none, nn, no-hypernet are cached)
     assert len(pretrain_runs) == 6
     assert len(list((tmp_path / "cache").iterdir())) == 6
+
+
+def test_markdown_table_prints_counts_as_integers():
+    import pandas as pd
+
+    from components.report import markdown_table
+
+    frame = pd.DataFrame({"identity": [0.13444, 0.5], "concepts": [10.0, 1.0]},
+                         index=pd.Index(["ours", "lora-one-shot"], name="method"))
+    assert markdown_table(frame).splitlines()[2:] == ["| ours | 0.1344 | 10 |", "| lora-one-shot | 0.5000 | 1 |"]
