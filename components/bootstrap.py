@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from components import toy_world as tw
 from components.config import BootstrapConfig, Config
+from components.errors import UserError
 from components.progress import Progress
 from components.toy_tokenizer import save_toy_tokenizer
 
@@ -79,12 +80,12 @@ def make_vae(channels: tuple[int, ...] = (16, 32, 32)):
 
 
 def train_vae(images: torch.Tensor, b: BootstrapConfig):
-    vae = make_vae()
+    vae = make_vae(tuple(b.vae_channels)).to(b.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=b.vae_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(b.seed)
     progress = Progress("vae", b.vae_steps)
     for step in range(b.vae_steps):
-        batch = images[torch.randint(len(images), (b.vae_batch,), generator=gen)]
+        batch = images[torch.randint(len(images), (b.vae_batch,), generator=gen)].to(b.device)
         posterior = vae.encode(batch).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         rec_loss = F.mse_loss(recon, batch) + 0.5 * F.l1_loss(recon, batch)
@@ -110,7 +111,7 @@ def finetune_decoder(vae, images: torch.Tensor, b: BootstrapConfig):
     progress = Progress("vae-decoder", b.vae_decoder_steps)
     vae.train()
     for step in range(b.vae_decoder_steps):
-        batch = images[torch.randint(len(images), (b.vae_batch,), generator=gen)]
+        batch = images[torch.randint(len(images), (b.vae_batch,), generator=gen)].to(b.device)
         with torch.no_grad():
             latents = vae.encode(batch).latent_dist.mean
         recon = vae.decode(latents).sample
@@ -128,7 +129,9 @@ def finetune_decoder(vae, images: torch.Tensor, b: BootstrapConfig):
 
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    return torch.cat([vae.encode(images[i:i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
+    device = next(vae.parameters()).device
+    return torch.cat([vae.encode(images[i:i + batch].to(device)).latent_dist.mean.cpu()
+                      for i in range(0, len(images), batch)])
 
 
 # --- text encoder + UNet --------------------------------------------------------------------------
@@ -183,6 +186,11 @@ def train_denoiser(latents: torch.Tensor, input_ids: torch.Tensor, empty_ids: to
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     noise_scheduler = DDPMScheduler(**scheduler_config(b))
+    dev = b.device
+    unet.to(dev)
+    text_encoder.to(dev)
+    latents, input_ids, empty_ids = latents.to(dev), input_ids.to(dev), empty_ids.to(dev)
+    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(dev)  # add_noise/get_velocity index it by t
     alphas = noise_scheduler.alphas_cumprod
     snr = alphas / (1 - alphas).clamp(min=1e-8)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -195,13 +203,13 @@ def train_denoiser(latents: torch.Tensor, input_ids: torch.Tensor, empty_ids: to
     text_encoder.train()
     recent: list[float] = []
     for step in range(b.unet_steps):
-        idx = torch.randint(len(latents), (b.unet_batch,), generator=gen)
+        idx = torch.randint(len(latents), (b.unet_batch,), generator=gen).to(dev)
         x0 = latents[idx]
         ids = input_ids[idx].clone()
-        drop = torch.rand(b.unet_batch, generator=gen) < b.cond_dropout
+        drop = (torch.rand(b.unet_batch, generator=gen) < b.cond_dropout).to(dev)
         ids[drop] = empty_ids
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b.unet_batch,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen).to(dev)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b.unet_batch,), generator=gen).to(dev)
         xt = noise_scheduler.add_noise(x0, noise, t)
         target = noise_scheduler.get_velocity(x0, noise, t) if b.prediction_type == "v_prediction" else noise
         cond = text_encoder(ids)[0]
@@ -218,18 +226,18 @@ def train_denoiser(latents: torch.Tensor, input_ids: torch.Tensor, empty_ids: to
         recent = (recent + [loss.item()])[-50:]
         progress.update(step + 1, loss=sum(recent) / len(recent), lr=sched.get_last_lr()[0])
     ema.copy_to_model()
-    unet.eval()
-    text_encoder.eval()
+    unet.cpu().eval()
+    text_encoder.cpu().eval()
     return {"unet_final_loss": sum(recent) / max(len(recent), 1)}
 
 
 # --- open_clip CLIPs ------------------------------------------------------------------------------
-def clip_model_config(width: int = 96, layers: int = 3, vision: str = "vit") -> dict:
+def clip_model_config(width: int = 96, layers: int = 3, vision: str = "vit", resnet_width: int = 16) -> dict:
     """A tiny open_clip config. The backbone is a ViT (its patch tokens are the encoder's spatial
     features, as with ViT-H-14); the metrics CLIP uses open_clip's ModifiedResNet, whose convolutions
     learn shape from little data where a tiny ViT only learned colour (17-29% zero-shot on shape)."""
     vision_cfg = ({"image_size": 64, "layers": layers, "width": width, "patch_size": 8, "head_width": 32} if vision == "vit"
-                  else {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 32})
+                  else {"image_size": 64, "layers": [1, 1, 1, 1], "width": resnet_width, "head_width": 32})
     return {
         "embed_dim": 64,
         "vision_cfg": vision_cfg,
@@ -249,13 +257,13 @@ def train_clip(name: str, out: Path, scenes: list[tw.Scene], images: torch.Tenso
 
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / f"{name}.json"
-    config_path.write_text(json.dumps(clip_model_config(vision=vision), indent=1) + "\n")
+    config_path.write_text(json.dumps(clip_model_config(vision=vision, resnet_width=b.metrics_clip_width), indent=1) + "\n")
     open_clip.add_model_config(config_path)
     torch.manual_seed(seed)
-    model = open_clip.create_model(name)
+    model = open_clip.create_model(name).to(b.device)
     tokenizer = open_clip.get_tokenizer(name)
-    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=b.device).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD, device=b.device).view(1, 3, 1, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=b.clip_lr, weight_decay=0.05)
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -272,11 +280,11 @@ def train_clip(name: str, out: Path, scenes: list[tw.Scene], images: torch.Tenso
             hidx = (groups[:, None] * 4 + torch.arange(4)).flatten()
             batch_images = torch.cat([batch_images, hard_images[hidx]])
             captions += [hard_scenes[i].caption() for i in hidx.tolist()]
-        pixels = ((batch_images + 1) / 2 - mean) / std
-        texts = tokenizer(captions)
+        pixels = ((batch_images.to(b.device) + 1) / 2 - mean) / std
+        texts = tokenizer(captions).to(b.device)
         img_f, txt_f, scale = model(pixels, texts)[:3]  # normalised features, exp(logit_scale)
         logits = scale * img_f @ txt_f.T
-        labels = torch.arange(len(captions))
+        labels = torch.arange(len(captions), device=b.device)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -287,7 +295,7 @@ def train_clip(name: str, out: Path, scenes: list[tw.Scene], images: torch.Tenso
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         progress.update(step + 1, loss=loss.item())
-    model.eval()
+    model.cpu().eval()
     # fp16 on disk halves the size; open_clip loads it into the fp32 model unchanged in meaning
     save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()},
               str(out / "open_clip_model.safetensors"))
@@ -311,6 +319,8 @@ def bootstrap(cfg: Config, out_dir: str | None = None) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     b = cfg.bootstrap
+    if b.device != "cpu" and not torch.cuda.is_available():
+        raise UserError(f"bootstrap.device is {b.device!r} but this machine has no CUDA device; use cpu")
     out = Path(out_dir or b.out_dir)
     staging = out / ".bootstrap.partial"
     if staging.exists():
@@ -336,6 +346,7 @@ def bootstrap(cfg: Config, out_dir: str | None = None) -> dict:
     vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
     latents = raw * vae.config.scaling_factor
     finetune_decoder(vae, images, b)
+    vae.cpu()
     t = lap("vae_s", t)
 
     tokenizer = save_toy_tokenizer(staging / "toy-base" / "tokenizer")

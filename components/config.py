@@ -63,13 +63,16 @@ class BootstrapConfig(Section):
     out_dir: str = "models"
     seed: int = 0
     threads: int = Field(2, gt=0)
+    # "cuda" trains the same recipe on a GPU (used to search recipes; the committed models run on CPU)
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     train_images: int = Field(20000, gt=0)
     # VAE 64x64x3 -> 16x16x4
-    vae_steps: int = Field(800, ge=0)
+    vae_channels: list[int] = [16, 32, 32]
+    vae_steps: int = Field(6000, ge=0)
     vae_batch: int = Field(16, gt=0)
     vae_lr: float = Field(1e-3, gt=0)
     vae_kl_weight: float = Field(1e-6, ge=0)
-    vae_decoder_steps: int = Field(2500, ge=0)  # decoder-only fine-tune, encoder frozen
+    vae_decoder_steps: int = Field(0, ge=0)  # optional decoder-only fine-tune, encoder frozen
     # text encoder + UNet (trained jointly on cached latents)
     unet_steps: int = Field(3000, ge=0)
     unet_batch: int = Field(64, gt=0)
@@ -86,8 +89,9 @@ class BootstrapConfig(Section):
     zero_terminal_snr: bool = True
     # open_clip CLIPs (backbone and metrics: separate seeds and data so the judge is not the student)
     clip_steps: int = Field(800, ge=0)  # backbone CLIP
-    metrics_clip_steps: int = Field(1500, ge=0)
+    metrics_clip_steps: int = Field(7000, ge=0)
     clip_hard_groups: int = Field(4000, gt=0)  # attribute-swap groups of 4 for the metrics CLIP
+    metrics_clip_width: int = Field(16, gt=0)  # ModifiedResNet stem width of the judge
     clip_batch: int = Field(128, gt=0)
     clip_lr: float = Field(1e-3, gt=0)
 

@@ -1,0 +1,135 @@
+"""Compare bootstrap recipes on what check-base depends on, one part at a time or whole.
+
+    .venv/bin/python benchmarks/bootstrap_recipe.py vae  --set vae_steps=5000 --set vae_decoder_steps=0
+    .venv/bin/python benchmarks/bootstrap_recipe.py clip --set metrics_clip_steps=4000
+    .venv/bin/python benchmarks/bootstrap_recipe.py full --out /tmp/recipe --set device=cuda
+
+`--set KEY=VALUE` overrides a `bootstrap` config key (VALUE parsed as YAML). `vae`: trains only the VAE
+and measures reconstructions of every shape x colour combination (MSE; background and object colour
+read from pixels; shape by the committed metrics CLIP), the ceiling any UNet on that latent space
+can reach. `clip`: trains only the metrics CLIP and measures it zero-shot as check-base does, plus
+shape accuracy on clean canonical renders. `full`: the whole bootstrap into --out, then check-base and
+the VAE measurements against it. Prints one JSON object. `--set device=cuda` searches recipes on a GPU
+(the committed models are trained on CPU by `dvc repro bootstrap`).
+
+Measured on one H100 (2026-11-26, seven runs sharing the GPU; the `vae` rows are judged by the metrics
+CLIP committed before this search, which itself scores 61.1% on the clean renders; docs/bootstrap.md):
+
+| part | recipe | result |
+|---|---|---|
+| vae  | 800 steps + 2500 decoder-only (the old default, CPU) | MSE 0.0206, object colour 41.7%, shape 20.1% |
+| vae  | 3000 + 2000 decoder-only | MSE 0.0070, object colour 79.2%, shape 27.8% |
+| vae  | channels 32-64-64, 2500 | MSE 0.0216, object colour 26.4%, shape 20.8% |
+| vae  | 10000 | MSE 0.0032, object colour 99.3%, shape 36.1% |
+| clip | ResNet width 16, 1500 steps (old default, CPU) | zero-shot colour 79%, shape 51% |
+| clip | width 32, 2000 steps | zero-shot colour 87.1%, shape 67.7%; clean shapes 83.3% |
+| clip | width 16, 8000 steps | zero-shot colour 92.1%, shape 92.7%; clean shapes 100% |
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from components import bootstrap as bs  # noqa: E402
+from components import toy_world as tw  # noqa: E402
+from components.base_model import load_clip  # noqa: E402
+from components.check_base import _classify, check_base, read_colours, zero_shot_accuracy  # noqa: E402
+from components.config import ClipConfig, load_config  # noqa: E402
+
+
+def canonical_combos() -> list[tuple[str, str, str]]:
+    return [(s, c, "gray" if c != "gray" else "white") for s in tw.SHAPES for c in tw.COLOURS]
+
+
+def caption(shape: str, colour: str, bg: str) -> str:
+    return tw.Scene(tw.Concept(shape, colour), background_colour=bg).caption()
+
+
+def shape_accuracy(clip, images, combos) -> float:
+    cands = [[caption(k, c, bg) for k in tw.SHAPES] for _, c, bg in combos]
+    return float(np.mean([tw.SHAPES[p] == s for p, (s, _, _) in zip(_classify(clip, images, cands), combos)]))
+
+
+def vae_measures(vae, clip) -> dict:
+    from PIL import Image
+
+    combos = canonical_combos()
+    clean = [tw.render(tw.Scene(tw.Concept(s, c), background_colour=bg), 64, seed=i) for i, (s, c, bg) in enumerate(combos)]
+    x = torch.from_numpy(np.stack([np.asarray(im, np.float32) for im in clean])).permute(0, 3, 1, 2) / 127.5 - 1
+    vae = vae.cpu().eval()
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    arrays = [((r.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8) for r in rec]
+    read = [read_colours(a) for a in arrays]
+    return {"recon_mse": round(float(((rec - x) ** 2).mean()), 5),
+            "recon_background": float(np.mean([r[0] == bg for r, (_, _, bg) in zip(read, combos)])),
+            "recon_object_colour": float(np.mean([r[1] == c for r, (_, c, _) in zip(read, combos)])),
+            "recon_shape": shape_accuracy(clip, [Image.fromarray(a) for a in arrays], combos),
+            "clean_shape": shape_accuracy(clip, clean, combos)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=("vae", "clip", "full"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", help="full: where the models go (default: a temporary directory)")
+    args = parser.parse_args()
+    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    cfg = load_config("toy", overrides={"bootstrap": overrides})
+    b = cfg.bootstrap
+    torch.set_num_threads(b.threads)
+    torch.manual_seed(b.seed)
+    started = time.perf_counter()
+    result: dict = {"part": args.part, "set": overrides}
+    if args.part == "vae":
+        scenes = tw.scenes_for_training(b.train_images, b.seed, cfg.toy_world.base_holdout_fraction)
+        images = bs.render_dataset(scenes, b.seed)
+        vae = bs.finetune_decoder(bs.train_vae(images, b), images, b)
+        result.update(vae_measures(vae, load_clip(cfg.base.metrics_clip)))
+    elif args.part == "clip":
+        with tempfile.TemporaryDirectory() as tmp:
+            bs.train_metrics_clip(Path(tmp), b.train_images // 2, b)
+            clip = load_clip(ClipConfig(model_name="datencoder-toy-metrics",
+                                        pretrained=f"{tmp}/open_clip_model.safetensors",
+                                        config_path=f"{tmp}/datencoder-toy-metrics.json"))
+            fresh = tw.scenes_for_training(cfg.check_base.fresh_renders, seed=10_000 + cfg.check_base.seed)
+            result["zero_shot"] = zero_shot_accuracy(clip, fresh, seed=10_000 + cfg.check_base.seed)
+            combos = canonical_combos()
+            clean = [tw.render(tw.Scene(tw.Concept(s, c), background_colour=bg), 64, seed=i)
+                     for i, (s, c, bg) in enumerate(combos)]
+            result["clean_shape"] = shape_accuracy(clip, clean, combos)
+    else:
+        out = Path(args.out or tempfile.mkdtemp(prefix="recipe-"))
+        result["bootstrap"] = bs.bootstrap(cfg, str(out))
+        base = {"pretrained": str(out / "toy-base"),
+                "backbone_clip": {"model_name": "datencoder-toy-backbone",
+                                  "pretrained": str(out / "toy-clip/backbone/open_clip_model.safetensors"),
+                                  "config_path": str(out / "toy-clip/backbone/datencoder-toy-backbone.json")},
+                "metrics_clip": {"model_name": "datencoder-toy-metrics",
+                                 "pretrained": str(out / "toy-clip/metrics/open_clip_model.safetensors"),
+                                 "config_path": str(out / "toy-clip/metrics/datencoder-toy-metrics.json")}}
+        checked = load_config("toy", overrides={"bootstrap": {**overrides, "device": "cpu"}, "base": base})
+        report = check_base(checked, grid=str(out / "check_base_grid.png"))
+        result["check_base"] = {"measured": report["measured"], "passed": report["passed"]}
+        from diffusers import AutoencoderKL
+
+        result["vae"] = vae_measures(AutoencoderKL.from_pretrained(out / "toy-base" / "vae"),
+                                     load_clip(checked.base.metrics_clip))
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
