@@ -44,39 +44,34 @@ sys.path.insert(0, str(ROOT))
 from components import bootstrap as bs  # noqa: E402
 from components import toy_world as tw  # noqa: E402
 from components.base_model import load_clip  # noqa: E402
-from components.check_base import _classify, check_base, read_colours, zero_shot_accuracy  # noqa: E402
+from components.check_base import check_base, read_colours, shape_accuracy, zero_shot_accuracy  # noqa: E402
 from components.config import ClipConfig, load_config  # noqa: E402
 
 
-def canonical_combos() -> list[tuple[str, str, str]]:
-    return [(s, c, "gray" if c != "gray" else "white") for s in tw.SHAPES for c in tw.COLOURS]
+def canonical_renders() -> tuple[list[tuple[str, str, str]], list]:
+    """Every shape x colour combination, centred on gray (white for gray objects), as (combos, renders)."""
+    combos = [(s, c, "gray" if c != "gray" else "white") for s in tw.SHAPES for c in tw.COLOURS]
+    return combos, [tw.render(tw.Scene(tw.Concept(s, c), background_colour=bg), 64, seed=i)
+                    for i, (s, c, bg) in enumerate(combos)]
 
 
-def caption(shape: str, colour: str, bg: str) -> str:
-    return tw.Scene(tw.Concept(shape, colour), background_colour=bg).caption()
-
-
-def shape_accuracy(clip, images, combos) -> float:
-    cands = [[caption(k, c, bg) for k in tw.SHAPES] for _, c, bg in combos]
-    return float(np.mean([tw.SHAPES[p] == s for p, (s, _, _) in zip(_classify(clip, images, cands), combos)]))
-
-
-def vae_measures(vae, clip) -> dict:
+def vae_measures(vae, clip) -> tuple[dict, list]:
+    """Measures of the canonical renders after encode -> decode, and the reconstructions (PIL)."""
     from PIL import Image
 
-    combos = canonical_combos()
-    clean = [tw.render(tw.Scene(tw.Concept(s, c), background_colour=bg), 64, seed=i) for i, (s, c, bg) in enumerate(combos)]
+    combos, clean = canonical_renders()
     x = torch.from_numpy(np.stack([np.asarray(im, np.float32) for im in clean])).permute(0, 3, 1, 2) / 127.5 - 1
     vae = vae.cpu().eval()
     with torch.no_grad():
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     arrays = [((r.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8) for r in rec]
     read = [read_colours(a) for a in arrays]
+    recon = [Image.fromarray(a) for a in arrays]
     return {"recon_mse": round(float(((rec - x) ** 2).mean()), 5),
             "recon_background": float(np.mean([r[0] == bg for r, (_, _, bg) in zip(read, combos)])),
             "recon_object_colour": float(np.mean([r[1] == c for r, (_, c, _) in zip(read, combos)])),
-            "recon_shape": shape_accuracy(clip, [Image.fromarray(a) for a in arrays], combos),
-            "clean_shape": shape_accuracy(clip, clean, combos)}
+            "recon_shape": shape_accuracy(clip, recon, combos),
+            "clean_shape": shape_accuracy(clip, clean, combos)}, recon
 
 
 def main() -> int:
@@ -96,7 +91,7 @@ def main() -> int:
         scenes = tw.scenes_for_training(b.train_images, b.seed, cfg.toy_world.base_holdout_fraction)
         images = bs.render_dataset(scenes, b.seed)
         vae = bs.finetune_decoder(bs.train_vae(images, b), images, b)
-        result.update(vae_measures(vae, load_clip(cfg.base.metrics_clip)))
+        result.update(vae_measures(vae, load_clip(cfg.base.metrics_clip))[0])
     elif args.part == "clip":
         with tempfile.TemporaryDirectory() as tmp:
             bs.train_metrics_clip(Path(tmp), b.train_images // 2, b)
@@ -105,9 +100,7 @@ def main() -> int:
                                         config_path=f"{tmp}/datencoder-toy-metrics.json"))
             fresh = tw.scenes_for_training(cfg.check_base.fresh_renders, seed=10_000 + cfg.check_base.seed)
             result["zero_shot"] = zero_shot_accuracy(clip, fresh, seed=10_000 + cfg.check_base.seed)
-            combos = canonical_combos()
-            clean = [tw.render(tw.Scene(tw.Concept(s, c), background_colour=bg), 64, seed=i)
-                     for i, (s, c, bg) in enumerate(combos)]
+            combos, clean = canonical_renders()
             result["clean_shape"] = shape_accuracy(clip, clean, combos)
     else:
         out = Path(args.out or tempfile.mkdtemp(prefix="recipe-"))
@@ -125,7 +118,7 @@ def main() -> int:
         from diffusers import AutoencoderKL
 
         result["vae"] = vae_measures(AutoencoderKL.from_pretrained(out / "toy-base" / "vae"),
-                                     load_clip(checked.base.metrics_clip))
+                                     load_clip(checked.base.metrics_clip))[0]
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result))
     return 0

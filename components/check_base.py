@@ -52,6 +52,14 @@ def _classify(clip: Clip, images: list, candidates: list[list[str]]) -> list[int
     return [int((clip.encode_texts(c) @ f).argmax()) for f, c in zip(feats, candidates)]
 
 
+def shape_accuracy(clip: Clip, images: list, combos: list[tuple[str, str, str]]) -> float:
+    """How often the metrics CLIP picks the right one of the 12 captions that differ only in the shape
+    word, for images of (shape, colour, background colour) combos."""
+    candidates = [[tw.Scene(tw.Concept(k, colour), background_colour=bg).caption() for k in tw.SHAPES]
+                  for _, colour, bg in combos]
+    return float(np.mean([tw.SHAPES[p] == shape for p, (shape, _, _) in zip(_classify(clip, images, candidates), combos)]))
+
+
 def zero_shot_accuracy(clip: Clip, scenes: list[tw.Scene], seed: int) -> dict[str, float]:
     images = [tw.render(s, 64, seed * 1_000_003 + i) for i, s in enumerate(scenes)]
     colour_cands = [[replace(s, concept=replace(s.concept, colour=c)).caption() for c in _PALETTE_NAMES] for s in scenes]
@@ -85,14 +93,11 @@ def check_base(cfg: Config, grid: str | None = None, batch: int = 16) -> dict:
     from PIL import Image
 
     pil = [Image.fromarray(im) for im in images]
-    shape_cands = [[tw.Scene(tw.Concept(k, colour), background_colour=bg).caption() for k in tw.SHAPES]
-                   for _, colour, bg in combos]
-    shape_hits = [tw.SHAPES[p] == shape for p, (shape, _, _) in zip(_classify(clip, pil, shape_cands), combos)]
 
     fresh = tw.scenes_for_training(c.fresh_renders, seed=10_000 + c.seed)
     zero_shot = zero_shot_accuracy(clip, fresh, seed=10_000 + c.seed)
     measured = {"background_colour": float(np.mean(bg_hits)), "object_colour": float(np.mean(obj_hits)),
-                "shape": float(np.mean(shape_hits)), "zero_shot_colour": zero_shot["colour"],
+                "shape": shape_accuracy(clip, pil, combos), "zero_shot_colour": zero_shot["colour"],
                 "zero_shot_shape": zero_shot["shape"]}
     if grid:
         _save_grid(pil, grid)
