@@ -6,9 +6,8 @@ Variants that change what the encoder learns (the regulariser, dual path in trai
 are short pre-training runs (components/pretrain.py, `evaluate.retrain_steps` steps) compared with the
 default recipe trained exactly as long (`reg-contrastive`), since a 100-step encoder against the committed
 1000-step one would measure training length, not the ablation. Trained encoders are cached under
-`evaluate.cache`, keyed by pre-training's own run name (base, encoder, data version, recipe), the base
-weights' fingerprint and length,
-so a re-run, or `evaluate` after `ablate`, skips the training. Variants that change only the tuning
+`evaluate.cache`, keyed by pre-training's own run name (the base weights' fingerprint, encoder, data version, recipe)
+and length, so a re-run, or `evaluate` after `ablate`, skips the training. Variants that change only the tuning
 (no tuning, no dual path in tuning, embedding only, hyper-weights only, the blend sweep) reuse the
 committed encoder (`personalize.encoder`).
 
@@ -19,8 +18,6 @@ similarity, equal weights; ties go to the config's value); it is reported, not w
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -47,20 +44,6 @@ def retrain_steps(cfg: Config) -> int:
     return e.full_retrain_steps if e.full else e.retrain_steps
 
 
-def base_fingerprint(cfg: Config, whole_below: int = 256 * 2**20) -> str:
-    """What the base weights are, not only where: a base re-bootstrapped at the same path must not reuse
-    encoders pre-trained on the old one. Local files are hashed whole while they total at most
-    `whole_below` bytes (the toy base), else by name, size and mtime (SD-size directories)."""
-    paths = [Path(cfg.base.pretrained), Path(cfg.base.backbone_clip.pretrained)]
-    files = sorted(f for p in paths for f in ([p] if p.is_file() else p.rglob("*") if p.is_dir() else []) if f.is_file())
-    whole = sum(f.stat().st_size for f in files) <= whole_below
-    h = hashlib.sha256(json.dumps([cfg.base.pretrained, cfg.base.revision, cfg.base.backbone_clip.pretrained]).encode())
-    for f in files:
-        h.update(str(f).encode())
-        h.update(f.read_bytes() if whole else f"{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
-    return h.hexdigest()[:8]
-
-
 def encoder_variant(cfg: Config, overrides: dict, steps: int) -> tuple[Config, Path]:
     """The pre-training config of a variant and where its trained encoder is cached."""
     from components.prepare import data_version
@@ -70,7 +53,7 @@ def encoder_variant(cfg: Config, overrides: dict, steps: int) -> tuple[Config, P
     variant = variant.model_copy(update={"pretrain": variant.pretrain.model_copy(update={
         # a short run warms up for at most a tenth of its length, not the full recipe's 50 steps
         "warmup_steps": min(cfg.pretrain.warmup_steps, max(1, steps // 10))})})
-    key = f"{run_name(variant, data_version(cfg.pretrain.data))}-{base_fingerprint(cfg)}-{steps}"
+    key = f"{run_name(variant, data_version(cfg.pretrain.data))}-{steps}"
     out = Path(cfg.evaluate.cache) / key
     variant = variant.model_copy(update={"pretrain": variant.pretrain.model_copy(update={
         "out": str(out / "encoder"), "storage": str(out / "checkpoints"), "max_steps": steps})})

@@ -8,6 +8,8 @@ provide it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,20 @@ from components.config import BaseConfig, ClipConfig
 from components.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+def base_fingerprint(base: BaseConfig, whole_below: int = 256 * 2**20) -> str:
+    """What the base weights are, not only where: a base re-bootstrapped at the same path must not reuse
+    encoders pre-trained on the old one. Local files are hashed whole while they total at most
+    `whole_below` bytes (the toy base), else by name, size and mtime (SD-size directories)."""
+    paths = [Path(base.pretrained), Path(base.backbone_clip.pretrained)]
+    files = sorted(f for p in paths for f in ([p] if p.is_file() else p.rglob("*") if p.is_dir() else []) if f.is_file())
+    whole = sum(f.stat().st_size for f in files) <= whole_below
+    h = hashlib.sha256(json.dumps([base.pretrained, base.revision, base.backbone_clip.pretrained]).encode())
+    for f in files:
+        h.update(str(f).encode())
+        h.update(f.read_bytes() if whole else f"{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    return h.hexdigest()[:8]
 
 
 def _is_local(base: BaseConfig) -> bool:
@@ -36,7 +52,7 @@ def load_pipeline(base: BaseConfig, dtype: torch.dtype = torch.float32, device: 
     if _is_local(base):
         path = Path(name).expanduser()
         if not (path / "model_index.json").is_file():
-            hint = ("run `datencoder bootstrap` (or `dvc repro bootstrap`) to train it"
+            hint = ("run `datencoder bootstrap` (or `dvc repro bootstrap-unet`) to train it"
                     if base.kind == "toy" else "point base.pretrained at a local diffusers directory")
             raise UserError(f"base model not found at {path} (no model_index.json); {hint}")
         source: Any = str(path)

@@ -29,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 
+from components.base_model import base_fingerprint
 from components.config import Config, S3Config, resolved
 from components.errors import UserError
 
@@ -174,7 +175,10 @@ def read_manifest(data: str, workers: int) -> pd.DataFrame:
 
 
 def run_name(cfg: Config, data_version: str) -> str:
-    recipe = {"base": cfg.base.model_dump(), "encoder": cfg.encoder.model_dump(), "data": data_version,
+    # the weights' fingerprint, not only their path: a base re-bootstrapped in place must not resume
+    # (or, in evaluate/ablate, reuse) an encoder trained on the old one
+    recipe = {"base": cfg.base.model_dump(), "base_weights": base_fingerprint(cfg.base),
+              "encoder": cfg.encoder.model_dump(), "data": data_version,
               "pretrain": {k: getattr(cfg.pretrain, k) for k in RECIPE}}
     return "encoder-" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 

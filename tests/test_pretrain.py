@@ -137,6 +137,24 @@ def test_run_name_keys_the_recipe_not_the_duration():
     assert run_name(cfg, "v1") != run_name(other, "v1") and run_name(cfg, "v1") != run_name(cfg, "v2")
 
 
+def test_run_name_follows_the_base_weights_not_only_their_path(tmp_path):
+    """A base re-bootstrapped in place gets new run names: no resuming, and no cached ablation variant,
+    trained on the old weights."""
+    from components.base_model import base_fingerprint
+    from components.pretrain import run_name
+
+    base = tmp_path / "toy-base"
+    (base / "unet").mkdir(parents=True)
+    weights = base / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"old weights")
+    cfg = load_config("toy", overrides={"base": {"pretrained": str(base)}})
+    before = (base_fingerprint(cfg.base), run_name(cfg, "v1"))
+    assert (base_fingerprint(cfg.base), run_name(cfg, "v1")) == before
+    weights.write_bytes(b"new weights")
+    after = (base_fingerprint(cfg.base), run_name(cfg, "v1"))
+    assert after[0] != before[0] and after[1] != before[1]
+
+
 def test_kuberay_manifests_submit_the_cli_entry_point_with_s3_storage():
     import shlex
 
