@@ -2,15 +2,18 @@
 
     .venv/bin/python benchmarks/bootstrap_recipe.py vae  --set vae_steps=5000 --set vae_decoder_steps=0
     .venv/bin/python benchmarks/bootstrap_recipe.py clip --set metrics_clip_steps=4000
+    .venv/bin/python benchmarks/bootstrap_recipe.py unet --set unet_steps=6000
     .venv/bin/python benchmarks/bootstrap_recipe.py full --out /tmp/recipe --set device=cuda
 
 `--set KEY=VALUE` overrides a `bootstrap` config key (VALUE parsed as YAML). `vae`: trains only the VAE
 and measures reconstructions of every shape x colour combination (MSE; background and object colour
 read from pixels; shape by the committed metrics CLIP), the ceiling any UNet on that latent space
 can reach. `clip`: trains only the metrics CLIP and measures it zero-shot as check-base does, plus
-shape accuracy on clean canonical renders. `full`: the whole bootstrap into --out, then check-base and
-the VAE measurements against it. Prints one JSON object. `--set device=cuda` searches recipes on a GPU
-(the committed models are trained on CPU by `dvc repro bootstrap`).
+shape accuracy on clean canonical renders. `unet`: trains only the text encoder + UNet into --out on the
+committed VAE (the `bootstrap-unet` stage's work), then check-base with the committed CLIPs. `full`: the
+whole bootstrap into --out, then check-base and the VAE measurements against it. Prints one JSON
+object. `--set device=cuda` searches recipes on a GPU (the committed models are trained on CPU by
+`dvc repro bootstrap-vae bootstrap-unet bootstrap-clips`).
 
 Measured on one H100 (2026-11-26, seven runs sharing the GPU; the `vae` rows are judged by the metrics
 CLIP committed before this search, which itself scores 61.1% on the clean renders; docs/bootstrap.md):
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -76,9 +80,9 @@ def vae_measures(vae, clip) -> tuple[dict, list]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("vae", "clip", "full"))
+    parser.add_argument("part", choices=("vae", "clip", "unet", "full"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out", help="full: where the models go (default: a temporary directory)")
+    parser.add_argument("--out", help="unet, full: where the models go (default: a temporary directory)")
     args = parser.parse_args()
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     cfg = load_config("toy", overrides={"bootstrap": overrides})
@@ -104,21 +108,26 @@ def main() -> int:
             result["clean_shape"] = shape_accuracy(clip, clean, combos)
     else:
         out = Path(args.out or tempfile.mkdtemp(prefix="recipe-"))
-        result["bootstrap"] = bs.bootstrap(cfg, str(out))
+        committed = ROOT / "models"
+        if args.part == "unet":
+            shutil.copytree(committed / "toy-base" / "vae", out / "toy-base" / "vae", dirs_exist_ok=True)
+        result["bootstrap"] = bs.bootstrap(cfg, str(out), parts=("unet",) if args.part == "unet" else bs.PARTS)
+        clips = out if args.part == "full" else committed
         base = {"pretrained": str(out / "toy-base"),
                 "backbone_clip": {"model_name": "datencoder-toy-backbone",
-                                  "pretrained": str(out / "toy-clip/backbone/open_clip_model.safetensors"),
-                                  "config_path": str(out / "toy-clip/backbone/datencoder-toy-backbone.json")},
+                                  "pretrained": str(clips / "toy-clip/backbone/open_clip_model.safetensors"),
+                                  "config_path": str(clips / "toy-clip/backbone/datencoder-toy-backbone.json")},
                 "metrics_clip": {"model_name": "datencoder-toy-metrics",
-                                 "pretrained": str(out / "toy-clip/metrics/open_clip_model.safetensors"),
-                                 "config_path": str(out / "toy-clip/metrics/datencoder-toy-metrics.json")}}
+                                 "pretrained": str(clips / "toy-clip/metrics/open_clip_model.safetensors"),
+                                 "config_path": str(clips / "toy-clip/metrics/datencoder-toy-metrics.json")}}
         checked = load_config("toy", overrides={"bootstrap": {**overrides, "device": "cpu"}, "base": base})
         report = check_base(checked, grid=str(out / "check_base_grid.png"))
         result["check_base"] = {"measured": report["measured"], "passed": report["passed"]}
-        from diffusers import AutoencoderKL
+        if args.part == "full":
+            from diffusers import AutoencoderKL
 
-        result["vae"] = vae_measures(AutoencoderKL.from_pretrained(out / "toy-base" / "vae"),
-                                     load_clip(checked.base.metrics_clip))[0]
+            result["vae"] = vae_measures(AutoencoderKL.from_pretrained(out / "toy-base" / "vae"),
+                                         load_clip(checked.base.metrics_clip))[0]
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result))
     return 0

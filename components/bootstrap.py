@@ -10,6 +10,11 @@ latents; train text encoder + UNet jointly with v-prediction on a zero-terminal-
 (so the sampler can set global colour, which eps-prediction with nonzero terminal SNR washes out),
 condition dropout for classifier-free guidance, and an EMA of the weights; then train two CLIPs
 contrastively on separate renders and seeds.
+
+Three parts, each a DVC stage with its own outputs (`bootstrap --part vae|unet|clips`): the VAE
+(models/toy-base/vae), the text encoder + UNet on that VAE's latents (the rest of models/toy-base) and
+the CLIPs (models/toy-clip). Each part seeds its own initialisation, so training one alone gives the
+same bytes as training all three in one call.
 """
 
 from __future__ import annotations
@@ -313,82 +318,113 @@ def train_metrics_clip(out: Path, n: int, b: BootstrapConfig) -> dict:
                       b.metrics_clip_steps, hard=(hard, render_dataset(hard, seed + 1)), vision="resnet")
 
 
-# --- the stage ------------------------------------------------------------------------------------
-def bootstrap(cfg: Config, out_dir: str | None = None) -> dict:
-    """Train and save models/toy-base and models/toy-clip/{backbone,metrics}; return a report."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+# --- the stages -----------------------------------------------------------------------------------
+PARTS = ("vae", "unet", "clips")  # one DVC stage each, so a changed UNet recipe does not retrain the VAE
 
-    b = cfg.bootstrap
-    if b.device != "cpu" and not torch.cuda.is_available():
-        raise UserError(f"bootstrap.device is {b.device!r} but this machine has no CUDA device; use cpu")
-    out = Path(out_dir or b.out_dir)
-    staging = out / ".bootstrap.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    torch.set_num_threads(b.threads)
+
+class _Staged:
+    """Write a part's outputs under out/.bootstrap-<part>.partial, then swap them into `out` only once the
+    part is complete: an interrupted run never leaves something half-written that looks finished."""
+
+    def __init__(self, out: Path, part: str):
+        self.out, self.dir = out, out / f".bootstrap-{part}.partial"
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+
+    def commit(self, *relative: str) -> None:
+        for rel in relative:
+            target = self.out / rel
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.dir / rel).rename(target)
+        shutil.rmtree(self.dir)
+
+
+def bootstrap_vae(out: Path, scenes: list[tw.Scene], images: torch.Tensor, b: BootstrapConfig) -> dict:
+    """models/toy-base/vae, with the latent scaling factor that gives the UNet unit-variance latents."""
+    staged = _Staged(out, "vae")
     torch.manual_seed(b.seed)
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def lap(name: str, t0: float) -> float:
-        timings[name] = round(time.perf_counter() - t0, 1)
-        return time.perf_counter()
-
-    t = time.perf_counter()
-    scenes = tw.scenes_for_training(b.train_images, b.seed, cfg.toy_world.base_holdout_fraction)
-    images = render_dataset(scenes, b.seed)
-    log.info("rendered %d training scenes (held-out combos excluded)", len(scenes))
-    t = lap("render_s", t)
-
     vae = train_vae(images, b)
-    raw = encode_latents(vae, images)
-    vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
-    latents = raw * vae.config.scaling_factor
+    vae.register_to_config(scaling_factor=float(1.0 / encode_latents(vae, images).std()))
     finetune_decoder(vae, images, b)
-    vae.cpu()
-    t = lap("vae_s", t)
+    vae.cpu().save_pretrained(staged.dir / "toy-base" / "vae", safe_serialization=True)
+    staged.commit("toy-base/vae")
+    return {"params": {"vae": sum(p.numel() for p in vae.parameters())},
+            "latent_scaling_factor": vae.config.scaling_factor}
 
-    tokenizer = save_toy_tokenizer(staging / "toy-base" / "tokenizer")
+
+def bootstrap_unet(out: Path, scenes: list[tw.Scene], images: torch.Tensor, b: BootstrapConfig) -> dict:
+    """The rest of models/toy-base (tokenizer, text encoder, UNet, scheduler, model_index.json), trained on
+    the latents of the VAE already in models/toy-base/vae."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    vae_dir = out / "toy-base" / "vae"
+    if not (vae_dir / "config.json").is_file():
+        raise UserError(f"{vae_dir} is missing: train it first with `datencoder bootstrap --part vae`")
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    staged = _Staged(out, "unet")
+    latents = encode_latents(vae.to(b.device), images) * vae.config.scaling_factor
+    vae.cpu()
+    tokenizer = save_toy_tokenizer(staged.dir / "toy-base" / "tokenizer")
     max_length = tokenizer.model_max_length
     enc = lambda texts: tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
                                   return_tensors="pt").input_ids
-    input_ids = enc([s.caption() for s in scenes])
-    empty_ids = enc([""])[0]
+    torch.manual_seed(b.seed + 5)  # the UNet's init does not depend on whether the VAE was trained in this call
     text_encoder = make_text_encoder(len(tokenizer), b, tokenizer.bos_token_id, tokenizer.eos_token_id, max_length)
     unet = make_unet(b)
-    losses = train_denoiser(latents, input_ids, empty_ids, text_encoder, unet, b)
-    t = lap("unet_s", t)
-
+    losses = train_denoiser(latents, enc([s.caption() for s in scenes]), enc([""])[0], text_encoder, unet, b)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=DDIMScheduler(**scheduler_config(b)), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
-    pipe.save_pretrained(staging / "toy-base", safe_serialization=True)
+    pipe.save_pretrained(staged.dir / "toy-base", safe_serialization=True)
+    staged.commit(*(f"toy-base/{name}" for name in ("tokenizer", "text_encoder", "unet", "scheduler", "model_index.json")))
+    return {"params": {"unet": sum(p.numel() for p in unet.parameters()),
+                       "text_encoder": sum(p.numel() for p in text_encoder.parameters())},
+            "final_loss": {"unet": losses["unet_final_loss"]}}
 
+
+def bootstrap_clips(out: Path, scenes: list[tw.Scene], images: torch.Tensor, b: BootstrapConfig) -> dict:
+    """models/toy-clip/{backbone,metrics}: the encoder's backbone on half the base's renders, the judge on its own."""
+    staged = _Staged(out, "clips")
     half = len(scenes) // 2
-    clip_reports = {"backbone": train_clip("datencoder-toy-backbone", staging / "toy-clip" / "backbone",
-                                           scenes[:half], images[:half], b, b.seed + 1, b.clip_steps)}
-    clip_reports["metrics"] = train_metrics_clip(staging / "toy-clip" / "metrics", half, b)
-    t = lap("clip_s", t)
+    reports = {"backbone": train_clip("datencoder-toy-backbone", staged.dir / "toy-clip" / "backbone",
+                                      scenes[:half], images[:half], b, b.seed + 1, b.clip_steps),
+               "metrics": train_metrics_clip(staged.dir / "toy-clip" / "metrics", half, b)}
+    staged.commit("toy-clip")
+    return {"params": {f"clip_{k}": v["params"] for k, v in reports.items()},
+            "final_loss": {f"clip_{k}": v["final_loss"] for k, v in reports.items()}}
 
-    for name in ("toy-base", "toy-clip"):  # swap in only complete results
-        if (out / name).exists():
-            shutil.rmtree(out / name)
-        (staging / name).rename(out / name)
-    shutil.rmtree(staging)
-    size = sum(f.stat().st_size for d in ("toy-base", "toy-clip") for f in (out / d).rglob("*") if f.is_file())
-    return {
-        "out": str(out),
-        "seconds": round(time.perf_counter() - started, 1),
-        "timings": timings,
-        "size_mb": round(size / 2**20, 2),
-        "params": {"unet": sum(p.numel() for p in unet.parameters()),
-                   "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
-                   "vae": sum(p.numel() for p in vae.parameters()),
-                   "clip_backbone": clip_reports["backbone"]["params"],
-                   "clip_metrics": clip_reports["metrics"]["params"]},
-        "final_loss": {"unet": losses["unet_final_loss"],
-                       **{f"clip_{k}": v["final_loss"] for k, v in clip_reports.items()}},
-        "latent_scaling_factor": vae.config.scaling_factor,
-    }
+
+def bootstrap(cfg: Config, out_dir: str | None = None, parts: tuple[str, ...] = PARTS) -> dict:
+    """Train and save the given parts of models/toy-base and models/toy-clip; return a report."""
+    b = cfg.bootstrap
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise UserError(f"bootstrap parts must be some of {', '.join(PARTS)}; got {', '.join(parts) or 'none'}")
+    if b.device != "cpu" and not torch.cuda.is_available():
+        raise UserError(f"bootstrap.device is {b.device!r} but this machine has no CUDA device; use cpu")
+    out = Path(out_dir or b.out_dir)
+    torch.set_num_threads(b.threads)
+    started = time.perf_counter()
+    scenes = tw.scenes_for_training(b.train_images, b.seed, cfg.toy_world.base_holdout_fraction)
+    images = render_dataset(scenes, b.seed)
+    log.info("rendered %d training scenes (held-out combos excluded)", len(scenes))
+    timings = {"render_s": round(time.perf_counter() - started, 1)}
+    report: dict = {"out": str(out), "parts": list(parts), "params": {}, "final_loss": {}}
+    for part, train in (("vae", bootstrap_vae), ("unet", bootstrap_unet), ("clips", bootstrap_clips)):
+        if part in parts:
+            t = time.perf_counter()
+            result = train(out, scenes, images, b)
+            timings[f"{part}_s"] = round(time.perf_counter() - t, 1)
+            for key in ("params", "final_loss"):
+                report[key].update(result.pop(key, {}))
+            report.update(result)
+    size = sum(f.stat().st_size for d in ("toy-base", "toy-clip") if (out / d).exists()
+               for f in (out / d).rglob("*") if f.is_file())
+    return {**report, "seconds": round(time.perf_counter() - started, 1), "timings": timings,
+            "size_mb": round(size / 2**20, 2)}

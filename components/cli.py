@@ -63,10 +63,10 @@ def cmd_toy_world(args: argparse.Namespace) -> dict:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> dict:
-    from components.bootstrap import bootstrap
+    from components.bootstrap import PARTS, bootstrap
 
     cfg = _config(args)
-    return bootstrap(cfg, out_dir=args.out)
+    return bootstrap(cfg, out_dir=args.out, parts=tuple(args.part or PARTS))
 
 
 def cmd_check_base(args: argparse.Namespace) -> dict:
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bootstrap", help="train the tiny toy base model and CLIPs from the toy world")
     _add_config_options(p)
     p.add_argument("--out", help="models directory (default: bootstrap.out_dir)")
+    p.add_argument("--part", action="append", choices=["vae", "unet", "clips"],
+                   help="train only this part (repeatable; default all three; unet needs the vae in --out)")
     p.set_defaults(func=cmd_bootstrap)
 
     p = sub.add_parser("check-base", help="measure the base model on held-out combinations")

@@ -74,7 +74,7 @@ class BootstrapConfig(Section):
     vae_kl_weight: float = Field(1e-6, ge=0)
     vae_decoder_steps: int = Field(0, ge=0)  # optional decoder-only fine-tune, encoder frozen
     # text encoder + UNet (trained jointly on cached latents)
-    unet_steps: int = Field(3000, ge=0)
+    unet_steps: int = Field(5000, ge=0)
     unet_batch: int = Field(64, gt=0)
     unet_lr: float = Field(8e-4, gt=0)
     unet_channels: list[int] = [32, 64, 64]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -249,7 +250,7 @@ def test_bootstrap_smoke_writes_loadable_models(tmp_path):
     r = run_cli("bootstrap", "--preset", "smoke", "--out", str(tmp_path), "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(r.stdout)
-    assert report["params"]["unet"] > 0 and not (tmp_path / ".bootstrap.partial").exists()
+    assert report["params"]["unet"] > 0 and not list(tmp_path.glob(".bootstrap-*.partial"))
     from components.base_model import load_clip, load_pipeline
 
     cfg = load_config("smoke", overrides={"base": {
@@ -259,3 +260,18 @@ def test_bootstrap_smoke_writes_loadable_models(tmp_path):
                          "config_path": str(tmp_path / "toy-clip/metrics/datencoder-toy-metrics.json")}}})
     assert load_pipeline(cfg.base).unet.config.sample_size == 16
     assert load_clip(cfg.base.metrics_clip).encode_texts(["a red star"]).shape[-1] == 64
+
+
+def test_bootstrap_parts_train_alone_to_the_same_bytes(tmp_path):
+    """Each DVC stage trains one part: a UNet trained alone on the saved VAE equals the one trained in a
+    full run, and without the VAE the part says what to run first, writing nothing."""
+    full, alone = tmp_path / "full", tmp_path / "alone"
+    assert run_cli("bootstrap", "--preset", "smoke", "--out", str(full)).returncode == 0
+    r = run_cli("bootstrap", "--preset", "smoke", "--out", str(alone), "--part", "unet")
+    assert r.returncode == 2 and "--part vae" in r.stderr and not (alone / "toy-base").exists(), r.stderr[-500:]
+    shutil.copytree(full / "toy-base" / "vae", alone / "toy-base" / "vae")
+    r = run_cli("bootstrap", "--preset", "smoke", "--out", str(alone), "--part", "unet", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["parts"] == ["unet"], r.stderr[-2000:]
+    for rel in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "model_index.json"):
+        assert (alone / "toy-base" / rel).read_bytes() == (full / "toy-base" / rel).read_bytes(), rel
+    assert not (alone / "toy-clip").exists() and not list(alone.glob(".bootstrap-*.partial"))
