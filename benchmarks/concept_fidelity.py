@@ -1,0 +1,147 @@
+"""Does a personalised image show the input's concept? Colour read from pixels (check-base's reader) and
+shape by the metrics CLIP, for canonical renders of shapes x all 12 colours, with "a photo of S*" or the
+input's own caption, one or more encoders and tuning settings compared in one process.
+
+    .venv/bin/python benchmarks/concept_fidelity.py                                  # the committed encoder
+    .venv/bin/python benchmarks/concept_fidelity.py --encoder models/toy-encoder --encoder /tmp/other
+    .venv/bin/python benchmarks/concept_fidelity.py --steps 0 --steps 12 --blend 1 --blend 0.5
+    .venv/bin/python benchmarks/concept_fidelity.py --set personalize.views=4
+    .venv/bin/python benchmarks/concept_fidelity.py --steps 0 --steps 12 --prompt photo --prompt caption --words
+
+Each variant is every combination of --encoder, --steps, --blend and --prompt (`alpha_blend` of generation; the
+tuning blend is the config's). `--set SECTION.KEY=VALUE` overrides the config for all (VALUE as YAML).
+Inputs: canonical renders (centred, gray background; white for gray objects) of `--shapes` x every
+palette colour; `--images` seeds per concept. Prints one JSON line per variant: colour and shape
+accuracy, per-colour accuracy, the confusions (input colour -> colour read) and which real words are
+nearest to the tuned v* (as the dual path's hard prompt picks them). `--words` adds the reference: the
+base told the concept in words where S* was ("a red circle"), no personalisation. The concurrency test of
+tests/test_serving.py asks this of four concepts; here it is measured over the whole palette.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from components import toy_world as tw  # noqa: E402
+from components.base_model import load_clip  # noqa: E402
+from components.check_base import read_colours, shape_accuracy  # noqa: E402
+from components.config import load_config  # noqa: E402
+from components.personalize import Personalizer  # noqa: E402
+
+PROMPTS = {"photo": "a photo of S*", "caption": "S* on a {background} background", "bare": "S*"}
+
+
+def png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def measure(make_images, shapes: list[str], clip) -> dict:
+    """Accuracies over canonical renders of `shapes` x every colour; `make_images(render_png, prompt_template,
+    shape, colour, background)` returns the generated uint8 arrays for one concept."""
+    per_colour, confusions, generated, combos = collections.defaultdict(list), collections.Counter(), [], []
+    started = time.perf_counter()
+    for j, shape in enumerate(shapes):
+        for i, colour in enumerate(tw.COLOURS):
+            background = "white" if colour == "gray" else "gray"
+            render = tw.render(tw.Scene(tw.Concept(shape, colour), background_colour=background), 64,
+                               seed=100 * j + i)
+            for pixels in make_images(png(render), shape, colour, background):
+                out_background, seen = read_colours(pixels)
+                per_colour[colour].append(seen == colour)
+                if seen != colour:
+                    confusions[f"{colour}->{seen}"] += 1
+                generated.append(Image.fromarray(pixels))
+                combos.append((shape, colour, out_background))
+    return {"colour": round(float(np.mean([x for v in per_colour.values() for x in v])), 3),
+            "shape": round(shape_accuracy(clip, generated, combos), 3),
+            "per_colour": {c: round(float(np.mean(v)), 2) for c, v in per_colour.items()},
+            "confusions": dict(confusions.most_common(8)), "images": len(generated),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def personalised(personalizer: Personalizer, images: int, steps: int, blend: float, prompt: str,
+                 nearest: collections.Counter):
+    """Personalise each input; count the real word nearest to each tuned v* into `nearest`."""
+    settings = personalizer.settings(tuning_steps=steps, num_images=images, seed=0, alpha_blend=blend)
+    tokenizer = personalizer.base.prompts.tokenizer
+
+    def make_images(image: bytes, shape: str, colour: str, background: str) -> list[np.ndarray]:
+        text = PROMPTS[prompt].format(background=background)
+        result = personalizer.run(image, [text], settings)
+        word = tokenizer.convert_ids_to_tokens(personalizer.base.prompts.nearest_tokens(result.concept.v_star))[0]
+        nearest[word.removesuffix("</w>") + (" (= background)" if word == f"{background}</w>" else "")] += 1
+        return [out.pixels for out in result.images]
+    return make_images
+
+
+def in_words(pipe, images: int, prompt: str):
+    """The reference: the base told the concept in words ("a red circle" where S* was), no personalisation."""
+    def make_images(image: bytes, shape: str, colour: str, background: str) -> list[np.ndarray]:
+        text = PROMPTS[prompt].format(background=background).replace("S*", f"{tw.article(colour)} {colour} {shape}")
+        generators = [torch.Generator().manual_seed(seed) for seed in range(images)]
+        return list(pipe([text] * images, num_inference_steps=25, guidance_scale=4.0, generator=generators,
+                         output_type="np").images.__mul__(255).round().astype(np.uint8))
+    return make_images
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder", action="append", help="encoder directory (repeatable; default: the config's)")
+    parser.add_argument("--steps", action="append", type=int, help="tuning steps (repeatable; default: the config's)")
+    parser.add_argument("--blend", action="append", type=float, help="generation blend (repeatable; default 1)")
+    parser.add_argument("--prompt", action="append", choices=PROMPTS,
+                        help="photo: 'a photo of S*'; caption: the input's own caption with S*; bare: 'S*' "
+                             "(repeatable; default photo)")
+    parser.add_argument("--words", action="store_true",
+                        help="also the base told the concept in words instead of S* (the reference)")
+    parser.add_argument("--shapes", default="circle,square,triangle,star")
+    parser.add_argument("--images", type=int, default=2, help="seeds per concept")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    overrides: dict = {}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        overrides.setdefault(section, {})[name] = yaml.safe_load(value)
+    cfg = load_config("toy", overrides=overrides)
+    clip = load_clip(cfg.base.metrics_clip)
+    shapes = args.shapes.split(",")
+    first = None
+    prompts = args.prompt or ["photo"]
+    for encoder in args.encoder or [cfg.personalize.encoder]:
+        # one loaded base for every encoder: the variants differ only in what they are asked to compare
+        personalizer = Personalizer(cfg, encoder) if first is None else first.variant(cfg, encoder)
+        first = first or personalizer
+        for steps, blend, prompt in itertools.product(args.steps or [cfg.personalize.steps], args.blend or [1.0],
+                                                      prompts):
+            nearest = collections.Counter()
+            result = measure(personalised(personalizer, args.images, steps, blend, prompt, nearest), shapes, clip)
+            print(json.dumps({"encoder": encoder, "steps": steps, "blend": blend, "prompt": PROMPTS[prompt],
+                              "set": overrides, **result, "v_star_nearest_word": dict(nearest.most_common(6))}),
+                  flush=True)
+    for prompt in prompts if args.words else []:
+        result = measure(in_words(first.pipe, args.images, prompt), shapes, clip)
+        print(json.dumps({"encoder": None, "words": True, "prompt": PROMPTS[prompt], **result}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
