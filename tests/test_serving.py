@@ -184,9 +184,11 @@ def test_concurrent_requests_do_not_leak_into_each_other(smoke, server):
 @pytest.mark.skipif(not (TOY_ENCODER / "config.json").is_file(),
                     reason="needs the trained toy encoder models/toy-encoder (issue 5's `datencoder pretrain`); "
                            "an untrained encoder does not carry colour")
-@pytest.mark.xfail(strict=True, reason="known defect, issue 6 open: with the 5000-step UNet base and its encoder "
-                   "(2026-11-26) red/blue/green/yellow inputs come out red/blue/green/orange (3000-step base: "
-                   "red/blue/black/yellow); strict, so a fix turns this into a failure that asks for the marker's removal")
+@pytest.mark.xfail(strict=True, reason="known defect, issue 6 open: red/blue/green/yellow inputs come out "
+                   "red/blue/green/orange (5000-step base, 2026-11-26). Not a leak (the test above passes): the toy "
+                   "encoder reproduces an input's colour in about half of its images and its shape at near chance "
+                   "(benchmarks/concept_fidelity.py, docs/personalize.md 'Concept fidelity'); strict, so a fix turns "
+                   "this into a failure that asks for the marker's removal")
 def test_concurrent_requests_each_show_their_own_colour(tmp_path):
     from components import toy_world as tw
     from components.check_base import read_colours
