@@ -90,13 +90,18 @@ def personalised(personalizer: Personalizer, images: int, steps: int, blend: flo
     return make_images
 
 
-def in_words(pipe, images: int, prompt: str):
-    """The reference: the base told the concept in words ("a red circle" where S* was), no personalisation."""
+def in_words(personalizer: Personalizer, images: int, prompt: str):
+    """The reference: the base told the concept in words ("a red circle" where S* was), no personalisation,
+    with the same sampler settings as the personalised images."""
+    settings = personalizer.settings(num_images=images, seed=0)
+
     def make_images(image: bytes, shape: str, colour: str, background: str) -> list[np.ndarray]:
         text = PROMPTS[prompt].format(background=background).replace("S*", f"{tw.article(colour)} {colour} {shape}")
-        generators = [torch.Generator().manual_seed(seed) for seed in range(images)]
-        return list(pipe([text] * images, num_inference_steps=25, guidance_scale=4.0, generator=generators,
-                         output_type="np").images.__mul__(255).round().astype(np.uint8))
+        generators = [torch.Generator().manual_seed(settings.seed + i) for i in range(images)]
+        pixels = personalizer.pipe([text] * images, num_inference_steps=settings.num_inference_steps,
+                                   guidance_scale=settings.guidance_scale, generator=generators,
+                                   output_type="np").images
+        return list((pixels * 255).round().astype(np.uint8))
     return make_images
 
 
@@ -138,7 +143,7 @@ def main() -> int:
                               "set": overrides, **result, "v_star_nearest_word": dict(nearest.most_common(6))}),
                   flush=True)
     for prompt in prompts if args.words else []:
-        result = measure(in_words(first.pipe, args.images, prompt), shapes, clip)
+        result = measure(in_words(first, args.images, prompt), shapes, clip)
         print(json.dumps({"encoder": None, "words": True, "prompt": PROMPTS[prompt], **result}), flush=True)
     return 0
 
