@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from components import palette
 from components import toy_world as tw
 from components.base_model import Clip, load_clip, load_pipeline
 from components.config import Config
@@ -25,26 +26,19 @@ from components.progress import Progress
 TARGETS = {"background_colour": 0.80, "object_colour": 0.70, "shape": 0.60,
            "zero_shot_colour": 0.90, "zero_shot_shape": 0.90}
 _PALETTE_NAMES = list(tw.COLOURS)
-_PALETTE = np.array([tw.COLOURS[c] for c in _PALETTE_NAMES], np.float32)
-
-
-def nearest_colour(rgb: np.ndarray) -> str:
-    return _PALETTE_NAMES[int(np.argmin(((_PALETTE - rgb) ** 2).sum(-1)))]
 
 
 def read_colours(image: np.ndarray) -> tuple[str, str | None]:
     """(background colour, object colour) of a uint8 HxWx3 render of a centred object."""
     h, w, _ = image.shape
     pixels = image.astype(np.float32)
-    ring = np.concatenate([pixels[:3].reshape(-1, 3), pixels[-3:].reshape(-1, 3),
-                           pixels[:, :3].reshape(-1, 3), pixels[:, -3:].reshape(-1, 3)])
-    background = np.median(ring, axis=0)
+    background = np.median(palette.border_ring(image), axis=0)
     yy, xx = np.mgrid[0:h, 0:w]
     near_centre = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (0.3 * h) ** 2
     differs = np.sqrt(((pixels - background) ** 2).sum(-1)) > 60
     obj = pixels[near_centre & differs]
-    obj_colour = nearest_colour(np.median(obj, axis=0)) if len(obj) >= 12 else None
-    return nearest_colour(background), obj_colour
+    obj_colour = palette.nearest_colour(np.median(obj, axis=0)) if len(obj) >= 12 else None
+    return palette.nearest_colour(background), obj_colour
 
 
 def _classify(clip: Clip, images: list, candidates: list[list[str]]) -> list[int]:

@@ -144,7 +144,9 @@ class EncoderConfig(Section):
     trunk_channels: int = Field(128, gt=0)
     trunk_blocks: int = Field(2, ge=0)
     token_hidden: int = Field(256, gt=0)
-    token_init_word: str = "object"  # v* starts at this word's embedding
+    # v* starts at this word's embedding (several words: their mean). The toy text encoder never saw "object"
+    # in a caption; starting at the mean of its 12 shape words instead scored lower (docs/personalize.md)
+    token_init_word: str = "object"
     token_init_spread: float = Field(0.1, ge=0)  # initial per-image spread, x mean token-embedding norm
     use_hypernetwork: bool = True  # False: embedding only (ablation)
     hyper_hidden: int = Field(256, gt=0)
@@ -179,6 +181,9 @@ class PretrainConfig(Section):
     grad_clip: float = Field(1.0, gt=0)  # max global gradient norm
     seed: int = 0
     prompts: list[str] = ["a photo of S*"]  # one per image, drawn at random; each must contain S*
+    # images whose border is one plain palette colour get "S* on a <colour> background" instead: naming the
+    # background keeps it out of S* (toy: the base's own captions; docs/personalize.md "Concept fidelity")
+    caption_plain_backgrounds: bool = True
     checkpoint_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     max_failures: int = Field(3, ge=-1)  # worker-group restarts from the last checkpoint (-1: unlimited)
@@ -202,6 +207,7 @@ class PersonalizeConfig(Section):
     views: int = Field(1, gt=0)  # augmented views of the single image per tuning step (the batch)
     tune_parts: Literal["all", "embedding", "weights"] = "all"  # what tuning moves (the last two: ablations)
     prompts: list[str] = ["a photo of S*"]  # tuning prompts (the pre-training prompts), each with S*
+    caption_plain_backgrounds: bool = True  # as pretrain's: a plain-background image tunes on its caption
     encoder_timestep: int = Field(500, ge=0)  # noise level of the latent the encoder sees
     alpha_blend: float | None = Field(None, ge=0, le=1)  # generation blend; None: encoder.alpha_blend_tune
     num_images: int = Field(1, ge=1, le=16)
@@ -340,7 +346,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "encoder": {"trunk_channels": 512, "token_hidden": 512, "hyper_hidden": 512, "hyper_basis": 64},
         # paper: 150k steps for the final model; bf16 on GPUs, so 8 per micro-batch
         "pretrain": {"out": "models/encoder-sd15", "max_steps": 150_000, "batch_size": 64, "grad_accum": 1,
-                     "warmup_steps": 1000, "checkpoint_every": 1000, "log_every": 50, "eval_every": 2000},
+                     "warmup_steps": 1000, "checkpoint_every": 1000, "log_every": 50, "eval_every": 2000,
+                     "caption_plain_backgrounds": False},  # the paper's prompts: real photos name no palette
+        "personalize": {"caption_plain_backgrounds": False},
     },
 }
 

@@ -32,6 +32,7 @@ import torch
 from components.config import Config
 from components.errors import UserError
 from components.generate import SCHEDULERS, generate
+from components.placeholder import plain_background_index, plain_background_prompts
 from components.progress import Progress
 from components.tuning import Concept, predict_concept, tune
 
@@ -190,6 +191,7 @@ class Personalizer:
         self.cache = ConceptCache(cfg.personalize.cache_size)
         tuning_prompts = cfg.personalize.prompts
         self.tuning_ids = self.base.prompts.tokenize(tuning_prompts)  # fails early on a prompt without S*
+        self.background_ids = self.base.prompts.tokenize(plain_background_prompts())
 
     def variant(self, cfg: Config, encoder_dir: str | Path | None = None) -> Personalizer:
         """A Personalizer over the same loaded base with another config (tuning settings, blend) and
@@ -235,11 +237,16 @@ class Personalizer:
         e = self.cfg.encoder
         return e.alpha_blend_tune if e.dual_path else 1.0
 
+    def tuning_prompt_ids(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The configured tuning prompts or, with caption_plain_backgrounds and a plain background, its caption."""
+        row = plain_background_index(pixels)[0] if self.cfg.personalize.caption_plain_backgrounds else None
+        return self.tuning_ids if row is None else self.background_ids[row:row + 1]
+
     def concept(self, image, digest: str, steps: int) -> tuple[Concept, bool, dict[str, float]]:
         """The tuned concept for a checked PIL image with sha256 `digest` (cached)."""
         p = self.cfg.personalize
-        key = (digest, steps, p.lr, p.l2_weight, p.views, tuple(p.prompts), p.encoder_timestep, self.tuning_alpha,
-               p.tune_parts)
+        key = (digest, steps, p.lr, p.l2_weight, p.views, tuple(p.prompts), p.caption_plain_backgrounds,
+               p.encoder_timestep, self.tuning_alpha, p.tune_parts)
         timings = {"encoder_s": 0.0, "tune_s": 0.0}
 
         def make() -> Concept:
@@ -249,9 +256,9 @@ class Personalizer:
             start = predict_concept(self.encoder, self.pipe.vae, pixels, p.encoder_timestep, generator)
             t1 = time.perf_counter()
             progress = Progress("tune", steps, every_s=2.0)
-            tuned = tune(self.base, self.pipe.vae, start, pixels, self.tuning_ids, steps, p.lr, p.l2_weight, p.views,
-                         self.tuning_alpha, generator, on_step=lambda i, loss: progress.update(i, loss=loss),
-                         parts=p.tune_parts)
+            tuned = tune(self.base, self.pipe.vae, start, pixels, self.tuning_prompt_ids(pixels), steps, p.lr,
+                         p.l2_weight, p.views, self.tuning_alpha, generator,
+                         on_step=lambda i, loss: progress.update(i, loss=loss), parts=p.tune_parts)
             timings.update(encoder_s=t1 - t0, tune_s=time.perf_counter() - t1)
             return tuned
 

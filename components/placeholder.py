@@ -14,10 +14,26 @@ import copy
 import torch
 from torch import Tensor
 
+from components import palette
+from components import toy_world as tw
 from components.errors import UserError
 from components.token_embedder import nearest_tokens
 
 PLACEHOLDER = "S*"
+
+
+def plain_background_prompts() -> list[str]:
+    """The toy world's caption of an object on each palette colour with S* as the object, in palette order:
+    "S* on a red background", ... (what `caption_plain_backgrounds` prompts with)."""
+    return [f"{PLACEHOLDER} {tw.background_phrase('plain', colour)}" for colour in tw.COLOURS]
+
+
+def plain_background_index(pixels: Tensor) -> list[int | None]:
+    """For each image (N, 3, H, W) in [-1, 1]: its row of plain_background_prompts() when its border is one
+    plain palette colour, else None."""
+    images = ((pixels.detach().float().cpu() + 1.0) * 127.5).permute(0, 2, 3, 1).numpy()
+    colours = list(tw.COLOURS)
+    return [None if (c := palette.plain_background(image)) is None else colours.index(c) for image in images]
 
 
 class PromptEncoder:

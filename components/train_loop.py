@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from components.config import Config
 from components.encoder import FrozenBase, TuningEncoder
+from components.placeholder import plain_background_index, plain_background_prompts
 from components.progress import Progress
 
 ENCODER_DIR = "encoder"  # inside a checkpoint: TuningEncoder.save_pretrained
@@ -62,11 +63,16 @@ def load_pixels(paths: list[Path]) -> Tensor:
 class Shard:
     """This worker's rows of the train split (row i goes to worker i % world), read as an endless
     stream: epoch e visits the rows in a permutation seeded by (seed, rank, e). `batch(position, n)` is
-    a pure function of its arguments, so resuming at a step needs no data-loader state."""
+    a pure function of its arguments, so resuming at a step needs no data-loader state.
 
-    def __init__(self, root: Path, manifest: pd.DataFrame, rank: int, world: int, prompts: int, seed: int):
+    Each image gets one of the first `prompts` prompts at random or, with `caption_backgrounds`, when its
+    border is a plain palette colour, prompt `prompts + i` for row i of plain_background_prompts()."""
+
+    def __init__(self, root: Path, manifest: pd.DataFrame, rank: int, world: int, prompts: int, seed: int,
+                 caption_backgrounds: bool = False):
         self.paths = [root / p for p in train_rows(manifest)["path"].iloc[rank::world]]
         self.prompts, self.seed, self.rank = prompts, seed, rank
+        self.caption_backgrounds = caption_backgrounds
         self._epoch, self._order = -1, None
 
     def __len__(self) -> int:
@@ -83,7 +89,12 @@ class Shard:
         """Pixels of stream positions [position, position + n) and the index of each one's prompt."""
         pixels = load_pixels([self.paths[self._row(p)] for p in range(position, position + n)])
         g = torch.Generator().manual_seed(hash((self.seed, self.rank, position)) % 2**63)
-        return pixels, torch.randint(self.prompts, (n,), generator=g)
+        prompt = torch.randint(self.prompts, (n,), generator=g)
+        if self.caption_backgrounds:
+            for i, row in enumerate(plain_background_index(pixels)):
+                if row is not None:
+                    prompt[i] = self.prompts + row
+        return pixels, prompt
 
 
 # --- optimisation ---------------------------------------------------------------------------------
@@ -141,8 +152,9 @@ class Training:
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, p.warmup_steps, p.max_steps))
         torch.manual_seed(p.seed * 1000 + rank)  # noise and timesteps differ between workers
-        shard = Shard(Path(p.data), manifest, rank, world, len(p.prompts), p.seed)
-        return cls(cfg, pipe, base, encoder, model, optimizer, schedule, base.prompts.tokenize(p.prompts), shard,
+        shard = Shard(Path(p.data), manifest, rank, world, len(p.prompts), p.seed, p.caption_plain_backgrounds)
+        prompts = p.prompts + (plain_background_prompts() if p.caption_plain_backgrounds else [])
+        return cls(cfg, pipe, base, encoder, model, optimizer, schedule, base.prompts.tokenize(prompts), shard,
                    device, p.batch_size // (world * p.grad_accum))
 
     @torch.no_grad()

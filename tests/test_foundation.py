@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from components import palette
 from components import toy_world as tw
 from components.config import load_config
 from components.errors import UserError
@@ -148,6 +149,29 @@ def test_captions_follow_the_design_vocabulary():
     assert tw.Scene(scene.concept, background="beach").caption(subject="S*") == "S* on a beach"
     assert tw.Scene(scene.concept, style="sketch", background="grass").caption(subject="S*") == "a sketch of S* on grass"
     assert tw.Scene(scene.concept, count=2, background="grass").caption(subject="S*") == "two S* on grass"
+
+
+def test_plain_backgrounds_are_read_from_the_border_after_jpeg():
+    """What caption_plain_backgrounds names: each palette colour through a JPEG round trip; textured, off-palette
+    and noisy borders name nothing."""
+    import io
+
+    from PIL import Image
+
+    def jpeg(image: Image.Image) -> np.ndarray:
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=95)
+        return np.asarray(Image.open(buffer).convert("RGB"))
+
+    concept = tw.Concept("star", "red", "striped", "white")
+    for colour in tw.COLOURS:
+        if colour not in ("red", "white"):
+            assert palette.plain_background(jpeg(tw.render(tw.Scene(concept, background_colour=colour)))) == colour
+    for kind in ("beach", "night"):
+        assert palette.plain_background(jpeg(tw.render(tw.Scene(concept, background=kind)))) is None
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert palette.plain_background(noise) is None
+    assert palette.plain_background(np.full((64, 64, 3), (90, 200, 90), np.uint8)) is None  # plain, not a palette colour
 
 
 def test_base_holdout_combos_never_sampled_for_training():

@@ -123,6 +123,20 @@ def test_tuning_starts_from_the_encoder_and_the_l2_pull_holds_it(smoke, personal
     assert drift(held) < 0.5 * drift(free)
 
 
+def test_a_plain_background_image_tunes_on_its_caption(personalizer):
+    from components.personalize import to_pixels
+
+    on_red = to_pixels(read_image(BLUE_ON_RED, 10**8), personalizer.side)
+    caption = personalizer.base.prompts.tokenize(["S* on a red background"])
+    assert torch.equal(personalizer.tuning_prompt_ids(on_red), caption)
+    noise = torch.rand(on_red.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert torch.equal(personalizer.tuning_prompt_ids(noise), personalizer.tuning_ids)  # "a photo of S*"
+    cfg = personalizer.cfg
+    off = personalizer.variant(cfg.model_copy(update={
+        "personalize": cfg.personalize.model_copy(update={"caption_plain_backgrounds": False})}))
+    assert torch.equal(off.tuning_prompt_ids(on_red), off.tuning_ids)
+
+
 def test_gradient_checkpointing_saves_memory_without_changing_the_result(smoke, personalizer):
     """base.gradient_checkpointing (the sd15 default; benchmarks/gpu_check.py measures the memory) only
     recomputes activations: the tuned concept is the same."""

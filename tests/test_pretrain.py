@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -125,6 +126,32 @@ def test_shards_partition_the_train_split_and_batches_are_pure(tmp_path):
     assert torch.equal(again, torch.cat([shards[0].batch(3, 2)[0], shards[0].batch(5, 2)[0]]))
     assert torch.equal(again_prompts, shards[0].batch(3, 4)[1])
     assert not torch.equal(shards[0].batch(5, 5)[0], pixels)  # the next epoch is another permutation
+
+
+def test_plain_backgrounds_get_their_caption_and_the_rest_a_configured_prompt(tmp_path):
+    from PIL import Image
+
+    from components import toy_world as tw
+    from components.placeholder import plain_background_prompts
+    from components.train_loop import Shard
+
+    colours = ["red", "gray", "white"]
+    for i, colour in enumerate(colours):
+        Image.new("RGB", (16, 16), tw.COLOURS[colour]).save(tmp_path / f"{i}.jpg", quality=95)
+    noise = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "3.jpg", quality=95)
+    manifest = pd.DataFrame({"path": [f"{i}.jpg" for i in range(4)], "split": "train"})
+    pixels, prompts = Shard(tmp_path, manifest, 0, 1, prompts=2, seed=0, caption_backgrounds=True).batch(0, 4)
+    names = [(["a", "b"] + plain_background_prompts())[i] for i in prompts]
+    seen = {}
+    for corner, name in zip((pixels[:, :, 0, 0] + 1).mul(127.5).round().tolist(), names):  # which file a row is
+        colour = next((c for c in colours if np.abs(np.subtract(tw.COLOURS[c], corner)).max() < 4), "noise")
+        seen[colour] = name
+    assert seen == {"red": "S* on a red background", "gray": "S* on a gray background",
+                    "white": "S* on a white background", "noise": seen["noise"]}
+    assert seen["noise"] in ("a", "b")  # not plain: one of the configured prompts
+    plain = Shard(tmp_path, manifest, 0, 1, prompts=2, seed=0).batch(0, 4)[1]
+    assert plain.max() < 2  # off: the configured prompts only
 
 
 def test_run_name_keys_the_recipe_not_the_duration():
