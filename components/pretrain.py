@@ -38,7 +38,8 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # before ray.train is import
 log = logging.getLogger(__name__)
 
 # pretrain fields that change what is learned; the others (duration, placement, logging) may change on resume
-RECIPE = ("batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "seed", "prompts")
+RECIPE = ("batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "seed", "prompts",
+          "caption_plain_backgrounds")
 
 
 def pretrain(cfg: Config, workers: int | None = None, max_steps: int | None = None,

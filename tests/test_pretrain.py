@@ -160,8 +160,10 @@ def test_run_name_keys_the_recipe_not_the_duration():
     cfg = load_config("smoke")
     same = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"max_steps": 99, "workers": 2})})
     other = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"lr": 3e-4})})
+    uncaptioned = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"caption_plain_backgrounds": False})})
     assert run_name(cfg, "v1") == run_name(same, "v1")
     assert run_name(cfg, "v1") != run_name(other, "v1") and run_name(cfg, "v1") != run_name(cfg, "v2")
+    assert run_name(cfg, "v1") != run_name(uncaptioned, "v1")  # evaluate/ablate must not reuse a cached variant
 
 
 def test_run_name_follows_the_base_weights_not_only_their_path(tmp_path):
