@@ -185,10 +185,10 @@ def test_concurrent_requests_do_not_leak_into_each_other(smoke, server):
                     reason="needs the trained toy encoder models/toy-encoder (issue 5's `datencoder pretrain`); "
                            "an untrained encoder does not carry colour")
 @pytest.mark.xfail(strict=True, reason="known defect, issue 6 open: red/blue/green/yellow inputs come out "
-                   "red/blue/green/orange (5000-step base, 2026-11-26). Not a leak (the test above passes): the toy "
-                   "encoder reproduces an input's colour in about half of its images and its shape at near chance "
-                   "(benchmarks/concept_fidelity.py, docs/personalize.md 'Concept fidelity'); strict, so a fix turns "
-                   "this into a failure that asks for the marker's removal")
+                   "red/blue/green/orange (encoder with plain-background captions, 2026-11-27). Not a leak (the test "
+                   "above passes): the toy encoder reproduces an input's colour in about half of its images and its "
+                   "shape near chance (benchmarks/concept_fidelity.py, docs/personalize.md 'Concept fidelity'); "
+                   "strict, so a fix turns this into a failure that asks for the marker's removal")
 def test_concurrent_requests_each_show_their_own_colour(tmp_path):
     from components import toy_world as tw
     from components.check_base import read_colours
@@ -198,11 +198,12 @@ def test_concurrent_requests_each_show_their_own_colour(tmp_path):
     try:
         colours = ["red", "blue", "green", "yellow"]
         images = [png(tw.render(tw.canonical(tw.Concept("circle", c)), 64, seed=i)) for i, c in enumerate(colours)]
+        # the inputs' own caption, in the toy world's language: its base never learned "a photo of" (told "a photo
+        # of a red circle" in words it mostly draws no object). Blend 1 (plain LoRA + embedding): the default
+        # blend's hard path spells S* as its nearest real word, which is not the concept's colour
+        prompt = "S* on a gray background"
         with ThreadPoolExecutor(4) as pool:
-            # blend 1 (plain LoRA + embedding): the default blend is provisional (ablation issue), and its hard
-            # path spells S* as the nearest real word, which is not the concept's colour
-            replies = list(pool.map(lambda img: server.post([(img, "a photo of S*")], {"seed": 0, "alpha_blend": 1.0}),
-                                    images))
+            replies = list(pool.map(lambda img: server.post([(img, prompt)], {"seed": 0, "alpha_blend": 1.0}), images))
     finally:
         server.stop()
     assert all(status == 200 for status, _ in replies), replies
