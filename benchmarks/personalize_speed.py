@@ -38,8 +38,9 @@ def release_memory() -> None:
     after this; sampling slowed and recovered likewise, so it is the process's heap, not the machine."""
     gc.collect()
     libc = ctypes.util.find_library("c")
-    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):  # glibc only
-        ctypes.CDLL(libc).malloc_trim(0)
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None  # glibc only
+    if trim is not None:
+        trim(0)
 
 
 def main() -> None:
