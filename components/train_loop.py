@@ -60,6 +60,16 @@ def load_pixels(paths: list[Path]) -> Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def with_captions(pixels: Tensor, prompt: Tensor, configured: int) -> Tensor:
+    """`prompt` (indices into the configured prompts, then plain_background_prompts()) with each plain-background
+    image's entry replaced by its caption's, `configured + row`."""
+    prompt = prompt.clone()
+    for i, row in enumerate(plain_background_index(pixels)):
+        if row is not None:
+            prompt[i] = configured + row
+    return prompt
+
+
 class Shard:
     """This worker's rows of the train split (row i goes to worker i % world), read as an endless
     stream: epoch e visits the rows in a permutation seeded by (seed, rank, e). `batch(position, n)` is
@@ -90,11 +100,7 @@ class Shard:
         pixels = load_pixels([self.paths[self._row(p)] for p in range(position, position + n)])
         g = torch.Generator().manual_seed(hash((self.seed, self.rank, position)) % 2**63)
         prompt = torch.randint(self.prompts, (n,), generator=g)
-        if self.caption_backgrounds:
-            for i, row in enumerate(plain_background_index(pixels)):
-                if row is not None:
-                    prompt[i] = self.prompts + row
-        return pixels, prompt
+        return pixels, with_captions(pixels, prompt, self.prompts) if self.caption_backgrounds else prompt
 
 
 # --- optimisation ---------------------------------------------------------------------------------
@@ -259,10 +265,15 @@ class HeldOut:
         alpha = cfg.alpha_blend_train if cfg.dual_path else 1.0
         steps = base.noise_scheduler.config.num_train_timesteps
         levels = torch.tensor([int((k + 0.5) * steps / HELDOUT_TIMESTEPS) for k in range(HELDOUT_TIMESTEPS)])
-        prompt = training.prompt_ids[:1]
+        p = training.cfg.pretrain
         encoder.eval()
         out = {}
         for name, pixels in self.sets.items():
+            # each image under the prompt it would train with: the first configured one, or its caption
+            prompt = torch.zeros(len(pixels), dtype=torch.long)
+            if p.caption_plain_backgrounds:
+                prompt = with_captions(pixels, prompt, len(p.prompts))
+            prompt = prompt.repeat_interleave(HELDOUT_TIMESTEPS)
             pixels = pixels.repeat_interleave(HELDOUT_TIMESTEPS, 0)
             timesteps = levels.repeat(len(pixels) // HELDOUT_TIMESTEPS)
             latents = torch.cat([training.latents(pixels[i:i + chunk]) for i in range(0, len(pixels), chunk)])
@@ -274,7 +285,7 @@ class HeldOut:
                 with autocast(training.device):
                     noisy, target = base.noised(latents[rows], noise[rows], t)
                     v_star, factors = encoder.predict(pixels[rows].to(training.device), noisy, t)
-                    ids = prompt.expand(len(t), -1)
+                    ids = training.prompt_ids[prompt[rows]]
                     pred = base.denoise(noisy, t, ids, v_star, factors, cfg.lora_scale, alpha)
                 total += F.mse_loss(pred.float(), target.float(), reduction="sum").item()
             out[name] = total / latents.numel()
