@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from components.config import Config
+from components.config import Config, PretrainConfig
 from components.encoder import FrozenBase, TuningEncoder
 from components.placeholder import plain_background_index, plain_background_prompts
 from components.progress import Progress
@@ -238,6 +238,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # --- held-out evaluation and sample grids (rank 0) -----------------------------------------------
+def heldout_prompts(pixels: Tensor, p: PretrainConfig) -> Tensor:
+    """Each held-out image's prompt, as training would give it: the first configured one, or its caption."""
+    prompt = torch.zeros(len(pixels), dtype=torch.long)
+    return with_captions(pixels, prompt, len(p.prompts)) if p.caption_plain_backgrounds else prompt
+
+
 class HeldOut:
     """Concepts the encoder never trains on, with fixed noise and timesteps: the val split of the
     manifest and, for the toy world, renders of the held-out shapes (the paper's unseen domains)."""
@@ -269,11 +275,7 @@ class HeldOut:
         encoder.eval()
         out = {}
         for name, pixels in self.sets.items():
-            # each image under the prompt it would train with: the first configured one, or its caption
-            prompt = torch.zeros(len(pixels), dtype=torch.long)
-            if p.caption_plain_backgrounds:
-                prompt = with_captions(pixels, prompt, len(p.prompts))
-            prompt = prompt.repeat_interleave(HELDOUT_TIMESTEPS)
+            prompt = heldout_prompts(pixels, p).repeat_interleave(HELDOUT_TIMESTEPS)
             pixels = pixels.repeat_interleave(HELDOUT_TIMESTEPS, 0)
             timesteps = levels.repeat(len(pixels) // HELDOUT_TIMESTEPS)
             latents = torch.cat([training.latents(pixels[i:i + chunk]) for i in range(0, len(pixels), chunk)])
