@@ -99,7 +99,8 @@ def in_words(personalizer: Personalizer, images: int, prompt: str):
         text = PROMPTS[prompt].format(background=background).replace("S*", f"{tw.article(colour)} {colour} {shape}")
         generators = [torch.Generator().manual_seed(settings.seed + i) for i in range(images)]
         pixels = personalizer.pipe([text] * images, num_inference_steps=settings.num_inference_steps,
-                                   guidance_scale=settings.guidance_scale, generator=generators,
+                                   guidance_scale=settings.guidance_scale,
+                                   guidance_rescale=settings.guidance_rescale, generator=generators,
                                    output_type="np").images
         return list((pixels * 255).round().astype(np.uint8))
     return make_images

@@ -42,7 +42,7 @@ for name, cs in (("train", tr), ("heldout", ho)):
         ims = []
         for i in range(0, len(cs), 16):
             ims += pipe([caption(*k) for k in cs[i:i+16]], num_inference_steps=25, guidance_scale=g,
-                        generator=torch.Generator().manual_seed(i)).images
+                        guidance_rescale=cfg.check_base.guidance_rescale, generator=torch.Generator().manual_seed(i)).images
         print(f"gen {name} g={g} shape acc", shape_accuracy(clip, ims, cs), flush=True)
         if g == 4.0:
             w = Image.new("RGB", (64 * 8, 64 * 2))

@@ -179,7 +179,7 @@ def train_textual_inversion(pipe, pixels: Tensor, steps: int, token: str = "<sks
 def train_dreambooth(pipe, pixels: Tensor, steps: int, prompt: str = f"a photo of {IDENTIFIER} object",
                      class_prompt: str = "a photo of object", prior_images: int = 0, prior_loss_weight: float = 1.0,
                      lr: float = 5e-6, batch: int = 1, seed: int = 0, guidance_scale: float = 4.0,
-                     num_inference_steps: int = 25,
+                     guidance_rescale: float = 0.0, num_inference_steps: int = 25,
                      on_step: Callable[[int, float], None] | None = None) -> BaselineResult:
     """DreamBooth: every UNet weight trained for `steps` AdamW steps on the image(s). With `prior_images` > 0
     the base first draws that many class images for `class_prompt` and each step adds their denoising
@@ -198,7 +198,8 @@ def train_dreambooth(pipe, pixels: Tensor, steps: int, prompt: str = f"a photo o
             from components.generate import private_pipeline
 
             drawn = private_pipeline(pipe, "ddim")(
-                [class_prompt] * prior_images, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                [class_prompt] * prior_images, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                num_inference_steps=num_inference_steps,
                 generator=[torch.Generator().manual_seed(seed + 1 + i) for i in range(prior_images)],
                 output_type="pt").images
             prior = (drawn * 2 - 1, context(class_prompt, batch), prior_loss_weight)
@@ -210,7 +211,7 @@ def train_dreambooth(pipe, pixels: Tensor, steps: int, prompt: str = f"a photo o
 
 
 def train_baseline(method: str, pipe, pixels: Tensor, steps: int, settings: EvaluateConfig, seed: int = 0,
-                   on_step: Callable[[int, float], None] | None = None) -> BaselineResult:
+                   on_step: Callable[[int, float], None] | None = None, guidance_rescale: float = 0.0) -> BaselineResult:
     """One of METHODS with the harness's learning rates (diffusers' script defaults)."""
     if method == "ti":
         return train_textual_inversion(pipe, pixels, steps, lr=settings.ti_lr, seed=seed, on_step=on_step)
@@ -218,13 +219,13 @@ def train_baseline(method: str, pipe, pixels: Tensor, steps: int, settings: Eval
         return train_lora(pipe, pixels, steps, lr=settings.lora_lr, seed=seed, on_step=on_step)
     if method == "dreambooth":
         return train_dreambooth(pipe, pixels, steps, lr=settings.dreambooth_lr, seed=seed, on_step=on_step,
-                                prior_images=settings.dreambooth_prior_images)
+                                prior_images=settings.dreambooth_prior_images, guidance_rescale=guidance_rescale)
     raise UserError(f"unknown baseline method {method!r}; choose one of: {', '.join(METHODS)}")
 
 
 @torch.no_grad()
 def sample(pipe, prompts_encoder, result: BaselineResult, prompts: list[str], seeds: list[int], guidance_scale: float,
-           num_inference_steps: int, scheduler: str) -> list[np.ndarray]:
+           num_inference_steps: int, scheduler: str, *, guidance_rescale: float) -> list[np.ndarray]:
     """One uint8 image per (prompt with S*, seed), as components.generate.generate draws ours: TI puts its
     embedding at S*; LoRA and DreamBooth swap in their trained UNet and say "sks object" for S*."""
     from components.generate import generate, make_scheduler
@@ -233,14 +234,15 @@ def sample(pipe, prompts_encoder, result: BaselineResult, prompts: list[str], se
     if result.unet is None:  # textual inversion: the learned embedding is a v* without LoRA factors
         concept = Concept(next(iter(result.weights.values())), None, 1.0)
         return generate(pipe, prompts_encoder, concept, prompts, seeds, guidance_scale, num_inference_steps,
-                        scheduler, alpha=1.0)
+                        scheduler, alpha=1.0, guidance_rescale=guidance_rescale)
     from diffusers import StableDiffusionPipeline
 
     tuned = StableDiffusionPipeline(**{**pipe.components, "unet": result.unet,
                                        "scheduler": make_scheduler(pipe, scheduler)}, requires_safety_checker=False)
     tuned.set_progress_bar_config(disable=True)
     words = [p.replace(PLACEHOLDER, f"{IDENTIFIER} object") for p in prompts]
-    images = tuned(words, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, output_type="np",
+    images = tuned(words, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                   num_inference_steps=num_inference_steps, output_type="np",
                    generator=[torch.Generator().manual_seed(s) for s in seeds]).images
     return [np.round(image * 255).astype(np.uint8) for image in images]
 
@@ -281,7 +283,7 @@ def baseline(cfg: Config, method: str, images: list[str], prompts: list[str], st
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise UserError(f"--steps must be a positive integer, got {steps!r}")
     settings = {"seed": p.seed, "num_images": p.num_images, "guidance_scale": p.guidance_scale,
-                "num_inference_steps": p.num_inference_steps}
+                "num_inference_steps": p.num_inference_steps, "guidance_rescale": p.guidance_rescale}
     settings.update({k: check_value(k, v) for k, v in {"seed": seed, "num_images": num_images,
                      "guidance_scale": guidance_scale, "num_inference_steps": num_inference_steps}.items()
                      if v is not None})
@@ -299,7 +301,7 @@ def baseline(cfg: Config, method: str, images: list[str], prompts: list[str], st
 
     progress = Progress(method, steps, every_s=5.0)
     result = train_baseline(method, pipe, pixels, steps, e, seed=settings["seed"],
-                            on_step=lambda i, loss: progress.update(i, loss=loss))
+                            guidance_rescale=settings["guidance_rescale"], on_step=lambda i, loss: progress.update(i, loss=loss))
     t0 = time.perf_counter()
     seeds = [settings["seed"] + i for i in range(settings["num_images"])]
     out_dir = Path(out or Path(p.out).with_name(f"baseline-{method}"))
@@ -307,7 +309,7 @@ def baseline(cfg: Config, method: str, images: list[str], prompts: list[str], st
     written = []
     for prompt in prompts:
         arrays = sample(pipe, prompts_encoder, result, [prompt] * len(seeds), seeds, settings["guidance_scale"],
-                        settings["num_inference_steps"], scheduler)
+                        settings["num_inference_steps"], scheduler, guidance_rescale=settings["guidance_rescale"])
         for seed_i, array in zip(seeds, arrays):
             from PIL import Image
 
@@ -322,7 +324,8 @@ def baseline(cfg: Config, method: str, images: list[str], prompts: list[str], st
         "settings": {"method": method, "steps": steps, "shots": len(pixels), **settings, "scheduler": scheduler},
         "cached": False,
         "generation": {"num_inference_steps": settings["num_inference_steps"],
-                       "guidance_scale": settings["guidance_scale"], "scheduler": SCHEDULERS[scheduler],
+                       "guidance_scale": settings["guidance_scale"], "guidance_rescale": settings["guidance_rescale"],
+                       "scheduler": SCHEDULERS[scheduler],
                        "alpha_blend": None},
         "timings": {"train_s": round(result.seconds, 3), "sample_s": round(sample_s, 3),
                     "total_s": round(time.perf_counter() - started, 3)},

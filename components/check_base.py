@@ -78,7 +78,8 @@ def check_base(cfg: Config, grid: str | None = None, batch: int = 16) -> dict:
     progress = Progress("check-base", len(prompts))
     for i in range(0, len(prompts), batch):
         out = pipe(prompts[i:i + batch], num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
-                   generator=torch.Generator().manual_seed(c.seed + i), output_type="np").images
+                   guidance_rescale=c.guidance_rescale, generator=torch.Generator().manual_seed(c.seed + i),
+                   output_type="np").images
         images += [np.round(im * 255).astype(np.uint8) for im in out]
         progress.update(len(images))
     read = [read_colours(im) for im in images]
@@ -102,7 +103,7 @@ def check_base(cfg: Config, grid: str | None = None, batch: int = 16) -> dict:
         "targets": TARGETS,
         "passed": all(measured[k] >= v for k, v in TARGETS.items()),
         "generation": {"num_inference_steps": c.num_inference_steps, "guidance_scale": c.guidance_scale,
-                       "scheduler": type(pipe.scheduler).__name__},
+                       "guidance_rescale": c.guidance_rescale, "scheduler": type(pipe.scheduler).__name__},
         "examples": [{"prompt": p, "read": {"background": r[0], "object": r[1]}} for p, r in zip(prompts[:8], read)],
         "seconds": round(time.perf_counter() - started, 1),
     }

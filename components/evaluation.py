@@ -167,7 +167,8 @@ class Harness:
 
         def draw(state, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
             return generate(p.pipe, p.base.prompts, state, prompts, seeds, settings.guidance_scale,
-                            settings.num_inference_steps, settings.scheduler, settings.alpha_blend)
+                            settings.num_inference_steps, settings.scheduler, settings.alpha_blend,
+                            guidance_rescale=settings.guidance_rescale)
 
         return self._run(name, self.concepts(limit), personalise, draw, prompts)
 
@@ -186,11 +187,12 @@ class Harness:
             pixels = torch.cat([to_pixels(image, p.side) for image in concept.images[:shots]])
             progress = Progress(f"{name} {concept.name}", steps)
             return train_baseline(method, p.pipe, pixels, steps, e, seed=self.seeds[0],
+                                  guidance_rescale=settings.guidance_rescale,
                                   on_step=lambda i, loss: progress.update(i, loss=loss))
 
         def draw(state, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
             return sample(p.pipe, p.base.prompts, state, prompts, seeds, settings.guidance_scale,
-                          settings.num_inference_steps, settings.scheduler)
+                          settings.num_inference_steps, settings.scheduler, guidance_rescale=settings.guidance_rescale)
 
         return self._run(name, self.concepts(limit), personalise, draw)
 

@@ -9,7 +9,7 @@ embedding); the dual path (a < 1) is our own attention processor and has no stoc
 
     pipe.load_lora_weights(dir)                                   # pytorch_lora_weights.safetensors
     pipe.load_textual_inversion(f"{dir}/learned_embeds.safetensors", token=token)
-    pipe(prompt.replace("S*", token), ...)
+    pipe(prompt.replace("S*", token), ...)  # the same sampler settings
 """
 
 from __future__ import annotations

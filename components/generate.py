@@ -40,9 +40,9 @@ def private_pipeline(pipe, scheduler: str):
 
 @torch.no_grad()
 def generate(pipe, prompts_encoder, concept: Concept, prompts: list[str], seeds: list[int], guidance_scale: float,
-             num_inference_steps: int, scheduler: str, alpha: float) -> list[np.ndarray]:
+             num_inference_steps: int, scheduler: str, alpha: float, *, guidance_rescale: float) -> list[np.ndarray]:
     """One uint8 HxWx3 image per (prompt, seed); image i starts from torch.Generator().manual_seed(seeds[i]),
-    so it equals a stock pipeline call for that prompt alone with that seed."""
+    so it equals a stock pipeline call for that prompt alone with that seed (and the same `guidance_rescale`)."""
     n = len(prompts)
     ids = prompts_encoder.tokenize(prompts)
     v_star, factors = concept.repeat(n)
@@ -51,7 +51,8 @@ def generate(pipe, prompts_encoder, concept: Concept, prompts: list[str], seeds:
     guided = guidance_scale > 1  # diffusers skips the unconditional rows otherwise
     images = private_pipeline(pipe, scheduler)(
         prompt_embeds=soft, negative_prompt_embeds=uncond if guided else None, guidance_scale=guidance_scale,
-        num_inference_steps=num_inference_steps, generator=[torch.Generator().manual_seed(s) for s in seeds],
+        guidance_rescale=guidance_rescale, num_inference_steps=num_inference_steps,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
         output_type="np", cross_attention_kwargs={"concept": batch.with_guidance(uncond) if guided else batch},
     ).images
     return [np.round(image * 255).astype(np.uint8) for image in images]

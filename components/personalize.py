@@ -60,6 +60,7 @@ class Settings:
     num_inference_steps: int
     alpha_blend: float
     scheduler: str = "ddim"
+    guidance_rescale: float = 0.0  # the config's (personalize.guidance_rescale), not a per-request choice
 
 
 @dataclass
@@ -219,7 +220,7 @@ class Personalizer:
         scheduler = scheduler or p.scheduler
         if scheduler not in SCHEDULERS:
             raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        return Settings(**values, scheduler=scheduler)
+        return Settings(**values, scheduler=scheduler, guidance_rescale=p.guidance_rescale)
 
     def check_prompts(self, prompts: list[str]) -> None:
         """Bad prompts fail before any work: no S*, or longer than the text encoder takes (stock pipelines
@@ -282,7 +283,7 @@ class Personalizer:
             log.info("sampling %d image(s) for prompt %d/%d: %r", len(seeds), n, len(prompts), prompt)
             arrays = generate(self.pipe, self.base.prompts, concept, [prompt] * len(seeds), seeds,
                               settings.guidance_scale, settings.num_inference_steps, settings.scheduler,
-                              settings.alpha_blend)
+                              settings.alpha_blend, guidance_rescale=settings.guidance_rescale)
             images += [GeneratedImage(prompt, seed, a) for seed, a in zip(seeds, arrays)]
         timings["sample_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - started
@@ -343,7 +344,7 @@ def personalize(cfg: Config, image: str, prompts: list[str], model: str | None =
         "settings": asdict(settings),
         "cached": result.cached,
         "generation": {"num_inference_steps": settings.num_inference_steps, "guidance_scale": settings.guidance_scale,
-                       "scheduler": SCHEDULERS[settings.scheduler],
+                       "guidance_rescale": settings.guidance_rescale, "scheduler": SCHEDULERS[settings.scheduler],
                        "alpha_blend": settings.alpha_blend},
         "timings": result.timings,
     }

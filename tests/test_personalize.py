@@ -199,7 +199,9 @@ def test_export_is_reproduced_by_stock_diffusers(smoke, personalizer, tmp_path):
     _, cfg, _ = smoke
     settings = personalizer.settings(tuning_steps=1, num_inference_steps=3)
     concept = visible(personalizer.run(BLUE_ON_RED, ["S* on a beach"], settings).concept)
-    ours = generate(personalizer.pipe, personalizer.base.prompts, concept, ["S* on a beach"], [11], 4.0, 3, "ddim", 1.0)[0]
+    rescale = 0.7  # a sampler setting stock diffusers has too (check-base uses it; personalize.guidance_rescale)
+    ours = generate(personalizer.pipe, personalizer.base.prompts, concept, ["S* on a beach"], [11], 4.0, 3, "ddim", 1.0,
+                    guidance_rescale=rescale)[0]
     token = "<concept-test>"
     info = export_concept(concept, tmp_path / "export", token=token)
     assert info["token"] == token and info["rank"] == cfg.encoder.rank
@@ -220,7 +222,7 @@ def test_export_is_reproduced_by_stock_diffusers(smoke, personalizer, tmp_path):
         if lora_file:
             pipe.load_lora_weights(str(tmp_path / "export"), weight_name=lora_file)
         pipe.load_textual_inversion(str(tmp_path / "export" / "learned_embeds.safetensors"), token=token)
-        image = pipe(f"{token} on a beach", num_inference_steps=3, guidance_scale=4.0,
+        image = pipe(f"{token} on a beach", num_inference_steps=3, guidance_scale=4.0, guidance_rescale=rescale,
                      generator=torch.Generator().manual_seed(11), output_type="np").images[0]
         return np.round(image * 255).astype(np.uint8)
 
@@ -252,6 +254,7 @@ def test_cli_personalize_json_and_export(smoke, tmp_path):
     assert report["seed"] == 5
     assert report["generation"] == {"num_inference_steps": cfg.personalize.num_inference_steps,
                                     "guidance_scale": cfg.personalize.guidance_scale,
+                                    "guidance_rescale": cfg.personalize.guidance_rescale,
                                     "scheduler": "DDIMScheduler", "alpha_blend": 1.0}
     assert set(report["timings"]) == {"encoder_s", "tune_s", "sample_s", "total_s"}
     assert report["timings"]["total_s"] >= report["timings"]["tune_s"] > 0
