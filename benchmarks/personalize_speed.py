@@ -34,8 +34,10 @@ GOALS = {"lora_500": 30.0, "textual_inversion_3000": 100.0}
 
 def release_memory() -> None:
     """Free what the baselines left (their UNet copies, optimiser states) and hand the heap back to the OS.
-    Measured: our adaptation took 0.63 s before LoRA-500, 0.77 s after it while its result was alive, 0.61 s
-    after this; sampling slowed and recovered likewise, so it is the process's heap, not the machine."""
+    Measured 2026-11-27 (probes, docs/personalize.md "Speed and memory"): our adaptation took 0.63 s before
+    LoRA-500, 0.77 s after it while its result was alive, 0.61 s after this. A later probe with TI-1000 and
+    LoRA-300 did not recover (0.68 s before, 0.77-0.89 s after, tuning only): hence the slower of the two runs
+    counts."""
     gc.collect()
     libc = ctypes.util.find_library("c")
     trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None  # glibc only
