@@ -1,0 +1,106 @@
+"""Cost of one inference-time tuning (12 steps on the toy preset) in two checkouts of this repository, A/B.
+
+    git worktree add /tmp/before <commit>
+    .venv/bin/python benchmarks/tuning_cost.py --repo /tmp/before --repo .
+
+Each repository's `components` is imported in its own child process (they cannot share one); the children
+alternate (A, B, A, B, ...) so that the machine's drift falls on both. Each child loads the same encoder and
+image, runs `tuning.tune` once to warm up, times `--runs` tunings, counts the operators one tuning dispatches
+(torch.profiler: on the toy base a step is bound by dispatch, not arithmetic) and saves the tuned tensors, so
+the report also says whether the two checkouts tune to the same concept. Prints one JSON object: per repo the
+median seconds and the operator count, and the ratios of each to the first repo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child(repo: str, encoder: str, runs: int, threads: int, out: str) -> None:
+    """Measure in this process with `repo`'s components (run as `--child`)."""
+    sys.path.insert(0, repo)
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from components import toy_world as tw
+    from components.config import load_config
+    from components.personalize import Personalizer, to_pixels
+    from components.tuning import predict_concept, tune
+
+    torch.set_num_threads(threads)
+    cfg = load_config("toy", overrides={"personalize": {"cache_size": 0}})
+    personalizer = Personalizer(cfg, encoder)
+    image = tw.render(tw.canonical(tw.Concept("star", "red", "striped", "white")), 64, seed=0)
+    pixels = to_pixels(image, personalizer.side)
+    p = cfg.personalize
+    start = predict_concept(personalizer.encoder, personalizer.pipe.vae, pixels, p.encoder_timestep,
+                            torch.Generator().manual_seed(0))
+
+    def one():
+        return tune(personalizer.base, personalizer.pipe.vae, start, pixels, personalizer.tuning_prompt_ids(pixels),
+                    p.steps, p.lr, p.l2_weight, p.views, personalizer.tuning_alpha, torch.Generator().manual_seed(1))
+
+    one()
+    seconds = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        concept = one()
+        seconds.append(time.perf_counter() - t0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        one()
+    ops = sum(e.count for e in prof.key_averages())
+    torch.save({"seconds": seconds, "ops": ops, "tensors": concept.tensors()}, out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repo", action="append", required=True, help="a checkout (repeatable; the first is the baseline)")
+    parser.add_argument("--encoder", default=str(ROOT / "models" / "toy-encoder"))
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the children")
+    parser.add_argument("--runs", type=int, default=5, help="timed tunings per child")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.repo[0], args.encoder, args.runs, args.threads, args.child)
+        return
+
+    import torch
+
+    repos = [str(Path(r).resolve()) for r in args.repo]
+    results: dict[str, dict] = {r: {"seconds": []} for r in repos}
+    with tempfile.TemporaryDirectory() as scratch:
+        for round_ in range(args.rounds):
+            for i, repo in enumerate(repos):
+                print(f"round {round_ + 1}/{args.rounds}: {repo}", file=sys.stderr, flush=True)
+                out = str(Path(scratch) / f"{i}.pt")
+                subprocess.run([sys.executable, __file__, "--child", out, "--repo", repo, "--encoder", args.encoder,
+                                "--runs", str(args.runs), "--threads", str(args.threads)],
+                               check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                measured = torch.load(out, weights_only=True)
+                results[repo]["seconds"] += measured["seconds"]
+                results[repo].update(ops=measured["ops"], tensors=measured["tensors"])
+    first = results[repos[0]]
+    report = {}
+    for repo in repos:
+        r = results[repo]
+        median = statistics.median(r["seconds"])
+        same = all(torch.equal(x, y) for x, y in zip(r["tensors"], first["tensors"]))
+        report[repo] = {"median_s": round(median, 3), "min_s": round(min(r["seconds"]), 3), "ops": r["ops"],
+                        "time_ratio": round(median / statistics.median(first["seconds"]), 3),
+                        "ops_ratio": round(r["ops"] / first["ops"], 3), "same_concept_as_first": same}
+    print(json.dumps({"runs_per_repo": args.rounds * args.runs, "threads": args.threads, "repos": report}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
