@@ -59,8 +59,8 @@ class Settings:
     guidance_scale: float
     num_inference_steps: int
     alpha_blend: float
-    scheduler: str = "ddim"
-    guidance_rescale: float = 0.0  # the config's (personalize.guidance_rescale), not a per-request choice
+    scheduler: str  # the config's unless the CLI names one; not a pyfunc param
+    guidance_rescale: float  # the config's (personalize.guidance_rescale), not a per-request choice
 
 
 @dataclass

@@ -54,10 +54,14 @@ def train_rows(manifest: pd.DataFrame) -> pd.DataFrame:
     return manifest[manifest["split"] == "train"].sort_values("path", ignore_index=True)
 
 
+def model_pixels(images: np.ndarray) -> Tensor:
+    """uint8 images (N, H, W, 3) -> (N, 3, H, W) float in [-1, 1], the VAE's input."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
 def load_pixels(paths: list[Path]) -> Tensor:
     """Image files -> (N, 3, H, W) in [-1, 1]."""
-    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return model_pixels(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]))
 
 
 def with_captions(pixels: Tensor, prompt: Tensor, configured: int) -> Tensor:
@@ -261,7 +265,7 @@ class HeldOut:
             scenes = [tw.sample_scene(rng, shapes=cfg.toy_world.encoder_holdout_shapes, edits=False)
                       for _ in range(p.heldout_images)]
             rendered = tw.render_batch(scenes, cfg.prepare.resolution, p.seed)
-            self.sets["unseen_shapes"] = torch.from_numpy(rendered).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+            self.sets["unseen_shapes"] = model_pixels(rendered)
         self.seed = p.seed
 
     @torch.no_grad()

@@ -157,11 +157,11 @@ def test_plain_backgrounds_get_their_caption_and_the_rest_a_configured_prompt(tm
 def test_held_out_images_are_scored_under_the_prompt_they_would_train_with():
     from components import toy_world as tw
     from components.placeholder import plain_background_prompts
-    from components.train_loop import heldout_prompts
+    from components.train_loop import heldout_prompts, model_pixels
 
     scenes = [tw.Scene(tw.Concept("star", "red"), background_colour="blue"),
               tw.Scene(tw.Concept("ring", "white"), background="beach")]
-    pixels = torch.from_numpy(tw.render_batch(scenes, 64)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    pixels = model_pixels(tw.render_batch(scenes, 64))
     p = load_config("toy").pretrain
     names = (p.prompts + plain_background_prompts())
     assert [names[i] for i in heldout_prompts(pixels, p)] == ["S* on a blue background", p.prompts[0]]
