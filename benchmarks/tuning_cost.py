@@ -6,8 +6,9 @@
 Each repository's `components` is imported in its own child process (they cannot share one); the children
 alternate (A, B, A, B, ...) so that the machine's drift falls on both. Each child loads the same encoder and
 image, runs `tuning.tune` once to warm up, times `--runs` tunings, counts the operators one tuning dispatches
-(torch.profiler: on the toy base a step is bound by dispatch, not arithmetic) and saves the tuned tensors, so
-the report also says whether the two checkouts tune to the same concept. Prints one JSON object: per repo the
+(torch.profiler: on the toy base a step is bound by dispatch, not arithmetic) and saves the tuned tensors and
+4 images generated from them (blends 1 and 0.5), so the report also says whether the two checkouts tune to
+the same concept and draw the same pixels. Prints one JSON object: per repo the
 median seconds and the operator count, and the ratios of each to the first repo.
 """
 
@@ -59,7 +60,18 @@ def child(repo: str, encoder: str, runs: int, threads: int, out: str) -> None:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         one()
     ops = sum(e.count for e in prof.key_averages())
-    torch.save({"seconds": seconds, "ops": ops, "tensors": concept.tensors()}, out)
+    images = [personalizer.run(image_bytes(image), ["S* on a beach"], personalizer.settings(
+        num_images=2, seed=3, alpha_blend=blend)).images for blend in (1.0, 0.5)]
+    pixels = torch.stack([torch.from_numpy(i.pixels) for row in images for i in row])
+    torch.save({"seconds": seconds, "ops": ops, "tensors": concept.tensors(), "pixels": pixels}, out)
+
+
+def image_bytes(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def main() -> None:
@@ -89,16 +101,18 @@ def main() -> None:
                                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 measured = torch.load(out, weights_only=True)
                 results[repo]["seconds"] += measured["seconds"]
-                results[repo].update(ops=measured["ops"], tensors=measured["tensors"])
+                results[repo].update(ops=measured["ops"], tensors=measured["tensors"], pixels=measured["pixels"])
     first = results[repos[0]]
     report = {}
     for repo in repos:
         r = results[repo]
         median = statistics.median(r["seconds"])
-        same = all(torch.equal(x, y) for x, y in zip(r["tensors"], first["tensors"]))
+        same = len(r["tensors"]) == len(first["tensors"]) and all(
+            torch.equal(x, y) for x, y in zip(r["tensors"], first["tensors"]))
         report[repo] = {"median_s": round(median, 3), "min_s": round(min(r["seconds"]), 3), "ops": r["ops"],
                         "time_ratio": round(median / statistics.median(first["seconds"]), 3),
-                        "ops_ratio": round(r["ops"] / first["ops"], 3), "same_concept_as_first": same}
+                        "ops_ratio": round(r["ops"] / first["ops"], 3), "same_concept_as_first": same,
+                        "same_images_as_first": torch.equal(r["pixels"], first["pixels"])}
     print(json.dumps({"runs_per_repo": args.rounds * args.runs, "threads": args.threads, "repos": report}, indent=1))
 
 
