@@ -50,7 +50,9 @@ def probe(personalizer: Personalizer, seeds: int, timestep: int) -> dict:
         image = tw.render(tw.canonical(tw.Concept(shape, colour), background), 64, seed=seed)
         concept = predict_concept(personalizer.encoder, personalizer.pipe.vae, to_pixels(image, personalizer.side),
                                   timestep, torch.Generator().manual_seed(seed))
-        colours.append(colour), shapes.append(shape), groups.append(seed)
+        colours.append(colour)
+        shapes.append(shape)
+        groups.append(seed)
         v_stars.append(concept.v_star[0])
         factors.append(torch.cat([t.flatten() for t in concept.tensors()[1:]]) if concept.factors else None)
     v = torch.stack(v_stars)

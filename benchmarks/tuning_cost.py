@@ -6,10 +6,12 @@
 Each repository's `components` is imported in its own child process (they cannot share one); the children
 alternate (A, B, A, B, ...) so that the machine's drift falls on both. Each child loads the same encoder and
 image, runs `tuning.tune` once to warm up, times `--runs` tunings, counts the operators one tuning dispatches
-(torch.profiler: on the toy base a step is bound by dispatch, not arithmetic) and saves the tuned tensors and
-4 images generated from them (blends 1 and 0.5), so the report also says whether the two checkouts tune to
-the same concept and draw the same pixels. Prints one JSON object: per repo the
-median seconds and the operator count, and the ratios of each to the first repo.
+(torch.profiler: on the toy base a step is bound by dispatch, not arithmetic), saves the tuned tensors and
+draws 4 images with a whole `Personalizer.run` (its own tuning, then sampling at blends 1 and 0.5), so the
+report also says whether the two checkouts tune to the same concept and draw the same pixels. Prints one
+JSON object: per repo the median and fastest seconds and the operator count, and the ratios to the first repo.
+(`image_bytes` repeats concept_fidelity.py's `png`: a child must run against checkouts that predate any
+shared helper.)
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def child(repo: str, encoder: str, runs: int, threads: int, out: str) -> None:
     from components.tuning import predict_concept, tune
 
     torch.set_num_threads(threads)
-    cfg = load_config("toy", overrides={"personalize": {"cache_size": 0}})
+    cfg = load_config("toy")  # the timed tunings call `tune` directly; the cache only spares run's second blend
     personalizer = Personalizer(cfg, encoder)
     image = tw.render(tw.canonical(tw.Concept("star", "red", "striped", "white")), 64, seed=0)
     pixels = to_pixels(image, personalizer.side)
@@ -60,10 +62,10 @@ def child(repo: str, encoder: str, runs: int, threads: int, out: str) -> None:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         one()
     ops = sum(e.count for e in prof.key_averages())
-    images = [personalizer.run(image_bytes(image), ["S* on a beach"], personalizer.settings(
+    drawn = [personalizer.run(image_bytes(image), ["S* on a beach"], personalizer.settings(
         num_images=2, seed=3, alpha_blend=blend)).images for blend in (1.0, 0.5)]
-    pixels = torch.stack([torch.from_numpy(i.pixels) for row in images for i in row])
-    torch.save({"seconds": seconds, "ops": ops, "tensors": concept.tensors(), "pixels": pixels}, out)
+    drawn_pixels = torch.stack([torch.from_numpy(i.pixels) for row in drawn for i in row])
+    torch.save({"seconds": seconds, "ops": ops, "tensors": concept.tensors(), "pixels": drawn_pixels}, out)
 
 
 def image_bytes(image) -> bytes:

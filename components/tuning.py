@@ -92,23 +92,23 @@ def tune(base, vae, start: Concept, pixels: Tensor, prompt_ids: Tensor, steps: i
     moves: all, the embedding v* only, or the LoRA factors ("weights") only (the ablations)."""
     if parts not in TUNE_PARTS:
         raise ValueError(f"unknown tuning parts {parts!r}; choose one of {', '.join(TUNE_PARTS)}")
-    tensors = start.detached().tensors()
-    moving = {"all": range(len(tensors)), "embedding": range(1), "weights": range(1, len(tensors))}[parts]
+    fixed = start.detached().tensors()
+    moving = {"all": range(len(fixed)), "embedding": range(1), "weights": range(1, len(fixed))}[parts]
     if not moving:  # weights-only tuning of an encoder without hypernetwork: nothing to tune
         return start.detached()
     # The ~85 tuned tensors live in one flat leaf: Adam and the L2 drift then cost one op each instead of
     # one per tensor (a step on the toy base is bound by op dispatch, not arithmetic).
-    sizes, shapes = [tensors[i].numel() for i in moving], [tensors[i].shape for i in moving]
-    flat = torch.cat([tensors[i].flatten() for i in moving]).requires_grad_()
+    sizes = [fixed[i].numel() for i in moving]
+    flat = torch.cat([fixed[i].flatten() for i in moving]).requires_grad_()
     anchor = flat.detach().clone()
     # drift = the mean over tensors of each one's mean squared drift, whatever its size
     drift_weight = torch.cat([torch.full((n,), 1.0 / (len(sizes) * n)) for n in sizes]).to(flat)
     optimizer = torch.optim.Adam([flat], lr=lr)
 
     def current() -> Concept:
-        for i, part, shape in zip(moving, flat.split(sizes), shapes):
-            tensors[i] = part.view(shape)
-        return start.with_tensors(tensors)
+        """The concept with the moving tensors as views of `flat` (gradients reach it through them)."""
+        views = {i: part.view(fixed[i].shape) for i, part in zip(moving, flat.split(sizes))}
+        return start.with_tensors([views.get(i, t) for i, t in enumerate(fixed)])
 
     train_steps = base.noise_scheduler.config.num_train_timesteps
     for step in range(steps):
