@@ -9,9 +9,10 @@ with `--batch` augmented views at `--side` px, dual path on (a = encoder.alpha_b
 not change memory or time, so random ones measure the real thing. Goal: peak < 20 GB.
 Exits 0 with a message when there is no CUDA device.
 
-Measured on one H100 80GB (2026-11-26; bf16 base, 512 px, batch 16, 12 steps, 96 LoRA targets):
-  --no-checkpointing  peak 20.51 GB, 1.35 s/step (first run in a fresh process: includes CUDA warm-up)
-  (default)           peak 11.96 GB, 0.68 s/step (UNet gradient checkpointing, the sd15 preset's default)
+Measured on one H100 80GB (2026-11-27, commit 20d98fd + --warmup; bf16 base, 512 px, batch 16, 12 timed steps
+after 2 warm-up steps, 96 LoRA targets; one process each, `bash .whl/run.sh`-style device script):
+  --no-checkpointing  peak 20.52 GB, 0.339 s/step
+  (default)           peak 11.97 GB, 0.511 s/step (UNet gradient checkpointing, the sd15 preset's default)
 Paper: < 30 GB; E4T about 70 GB.
 """
 
@@ -42,6 +43,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16, help="augmented views per tuning step")
     parser.add_argument("--side", type=int, default=512)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed tuning steps first, so the timed ones exclude CUDA/cuDNN warm-up")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="frozen base weights")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="UNet gradient checkpointing (default: the sd15 preset's base.gradient_checkpointing)")
@@ -88,6 +91,12 @@ def main() -> int:
     generator = torch.Generator().manual_seed(0)  # CPU generator: tuning draws on CPU and moves to the device
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if args.warmup:
+        warm = predict_concept(encoder, vae, pixels, cfg.personalize.encoder_timestep, torch.Generator().manual_seed(1))
+        tune(base, vae, warm, pixels, ids, args.warmup, cfg.personalize.lr, cfg.personalize.l2_weight,
+             args.batch, alpha, torch.Generator().manual_seed(1))
+        del warm
+        sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -102,7 +111,7 @@ def main() -> int:
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     print(json.dumps({
         "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": args.dtype, "checkpointing": checkpointing,
-        "side": args.side, "batch": args.batch, "steps": args.steps, "alpha_blend": alpha,
+        "side": args.side, "batch": args.batch, "steps": args.steps, "warmup_steps": args.warmup, "alpha_blend": alpha,
         "targets": len(encoder.shape.targets), "encoder_s": round(encoder_s, 2), "tune_s": round(tune_s, 2),
         "seconds_per_step": round(tune_s / max(args.steps, 1), 3), "peak_gb": round(peak_gb, 2),
         "goal_gb": GOAL_GB, "meets_goal": peak_gb < GOAL_GB if cuda else None}, indent=1))
