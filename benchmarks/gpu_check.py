@@ -9,10 +9,11 @@ with `--batch` augmented views at `--side` px, dual path on (a = encoder.alpha_b
 not change memory or time, so random ones measure the real thing. Goal: peak < 20 GB.
 Exits 0 with a message when there is no CUDA device.
 
-Measured on one H100 80GB (2026-11-27, commit 20d98fd + --warmup; bf16 base, 512 px, batch 16, 12 timed steps
-after 2 warm-up steps, 96 LoRA targets; one process each, `bash .whl/run.sh`-style device script):
-  --no-checkpointing  peak 20.52 GB, 0.339 s/step
-  (default)           peak 11.97 GB, 0.511 s/step (UNet gradient checkpointing, the sd15 preset's default)
+Measured on one H100 80GB (2026-11-27; bf16 base, 512 px, batch 16, 12 timed steps after 2 warm-up steps,
+96 LoRA targets; one process each), with Concept.repeat handing one concept's factors to all 16 rows:
+  --no-checkpointing  peak 20.51 GB, 0.301 s/step
+  (default)           peak 11.97 GB, 0.460 s/step (UNet gradient checkpointing, the sd15 preset's default)
+(Before that change, on another H100 machine: 20.52 GB / 0.339 s and 11.97 GB / 0.511 s.)
 Paper: < 30 GB; E4T about 70 GB.
 """
 
@@ -40,7 +41,8 @@ SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16, help="augmented views per tuning step")
+    parser.add_argument("--batch", type=int, help="augmented views per tuning step (default: the sd15 preset's "
+                        "personalize.views, 16)")
     parser.add_argument("--side", type=int, default=512)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2,
@@ -70,6 +72,7 @@ def main() -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     cfg = load_config("sd15")
     checkpointing = cfg.base.gradient_checkpointing if args.checkpointing is None else args.checkpointing
+    args.batch = args.batch or cfg.personalize.views
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(sd15.unet_config())

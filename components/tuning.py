@@ -29,10 +29,11 @@ class Concept:
     scale: float
 
     def repeat(self, n: int) -> tuple[Tensor, Factors | None]:
-        """v* and factors for a batch of n rows of this concept (views, or images to generate)."""
-        factors = None if self.factors is None else {
-            name: (a.expand(n, -1, -1), b.expand(n, -1, -1)) for name, (a, b) in self.factors.items()}
-        return self.v_star.expand(n, -1), factors
+        """v* for a batch of n rows of this concept (views, or images to generate) and its factors.
+
+        The factors stay one concept's (N = 1): every row of a ConceptBatch uses concept j % N, so they
+        apply to all n rows, through plain matmuls instead of the batched einsums of N = n."""
+        return self.v_star.expand(n, -1), self.factors
 
     def tensors(self) -> list[Tensor]:
         return [self.v_star, *(t for ab in (self.factors or {}).values() for t in ab)]

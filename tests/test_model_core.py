@@ -199,11 +199,12 @@ def test_lora_delta_one_concept_shortcut_matches_the_batched_form():
     from components.lora import lora_delta
 
     g = torch.Generator().manual_seed(0)
-    x, a, b = torch.randn(2, 5, 8, generator=g), torch.randn(1, 8, 3, generator=g), torch.randn(1, 3, 6, generator=g)
-    # the same concept twice takes the batched (einsum) path; one concept, k = 2 rows (CFG) the shortcut
-    batched = lora_delta(x, a.expand(2, -1, -1), b.expand(2, -1, -1), 0.5)
+    x, a, b = torch.randn(4, 5, 8, generator=g), torch.randn(1, 8, 3, generator=g), torch.randn(1, 3, 6, generator=g)
+    # the same concept on each row takes the batched (einsum) path; one concept for k = 4 rows (tuning's views,
+    # CFG's two halves: Concept.repeat keeps N = 1) the shortcut
+    batched = lora_delta(x, a.expand(4, -1, -1), b.expand(4, -1, -1), 0.5)
     assert torch.allclose(lora_delta(x, a, b, 0.5), batched, atol=1e-6)
-    assert torch.allclose(batched[1], 0.5 * x[1] @ a[0] @ b[0], atol=1e-6)
+    assert torch.allclose(batched[3], 0.5 * x[3] @ a[0] @ b[0], atol=1e-6)
 
 
 def test_contrastive_loss_pulls_to_neighbours_and_pushes_apart():
