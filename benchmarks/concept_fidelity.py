@@ -7,6 +7,7 @@ input's own caption, one or more encoders and tuning settings compared in one pr
     .venv/bin/python benchmarks/concept_fidelity.py --steps 0 --steps 12 --blend 1 --blend 0.5
     .venv/bin/python benchmarks/concept_fidelity.py --set personalize.views=4
     .venv/bin/python benchmarks/concept_fidelity.py --steps 0 --steps 12 --prompt photo --prompt caption --words
+    .venv/bin/python benchmarks/concept_fidelity.py --prompt caption --images 4 --gate 10 --set personalize.views=1
 
 Each variant is every combination of --encoder, --steps, --blend and --prompt (`alpha_blend` of generation; the
 tuning blend is the config's). `--set SECTION.KEY=VALUE` overrides the config for all (VALUE as YAML).
@@ -40,6 +41,7 @@ from components import toy_world as tw  # noqa: E402
 from components.base_model import load_clip  # noqa: E402
 from components.check_base import read_colours, shape_accuracy  # noqa: E402
 from components.config import load_config  # noqa: E402
+from components.evaluation import gate_scores, variant_config  # noqa: E402
 from components.personalize import Personalizer  # noqa: E402
 
 PROMPTS = {"photo": "a photo of S*", "caption": "S* on a {background} background", "bare": "S*"}
@@ -119,6 +121,9 @@ def main() -> int:
     parser.add_argument("--shapes", default="circle,square,triangle,star")
     parser.add_argument("--images", type=int, default=2, help="seeds per concept")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--gate", type=int, metavar="N",
+                        help="also the registry gate's scores (components.evaluation.gate_scores) per encoder on the "
+                             "first N evaluation concepts x N prompts, at the config's own tuning and blend")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -136,6 +141,10 @@ def main() -> int:
         # one loaded base for every encoder: the variants differ only in what they are asked to compare
         personalizer = Personalizer(cfg, encoder) if first is None else first.variant(cfg, encoder)
         first = first or personalizer
+        if args.gate:
+            gated = personalizer.variant(variant_config(cfg, evaluate={"gate_concepts": args.gate,
+                                                                       "gate_prompts": args.gate}), encoder)
+            print(json.dumps({"encoder": encoder, "set": overrides, "gate": gate_scores(gated)}), flush=True)
         for steps, blend, prompt in itertools.product(args.steps or [cfg.personalize.steps], args.blend or [1.0],
                                                       prompts):
             nearest = collections.Counter()

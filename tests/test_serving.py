@@ -184,13 +184,6 @@ def test_concurrent_requests_do_not_leak_into_each_other(smoke, server):
 @pytest.mark.skipif(not (TOY_ENCODER / "config.json").is_file(),
                     reason="needs the trained toy encoder models/toy-encoder (issue 5's `datencoder pretrain`); "
                            "an untrained encoder does not carry colour")
-@pytest.mark.xfail(strict=True, reason="known defect, issue 6 open: red/blue/green/yellow inputs come out "
-                   "red/blue/green/orange (encoder with plain-background captions, 2026-11-27). Not a leak (the test "
-                   "above passes): after 12 tuning steps the concept is under-fitted, and guidance 4 on the toy base "
-                   "turns blue cyan even in a concept fitted for 100 steps, which shows every circle colour without "
-                   "guidance (benchmarks/concept_fidelity.py, docs/personalize.md 'Concept fidelity'); the base never "
-                   "saw a yellow circle on gray. "
-                   "Strict, so a fix turns this into a failure that asks for the marker's removal")
 def test_concurrent_requests_each_show_their_own_colour(tmp_path):
     from components import toy_world as tw
     from components.check_base import read_colours
