@@ -180,7 +180,8 @@ def test_second_request_skips_tuning_and_base_weights_are_never_written(personal
 
 
 def test_dpm_solver_and_blend_change_the_samples(personalizer):
-    kw = dict(tuning_steps=1, num_inference_steps=3, seed=0)
+    # guidance 4 (not the toy default 1.5) amplifies a 1-step random-weight concept enough for a changed blend to show
+    kw = dict(tuning_steps=1, num_inference_steps=3, seed=0, guidance_scale=4.0)
     ddim = personalizer.run(BLUE_ON_RED, ["S* on grass"], personalizer.settings(**kw, alpha_blend=1.0))
     dpm = personalizer.run(BLUE_ON_RED, ["S* on grass"], personalizer.settings(scheduler="dpm", **kw, alpha_blend=1.0))
     blended = personalizer.run(BLUE_ON_RED, ["S* on grass"], personalizer.settings(**kw, alpha_blend=0.0))

@@ -166,8 +166,8 @@ def test_concurrent_requests_do_not_leak_into_each_other(smoke, server):
     _, _, cfg, encoder = smoke
     colours = [(220, 40, 40), (40, 80, 220), (50, 170, 70), (240, 215, 40)]
     images = [solid_png((128, 128, 128), shape_rgb=c) for c in colours]
-    # 12 tuning steps make the four (random-weight) concepts visibly different, so equality means something
-    params = {"tuning_steps": 12, "num_inference_steps": 3, "seed": 1, "alpha_blend": 1.0}
+    # 12 tuning steps and guidance 4 make the four (random-weight) concepts visibly different: equality means something
+    params = {"tuning_steps": 12, "num_inference_steps": 3, "seed": 1, "alpha_blend": 1.0, "guidance_scale": 4.0}
     with ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(lambda img: server.post([(img, "a photo of S*")], params), images))
     assert all(status == 200 for status, _ in replies), replies
