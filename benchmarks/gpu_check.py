@@ -72,7 +72,7 @@ def main() -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     cfg = load_config("sd15")
     checkpointing = cfg.base.gradient_checkpointing if args.checkpointing is None else args.checkpointing
-    args.batch = args.batch or cfg.personalize.views
+    batch = cfg.personalize.views if args.batch is None else args.batch
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(sd15.unet_config())
@@ -97,7 +97,7 @@ def main() -> int:
     if args.warmup:
         warm = predict_concept(encoder, vae, pixels, cfg.personalize.encoder_timestep, torch.Generator().manual_seed(1))
         tune(base, vae, warm, pixels, ids, args.warmup, cfg.personalize.lr, cfg.personalize.l2_weight,
-             args.batch, alpha, torch.Generator().manual_seed(1))
+             batch, alpha, torch.Generator().manual_seed(1))
         del warm
         sync()
     if cuda:
@@ -108,13 +108,13 @@ def main() -> int:
     encoder_s = time.perf_counter() - started
     t0 = time.perf_counter()
     tune(base, vae, start, pixels, ids, args.steps, cfg.personalize.lr, cfg.personalize.l2_weight,
-         args.batch, alpha, generator)
+         batch, alpha, generator)
     sync()
     tune_s = time.perf_counter() - t0
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     print(json.dumps({
         "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": args.dtype, "checkpointing": checkpointing,
-        "side": args.side, "batch": args.batch, "steps": args.steps, "warmup_steps": args.warmup, "alpha_blend": alpha,
+        "side": args.side, "batch": batch, "steps": args.steps, "warmup_steps": args.warmup, "alpha_blend": alpha,
         "targets": len(encoder.shape.targets), "encoder_s": round(encoder_s, 2), "tune_s": round(tune_s, 2),
         "seconds_per_step": round(tune_s / max(args.steps, 1), 3), "peak_gb": round(peak_gb, 2),
         "goal_gb": GOAL_GB, "meets_goal": peak_gb < GOAL_GB if cuda else None}, indent=1))

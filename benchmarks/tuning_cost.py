@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def child(repo: str, encoder: str, runs: int, threads: int, out: str) -> None:
+def child(repo: str, encoder: str, runs: int, threads: int, views: int | None, out: str) -> None:
     """Measure in this process with `repo`'s components (run as `--child`)."""
     sys.path.insert(0, repo)
     import time
@@ -41,7 +41,8 @@ def child(repo: str, encoder: str, runs: int, threads: int, out: str) -> None:
     from components.tuning import predict_concept, tune
 
     torch.set_num_threads(threads)
-    cfg = load_config("toy")  # the timed tunings call `tune` directly; the cache only spares run's second blend
+    # the timed tunings call `tune` directly; the cache only spares run's second blend
+    cfg = load_config("toy", overrides={"personalize": {"views": views}} if views else None)
     personalizer = Personalizer(cfg, encoder)
     image = tw.render(tw.canonical(tw.Concept("star", "red", "striped", "white")), 64, seed=0)
     pixels = to_pixels(image, personalizer.side)
@@ -83,10 +84,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the children")
     parser.add_argument("--runs", type=int, default=5, help="timed tunings per child")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--views", type=int, help="personalize.views for every checkout (default: each one's own)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.repo[0], args.encoder, args.runs, args.threads, args.child)
+        child(args.repo[0], args.encoder, args.runs, args.threads, args.views, args.child)
         return
 
     import torch
@@ -99,7 +101,8 @@ def main() -> None:
                 print(f"round {round_ + 1}/{args.rounds}: {repo}", file=sys.stderr, flush=True)
                 out = str(Path(scratch) / f"{i}.pt")
                 subprocess.run([sys.executable, __file__, "--child", out, "--repo", repo, "--encoder", args.encoder,
-                                "--runs", str(args.runs), "--threads", str(args.threads)],
+                                "--runs", str(args.runs), "--threads", str(args.threads),
+                                *(["--views", str(args.views)] if args.views else [])],
                                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 measured = torch.load(out, weights_only=True)
                 results[repo]["seconds"] += measured["seconds"]
