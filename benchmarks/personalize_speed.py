@@ -1,12 +1,14 @@
 """Personalisation speed against optimisation baselines, measured in one run on the same base and image.
 
-    .venv/bin/python benchmarks/personalize_speed.py [--preset toy] [--encoder DIR] [--full]
+    .venv/bin/python benchmarks/personalize_speed.py [--preset toy] [--encoder DIR] [--full] [--views V ...]
 
 Ours: encoder forward + `personalize.steps` tuning steps (the concept is then ready), and sampling one
 image. Baselines (components/baselines.py), from scratch on the same image and base: LoRA for 500 steps
 and Textual Inversion for 3000 steps. Without --full the baselines run --measure-steps steps and their
 per-step time is extrapolated to 500 / 3000; the output says so. Goals: >= 30x faster than LoRA-500,
 >= 100x faster than TI-3000 (adaptation time: until the concept is ready; sampling costs the same for all).
+`--views V` (repeatable) also times ours with V augmented views a tuning step, against the same baselines
+(`by_views`): the speed side of the views trade-off of docs/personalize.md "Concept fidelity".
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components import toy_world as tw  # noqa: E402
 from components.baselines import train_lora, train_textual_inversion  # noqa: E402
 from components.config import load_config  # noqa: E402
+from components.evaluation import variant_config  # noqa: E402
 from components.personalize import Personalizer, peak_rss_mb, to_pixels  # noqa: E402
 
 GOALS = {"lora_500": 30.0, "textual_inversion_3000": 100.0}
@@ -54,6 +57,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="personalisation runs; the median is reported")
     parser.add_argument("--measure-steps", type=int, default=50, help="baseline steps timed when not --full")
     parser.add_argument("--full", action="store_true", help="run LoRA 500 and TI 3000 steps in full")
+    parser.add_argument("--views", type=int, action="append", default=[], metavar="V",
+                        help="also time ours with V views a tuning step (repeatable)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -74,14 +79,19 @@ def main() -> None:
     image.save(buf, format="PNG")
     settings = personalizer.settings(num_images=1)
     personalizer.run(buf.getvalue(), ["a photo of S*"], personalizer.settings(tuning_steps=1, num_images=1))  # warm-up
+    by_views = {views: personalizer.variant(variant_config(cfg, personalize={"views": views}))
+                for views in args.views}
 
-    def measure_ours() -> dict:
-        runs = sorted((personalizer.run(buf.getvalue(), ["S* on a beach"], settings).timings
+    def measure_ours(ours: Personalizer = personalizer) -> dict:
+        runs = sorted((ours.run(buf.getvalue(), ["S* on a beach"], settings).timings
                        for _ in range(args.repeats)), key=lambda t: t["total_s"])
         median = runs[len(runs) // 2]
         return {**median, "adapt_s": round(median["encoder_s"] + median["tune_s"], 3)}
 
-    ours_before = measure_ours()
+    def measure_views() -> dict[int, float]:
+        return {views: measure_ours(ours)["adapt_s"] for views, ours in by_views.items()}
+
+    ours_before, views_before = measure_ours(), measure_views()
 
     pixels = to_pixels(image, personalizer.side)
     targets = {"lora_500": (train_lora, 500), "textual_inversion_3000": (train_textual_inversion, 3000)}
@@ -91,7 +101,7 @@ def main() -> None:
         timed[name] = (total, steps, train(personalizer.pipe, pixels, steps).seconds_per_step)
     release_memory()
     # ours again after the baselines: on a shared machine the load drifts; the slower of the two counts
-    ours_after = measure_ours()
+    ours_after, views_after = measure_ours(), measure_views()
     adapt_s = max(ours_before["adapt_s"], ours_after["adapt_s"])
     for name, (total, steps, seconds_per_step) in timed.items():
         seconds = seconds_per_step * total
@@ -103,7 +113,11 @@ def main() -> None:
         "preset": cfg.preset, "encoder": encoder if trained else "untrained (same shapes; timing only)",
         "threads": args.threads, "tuning_steps": settings.tuning_steps, "views_per_step": cfg.personalize.views,
         "personalize": {"before_baselines": ours_before, "after_baselines": ours_after, "adapt_s": adapt_s},
-        "baselines": baselines, "peak_rss_mb": round(peak_rss_mb(), 1),
+        "baselines": baselines,
+        "by_views": {views: {"adapt_s_before_after": [views_before[views], views_after[views]],
+                             **{f"over_{name}": round(b["seconds"] / max(views_before[views], views_after[views]), 1)
+                                for name, b in baselines.items()}} for views in by_views},
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "note": ("speedup = baseline training seconds / our adaptation seconds (encoder + tuning, the slower of "
                  "the runs before and after the baselines); "
                  + ("baselines run in full" if args.full else

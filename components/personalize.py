@@ -247,7 +247,7 @@ class Personalizer:
         """The tuned concept for a checked PIL image with sha256 `digest` (cached)."""
         p = self.cfg.personalize
         key = (digest, steps, p.lr, p.l2_weight, p.views, tuple(p.prompts), p.caption_plain_backgrounds,
-               p.encoder_timestep, self.tuning_alpha, p.tune_parts)
+               p.encoder_timestep, self.tuning_alpha, p.tune_parts, p.timestep_sampling)
         timings = {"encoder_s": 0.0, "tune_s": 0.0}
 
         def make() -> Concept:
@@ -259,7 +259,8 @@ class Personalizer:
             progress = Progress("tune", steps, every_s=2.0)
             tuned = tune(self.base, self.pipe.vae, start, pixels, self.tuning_prompt_ids(pixels), steps, p.lr,
                          p.l2_weight, p.views, self.tuning_alpha, generator,
-                         on_step=lambda i, loss: progress.update(i, loss=loss), parts=p.tune_parts)
+                         on_step=lambda i, loss: progress.update(i, loss=loss), parts=p.tune_parts,
+                         timesteps=p.timestep_sampling)
             timings.update(encoder_s=t1 - t0, tune_s=time.perf_counter() - t1)
             return tuned
 

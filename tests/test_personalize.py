@@ -18,7 +18,7 @@ from PIL import Image
 
 from components.errors import UserError
 from components.personalize import Personalizer, check_value, read_image
-from components.tuning import Concept
+from components.tuning import Concept, draw_timesteps
 from smoke_models import isolated_store, smoke_setup, solid_png
 
 BLUE_ON_RED = solid_png((220, 40, 40), shape_rgb=(40, 80, 220))
@@ -121,6 +121,23 @@ def test_tuning_starts_from_the_encoder_and_the_l2_pull_holds_it(smoke, personal
     assert all(b.abs().max() > 0 for _, b in free.factors.values())  # ... is tuned
     assert (free.v_star - start.v_star).abs().max() > 0
     assert drift(held) < 0.5 * drift(free)
+
+
+def test_stratified_timesteps_cover_every_range_once():
+    steps, views, train_steps = 10, 4, 1000  # sub-ranges of 25 timesteps: whole numbers, exact bins
+    t = draw_timesteps(steps, views, train_steps, torch.Generator().manual_seed(0))
+    assert t.shape == (steps, views) and t.dtype == torch.long
+    # view i of every step in the i-th quarter; over the run, each tenth of that quarter exactly once
+    bins = t * views * steps // train_steps  # which of the views * steps sub-ranges
+    for i in range(views):
+        assert sorted(bins[:, i].tolist()) == list(range(i * steps, (i + 1) * steps))
+    again = draw_timesteps(steps, views, train_steps, torch.Generator().manual_seed(0))
+    assert torch.equal(t, again) and not torch.equal(t, draw_timesteps(steps, views, train_steps,
+                                                                        torch.Generator().manual_seed(1)))
+    uniform = draw_timesteps(steps, views, train_steps, torch.Generator().manual_seed(0), "uniform")
+    assert uniform.shape == (steps, views) and 0 <= int(uniform.min()) and int(uniform.max()) < train_steps
+    with pytest.raises(ValueError, match="timestep sampling"):
+        draw_timesteps(steps, views, train_steps, torch.Generator(), "sobol")
 
 
 def test_a_plain_background_image_tunes_on_its_caption(personalizer):
