@@ -8,7 +8,10 @@ and Textual Inversion for 3000 steps. Without --full the baselines run --measure
 per-step time is extrapolated to 500 / 3000; the output says so. Goals: >= 30x faster than LoRA-500,
 >= 100x faster than TI-3000 (adaptation time: until the concept is ready; sampling costs the same for all).
 `--views V` (repeatable) also times ours with V augmented views a tuning step, against the same baselines
-(`by_views`): the speed side of the views trade-off of docs/personalize.md "Concept fidelity".
+(`by_views`): the speed side of the views trade-off of docs/personalize.md "Concept fidelity". It also fits
+adaptation seconds = fixed + per_view x V over all view counts timed (`views_fit`): `ceiling_over_*` is
+what the default views could reach if everything but the per-view arithmetic (dispatch, the encoder,
+Adam) cost nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,6 +50,17 @@ def release_memory() -> None:
     trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None  # glibc only
     if trim is not None:
         trim(0)
+
+
+def views_fit(default_views: int, default_s: float, by_views_s: dict[int, float], baselines: dict) -> dict | None:
+    """Least-squares adaptation seconds = fixed + per_view x views, and the default's ceiling ratios."""
+    points = {**by_views_s, default_views: default_s}
+    if len(points) < 2:
+        return None
+    per_view, fixed = (float(c) for c in np.polyfit(list(points), list(points.values()), 1))
+    return {"fixed_s": round(fixed, 3), "per_view_s": round(per_view, 4),
+            **{f"ceiling_over_{name}": round(b["seconds"] / (per_view * default_views), 1)
+               for name, b in baselines.items()}}
 
 
 def main() -> None:
@@ -103,6 +118,7 @@ def main() -> None:
     # ours again after the baselines: on a shared machine the load drifts; the slower of the two counts
     ours_after, views_after = measure_ours(), measure_views()
     adapt_s = max(ours_before["adapt_s"], ours_after["adapt_s"])
+    by_views_s = {views: max(views_before[views], views_after[views]) for views in by_views}
     for name, (total, steps, seconds_per_step) in timed.items():
         seconds = seconds_per_step * total
         baselines[name] = {"steps": total, "timed_steps": steps, "extrapolated": steps < total,
@@ -115,8 +131,9 @@ def main() -> None:
         "personalize": {"before_baselines": ours_before, "after_baselines": ours_after, "adapt_s": adapt_s},
         "baselines": baselines,
         "by_views": {views: {"adapt_s_before_after": [views_before[views], views_after[views]],
-                             **{f"over_{name}": round(b["seconds"] / max(views_before[views], views_after[views]), 1)
+                             **{f"over_{name}": round(b["seconds"] / by_views_s[views], 1)
                                 for name, b in baselines.items()}} for views in by_views},
+        "views_fit": views_fit(cfg.personalize.views, adapt_s, by_views_s, baselines),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "note": ("speedup = baseline training seconds / our adaptation seconds (encoder + tuning, the slower of "
                  "the runs before and after the baselines); "
