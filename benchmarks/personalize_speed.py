@@ -10,8 +10,7 @@ per-step time is extrapolated to 500 / 3000; the output says so. Goals: >= 30x f
 `--views V` (repeatable) also times ours with V augmented views a tuning step, against the same baselines
 (`by_views`): the speed side of the views trade-off of docs/personalize.md "Concept fidelity". It also fits
 adaptation seconds = fixed + per_view x V over all view counts timed (`views_fit`): `ceiling_over_*` is
-what the default views could reach if everything but the per-view arithmetic (dispatch, the encoder,
-Adam) cost nothing.
+what the default views could reach if the fixed part (dispatch, the encoder, Adam) cost nothing.
 """
 
 from __future__ import annotations

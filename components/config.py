@@ -208,7 +208,8 @@ class PersonalizeConfig(Section):
     lr: float = Field(2e-3, gt=0)  # paper
     l2_weight: float = Field(1.0, ge=0)  # pull toward the encoder's initial prediction
     # augmented views of the single image per tuning step (the batch): 4 views fit the concept's colour in
-    # 76% of toy images against 58% for 1, for 1.8x the tuning time (docs/personalize.md "Concept fidelity")
+    # 76% of toy images against 58% for 1, for 1.8-2.1x the adaptation time (docs/personalize.md "Concept fidelity",
+    # "Speed and memory")
     views: int = Field(4, gt=0)
     tune_parts: Literal["all", "embedding", "weights"] = "all"  # what tuning moves (the last two: ablations)
     # tuning timesteps (components.tuning.draw_timesteps): stratified fits the colour in more toy images
