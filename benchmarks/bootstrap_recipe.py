@@ -45,10 +45,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components import bootstrap as bs  # noqa: E402
-from components import toy_world as tw  # noqa: E402
-from components.base_model import load_clip  # noqa: E402
-from components.check_base import check_base, read_colours, shape_accuracy, zero_shot_accuracy  # noqa: E402
+from components.toy import bootstrap as bs  # noqa: E402
+from components.toy import world as tw  # noqa: E402
+from components.model.base import load_clip  # noqa: E402
+from components.evaluation.check_base import check_base, read_colours, shape_accuracy, zero_shot_accuracy  # noqa: E402
 from components.config import ClipConfig, load_config  # noqa: E402
 
 

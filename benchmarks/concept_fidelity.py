@@ -37,12 +37,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components import toy_world as tw  # noqa: E402
-from components.base_model import load_clip  # noqa: E402
-from components.check_base import read_colours, shape_accuracy  # noqa: E402
+from components.toy import world as tw  # noqa: E402
+from components.model.base import load_clip  # noqa: E402
+from components.evaluation.check_base import read_colours, shape_accuracy  # noqa: E402
 from components.config import load_config  # noqa: E402
-from components.evaluation import gate_scores, variant_config  # noqa: E402
-from components.personalize import Personalizer  # noqa: E402
+from components.evaluation.harness import gate_scores, variant_config  # noqa: E402
+from components.inference.engine import Personalizer  # noqa: E402
 
 PROMPTS = {"photo": "a photo of S*", "caption": "S* on a {background} background", "bare": "S*"}
 
@@ -122,7 +122,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=2, help="seeds per concept")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--gate", type=int, metavar="N",
-                        help="also the registry gate's scores (components.evaluation.gate_scores) per encoder on the "
+                        help="also the registry gate's scores (components.evaluation.harness.gate_scores) per encoder on the "
                              "first N evaluation concepts x N prompts, at the config's own tuning and blend")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

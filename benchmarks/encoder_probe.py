@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components import toy_world as tw  # noqa: E402
+from components.toy import world as tw  # noqa: E402
 from components.config import load_config  # noqa: E402
-from components.personalize import Personalizer, to_pixels  # noqa: E402
-from components.tuning import predict_concept  # noqa: E402
+from components.inference.engine import Personalizer, to_pixels  # noqa: E402
+from components.inference.tuning import predict_concept  # noqa: E402
 
 SHAPES = ("circle", "square", "triangle", "star")
 

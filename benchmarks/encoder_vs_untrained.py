@@ -20,9 +20,9 @@ sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)
 
 from components.config import load_config  # noqa: E402
-from components.encoder import FrozenBase, TuningEncoder  # noqa: E402
-from components.evaluation import gate_scores  # noqa: E402
-from components.personalize import Personalizer  # noqa: E402
+from components.model.encoder import FrozenBase, TuningEncoder  # noqa: E402
+from components.evaluation.harness import gate_scores  # noqa: E402
+from components.inference.engine import Personalizer  # noqa: E402
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/gpu_check.py [--batch 16] [--side 512] [--steps 12] [--dtype bf16]
 
-Builds the SD 1.5 UNet and text encoder from the bundled configs (components/configs/sd15/) with random
+Builds the SD 1.5 UNet and text encoder from the bundled configs (components/model/configs/sd15/) with random
 weights on CUDA, the SD VAE architecture and an open_clip ViT-H-14 image tower (random weights), the
 sd15-preset encoder on top, and runs the encoder forward plus `--steps` tuning steps of one concept
 with `--batch` augmented views at `--side` px, dual path on (a = encoder.alpha_blend_tune). Weights do
@@ -60,12 +60,12 @@ def main() -> int:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from components import sd15
-    from components.backbone import ClipImageTower
+    from components.model import sd15
+    from components.model.backbone import ClipImageTower
     from components.config import load_config
-    from components.encoder import FrozenBase, TuningEncoder
-    from components.toy_tokenizer import save_toy_tokenizer
-    from components.tuning import predict_concept, tune
+    from components.model.encoder import FrozenBase, TuningEncoder
+    from components.toy.tokenizer import save_toy_tokenizer
+    from components.inference.tuning import predict_concept, tune
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/personalize_speed.py [--preset toy] [--encoder DIR] [--full] [--views V ...]
 
 Ours: encoder forward + `personalize.steps` tuning steps (the concept is then ready), and sampling one
-image. Baselines (components/baselines.py), from scratch on the same image and base: LoRA for 500 steps
+image. Baselines (components/evaluation/baselines.py), from scratch on the same image and base: LoRA for 500 steps
 and Textual Inversion for 3000 steps. Without --full the baselines run --measure-steps steps and their
 per-step time is extrapolated to 500 / 3000; the output says so. Goals: >= 30x faster than LoRA-500,
 >= 100x faster than TI-3000 (adaptation time: until the concept is ready; sampling costs the same for all).
@@ -29,11 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components import toy_world as tw  # noqa: E402
-from components.baselines import train_lora, train_textual_inversion  # noqa: E402
+from components.toy import world as tw  # noqa: E402
+from components.evaluation.baselines import train_lora, train_textual_inversion  # noqa: E402
 from components.config import load_config  # noqa: E402
-from components.evaluation import variant_config  # noqa: E402
-from components.personalize import Personalizer, peak_rss_mb, to_pixels  # noqa: E402
+from components.evaluation.harness import variant_config  # noqa: E402
+from components.inference.engine import Personalizer, peak_rss_mb, to_pixels  # noqa: E402
 
 GOALS = {"lora_500": 30.0, "textual_inversion_3000": 100.0}
 
@@ -81,7 +81,7 @@ def main() -> None:
     scratch = tempfile.TemporaryDirectory()
     trained = (Path(encoder) / "config.json").is_file()
     if not trained:  # timing does not depend on the weights
-        from components.encoder import FrozenBase, TuningEncoder
+        from components.model.encoder import FrozenBase, TuningEncoder
 
         encoder = str(Path(scratch.name) / "encoder")
         TuningEncoder.for_base(cfg.encoder, FrozenBase.load(cfg)).save_pretrained(encoder)

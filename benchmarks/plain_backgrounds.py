@@ -3,7 +3,7 @@ toy world actually rendered (its captions.csv), and which share of pre-training 
 
     .venv/bin/python benchmarks/plain_backgrounds.py [--sample 1500]
 
-The thresholds in components/palette.py were chosen from this table: keep plain backgrounds, refuse textured
+The thresholds in components/toy/palette.py were chosen from this table: keep plain backgrounds, refuse textured
 ones. "none" rows are multi-object scenes (the OpenImages-style source), whose captions name no background.
 """
 
@@ -21,7 +21,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components import palette  # noqa: E402
+from components.toy import palette  # noqa: E402
 from components.config import load_config  # noqa: E402
 
 

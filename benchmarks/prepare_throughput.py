@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from components.config import PrepareConfig
-from components.prepare import prepare
+from components.data.prepare import prepare
 
 CASES = [  # (name, source size, source format, output resolution)
     ("64px-from-png", (256, 256), "PNG", 64),

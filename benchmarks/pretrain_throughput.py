@@ -1,9 +1,9 @@
 """Pre-training throughput: a plain single-process loop against Ray Train with 1 and 2 workers.
 
-All three run the same optimiser step (`components.train_loop.Training.step`) on the same config
+All three run the same optimiser step (`components.training.loop.Training.step`) on the same config
 (toy preset by default: needs models/toy-base and data/prepared), one torch thread per worker, and
 are timed the same way: samples per second over the steps after the first. The Ray runs go through
-the real stage (`components.pretrain.pretrain`: DDP over gloo, all_gather'd contrastive negatives,
+the real stage (`components.training.pretrain.pretrain`: DDP over gloo, all_gather'd contrastive negatives,
 MLflow logging every log_every steps) into a throwaway storage and MLflow store.
 
     .venv/bin/python benchmarks/pretrain_throughput.py [--preset toy] [--config params.yaml] [--steps 30]
@@ -32,7 +32,7 @@ os.chdir(ROOT)
 
 def plain_loop(cfg, steps: int) -> dict:
     """The step in a for loop: no Ray, no process group, no logging."""
-    from components.train_loop import Training
+    from components.training.loop import Training
 
     torch.set_num_threads(cfg.pretrain.cpus_per_worker)
     manifest = pd.read_parquet(Path(cfg.pretrain.data) / "manifest.parquet")
@@ -47,7 +47,7 @@ def plain_loop(cfg, steps: int) -> dict:
 
 
 def ray_run(cfg, steps: int, workers: int, work: Path) -> dict:
-    from components.pretrain import pretrain
+    from components.training.pretrain import pretrain
 
     cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"out": str(work / f"encoder-{workers}")})})
     report = pretrain(cfg, workers=workers, max_steps=steps, checkpoint_every=steps,

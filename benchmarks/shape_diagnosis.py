@@ -16,10 +16,10 @@ import random
 import torch
 from PIL import Image
 from bootstrap_recipe import canonical_renders, vae_measures
-from components import toy_world as tw
+from components.toy import world as tw
 from components.config import load_config
-from components.base_model import load_clip, load_pipeline
-from components.check_base import shape_accuracy
+from components.model.base import load_clip, load_pipeline
+from components.evaluation.check_base import shape_accuracy
 torch.set_num_threads(1)
 cfg = load_config("toy")
 clip = load_clip(cfg.base.metrics_clip)

@@ -31,10 +31,10 @@ def toy_base(cfg, tmp: Path):
     import open_clip
     from diffusers import DDPMScheduler
 
-    from components.backbone import ClipImageTower
-    from components.bootstrap import clip_model_config, make_text_encoder, make_unet, scheduler_config
-    from components.encoder import FrozenBase
-    from components.toy_tokenizer import save_toy_tokenizer
+    from components.model.backbone import ClipImageTower
+    from components.toy.bootstrap import clip_model_config, make_text_encoder, make_unet, scheduler_config
+    from components.model.encoder import FrozenBase
+    from components.toy.tokenizer import save_toy_tokenizer
 
     b = cfg.bootstrap
     tokenizer = save_toy_tokenizer(tmp / "tokenizer")
@@ -60,7 +60,7 @@ def toy_report(batch: int, repeats: int) -> dict:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from components.config import load_config
-    from components.encoder import TuningEncoder
+    from components.model.encoder import TuningEncoder
 
     cfg = load_config("toy")
     torch.manual_seed(0)
@@ -110,9 +110,9 @@ def toy_report(batch: int, repeats: int) -> dict:
 def sd15_params() -> dict:
     import open_clip
 
-    from components import sd15
+    from components.model import sd15
     from components.config import load_config
-    from components.encoder import EncoderShape, TuningEncoder
+    from components.model.encoder import EncoderShape, TuningEncoder
 
     cfg = load_config("sd15")
     unet, text_encoder = sd15.meta_unet(), sd15.meta_text_encoder()

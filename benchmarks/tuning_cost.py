@@ -35,10 +35,10 @@ def child(repo: str, encoder: str, runs: int, threads: int, views: int | None, o
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from components import toy_world as tw
+    from components.toy import world as tw
     from components.config import load_config
-    from components.personalize import Personalizer, to_pixels
-    from components.tuning import predict_concept, tune
+    from components.inference.engine import Personalizer, to_pixels
+    from components.inference.tuning import predict_concept, tune
 
     torch.set_num_threads(threads)
     # the timed tunings call `tune` directly; the cache only spares run's second blend

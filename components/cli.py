@@ -53,7 +53,7 @@ def _config(args: argparse.Namespace, overrides: dict | None = None):
 
 
 def cmd_toy_world(args: argparse.Namespace) -> dict:
-    from components.toy_world import write_toy_world
+    from components.toy.world import write_toy_world
 
     cfg = _config(args)
     out = args.out or cfg.toy_world.out
@@ -63,14 +63,14 @@ def cmd_toy_world(args: argparse.Namespace) -> dict:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> dict:
-    from components.bootstrap import PARTS, bootstrap
+    from components.toy.bootstrap import PARTS, bootstrap
 
     cfg = _config(args)
     return bootstrap(cfg, out_dir=args.out, parts=tuple(args.part or PARTS))
 
 
 def cmd_check_base(args: argparse.Namespace) -> dict:
-    from components.check_base import check_base
+    from components.evaluation.check_base import check_base
 
     cfg = _config(args)
     return check_base(cfg, grid=args.grid)
@@ -80,7 +80,7 @@ PREPARE_SOURCES = ("imagenet", "openimages_boxes", "openimages_classes", "openim
 
 
 def cmd_prepare(args: argparse.Namespace) -> dict:
-    from components.prepare import prepare
+    from components.data.prepare import prepare
 
     options = (*PREPARE_SOURCES, "imagenet_synsets", "out", "resolution", "workers")
     given = {k: getattr(args, k) for k in options if getattr(args, k) is not None}
@@ -94,7 +94,7 @@ def cmd_prepare(args: argparse.Namespace) -> dict:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> dict:
-    from components.pretrain import pretrain
+    from components.training.pretrain import pretrain
 
     return pretrain(_config(args), workers=args.workers, max_steps=args.max_steps,
                     checkpoint_every=args.checkpoint_every, storage=args.storage, address=args.address,
@@ -103,7 +103,7 @@ def cmd_pretrain(args: argparse.Namespace) -> dict:
 
 def cmd_targets(args: argparse.Namespace) -> dict:
     from components.config import load_config
-    from components.hypernetwork import targets_report
+    from components.model.hypernetwork import targets_report
 
     # the base's own preset supplies the encoder sizes unless --preset/--config say otherwise
     preset = args.preset or (args.base if args.config is None else None)
@@ -111,7 +111,7 @@ def cmd_targets(args: argparse.Namespace) -> dict:
 
 
 def cmd_personalize(args: argparse.Namespace) -> dict:
-    from components.personalize import personalize
+    from components.inference.engine import personalize
 
     return personalize(_config(args), args.image, args.prompt, model=args.model, out=args.out, export=args.export,
                        scheduler=args.scheduler, tuning_steps=args.steps, num_images=args.num_images, seed=args.seed,
@@ -120,20 +120,20 @@ def cmd_personalize(args: argparse.Namespace) -> dict:
 
 
 def cmd_register(args: argparse.Namespace) -> dict:
-    from components.registry import register
+    from components.serving.registry import register
 
     return register(_config(args), encoder=args.encoder)
 
 
 def cmd_pipeline(args: argparse.Namespace) -> dict:
-    from components.pipeline import main_job
+    from components.orchestration.pipeline import main_job
 
     return main_job(preset=args.preset, config=args.config, workspace=args.workspace, refresh=args.refresh,
                     serve=args.serve, cron=args.cron)
 
 
 def cmd_baseline(args: argparse.Namespace) -> dict:
-    from components.baselines import baseline
+    from components.evaluation.baselines import baseline
 
     return baseline(_config(args), args.method, args.image, args.prompt, steps=args.steps, out=args.out,
                     scheduler=args.scheduler, seed=args.seed, num_images=args.num_images,
@@ -146,13 +146,13 @@ def _evaluation_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
-    from components.evaluation import evaluate
+    from components.evaluation.harness import evaluate
 
     return evaluate(_config(args, overrides=_evaluation_overrides(args)), parent_run_id=args.parent_run_id)
 
 
 def cmd_ablate(args: argparse.Namespace) -> dict:
-    from components.ablation import ablate
+    from components.evaluation.ablate import ablate
 
     overrides = _evaluation_overrides(args)
     if overrides["evaluate"].pop("out", None) is not None:
@@ -161,7 +161,7 @@ def cmd_ablate(args: argparse.Namespace) -> dict:
 
 
 def cmd_serve(args: argparse.Namespace) -> dict:
-    from components.serve import serve
+    from components.serving.serve import serve
 
     return serve(_config(args), model=args.model, host=args.host, port=args.port, workers=args.workers)
 

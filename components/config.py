@@ -212,7 +212,7 @@ class PersonalizeConfig(Section):
     # "Speed and memory")
     views: int = Field(4, gt=0)
     tune_parts: Literal["all", "embedding", "weights"] = "all"  # what tuning moves (the last two: ablations)
-    # tuning timesteps (components.tuning.draw_timesteps): stratified fits the colour in more toy images
+    # tuning timesteps (components.inference.tuning.draw_timesteps): stratified fits the colour in more toy images
     # than uniform, 58% vs 50% at 1 view and 76% vs 69% at 4, never fewer (docs/personalize.md "Concept fidelity")
     timestep_sampling: Literal["stratified", "uniform"] = "stratified"
     prompts: list[str] = ["a photo of S*"]  # tuning prompts (the pre-training prompts), each with S*
@@ -241,7 +241,7 @@ class EvaluateConfig(Section):
     The defaults size the toy grid to fit the pipeline's time budget on 2 CPU cores; `full: true` runs the
     issue's whole grid (every concept for every method, `full_seeds`, `full_retrain_steps`)."""
 
-    # toy: concept keys colour-pattern-patterncolour-shape (components.toy_world.Concept.key), all held out
+    # toy: concept keys colour-pattern-patterncolour-shape (components.toy.world.Concept.key), all held out
     # of encoder pre-training (the first eight are shapes it never saw; the rest are unseen instances)
     concepts: list[str] = [
         "green-solid-pink-crescent", "green-dotted-orange-crescent", "green-checkered-black-crescent",

@@ -4,7 +4,7 @@
 
 Each stage flow runs one task that calls the same stage function as the CLI and DVC. Tasks are
 cached on what decides their result (config, data version, code, upstream encoder; never a run id,
-components.pipeline.stage_key) with results persisted in the workspace, so an unchanged re-run
+components.orchestration.pipeline.stage_key) with results persisted in the workspace, so an unchanged re-run
 skips them and a run after a failure starts at the failed stage. Transient errors (network, S3,
 MLflow HTTP 5xx) are retried with exponential backoff; every stage has a timeout.
 """
@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE, TASK_SOURCE, Inputs
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from components import pipeline
+from components.orchestration import pipeline
 from components.config import Config
 
 CACHED = Inputs(exclude=["cfg", "parent_run_id"]) + TASK_SOURCE  # the key is the `key` argument + this code
@@ -50,21 +50,21 @@ def pretrain_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
 
 @task(name="evaluate", cache_policy=CACHED, persist_result=True)
 def evaluate_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
-    from components.evaluation import evaluate
+    from components.evaluation.harness import evaluate
 
     return evaluate(cfg, parent_run_id=parent_run_id)
 
 
 @task(name="ablate", cache_policy=CACHED, persist_result=True)
 def ablate_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
-    from components.ablation import ablate
+    from components.evaluation.ablate import ablate
 
     return ablate(cfg, parent_run_id=parent_run_id)
 
 
 @task(name="register", cache_policy=CACHED, persist_result=True)
 def register_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
-    from components.registry import register
+    from components.serving.registry import register
 
     return register(cfg, encoder=cfg.pretrain.out)
 

@@ -24,8 +24,8 @@ def write_smoke_models(out: Path, seed: int = 0) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from safetensors.torch import save_file
 
-    from components.bootstrap import clip_model_config, make_text_encoder, make_unet, make_vae, scheduler_config
-    from components.toy_tokenizer import save_toy_tokenizer
+    from components.toy.bootstrap import clip_model_config, make_text_encoder, make_unet, make_vae, scheduler_config
+    from components.toy.tokenizer import save_toy_tokenizer
 
     torch.manual_seed(seed)
     b = load_config("smoke").bootstrap
@@ -51,7 +51,7 @@ def write_smoke_models(out: Path, seed: int = 0) -> dict:
 
 
 def write_smoke_encoder(cfg: Config, out: Path, seed: int = 1) -> Path:
-    from components.encoder import FrozenBase, TuningEncoder
+    from components.model.encoder import FrozenBase, TuningEncoder
 
     torch.manual_seed(seed)
     TuningEncoder.for_base(cfg.encoder, FrozenBase.load(cfg)).save_pretrained(out)
@@ -87,7 +87,7 @@ def isolated_store(tmp: Path) -> str:
     (MLflow's default artifact root, ./mlruns, would be the repository)."""
     from mlflow import MlflowClient
 
-    from components.registry import EXPERIMENT
+    from components.serving.registry import EXPERIMENT
 
     uri = f"sqlite:///{tmp}/mlflow.db"
     MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(tmp / "artifacts").as_uri())

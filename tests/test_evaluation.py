@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from components import toy_world as tw
+from components.toy import world as tw
 from components.config import load_config
 from components.errors import UserError
 from smoke_models import smoke_setup, write_smoke_encoder
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """Smoke models + encoder, a prepared smoke toy world, and a config whose outputs stay under tmp."""
-    from components.prepare import prepare
+    from components.data.prepare import prepare
 
     tmp = tmp_path_factory.mktemp("evaluation")
     config_file, cfg, encoder = smoke_setup(tmp)
@@ -53,8 +53,8 @@ def png(image: Image.Image) -> bytes:
 
 # --- metrics --------------------------------------------------------------------------------------
 def test_metrics_on_known_inputs():
-    from components.base_model import load_clip
-    from components.metrics import ClipMetrics, mean_ci, strip_placeholder
+    from components.model.base import load_clip
+    from components.evaluation.metrics import ClipMetrics, mean_ci, strip_placeholder
 
     assert strip_placeholder("S* on a beach") == "on a beach"
     assert strip_placeholder("a sketch of S* at night") == "a sketch of at night"
@@ -80,8 +80,8 @@ def test_metrics_on_known_inputs():
 
 
 def test_findings_are_computed_from_the_numbers_and_pair_shared_samples():
-    from components.evaluation import MethodResult
-    from components.report import compare
+    from components.evaluation.harness import MethodResult
+    from components.evaluation.report import compare
 
     spread = [0.1, 0.5, 0.9, 0.3]  # concept-to-concept spread that both methods share
     concepts = ["a", "b", "c", "d"]
@@ -97,8 +97,8 @@ def test_findings_are_computed_from_the_numbers_and_pair_shared_samples():
 
 
 def test_blend_sweep_changes_the_default_only_beyond_the_noise():
-    from components.ablation import choose_alpha
-    from components.evaluation import MethodResult
+    from components.evaluation.ablate import choose_alpha
+    from components.evaluation.harness import MethodResult
 
     cfg = load_config("toy")  # default blend 0.5
     concepts = ["a", "b", "c", "d"]
@@ -122,8 +122,8 @@ def test_blend_sweep_changes_the_default_only_beyond_the_noise():
 def toy_pretraining_data(tmp_path: Path):
     """The toy config whose pre-training data exists: the workspace's DVC outputs, or (on a fresh
     clone, as in CI) the same stages run into tmp_path (about a minute)."""
-    from components.prepare import prepare
-    from components.toy_world import write_toy_world
+    from components.data.prepare import prepare
+    from components.toy.world import write_toy_world
 
     cfg = load_config("toy")
     if (ROOT / cfg.pretrain.data / "manifest.parquet").is_file() and (ROOT / cfg.toy_world.out / "captions.csv").is_file():
@@ -141,7 +141,7 @@ def toy_pretraining_data(tmp_path: Path):
 
 
 def test_eval_set_is_held_out_of_pretraining_through_the_manifest(tmp_path):
-    from components.eval_set import check_held_out, load_eval_set, parse_concept, pretraining_looks
+    from components.evaluation.eval_set import check_held_out, load_eval_set, parse_concept, pretraining_looks
 
     cfg = toy_pretraining_data(tmp_path)
     prepared, raw = ROOT / cfg.pretrain.data, ROOT / cfg.toy_world.out
@@ -172,7 +172,7 @@ def test_eval_set_is_held_out_of_pretraining_through_the_manifest(tmp_path):
 
 
 def test_sd15_eval_set_needs_its_folder(tmp_path):
-    from components.eval_set import load_eval_set
+    from components.evaluation.eval_set import load_eval_set
 
     cfg = load_config("sd15")
     with pytest.raises(UserError, match="evaluate.concept_dir"):
@@ -241,7 +241,7 @@ def test_baseline_bad_input_is_one_line(smoke, tmp_path, capsys):
 
 # --- determinism ----------------------------------------------------------------------------------
 def test_same_seed_and_config_give_the_same_metrics(smoke):
-    from components.evaluation import load_harness
+    from components.evaluation.harness import load_harness
 
     _, cfg, _ = smoke
 
@@ -259,7 +259,7 @@ def test_same_seed_and_config_give_the_same_metrics(smoke):
 # --- evaluate and ablate --------------------------------------------------------------------------
 def seed_encoder_cache(cfg) -> list[Path]:
     """The re-trained variants' cache entries, as a previous run leaves them (random smoke weights)."""
-    from components.ablation import EVALUATE_RETRAINED, encoder_variant, retrain_steps, retrained_variants
+    from components.evaluation.ablate import EVALUATE_RETRAINED, encoder_variant, retrain_steps, retrained_variants
 
     dirs = []
     for overrides in [*EVALUATE_RETRAINED.values(), *retrained_variants(cfg).values()]:
@@ -298,8 +298,8 @@ def check_logged(client, result: dict, names: set[str]) -> list:
 def test_evaluate_and_ablate_log_nested_runs_and_reuse_cached_encoders(smoke, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from components.ablation import ablate
-    from components.evaluation import evaluate
+    from components.evaluation.ablate import ablate
+    from components.evaluation.harness import evaluate
 
     _, cfg, _ = smoke
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -335,8 +335,8 @@ def test_smoke_evaluate_and_ablate_train_their_variants_on_ray(smoke, tmp_path, 
     """The whole smoke grid from an empty cache: every re-trained variant is a real pretrain() run."""
     from mlflow import MlflowClient
 
-    from components.ablation import ablate
-    from components.evaluation import evaluate
+    from components.evaluation.ablate import ablate
+    from components.evaluation.harness import evaluate
 
     _, cfg, _ = smoke
     cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"cache": str(tmp_path / "cache")})})
@@ -360,7 +360,7 @@ def test_smoke_evaluate_and_ablate_train_their_variants_on_ray(smoke, tmp_path, 
 def test_markdown_table_prints_counts_as_integers():
     import pandas as pd
 
-    from components.report import markdown_table
+    from components.evaluation.report import markdown_table
 
     frame = pd.DataFrame({"identity": [0.13444, 0.5], "concepts": [10.0, 1.0]},
                          index=pd.Index(["ours", "lora-one-shot"], name="method"))

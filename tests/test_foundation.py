@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from components import palette
-from components import toy_world as tw
+from components.toy import palette
+from components.toy import world as tw
 from components.config import load_config
 from components.errors import UserError
 
@@ -58,7 +58,7 @@ def test_bad_config_names_the_key(tmp_path, body, key):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_bootstrap_on_cuda_without_a_gpu_is_refused_before_writing(tmp_path):
-    from components.bootstrap import bootstrap
+    from components.toy.bootstrap import bootstrap
 
     with pytest.raises(UserError, match="no CUDA device"):
         bootstrap(load_config("smoke", overrides={"bootstrap": {"device": "cuda"}}), str(tmp_path / "models"))
@@ -183,7 +183,7 @@ def test_base_holdout_combos_never_sampled_for_training():
 
 
 def test_toy_tokenizer_has_one_token_per_toy_word(tmp_path):
-    from components.toy_tokenizer import save_toy_tokenizer, toy_words
+    from components.toy.tokenizer import save_toy_tokenizer, toy_words
 
     tok = save_toy_tokenizer(tmp_path / "tok")
     for word in toy_words():
@@ -224,7 +224,7 @@ def test_missing_sd15_weights_is_one_line():
 
 
 def test_missing_toy_base_names_the_path(tmp_path):
-    from components.base_model import load_pipeline
+    from components.model.base import load_pipeline
 
     cfg = load_config("toy", overrides={"base": {"pretrained": str(tmp_path / "nothing")}})
     with pytest.raises(UserError, match="datencoder bootstrap"):
@@ -257,8 +257,8 @@ def test_stock_open_clip_loads_the_toy_clips():
 def test_metrics_clip_tells_colours_and_shapes_zero_shot():
     """Regression bound for the committed metrics CLIP (chance is 1/12). check-base measures the issue's
     target (90%) on 480 renders: 92.5% colour, 90.8% shape; on these 96: 90.6% and 93.8%."""
-    from components.base_model import load_clip
-    from components.check_base import zero_shot_accuracy
+    from components.model.base import load_clip
+    from components.evaluation.check_base import zero_shot_accuracy
 
     clip = load_clip(load_config("toy").base.metrics_clip)
     acc = zero_shot_accuracy(clip, tw.scenes_for_training(96, seed=12345), seed=12345)
@@ -275,7 +275,7 @@ def test_bootstrap_smoke_writes_loadable_models(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(r.stdout)
     assert report["params"]["unet"] > 0 and not list(tmp_path.glob(".bootstrap-*.partial"))
-    from components.base_model import load_clip, load_pipeline
+    from components.model.base import load_clip, load_pipeline
 
     cfg = load_config("smoke", overrides={"base": {
         "pretrained": str(tmp_path / "toy-base"),

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from components.config import load_config
-from components.dual_path import ConceptBatch
-from components.encoder import FrozenBase, TuningEncoder
+from components.model.dual_path import ConceptBatch
+from components.model.encoder import FrozenBase, TuningEncoder
 from components.errors import UserError
-from components.regularisers import contrastive_loss, embedding_regulariser, offsets_l2
+from components.model.regularisers import contrastive_loss, embedding_regulariser, offsets_l2
 
 PROMPTS = ["a photo of S* on a beach", "a sketch of S*", "two S* on grass"]
 
@@ -29,9 +29,9 @@ def base(cfg, tmp_path_factory):
     import open_clip
     from diffusers import DDPMScheduler
 
-    from components.backbone import ClipImageTower
-    from components.bootstrap import clip_model_config, make_text_encoder, make_unet, scheduler_config
-    from components.toy_tokenizer import save_toy_tokenizer
+    from components.model.backbone import ClipImageTower
+    from components.toy.bootstrap import clip_model_config, make_text_encoder, make_unet, scheduler_config
+    from components.toy.tokenizer import save_toy_tokenizer
 
     torch.manual_seed(0)
     tmp = tmp_path_factory.mktemp("base")
@@ -196,7 +196,7 @@ def test_per_sample_lora_batch_equals_each_sample_alone(encoder, base, alpha):
 
 
 def test_lora_delta_one_concept_shortcut_matches_the_batched_form():
-    from components.lora import lora_delta
+    from components.model.lora import lora_delta
 
     g = torch.Generator().manual_seed(0)
     x, a, b = torch.randn(4, 5, 8, generator=g), torch.randn(1, 8, 3, generator=g), torch.randn(1, 3, 6, generator=g)
@@ -236,7 +236,7 @@ def test_regulariser_variants():
 
 
 def test_sd15_target_discovery_and_hypernetwork_size():
-    from components.hypernetwork import targets_report
+    from components.model.hypernetwork import targets_report
 
     report = targets_report(load_config("sd15"))
     assert report["count"] == 96

@@ -17,8 +17,8 @@ import yaml
 from PIL import Image
 
 from components.errors import UserError
-from components.personalize import Personalizer, check_value, read_image
-from components.tuning import Concept, draw_timesteps
+from components.inference.engine import Personalizer, check_value, read_image
+from components.inference.tuning import Concept, draw_timesteps
 from smoke_models import isolated_store, smoke_setup, solid_png
 
 BLUE_ON_RED = solid_png((220, 40, 40), shape_rgb=(40, 80, 220))
@@ -100,8 +100,8 @@ def test_prompts_need_the_placeholder_and_fit(personalizer):
 
 # --- tuning and the cache -------------------------------------------------------------------------
 def test_tuning_starts_from_the_encoder_and_the_l2_pull_holds_it(smoke, personalizer):
-    from components.tuning import predict_concept, tune
-    from components.personalize import to_pixels
+    from components.inference.tuning import predict_concept, tune
+    from components.inference.engine import to_pixels
 
     _, cfg, _ = smoke
     pixels = to_pixels(read_image(BLUE_ON_RED, 10**8), personalizer.side)
@@ -141,7 +141,7 @@ def test_stratified_timesteps_cover_every_range_once():
 
 
 def test_a_plain_background_image_tunes_on_its_caption(personalizer):
-    from components.personalize import to_pixels
+    from components.inference.engine import to_pixels
 
     on_red = to_pixels(read_image(BLUE_ON_RED, 10**8), personalizer.side)
     caption = personalizer.base.prompts.tokenize(["S* on a red background"])
@@ -157,8 +157,8 @@ def test_a_plain_background_image_tunes_on_its_caption(personalizer):
 def test_gradient_checkpointing_saves_memory_without_changing_the_result(smoke, personalizer):
     """base.gradient_checkpointing (the sd15 default; benchmarks/gpu_check.py measures the memory) only
     recomputes activations: the tuned concept is the same."""
-    from components.personalize import to_pixels
-    from components.tuning import predict_concept, tune
+    from components.inference.engine import to_pixels
+    from components.inference.tuning import predict_concept, tune
 
     _, cfg, encoder = smoke
     checkpointed = Personalizer(cfg.model_copy(update={"base": cfg.base.model_copy(update={"gradient_checkpointing": True})}),
@@ -211,8 +211,8 @@ def test_export_is_reproduced_by_stock_diffusers(smoke, personalizer, tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from components.export import export_concept
-    from components.generate import generate
+    from components.inference.export import export_concept
+    from components.inference.generate import generate
 
     _, cfg, _ = smoke
     settings = personalizer.settings(tuning_steps=1, num_inference_steps=3)
@@ -324,7 +324,7 @@ def test_register_gates_the_champion_and_pyfunc_tunes_each_image_once(smoke, tmp
     from mlflow import MlflowClient
     from safetensors.torch import load_file, save_file
 
-    from components import registry
+    from components.serving import registry
 
     _, cfg, encoder = smoke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", isolated_store(tmp_path))

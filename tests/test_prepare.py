@@ -26,12 +26,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from components import prepare as prep
+from components.data import prepare as prep
 from components.cli import main as cli_main
 from components.config import PrepareConfig, S3Config, load_config
 from components.errors import UserError
-from components.prepare import data_version, prepare
-from components.toy_world import write_toy_world
+from components.data.prepare import data_version, prepare
+from components.toy.world import write_toy_world
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # datencoder, dvc and moto_server of this environment

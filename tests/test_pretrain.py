@@ -37,8 +37,8 @@ DATENCODER = str(Path(sys.executable).parent / "datencoder")
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> dict:
     """Random-weight smoke models in the real formats and a prepared smoke toy world."""
-    from components.prepare import prepare
-    from components.toy_world import write_toy_world
+    from components.data.prepare import prepare
+    from components.toy.world import write_toy_world
 
     tmp = tmp_path_factory.mktemp("pretrain-assets")
     overrides = write_smoke_models(tmp / "models")
@@ -96,7 +96,7 @@ def mlflow_client(uri: str):
 
 # --- units ----------------------------------------------------------------------------------------
 def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
-    from components.train_loop import lr_factor
+    from components.training.loop import lr_factor
 
     factors = [lr_factor(s, warmup=10, total=110) for s in range(110)]
     assert factors[0] == pytest.approx(0.1) and factors[4] == pytest.approx(0.5) and factors[9] == 1.0
@@ -108,7 +108,7 @@ def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
 def test_shards_partition_the_train_split_and_batches_are_pure(tmp_path):
     from PIL import Image
 
-    from components.train_loop import Shard
+    from components.training.loop import Shard
 
     rows = []
     for i in range(10):
@@ -131,9 +131,9 @@ def test_shards_partition_the_train_split_and_batches_are_pure(tmp_path):
 def test_plain_backgrounds_get_their_caption_and_the_rest_a_configured_prompt(tmp_path):
     from PIL import Image
 
-    from components import toy_world as tw
-    from components.placeholder import plain_background_prompts
-    from components.train_loop import Shard
+    from components.toy import world as tw
+    from components.model.placeholder import plain_background_prompts
+    from components.training.loop import Shard
 
     colours = ["red", "gray", "white"]
     for i, colour in enumerate(colours):
@@ -155,9 +155,9 @@ def test_plain_backgrounds_get_their_caption_and_the_rest_a_configured_prompt(tm
 
 
 def test_held_out_images_are_scored_under_the_prompt_they_would_train_with():
-    from components import toy_world as tw
-    from components.placeholder import plain_background_prompts
-    from components.train_loop import heldout_prompts, model_pixels
+    from components.toy import world as tw
+    from components.model.placeholder import plain_background_prompts
+    from components.training.loop import heldout_prompts, model_pixels
 
     scenes = [tw.Scene(tw.Concept("star", "red"), background_colour="blue"),
               tw.Scene(tw.Concept("ring", "white"), background="beach")]
@@ -170,7 +170,7 @@ def test_held_out_images_are_scored_under_the_prompt_they_would_train_with():
 
 
 def test_run_name_keys_the_recipe_not_the_duration():
-    from components.pretrain import run_name
+    from components.training.pretrain import run_name
 
     cfg = load_config("smoke")
     same = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"max_steps": 99, "workers": 2})})
@@ -184,8 +184,8 @@ def test_run_name_keys_the_recipe_not_the_duration():
 def test_run_name_follows_the_base_weights_not_only_their_path(tmp_path):
     """A base re-bootstrapped in place gets new run names: no resuming, and no cached ablation variant,
     trained on the old weights."""
-    from components.base_model import base_fingerprint
-    from components.pretrain import run_name
+    from components.model.base import base_fingerprint
+    from components.training.pretrain import run_name
 
     base = tmp_path / "toy-base"
     (base / "unet").mkdir(parents=True)
@@ -220,9 +220,9 @@ def test_kuberay_manifests_submit_the_cli_entry_point_with_s3_storage():
 def test_two_workers_train_checkpoint_log_and_resume(assets, ray_cluster, mlflow_uri, tmp_path):
     from safetensors.torch import load_file
 
-    from components.encoder import TuningEncoder
-    from components.prepare import data_version
-    from components.pretrain import pretrain
+    from components.model.encoder import TuningEncoder
+    from components.data.prepare import data_version
+    from components.training.pretrain import pretrain
 
     cfg = load_config("smoke", overrides=smoke_overrides(assets, tmp_path))
     first = pretrain(cfg, workers=2, max_steps=4, checkpoint_every=2)
@@ -294,7 +294,7 @@ def registered_step(storage: Path) -> int:
 
 
 def test_killed_worker_resumes_from_last_checkpoint(assets, ray_cluster, mlflow_uri, tmp_path):
-    from components.pretrain import pretrain
+    from components.training.pretrain import pretrain
 
     every, total = 5, 40
     cfg = load_config("smoke", overrides=smoke_overrides(assets, tmp_path, eval_every=100))

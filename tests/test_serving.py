@@ -38,7 +38,7 @@ class Server:
     """`datencoder serve` for the champion of a fresh tracking store, in its own process group."""
 
     def __init__(self, tmp: Path, cfg, encoder: Path, config_file: Path | None = None):
-        from components import registry
+        from components.serving import registry
 
         self.store = isolated_store(tmp)
         self.tmpdir = tmp / "server-tmp"
@@ -161,7 +161,7 @@ def test_bad_requests_get_400_with_a_message_and_the_server_keeps_serving(server
 
 def test_concurrent_requests_do_not_leak_into_each_other(smoke, server):
     """Four different concepts at once: each response equals what that concept alone produces."""
-    from components.personalize import Personalizer
+    from components.inference.engine import Personalizer
 
     _, _, cfg, encoder = smoke
     colours = [(220, 40, 40), (40, 80, 220), (50, 170, 70), (240, 215, 40)]
@@ -185,8 +185,8 @@ def test_concurrent_requests_do_not_leak_into_each_other(smoke, server):
                     reason="needs the trained toy encoder models/toy-encoder (issue 5's `datencoder pretrain`); "
                            "an untrained encoder does not carry colour")
 def test_concurrent_requests_each_show_their_own_colour(tmp_path):
-    from components import toy_world as tw
-    from components.check_base import read_colours
+    from components.toy import world as tw
+    from components.evaluation.check_base import read_colours
 
     cfg = load_config("toy")
     server = Server(tmp_path, cfg, TOY_ENCODER)

@@ -1,0 +1,186 @@
+"""Automatic ablations (paper section 6.3): each variant a nested MLflow run under one `ablate` run.
+
+    ablate(cfg) -> {"methods": {variant: {...}}, "alpha_blend": {"chosen": a, ...}, "findings", ...}
+
+Variants that change what the encoder learns (the regulariser, dual path in training, no hypernetwork)
+are short pre-training runs (components/training/pretrain.py, `evaluate.retrain_steps` steps) compared with the
+default recipe trained exactly as long (`reg-contrastive`), since a 100-step encoder against the committed
+1000-step one would measure training length, not the ablation. Trained encoders are cached under
+`evaluate.cache`, keyed by pre-training's own run name (the base weights' fingerprint, encoder, data version, recipe)
+and length, so a re-run, or `evaluate` after `ablate`, skips the training. Variants that change only the tuning
+(no tuning, no dual path in tuning, embedding only, hyper-weights only, the blend sweep) reuse the
+committed encoder (`personalize.encoder`).
+
+The blend sweep picks the alpha with the highest combined score (the mean of identity and prompt
+similarity, equal weights), but keeps the config's value unless the leader beats it beyond the paired
+noise; it is reported, not written into the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from components import tracking
+from components.config import Config
+
+log = logging.getLogger(__name__)
+
+# evaluate's re-trained variants of ours: name -> encoder overrides (ours-short: the default recipe, as short)
+EVALUATE_RETRAINED: dict[str, dict] = {
+    "ours-short": {},
+    "ours-no-reg": {"regulariser": "none"},
+    "ours-nn-cosine": {"regulariser": "nn-cosine"},
+    "ours-no-hypernet": {"use_hypernetwork": False},
+}
+
+
+def retrain_steps(cfg: Config) -> int:
+    e = cfg.evaluate
+    return e.full_retrain_steps if e.full else e.retrain_steps
+
+
+def encoder_variant(cfg: Config, overrides: dict, steps: int) -> tuple[Config, Path]:
+    """The pre-training config of a variant and where its trained encoder is cached."""
+    from components.data.prepare import data_version
+    from components.training.pretrain import run_name
+
+    variant = cfg.model_copy(update={"encoder": cfg.encoder.model_copy(update=overrides)})
+    variant = variant.model_copy(update={"pretrain": variant.pretrain.model_copy(update={
+        # a short run warms up for at most a tenth of its length, not the full recipe's 50 steps
+        "warmup_steps": min(cfg.pretrain.warmup_steps, max(1, steps // 10))})})
+    key = f"{run_name(variant, data_version(cfg.pretrain.data))}-{steps}"
+    out = Path(cfg.evaluate.cache) / key
+    variant = variant.model_copy(update={"pretrain": variant.pretrain.model_copy(update={
+        "out": str(out / "encoder"), "storage": str(out / "checkpoints"), "max_steps": steps})})
+    return variant, out / "encoder"
+
+
+@contextlib.contextmanager
+def training_session(cfg: Config) -> Iterator[Callable[[str, dict, str | None], Path]]:
+    """Yields train(name, encoder overrides, parent run id) -> encoder directory, cached; Ray is started
+    once, on the first variant that needs training, and stopped at the end if this session started it."""
+    from components.training.pretrain import connect, pretrain
+
+    started_ray = False
+    steps = retrain_steps(cfg)
+
+    def train(name: str, overrides: dict, parent_run_id: str | None) -> Path:
+        nonlocal started_ray
+        variant, encoder_dir = encoder_variant(cfg, overrides, steps)
+        if (encoder_dir / "config.json").is_file() and (encoder_dir / "model.safetensors").is_file():
+            log.info("%s: cached encoder %s", name, encoder_dir)
+            return encoder_dir
+        log.info("%s: pre-training a %d-step encoder (%s)", name, steps, overrides or "default recipe")
+        if not started_ray:
+            started_ray = connect(None)
+        pretrain(variant, parent_run_id=parent_run_id)
+        return encoder_dir
+
+    try:
+        yield train
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def tuning_variants(cfg: Config) -> dict[str, Config]:
+    """Variants that only change tuning or generation, on the committed encoder."""
+    from components.evaluation.harness import variant_config
+
+    variants = {
+        "no-tuning": variant_config(cfg, personalize={"steps": 0}),
+        "no-dual-path-tune": variant_config(cfg, encoder={"dual_path": False}),
+        "tune-embedding-only": variant_config(cfg, personalize={"tune_parts": "embedding"}),
+        "tune-weights-only": variant_config(cfg, personalize={"tune_parts": "weights"}),
+    }
+    for alpha in cfg.ablate.alpha_blends:
+        variants[f"alpha-{alpha:g}"] = variant_config(cfg, encoder={"alpha_blend_tune": alpha, "dual_path": True},
+                                                      personalize={"alpha_blend": None})
+    return variants
+
+
+def retrained_variants(cfg: Config) -> dict[str, dict]:
+    variants = {f"reg-{r}": {"regulariser": r} for r in cfg.ablate.regularisers}
+    variants["reg-contrastive"] = {"regulariser": "contrastive"}  # the reference of every re-trained variant
+    variants["no-dual-path-train"] = {"dual_path": False}
+    variants["no-hypernet"] = {"use_hypernetwork": False}
+    return variants
+
+
+def choose_alpha(cfg: Config, results: dict) -> dict:
+    """The blend with the highest combined score; it displaces the config's default only when it beats the
+    default beyond the paired 95% noise (as components/evaluation/report.py judges the paper's findings): a lead inside
+    the noise of a few concepts is no reason to change a default."""
+    from components.evaluation.report import COMBINED, compare, metric_values
+
+    sweep = {float(name.removeprefix("alpha-")): r for name, r in results.items() if name.startswith("alpha-")}
+    scores = {a: float(np.mean(metric_values(r, COMBINED))) for a, r in sweep.items()}
+    default = cfg.encoder.alpha_blend_tune
+    best = max(scores.values())
+    leader = min((a for a, s in scores.items() if s == best), key=lambda a: abs(a - default))
+    verdict = compare("", "", sweep[leader], sweep[default], COMBINED) if leader != default and default in sweep else None
+    chosen = default if verdict is not None and verdict["status"] != "reproduced" else leader
+    return {"chosen": chosen, "best": leader, "config_default": default,
+            "scores": {f"{a:g}": round(s, 5) for a, s in scores.items()},
+            "lead_over_default": None if verdict is None else {"change_pct": verdict["change_pct"],
+                                                               "noise": verdict["noise"]},
+            "criterion": "highest mean of identity and prompt similarity (equal weights); it replaces the default "
+                         "only when it beats it beyond the paired 95% noise",
+            "change_default": chosen != default}
+
+
+# (claim, paper, better, worse, metric) as in components/evaluation/report.py; re-trained variants against reg-contrastive
+ABLATION_CLAIMS = [
+    ("tuning raises identity", "about +20%", "ours", "no-tuning", "identity"),
+    ("dual path during tuning raises prompt alignment", "about +30%", "ours", "no-dual-path-tune", "prompt"),
+    ("dual path during training helps", "part of the method", "reg-contrastive", "no-dual-path-train", "combined"),
+    ("the hypernetwork helps prompt alignment", "prompt alignment drops without it", "reg-contrastive", "no-hypernet",
+     "prompt"),
+    ("tuning both parts beats the embedding only", "(our ablation)", "ours", "tune-embedding-only", "combined"),
+    ("tuning both parts beats the hyper-weights only", "(our ablation)", "ours", "tune-weights-only", "combined"),
+    ("contrastive regularisation beats none", "without it prompt words are ignored", "reg-contrastive", "reg-none",
+     "combined"),
+    ("contrastive regularisation beats nearest-neighbour pull", "NN pull collapses modes", "reg-contrastive",
+     "reg-nn-cosine", "combined"),
+    ("contrastive regularisation beats L2 only", "contrastive is best", "reg-contrastive", "reg-l2", "combined"),
+]
+
+
+def ablate(cfg: Config, parent_run_id: str | None = None) -> dict:
+    """Run the ablation grid (module docstring); returns the report the CLI prints."""
+    from components.evaluation import report
+    from components.evaluation.harness import StageRun, load_harness
+
+    a = cfg.ablate
+    harness = load_harness(cfg)
+    with StageRun(cfg, a.experiment, "ablate", parent_run_id) as run:
+        p = harness.personalizer
+        # the sweep point that is ours' own setting is not run twice
+        same_as_ours = (f"alpha-{cfg.encoder.alpha_blend_tune:g}"
+                        if cfg.encoder.dual_path and cfg.personalize.alpha_blend is None else None)
+        run.add(harness.ours("ours", limit=a.concepts), {"encoder": cfg.personalize.encoder})
+        for name, variant in tuning_variants(cfg).items():
+            if name == same_as_ours:
+                run.add(replace(run.results["ours"], name=name), {"same_as": "ours"})
+                continue
+            run.add(harness.ours(name, p.variant(variant), a.concepts), {"encoder": cfg.personalize.encoder})
+        with training_session(cfg) as train:
+            for name, overrides in retrained_variants(cfg).items():
+                encoder_dir = train(name, overrides, run.run_id)
+                run.add(harness.ours(name, p.variant(cfg, encoder_dir), a.concepts),
+                        {"encoder": str(encoder_dir), "retrain_steps": retrain_steps(cfg), **overrides})
+        alpha = choose_alpha(cfg, run.results)
+        tracking.log_metrics(run.client, run.run_id, {"alpha_blend_chosen": alpha["chosen"]}, step=0)
+        extra = (f"## Blend sweep\n\nchosen alpha_blend = {alpha['chosen']:g} (config: {alpha['config_default']:g}; "
+                 f"best: {alpha['best']:g}, lead over the default: {alpha['lead_over_default']}); "
+                 f"criterion: {alpha['criterion']}; scores: {alpha['scores']}")
+        result = run.report("Ablations", a.out, report.findings_from(run.results, ABLATION_CLAIMS), extra)
+    return {**result, "alpha_blend": alpha}

@@ -1,0 +1,357 @@
+"""One-shot personalisation: the stage function behind the CLI, the MLflow pyfunc and the Prefect task.
+
+    personalizer = Personalizer(cfg, "models/toy-encoder")
+    result = personalizer.run(image_bytes, ["S* on a beach"], personalizer.settings(seed=3))
+
+A request is: read and check the image, encoder forward (v* and LoRA factors), at most `steps` tuning
+steps (components/inference/tuning.py), then sampling (components/inference/generate.py). The tuned concept is a small
+state applied per UNet call; the base weights are only read, so one Personalizer serves concurrent
+requests. Tuned concepts are cached by (image hash, tuning settings): a second request with the same
+image skips the encoder and the tuning. Tuning noise is seeded from the image hash, so the concept is a
+function of the image and the settings alone, and the generation seed only picks the samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import logging
+import re
+import resource
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from components.config import Config
+from components.errors import UserError
+from components.inference.generate import SCHEDULERS, generate
+from components.model.placeholder import plain_background_index, plain_background_prompts
+from components.progress import Progress
+from components.inference.tuning import Concept, predict_concept, tune
+
+log = logging.getLogger(__name__)
+
+# per-request parameters: (type, lower bound, upper bound); the same names as the pyfunc's params
+PARAM_LIMITS: dict[str, tuple[type, float, float]] = {
+    "tuning_steps": (int, 0, 100),
+    "num_images": (int, 1, 16),
+    "seed": (int, 0, 2**63 - 1),
+    "guidance_scale": (float, 1.0, 50.0),
+    "num_inference_steps": (int, 1, 1000),
+    "alpha_blend": (float, 0.0, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one request may choose (validated by `Personalizer.settings`)."""
+
+    tuning_steps: int
+    num_images: int
+    seed: int
+    guidance_scale: float
+    num_inference_steps: int
+    alpha_blend: float
+    scheduler: str  # the config's unless the CLI names one; not a pyfunc param
+    guidance_rescale: float  # the config's (personalize.guidance_rescale), not a per-request choice
+
+
+@dataclass
+class GeneratedImage:
+    prompt: str
+    seed: int
+    pixels: np.ndarray  # uint8 HxWx3
+
+    def png(self) -> bytes:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(self.pixels).save(buf, format="PNG")
+        return buf.getvalue()
+
+
+@dataclass
+class Result:
+    images: list[GeneratedImage]
+    concept: Concept
+    image_sha256: str
+    cached: bool
+    timings: dict[str, float]
+
+
+def check_value(name: str, value: Any) -> int | float:
+    """One request parameter, type- and range-checked; UserError names it and its limits."""
+    if name not in PARAM_LIMITS:
+        raise UserError(f"unknown parameter {name!r}; known: {', '.join(PARAM_LIMITS)}")
+    kind, low, high = PARAM_LIMITS[name]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise UserError(f"{name} must be a number, got {value!r}")
+    if kind is int:
+        if float(value) != int(value):
+            raise UserError(f"{name} must be an integer, got {value!r}")
+        value = int(value)
+    else:
+        value = float(value)
+    if not low <= value <= high:
+        raise UserError(f"{name} must be between {low:g} and {high:g}, got {value!r}")
+    return value
+
+
+def read_image(data: bytes, max_pixels: int):
+    """Decode and check an uploaded image; a UserError says what is wrong with it. Returns RGB PIL."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise UserError("the image is empty (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UserError("the image bytes are not an image in a format we read (PNG, JPEG, WebP, ...)") from None
+    except Image.DecompressionBombError:
+        raise UserError(f"the image is too large (limit {max_pixels / 1e6:g} megapixels)") from None
+    except (OSError, SyntaxError, ValueError) as e:  # a header cut short
+        raise UserError(f"the image data is truncated or corrupt ({e})") from None
+    width, height = image.size  # from the header: refuse before decoding
+    if width * height > max_pixels:
+        raise UserError(f"the image is {width}x{height} = {width * height / 1e6:.1f} megapixels; "
+                        f"the limit is {max_pixels / 1e6:g}")
+    if width == 0 or height == 0:
+        raise UserError("the image has no pixels")
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"the image data is truncated or corrupt ({e})") from None
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        # transparent areas become white, as the image would show on a page
+        rgba = image.convert("RGBA")
+        image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image.alpha_composite(rgba)
+    return image.convert("RGB")
+
+
+def to_pixels(image, side: int) -> torch.Tensor:
+    """Centre square crop, resized to the base's resolution: (1, 3, side, side) in [-1, 1]."""
+    from PIL import Image, ImageOps
+
+    square = ImageOps.fit(image, (side, side), method=Image.Resampling.BICUBIC)
+    array = np.asarray(square, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+class ConceptCache:
+    """LRU of tuned concepts; a key being tuned by one thread makes the others wait for it."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict[tuple, Concept] = OrderedDict()
+        self._lock = threading.Lock()
+        self._in_flight: dict[tuple, threading.Lock] = {}
+        self.hits = self.misses = 0
+
+    def get_or_make(self, key: tuple, make) -> tuple[Concept, bool]:
+        """(concept, was cached)."""
+        with self._lock:
+            key_lock = self._in_flight.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._items:
+                    self._items.move_to_end(key)
+                    self.hits += 1
+                    return self._items[key], True
+                self.misses += 1
+            concept = make()
+            with self._lock:
+                if self.size > 0:
+                    self._items[key] = concept
+                    while len(self._items) > self.size:
+                        self._items.popitem(last=False)
+                self._in_flight.pop(key, None)
+            return concept, False
+
+
+class Personalizer:
+    """A loaded base + encoder that personalises images on request (thread-safe)."""
+
+    def __init__(self, cfg: Config, encoder_dir: str | Path):
+        from components.model.base import load_pipeline
+        from components.model.encoder import FrozenBase, TuningEncoder
+
+        self.cfg = cfg
+        self.pipe = load_pipeline(cfg.base)
+        self.base = FrozenBase.load(cfg, self.pipe)  # shares the pipeline's UNet and text encoder
+        self.encoder = TuningEncoder.from_pretrained(encoder_dir, self.base).eval().requires_grad_(False)
+        self.side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.cache = ConceptCache(cfg.personalize.cache_size)
+        tuning_prompts = cfg.personalize.prompts
+        self.tuning_ids = self.base.prompts.tokenize(tuning_prompts)  # fails early on a prompt without S*
+        self.background_ids = self.base.prompts.tokenize(plain_background_prompts())
+
+    def variant(self, cfg: Config, encoder_dir: str | Path | None = None) -> Personalizer:
+        """A Personalizer over the same loaded base with another config (tuning settings, blend) and
+        optionally another encoder: the evaluation's variants without reloading the base each time.
+        The base config must be the same; the variant gets its own concept cache."""
+        from components.model.encoder import TuningEncoder
+
+        if cfg.base != self.cfg.base:
+            raise ValueError("a variant must share the base model")
+        other = copy.copy(self)
+        other.cfg = cfg
+        other.cache = ConceptCache(cfg.personalize.cache_size)
+        other.tuning_ids = self.base.prompts.tokenize(cfg.personalize.prompts)
+        if encoder_dir is not None:
+            other.encoder = TuningEncoder.from_pretrained(encoder_dir, self.base).eval().requires_grad_(False)
+        return other
+
+    def settings(self, scheduler: str | None = None, **given: Any) -> Settings:
+        """Request settings: `given` (names of PARAM_LIMITS) checked, the rest from the config."""
+        p = self.cfg.personalize
+        values = {"tuning_steps": p.steps, "num_images": p.num_images, "seed": p.seed,
+                  "guidance_scale": p.guidance_scale, "num_inference_steps": p.num_inference_steps,
+                  "alpha_blend": p.alpha_blend if p.alpha_blend is not None else self.tuning_alpha}
+        values.update({name: check_value(name, value) for name, value in given.items() if value is not None})
+        scheduler = scheduler or p.scheduler
+        if scheduler not in SCHEDULERS:
+            raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        return Settings(**values, scheduler=scheduler, guidance_rescale=p.guidance_rescale)
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Bad prompts fail before any work: no S*, or longer than the text encoder takes (stock pipelines
+        would silently cut the end off)."""
+        tokenizer = self.base.prompts.tokenizer
+        for prompt in prompts:
+            length = len(tokenizer(prompt).input_ids)
+            if length > tokenizer.model_max_length:
+                raise UserError(f"prompt {prompt[:60]!r}... is too long: {length} tokens, the text encoder takes "
+                                f"{tokenizer.model_max_length} (start and end included)")
+        self.base.prompts.tokenize(prompts)
+
+    @property
+    def tuning_alpha(self) -> float:
+        e = self.cfg.encoder
+        return e.alpha_blend_tune if e.dual_path else 1.0
+
+    def tuning_prompt_ids(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The configured tuning prompts or, with caption_plain_backgrounds and a plain background, its caption."""
+        row = plain_background_index(pixels)[0] if self.cfg.personalize.caption_plain_backgrounds else None
+        return self.tuning_ids if row is None else self.background_ids[row:row + 1]
+
+    def concept(self, image, digest: str, steps: int) -> tuple[Concept, bool, dict[str, float]]:
+        """The tuned concept for a checked PIL image with sha256 `digest` (cached)."""
+        p = self.cfg.personalize
+        key = (digest, steps, p.lr, p.l2_weight, p.views, tuple(p.prompts), p.caption_plain_backgrounds,
+               p.encoder_timestep, self.tuning_alpha, p.tune_parts, p.timestep_sampling)
+        timings = {"encoder_s": 0.0, "tune_s": 0.0}
+
+        def make() -> Concept:
+            pixels = to_pixels(image, self.side)
+            generator = torch.Generator().manual_seed(int(digest[:15], 16))
+            t0 = time.perf_counter()
+            start = predict_concept(self.encoder, self.pipe.vae, pixels, p.encoder_timestep, generator)
+            t1 = time.perf_counter()
+            progress = Progress("tune", steps, every_s=2.0)
+            tuned = tune(self.base, self.pipe.vae, start, pixels, self.tuning_prompt_ids(pixels), steps, p.lr,
+                         p.l2_weight, p.views, self.tuning_alpha, generator,
+                         on_step=lambda i, loss: progress.update(i, loss=loss), parts=p.tune_parts,
+                         timesteps=p.timestep_sampling)
+            timings.update(encoder_s=t1 - t0, tune_s=time.perf_counter() - t1)
+            return tuned
+
+        concept, cached = self.cache.get_or_make(key, make)
+        return concept, cached, timings
+
+    def run(self, image_bytes: bytes, prompts: list[str], settings: Settings) -> Result:
+        started = time.perf_counter()
+        if not prompts:
+            raise UserError("give at least one prompt containing S*")
+        self.check_prompts(prompts)
+        image = read_image(image_bytes, self.cfg.personalize.max_pixels)
+        digest = hashlib.sha256(image_bytes).hexdigest()
+        concept, cached, timings = self.concept(image, digest, settings.tuning_steps)
+        if cached:
+            log.info("concept %s from the cache: no tuning", digest[:12])
+        t0 = time.perf_counter()
+        seeds = [settings.seed + i for i in range(settings.num_images)]
+        images = []
+        for n, prompt in enumerate(prompts, 1):
+            log.info("sampling %d image(s) for prompt %d/%d: %r", len(seeds), n, len(prompts), prompt)
+            arrays = generate(self.pipe, self.base.prompts, concept, [prompt] * len(seeds), seeds,
+                              settings.guidance_scale, settings.num_inference_steps, settings.scheduler,
+                              settings.alpha_blend, guidance_rescale=settings.guidance_rescale)
+            images += [GeneratedImage(prompt, seed, a) for seed, a in zip(seeds, arrays)]
+        timings["sample_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - started
+        return Result(images, concept, digest, cached, {k: round(v, 3) for k, v in timings.items()})
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def load_personalizer(cfg: Config, model: str | None = None) -> tuple[Personalizer, str]:
+    """The Personalizer for `model`: an MLflow model URI, an encoder directory, or by default the registered
+    champion when the tracking store has one, else `personalize.encoder`. Returns it and what was loaded."""
+    from components.serving import registry
+
+    if model is None:
+        model = registry.champion_uri() or cfg.personalize.encoder
+        if not registry.is_model_uri(model) and not Path(model).is_dir():
+            raise UserError(f"no encoder to personalise with: the MLflow store has no {registry.MODEL_NAME}@"
+                            f"{registry.ALIAS} and {model} does not exist; run the pipeline first "
+                            f"(`datencoder pretrain`, then `datencoder register`), or pass --model")
+    if registry.is_model_uri(model):
+        return registry.load_pyfunc_personalizer(model), model
+    if not (Path(model) / "config.json").is_file():
+        raise UserError(f"--model {model}: not an MLflow model URI nor an encoder directory (no config.json)")
+    return Personalizer(cfg, model), model
+
+
+def slug(text: str, length: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower().replace("s*", "concept")).strip("-")[:length] or "image"
+
+
+def read_image_file(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read image {path}: {e.strerror}") from None
+
+
+def personalize(cfg: Config, image: str, prompts: list[str], model: str | None = None, out: str | None = None,
+                export: str | None = None, scheduler: str | None = None, **params: Any) -> dict:
+    """The stage: personalise `image` for `prompts`, write PNGs to `out` (and the concept to `export`)."""
+    image_bytes = read_image_file(image)
+    personalizer, loaded = load_personalizer(cfg, model)
+    settings = personalizer.settings(scheduler=scheduler, **params)
+    result = personalizer.run(image_bytes, prompts, settings)
+    out_dir = Path(out or cfg.personalize.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i, generated in enumerate(result.images):
+        path = out_dir / f"{result.image_sha256[:8]}-{i:02d}-{slug(generated.prompt)}-{generated.seed}.png"
+        path.write_bytes(generated.png())
+        images.append({"path": str(path), "prompt": generated.prompt, "seed": generated.seed})
+    report = {
+        "model": loaded,
+        "images": images,
+        "seed": settings.seed,
+        "settings": asdict(settings),
+        "cached": result.cached,
+        "generation": {"num_inference_steps": settings.num_inference_steps, "guidance_scale": settings.guidance_scale,
+                       "guidance_rescale": settings.guidance_rescale, "scheduler": SCHEDULERS[settings.scheduler],
+                       "alpha_blend": settings.alpha_blend},
+        "timings": result.timings,
+    }
+    if export:
+        from components.inference.export import export_concept
+
+        report["export"] = export_concept(result.concept, export, token=f"<concept-{result.image_sha256[:8]}>")
+    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    return report

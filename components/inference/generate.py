@@ -1,0 +1,58 @@
+"""Sampling a personalised concept with classifier-free guidance on the base pipeline.
+
+The base `StableDiffusionPipeline` does the sampling; we hand it the soft prompt embeddings (v* at
+S*) and the concept through `cross_attention_kwargs`. Each call gets its own pipeline object over the
+shared modules with a fresh scheduler built from the base pipeline's scheduler config: a pipeline's
+`__call__` keeps per-call state on itself (the scheduler's timesteps, the guidance scale), so
+sharing one object between concurrent requests would mix them up. The modules are only read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from components.model.dual_path import condition
+from components.inference.tuning import Concept
+
+# --scheduler name -> diffusers class
+SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
+
+
+def make_scheduler(pipe, name: str):
+    """A fresh sampler on the base pipeline's scheduler config (betas, prediction type, spacing)."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    return getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+
+
+def private_pipeline(pipe, scheduler: str):
+    """A pipeline over `pipe`'s modules with its own scheduler (see the module docstring)."""
+    from diffusers import StableDiffusionPipeline
+
+    components = {**pipe.components, "scheduler": make_scheduler(pipe, scheduler)}
+    run = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    run.set_progress_bar_config(disable=True)
+    return run
+
+
+@torch.no_grad()
+def generate(pipe, prompts_encoder, concept: Concept, prompts: list[str], seeds: list[int], guidance_scale: float,
+             num_inference_steps: int, scheduler: str, alpha: float, *, guidance_rescale: float) -> list[np.ndarray]:
+    """One uint8 HxWx3 image per (prompt, seed); image i starts from torch.Generator().manual_seed(seeds[i]),
+    so it equals a stock pipeline call for that prompt alone with that seed (and the same `guidance_rescale`)."""
+    n = len(prompts)
+    ids = prompts_encoder.tokenize(prompts)
+    v_star, factors = concept.repeat(n)
+    soft, batch = condition(prompts_encoder, ids, v_star, factors, concept.scale, alpha)
+    uncond = prompts_encoder.encode(prompts_encoder.tokenize([""] * n, require_placeholder=False))
+    guided = guidance_scale > 1  # diffusers skips the unconditional rows otherwise
+    images = private_pipeline(pipe, scheduler)(
+        prompt_embeds=soft, negative_prompt_embeds=uncond if guided else None, guidance_scale=guidance_scale,
+        guidance_rescale=guidance_rescale, num_inference_steps=num_inference_steps,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="np", cross_attention_kwargs={"concept": batch.with_guidance(uncond) if guided else batch},
+    ).images
+    return [np.round(image * 255).astype(np.uint8) for image in images]

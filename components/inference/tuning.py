@@ -1,0 +1,152 @@
+"""Inference-time tuning (paper section 4.3): a few steps on one image, starting from the encoder.
+
+The encoder predicts v* and LoRA factors for the image; we then optimise exactly those tensors (not
+the encoder, not the base) for at most a dozen steps of the denoising loss (Eq. 1) on lightly
+augmented views of the single image, with an L2 pull toward the encoder's prediction so that a
+dozen steps of lr 2e-3 refine the concept instead of overfitting one photo. The result is a
+`Concept`: a small state applied per UNet call, never written into the base weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from components.model.dual_path import Factors
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One personalised concept: v* (1, D) and factors {target: (A (1, Din, r), B (1, r, Dout))};
+    `scale` is the constant s of W + s * A @ B."""
+
+    v_star: Tensor
+    factors: Factors | None
+    scale: float
+
+    def repeat(self, n: int) -> tuple[Tensor, Factors | None]:
+        """v* for a batch of n rows of this concept (views, or images to generate) and its factors.
+
+        The factors stay one concept's (N = 1): every row of a ConceptBatch uses concept j % N, so they
+        apply to all n rows, through plain matmuls instead of the batched einsums of N = n."""
+        return self.v_star.expand(n, -1), self.factors
+
+    def tensors(self) -> list[Tensor]:
+        return [self.v_star, *(t for ab in (self.factors or {}).values() for t in ab)]
+
+    def with_tensors(self, tensors: list[Tensor]) -> Concept:
+        """This concept with `tensors` in place of `self.tensors()` (same order and shapes)."""
+        factors = None if self.factors is None else {
+            name: (tensors[1 + 2 * i], tensors[2 + 2 * i]) for i, name in enumerate(self.factors)}
+        return Concept(tensors[0], factors, self.scale)
+
+    def detached(self) -> Concept:
+        factors = None if self.factors is None else {
+            name: (a.detach().clone(), b.detach().clone()) for name, (a, b) in self.factors.items()}
+        return Concept(self.v_star.detach().clone(), factors, self.scale)
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: Tensor) -> Tensor:
+    """Scaled VAE latents (the distribution's mean: tuning should not learn the VAE's sampling noise)."""
+    return vae.encode(pixels.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def predict_concept(encoder, vae, pixels: Tensor, timestep: int, generator: torch.Generator) -> Concept:
+    """The encoder's concept for one image (pixels (1, 3, H, W) in [-1, 1]) from its latent noised to `timestep`."""
+    latents = encode_latents(vae, pixels)
+    t = torch.tensor([timestep], device=latents.device)
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    noisy, _ = encoder.base.noised(latents, noise, t)
+    v_star, factors = encoder.predict(pixels, noisy, t)
+    return Concept(v_star, factors, encoder.config.lora_scale)
+
+
+def augment(pixels: Tensor, n: int, generator: torch.Generator, min_crop: float = 0.85) -> Tensor:
+    """n light views of one image: a random square crop of 85-100% of the side, resized back.
+    No flips or colour changes: orientation and colour are part of a concept's identity."""
+    side = pixels.shape[-1]
+    views = []
+    for _ in range(n):
+        crop = int(round(side * (min_crop + (1 - min_crop) * torch.rand((), generator=generator).item())))
+        top, left = (int(torch.randint(0, side - crop + 1, (), generator=generator)) for _ in range(2))
+        view = pixels[..., top:top + crop, left:left + crop]
+        views.append(F.interpolate(view, size=(side, side), mode="bilinear", align_corners=False, antialias=True))
+    return torch.cat(views)
+
+
+TUNE_PARTS = ("all", "embedding", "weights")
+TIMESTEP_SAMPLING = ("stratified", "uniform")
+
+
+def draw_timesteps(steps: int, views: int, train_steps: int, generator: torch.Generator,
+                   sampling: str = "stratified") -> Tensor:
+    """The (steps, views) diffusion timesteps of a tuning run.
+
+    uniform: each independently from [0, train_steps). stratified: view i of every step draws from the
+    i-th of `views` equal ranges, and over the run it visits each of `steps` sub-ranges of that range once,
+    in random order: a low-discrepancy sampler (as VDM's, Kingma et al. 2021) that lowers the variance of a
+    dozen gradients of one image (every step sees the whole noise range; the run covers it evenly)."""
+    if sampling == "uniform":
+        return torch.randint(0, train_steps, (steps, views), generator=generator)
+    if sampling != "stratified":
+        raise ValueError(f"unknown timestep sampling {sampling!r}; choose one of {', '.join(TIMESTEP_SAMPLING)}")
+    visits = torch.stack([torch.randperm(steps, generator=generator) for _ in range(views)], dim=1)
+    within = (visits + torch.rand((steps, views), generator=generator)) / steps
+    return ((torch.arange(views) + within) / views * train_steps).long().clamp(max=train_steps - 1)
+
+
+def tune(base, vae, start: Concept, pixels: Tensor, prompt_ids: Tensor, steps: int, lr: float, l2_weight: float,
+         views: int, alpha: float, generator: torch.Generator,
+         on_step: Callable[[int, float], None] | None = None, parts: str = "all",
+         timesteps: str = "stratified") -> Concept:
+    """`steps` Adam steps on v* and the factors from `start` (see the module docstring).
+
+    Each step: `views` augmented views, timesteps from `draw_timesteps(..., timesteps)`, random noise, one
+    of `prompt_ids`' rows (each with S*) per view; loss = denoising MSE + l2_weight * mean squared drift from
+    `start`. `parts` picks what moves: all, the embedding v* only, or the LoRA factors ("weights") only (the
+    ablations)."""
+    if parts not in TUNE_PARTS:
+        raise ValueError(f"unknown tuning parts {parts!r}; choose one of {', '.join(TUNE_PARTS)}")
+    fixed = start.detached().tensors()
+    moving = {"all": range(len(fixed)), "embedding": range(1), "weights": range(1, len(fixed))}[parts]
+    if not moving:  # weights-only tuning of an encoder without hypernetwork: nothing to tune
+        return start.detached()
+    # The ~85 tuned tensors live in one flat leaf: Adam and the L2 drift then cost one op each instead of
+    # one per tensor (a step on the toy base is bound by op dispatch, not arithmetic).
+    sizes = [fixed[i].numel() for i in moving]
+    flat = torch.cat([fixed[i].flatten() for i in moving]).requires_grad_()
+    anchor = flat.detach().clone()
+    # drift = the mean over tensors of each one's mean squared drift, whatever its size
+    drift_weight = torch.cat([torch.full((n,), 1.0 / (len(sizes) * n)) for n in sizes]).to(flat)
+    optimizer = torch.optim.Adam([flat], lr=lr)
+
+    def current() -> Concept:
+        """The concept with the moving tensors as views of `flat` (gradients reach it through them)."""
+        views = {i: part.view(fixed[i].shape) for i, part in zip(moving, flat.split(sizes))}
+        return start.with_tensors([views.get(i, t) for i, t in enumerate(fixed)])
+
+    plan = draw_timesteps(steps, views, base.noise_scheduler.config.num_train_timesteps, generator, timesteps)
+    for step in range(steps):
+        latents = encode_latents(vae, augment(pixels, views, generator))
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        t = plan[step].to(latents.device)
+        ids = prompt_ids[torch.randint(0, len(prompt_ids), (views,), generator=generator)]
+        noisy, target = base.noised(latents, noise, t)
+        concept = current()
+        v_star, factors = concept.repeat(views)
+        prediction = base.denoise(noisy, t, ids, v_star, factors, concept.scale, alpha)
+        drift = (drift_weight * (flat - anchor).square()).sum()
+        loss = F.mse_loss(prediction.float(), target.float()) + l2_weight * drift
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if on_step is not None:
+            on_step(step + 1, loss.item())
+    with torch.no_grad():
+        return current().detached()

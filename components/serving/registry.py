@@ -1,0 +1,218 @@
+"""The MLflow model registry: log the encoder as a pyfunc model, register it, gate the `champion` alias.
+
+`datencoder register` evaluates the candidate encoder on the gate, logs it as a models-from-code pyfunc
+(components/serving/pyfunc_model.py) with the encoder weights and the resolved config as artifacts, registers
+a version of model `datencoder` tagged with the data version, git commit and gate metric, and moves
+the `champion` alias to it only when it beats the current champion on the gate.
+
+The gate is the evaluation's own measure on a small fixed subset (components/evaluation/harness.py
+`gate_scores`): ours (encoder + tuning + sampling) on the first `evaluate.gate_concepts` held-out
+evaluation concepts x the first `evaluate.gate_prompts` prompts, seed 0, scored by the metrics CLIP;
+the score is the mean of identity and prompt similarity, higher is better. Its name is versioned
+(`GATE`) so scores from different gates are never compared.
+
+Base weights are referenced by path or hub id in the logged config; only the small toy base (and
+its backbone CLIP) is logged as an artifact, so a toy model is self-contained. SD weights never are.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from components import tracking
+from components.config import Config, load_config
+from components.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "datencoder"
+ALIAS = "champion"
+EXPERIMENT = "datencoder-register"
+GATE = "gate_identity_prompt_v1"  # mean of identity and prompt similarity on the gate subset: higher is better
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+
+
+def is_model_uri(model: str) -> bool:
+    return model.startswith(("models:/", "runs:/", "mlflow-artifacts:/"))
+
+
+def _client():
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+def champion_uri() -> str | None:
+    """`models:/datencoder@champion` when the configured tracking store has it (an absent sqlite file is
+    not created just to look)."""
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    try:
+        _client().get_model_version_by_alias(MODEL_NAME, ALIAS)
+    except MlflowException:
+        return None
+    return f"models:/{MODEL_NAME}@{ALIAS}"
+
+
+# --- the logged model's artifacts ----------------------------------------------------------------
+def model_artifacts(cfg: Config, encoder_dir: str | Path, scratch: Path) -> dict[str, str]:
+    """encoder weights + resolved config; the toy base and backbone CLIP too (small), never SD weights."""
+    config = scratch / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    artifacts = {"encoder": str(encoder_dir), "config": str(config)}
+    if cfg.base.kind == "toy":
+        artifacts["base"] = cfg.base.pretrained
+        artifacts["backbone_clip"] = str(Path(cfg.base.backbone_clip.pretrained).parent)
+    return artifacts
+
+
+def config_from_artifacts(artifacts: dict[str, str]) -> Config:
+    """The logged config with the base paths pointed at the logged copies (where there are some)."""
+    values = yaml.safe_load(Path(artifacts["config"]).read_text())
+    base = values["base"]
+    if "base" in artifacts:
+        base["pretrained"] = artifacts["base"]
+    if "backbone_clip" in artifacts:
+        clip, folder = base["backbone_clip"], Path(artifacts["backbone_clip"])
+        for key in ("pretrained", "config_path"):
+            if clip.get(key):
+                clip[key] = str(folder / Path(clip[key]).name)
+    return load_config(values["preset"], overrides=values)
+
+
+def signature(cfg: Config):
+    """Inputs image (binary) + prompt (string); params with the config's defaults; outputs image/prompt/seed."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    p, e = cfg.personalize, cfg.encoder
+    alpha = p.alpha_blend if p.alpha_blend is not None else (e.alpha_blend_tune if e.dual_path else 1.0)
+    params = [ParamSpec("tuning_steps", "long", p.steps), ParamSpec("num_images", "long", p.num_images),
+              ParamSpec("seed", "long", p.seed), ParamSpec("guidance_scale", "double", p.guidance_scale),
+              ParamSpec("num_inference_steps", "long", p.num_inference_steps),
+              ParamSpec("alpha_blend", "double", float(alpha))]
+    return ModelSignature(inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "prompt")]),
+                          outputs=Schema([ColSpec("binary", "image"), ColSpec("string", "prompt"), ColSpec("long", "seed")]),
+                          params=ParamSchema(params))
+
+
+def input_example():
+    """One tiny request that runs in seconds: no tuning, one sampling step."""
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (220, 40, 40)).save(buf, format="PNG")
+    return pd.DataFrame({"image": [buf.getvalue()], "prompt": ["a photo of S*"]}), {
+        "tuning_steps": 0, "num_inference_steps": 1, "num_images": 1}
+
+
+def requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in
+            ("torch", "diffusers", "transformers", "open_clip_torch", "safetensors", "mlflow", "pillow", "pandas",
+             "pydantic", "pyyaml")]
+
+
+def log_model(cfg: Config, encoder_dir: str | Path):
+    """Log the pyfunc model into the active run; returns mlflow's ModelInfo."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="datencoder-register-") as scratch:
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=str(PYFUNC_CODE), artifacts=model_artifacts(cfg, encoder_dir, Path(scratch)),
+            signature=signature(cfg), input_example=input_example(), pip_requirements=requirements())
+
+
+# --- the gate --------------------------------------------------------------------------------------
+def gate_score(personalizer) -> dict:
+    """The gate (module docstring) of a loaded Personalizer: {"identity", "prompt", "score"}."""
+    from components.evaluation.harness import gate_scores
+
+    return gate_scores(personalizer)
+
+
+def _champion_score(client) -> tuple[int | None, float | None]:
+    """(version, gate score) of the current champion; re-scored from the logged model when its score
+    is from another gate (or missing)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champion = client.get_model_version_by_alias(MODEL_NAME, ALIAS)
+    except MlflowException:
+        return None, None
+    version = int(champion.version)
+    if champion.tags.get("gate") == GATE and GATE in champion.tags:
+        return version, float(champion.tags[GATE])
+    return version, gate_score(load_pyfunc_personalizer(f"models:/{MODEL_NAME}/{champion.version}"))["score"]
+
+
+def data_version(cfg: Config) -> str:
+    from components.data.prepare import data_version as manifest_hash
+
+    try:
+        return manifest_hash(cfg.pretrain.data)
+    except UserError:
+        return "unknown"
+
+
+def register(cfg: Config, encoder: str | None = None) -> dict:
+    """Log, register and (if it wins the gate) promote the encoder at `encoder` (default personalize.encoder)."""
+    import mlflow
+
+    encoder_dir = Path(encoder or cfg.personalize.encoder)
+    if not (encoder_dir / "config.json").is_file():
+        raise UserError(f"no encoder at {encoder_dir} (config.json missing): run `datencoder pretrain` first, "
+                        f"or pass --encoder")
+    from components.inference.engine import Personalizer
+
+    client = _client()
+    gate = gate_score(Personalizer(cfg, encoder_dir))
+    score = gate["score"]
+    tags = {"data_version": data_version(cfg), "preset": cfg.preset, "stage": "register"}
+    run_id = tracking.start_run(client, EXPERIMENT, f"register-{encoder_dir.name}", tags)
+    tracking.log_metrics(client, run_id, {GATE: score, "gate_identity": gate["identity"],
+                                          "gate_prompt": gate["prompt"]}, step=0)
+    with mlflow.start_run(run_id=run_id):
+        info = log_model(cfg, encoder_dir)
+    version = mlflow.register_model(info.model_uri, MODEL_NAME).version
+    for key, value in {**tags, "git_commit": tracking.git_commit(), "gate": GATE, GATE: f"{score:.6g}",
+                       "encoder": str(encoder_dir)}.items():
+        client.set_model_version_tag(MODEL_NAME, version, key, str(value))
+    champion, champion_score = _champion_score(client)
+    promoted = champion is None or score > champion_score  # a tie keeps the champion
+    if promoted:
+        client.set_registered_model_alias(MODEL_NAME, ALIAS, version)
+    client.set_terminated(run_id)
+    log.info("registered %s version %s (%s = %.5g); %s", MODEL_NAME, version, GATE, score,
+             f"now {ALIAS}" if promoted else f"{ALIAS} stays version {champion} ({champion_score:.5g})")
+    return {"model": MODEL_NAME, "version": int(version), "run_id": run_id, "model_uri": info.model_uri,
+            "tracking_uri": client.tracking_uri, "gate": {"name": GATE, "score": score, "identity": gate["identity"],
+                                                          "prompt": gate["prompt"], "higher_is_better": True,
+                                                          "champion_version": champion, "champion_score": champion_score},
+            "promoted": promoted, "alias": ALIAS, "tags": tags}
+
+
+def load_pyfunc_personalizer(model_uri: str):
+    """The Personalizer inside a logged pyfunc model (what the server runs)."""
+    import mlflow
+
+    _client()
+    try:
+        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().personalizer
+    except mlflow.exceptions.MlflowException as e:
+        raise UserError(f"cannot load MLflow model {model_uri} from {tracking.tracking_uri()}: "
+                        f"{str(e).splitlines()[0]}") from None

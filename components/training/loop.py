@@ -1,0 +1,443 @@
+"""Encoder pre-training, one worker's view (nanoGPT style: read it top to bottom).
+
+Every Ray Train worker runs `worker_loop`; `components/training/pretrain.py` launches them. Per worker:
+
+    setup    load the frozen base, build the encoder (same seed everywhere), wrap it in DDP,
+             AdamW + linear warm-up / cosine decay; resume from Ray's latest checkpoint if there is one
+    step     for each micro-batch of this worker's manifest shard: VAE latents, losses (the
+             contrastive negatives are all_gathered across workers inside the encoder), backward
+             (DDP all-reduces on the last micro-batch only); clip the global gradient norm; step
+    log      every log_every steps: loss terms averaged over workers, lr, grad norm -> MLflow (rank 0)
+    eval     every eval_every steps: held-out denoising loss and a sample grid (rank 0)
+    save     every checkpoint_every steps and at the end: encoder safetensors, optimiser, schedule,
+             step (rank 0), each rank's RNG state; ray.train.report is a barrier for all ranks
+
+The data order, the prompts and (through the saved RNG states) the noise and timesteps are pure
+functions of the seed and the step, so a resumed run computes what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from components.config import Config, PretrainConfig
+from components.model.encoder import FrozenBase, TuningEncoder
+from components.model.placeholder import plain_background_index, plain_background_prompts
+from components.progress import Progress
+
+ENCODER_DIR = "encoder"  # inside a checkpoint: TuningEncoder.save_pretrained
+TRAINER_STATE = "trainer.pt"  # step, optimiser, schedule (torch.load(weights_only=True))
+HELDOUT_TIMESTEPS = 4  # held-out loss: each image at this many evenly spaced noise levels
+
+
+# --- data -----------------------------------------------------------------------------------------
+def train_rows(manifest: pd.DataFrame) -> pd.DataFrame:
+    return manifest[manifest["split"] == "train"].sort_values("path", ignore_index=True)
+
+
+def model_pixels(images: np.ndarray) -> Tensor:
+    """uint8 images (N, H, W, 3) -> (N, 3, H, W) float in [-1, 1], the VAE's input."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def load_pixels(paths: list[Path]) -> Tensor:
+    """Image files -> (N, 3, H, W) in [-1, 1]."""
+    return model_pixels(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]))
+
+
+def with_captions(pixels: Tensor, prompt: Tensor, configured: int) -> Tensor:
+    """`prompt` (indices into the configured prompts, then plain_background_prompts()) with each plain-background
+    image's entry replaced by its caption's, `configured + row`."""
+    prompt = prompt.clone()
+    for i, row in enumerate(plain_background_index(pixels)):
+        if row is not None:
+            prompt[i] = configured + row
+    return prompt
+
+
+class Shard:
+    """This worker's rows of the train split (row i goes to worker i % world), read as an endless
+    stream: epoch e visits the rows in a permutation seeded by (seed, rank, e). `batch(position, n)` is
+    a pure function of its arguments, so resuming at a step needs no data-loader state.
+
+    Each image gets one of the first `prompts` prompts at random or, with `caption_backgrounds`, when its
+    border is a plain palette colour, prompt `prompts + i` for row i of plain_background_prompts()."""
+
+    def __init__(self, root: Path, manifest: pd.DataFrame, rank: int, world: int, prompts: int, seed: int,
+                 caption_backgrounds: bool = False):
+        self.paths = [root / p for p in train_rows(manifest)["path"].iloc[rank::world]]
+        self.prompts, self.seed, self.rank = prompts, seed, rank
+        self.caption_backgrounds = caption_backgrounds
+        self._epoch, self._order = -1, None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _row(self, position: int) -> int:
+        epoch, i = divmod(position, len(self.paths))
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(hash((self.seed, self.rank, epoch)) % 2**63)
+            self._epoch, self._order = epoch, torch.randperm(len(self.paths), generator=g)
+        return int(self._order[i])
+
+    def batch(self, position: int, n: int) -> tuple[Tensor, Tensor]:
+        """Pixels of stream positions [position, position + n) and the index of each one's prompt."""
+        pixels = load_pixels([self.paths[self._row(p)] for p in range(position, position + n)])
+        g = torch.Generator().manual_seed(hash((self.seed, self.rank, position)) % 2**63)
+        prompt = torch.randint(self.prompts, (n,), generator=g)
+        return pixels, with_captions(pixels, prompt, self.prompts) if self.caption_backgrounds else prompt
+
+
+# --- optimisation ---------------------------------------------------------------------------------
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1 over `warmup` steps, then cosine decay to 0 at `total` (paper's schedule)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def initial_encoder(cfg: Config, base: FrozenBase) -> TuningEncoder:
+    """The encoder at step 0: identical on every worker, and reproducible as the untrained baseline."""
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.pretrain.seed)
+        return TuningEncoder.for_base(cfg.encoder, base)
+
+
+def autocast(device: torch.device):
+    """bf16 on GPUs (the UNet and the heads run in bf16, losses and the optimiser in fp32); fp32 on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@dataclass
+class Training:
+    """Everything one worker trains with; `step` is one optimiser step, `save`/`restore` a checkpoint."""
+
+    cfg: Config
+    pipe: Any  # the base pipeline: its VAE makes latents, its sampler draws sample grids
+    base: FrozenBase  # shares the pipeline's UNet and text encoder
+    encoder: TuningEncoder
+    model: nn.Module  # the encoder, DDP-wrapped when there are several workers
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    prompt_ids: Tensor  # the configured prompts, tokenised
+    shard: Shard
+    device: torch.device
+    micro_batch: int
+
+    @classmethod
+    def build(cls, cfg: Config, manifest: pd.DataFrame, rank: int, world: int, device: torch.device) -> Training:
+        from components.model.base import load_pipeline
+
+        p = cfg.pretrain
+        pipe = load_pipeline(cfg.base)
+        base = FrozenBase.load(cfg, pipe)
+        pipe.to(device)
+        base.to(device)
+        encoder = initial_encoder(cfg, base).to(device)
+        model = encoder
+        if world > 1:  # frozen base parts are plain attributes: DDP neither syncs nor broadcasts them
+            model = nn.parallel.DistributedDataParallel(
+                encoder, device_ids=[device.index] if device.type == "cuda" else None)
+        optimizer = torch.optim.AdamW(encoder.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, p.warmup_steps, p.max_steps))
+        torch.manual_seed(p.seed * 1000 + rank)  # noise and timesteps differ between workers
+        shard = Shard(Path(p.data), manifest, rank, world, len(p.prompts), p.seed, p.caption_plain_backgrounds)
+        prompts = p.prompts + (plain_background_prompts() if p.caption_plain_backgrounds else [])
+        return cls(cfg, pipe, base, encoder, model, optimizer, schedule, base.prompts.tokenize(prompts), shard,
+                   device, p.batch_size // (world * p.grad_accum))
+
+    @torch.no_grad()
+    def latents(self, pixels: Tensor) -> Tensor:
+        """The base VAE's scaled latents (the mean, as the base model was trained on)."""
+        vae = self.pipe.vae
+        return vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+
+    def step(self, step: int) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """One optimiser step (0-based `step`): this worker's loss terms (means over its micro-batches),
+        and the learning rate and global gradient norm (before clipping) of the step."""
+        accum = self.cfg.pretrain.grad_accum
+        totals: dict[str, Tensor] = {}
+        for micro in range(accum):
+            pixels, prompt = self.shard.batch((step * accum + micro) * self.micro_batch, self.micro_batch)
+            pixels = pixels.to(self.device)
+            latents = self.latents(pixels)
+            last = micro == accum - 1
+            # gradients are all-reduced once per optimiser step, on the last micro-batch
+            no_sync = self.model.no_sync() if isinstance(self.model, nn.parallel.DistributedDataParallel) and not last \
+                else nullcontext()
+            with no_sync, autocast(self.device):
+                losses = self.model(pixels, latents, self.prompt_ids[prompt])
+                (losses["total"] / accum).backward()
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0) + value.detach().float() / accum
+        # the gradient is all-reduced by now, so its norm (and the clipping) is the same on every worker
+        grad_norm = nn.utils.clip_grad_norm_(self.encoder.parameters(), self.cfg.pretrain.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return totals, {"grad_norm": grad_norm.item(), "lr": lr}
+
+    def save(self, directory: Path, step: int, rank: int) -> None:
+        """This rank's part of the checkpoint after `step` steps (Ray merges the ranks' directories)."""
+        if rank == 0:
+            self.encoder.save_pretrained(directory / ENCODER_DIR)
+            torch.save({"step": step, "optimizer": self.optimizer.state_dict(),
+                        "schedule": self.schedule.state_dict()}, directory / TRAINER_STATE)
+        torch.save(rng_state(), directory / f"rng-{rank}.pt")
+
+    def restore(self, directory: Path, rank: int) -> int:
+        """Load a checkpoint; returns its step."""
+        from safetensors.torch import load_file
+
+        self.encoder.load_state_dict(load_file(str(directory / ENCODER_DIR / "model.safetensors")))
+        state = torch.load(directory / TRAINER_STATE, weights_only=True, map_location=self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        step = int(state["step"])
+        # the decay ends at this run's max_steps, which may have grown since the checkpoint was written
+        p = self.cfg.pretrain
+        for group, base_lr in zip(self.optimizer.param_groups, self.schedule.base_lrs):
+            group["lr"] = base_lr * lr_factor(step, p.warmup_steps, p.max_steps)
+        rng = directory / f"rng-{rank}.pt"
+        if rng.is_file():
+            set_rng_state(torch.load(rng, weights_only=True))
+        else:  # more workers than when it was saved: a fresh stream, still a function of (seed, rank, step)
+            torch.manual_seed(hash((p.seed, rank, step)) % 2**63)
+        return step
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- held-out evaluation and sample grids (rank 0) -----------------------------------------------
+def heldout_prompts(pixels: Tensor, p: PretrainConfig) -> Tensor:
+    """Each held-out image's prompt, as training would give it: the first configured one, or its caption."""
+    prompt = torch.zeros(len(pixels), dtype=torch.long)
+    return with_captions(pixels, prompt, len(p.prompts)) if p.caption_plain_backgrounds else prompt
+
+
+class HeldOut:
+    """Concepts the encoder never trains on, with fixed noise and timesteps: the val split of the
+    manifest and, for the toy world, renders of the held-out shapes (the paper's unseen domains)."""
+
+    def __init__(self, cfg: Config, manifest: pd.DataFrame):
+        from components.toy import world as tw
+
+        p = cfg.pretrain
+        val = manifest[manifest["split"] == "val"].sort_values("path")["path"].head(p.heldout_images)
+        self.sets: dict[str, Tensor] = {}
+        if len(val):
+            self.sets["val"] = load_pixels([Path(p.data) / path for path in val])
+        if cfg.base.kind == "toy" and cfg.toy_world.encoder_holdout_shapes:
+            rng = random.Random(p.seed)
+            scenes = [tw.sample_scene(rng, shapes=cfg.toy_world.encoder_holdout_shapes, edits=False)
+                      for _ in range(p.heldout_images)]
+            rendered = tw.render_batch(scenes, cfg.prepare.resolution, p.seed)
+            self.sets["unseen_shapes"] = model_pixels(rendered)
+        self.seed = p.seed
+
+    @torch.no_grad()
+    def losses(self, training: Training, encoder: TuningEncoder, chunk: int = 32) -> dict[str, float]:
+        """Mean denoising loss (Eq. 1) per held-out set: each image at HELDOUT_TIMESTEPS noise levels."""
+        base, cfg = training.base, encoder.config
+        alpha = cfg.alpha_blend_train if cfg.dual_path else 1.0
+        steps = base.noise_scheduler.config.num_train_timesteps
+        levels = torch.tensor([int((k + 0.5) * steps / HELDOUT_TIMESTEPS) for k in range(HELDOUT_TIMESTEPS)])
+        p = training.cfg.pretrain
+        encoder.eval()
+        out = {}
+        for name, pixels in self.sets.items():
+            prompt = heldout_prompts(pixels, p).repeat_interleave(HELDOUT_TIMESTEPS)
+            pixels = pixels.repeat_interleave(HELDOUT_TIMESTEPS, 0)
+            timesteps = levels.repeat(len(pixels) // HELDOUT_TIMESTEPS)
+            latents = torch.cat([training.latents(pixels[i:i + chunk]) for i in range(0, len(pixels), chunk)])
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(self.seed)).to(latents)
+            total = 0.0
+            for i in range(0, len(pixels), chunk):
+                rows = slice(i, i + chunk)
+                t = timesteps[rows].to(training.device)
+                with autocast(training.device):
+                    noisy, target = base.noised(latents[rows], noise[rows], t)
+                    v_star, factors = encoder.predict(pixels[rows].to(training.device), noisy, t)
+                    ids = training.prompt_ids[prompt[rows]]
+                    pred = base.denoise(noisy, t, ids, v_star, factors, cfg.lora_scale, alpha)
+                total += F.mse_loss(pred.float(), target.float(), reduction="sum").item()
+            out[name] = total / latents.numel()
+        encoder.train()
+        return out
+
+    @torch.no_grad()
+    def grid(self, training: Training) -> Image.Image:
+        """Rows: held-out concepts; columns: the input, then a generation for each sample prompt from
+        the encoder's v* and offsets (predicted once, from the image's latent noised to mid-schedule)."""
+        from components.model.dual_path import condition
+
+        p, base, encoder = training.cfg.pretrain, training.base, training.encoder
+        cfg = encoder.config
+        per_set = max(1, p.sample_concepts // max(1, len(self.sets)))
+        pixels = torch.cat([images[:per_set] for images in self.sets.values()])[: p.sample_concepts].to(training.device)
+        n = len(pixels)
+        g = torch.Generator().manual_seed(self.seed)
+        latents = training.latents(pixels)
+        t = torch.full((n,), base.noise_scheduler.config.num_train_timesteps // 2, device=training.device)
+        noisy, _ = base.noised(latents, torch.randn(latents.shape, generator=g).to(latents), t)
+        encoder.eval()
+        v_star, factors = encoder.predict(pixels, noisy, t)
+        encoder.train()
+        alpha = cfg.alpha_blend_train if cfg.dual_path else 1.0
+        uncond = base.empty_context(n)
+        columns = [(pixels.cpu() + 1) / 2]
+        for prompt in p.sample_prompts:
+            soft, concept = condition(base.prompts, base.prompts.tokenize([prompt] * n), v_star, factors,
+                                      cfg.lora_scale, alpha)
+            images = training.pipe(prompt_embeds=soft, negative_prompt_embeds=uncond, guidance_scale=p.sample_guidance,
+                                   cross_attention_kwargs={"concept": concept.with_guidance(uncond)
+                                                           if p.sample_guidance > 1 else concept},
+                                   num_inference_steps=p.sample_steps, generator=torch.Generator().manual_seed(self.seed),
+                                   output_type="pt").images
+            columns.append(images.float().cpu())
+        tiles = torch.stack(columns, 1)  # (n, columns, 3, H, W)
+        sheet = tiles.permute(0, 3, 1, 4, 2).reshape(n * tiles.shape[3], len(columns) * tiles.shape[4], 3)
+        return Image.fromarray((sheet.clamp(0, 1) * 255).round().byte().numpy())
+
+
+# --- the worker -----------------------------------------------------------------------------------
+def gather(value: Any) -> list[Any]:
+    """Every worker's `value` (a list of one without a process group)."""
+    if not dist.is_initialized():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def mean_over_workers(values: dict[str, Tensor]) -> dict[str, float]:
+    stacked = torch.stack([values[k].float() for k in sorted(values)])
+    if dist.is_initialized():
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return dict(zip(sorted(values), stacked.tolist()))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def worker_loop(job: dict) -> None:
+    """Ray Train's train_loop_per_worker. `job`: config (Config.model_dump()), project_dir,
+    tracking_uri, run_id (MLflow, logged to by rank 0 only)."""
+    import ray.train
+    import ray.train.torch
+
+    from components import tracking
+
+    os.chdir(job["project_dir"])  # the config's relative paths mean what they meant to the driver
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("datencoder").setLevel(logging.INFO)
+    cfg = Config.model_validate(job["config"])
+    p = cfg.pretrain
+    torch.set_num_threads(p.cpus_per_worker)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+
+    manifest = pd.read_parquet(Path(p.data) / "manifest.parquet")
+    training = Training.build(cfg, manifest, rank, world, device)
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            start = training.restore(Path(directory), rank)
+
+    mlflow = monitor = heldout = progress = None
+    if rank == 0:
+        from mlflow import MlflowClient
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        mlflow = MlflowClient(job["tracking_uri"])
+        monitor = SystemMetricsMonitor(job["run_id"], sampling_interval=p.system_metrics_s, resume_logging=True,
+                                       tracking_uri=job["tracking_uri"])
+        monitor.start()
+        # one point per (re)start: a resumed run's history shows where each attempt began
+        tracking.log_metrics(mlflow, job["run_id"], {"start_step": start}, step=start)
+        heldout = HeldOut(cfg, manifest)
+        progress = Progress("pretrain", p.max_steps)
+
+    def report(step: int, metrics: dict[str, Any], save: bool) -> None:
+        """A barrier for all ranks; with `save`, every rank contributes its part of the checkpoint."""
+        if not save:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            training.save(Path(directory), step, rank)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=f"step-{step:08d}")
+
+    train_seconds, timed_steps, trained = 0.0, 0, {}
+    for step in range(start, p.max_steps):
+        t0 = time.perf_counter()
+        losses, stats = training.step(step)
+        done = step + 1
+        if done % p.log_every == 0 or done == p.max_steps:
+            metrics = {f"loss/{k}": v for k, v in mean_over_workers(losses).items()} | stats
+            if rank == 0:
+                tracking.log_metrics(mlflow, job["run_id"], metrics, step=done)
+                progress.update(done, loss=metrics["loss/total"])
+        if step > start:  # the first step of an attempt pays for warm-up, not for training
+            train_seconds += time.perf_counter() - t0
+            timed_steps += 1
+        if rank == 0 and (done % p.eval_every == 0 or done == p.max_steps):
+            trained = heldout.losses(training, training.encoder)
+            tracking.log_metrics(mlflow, job["run_id"], {f"heldout/{k}": v for k, v in trained.items()}, step=done)
+            mlflow.log_image(job["run_id"], heldout.grid(training), key="samples", step=done)
+        if done % p.checkpoint_every == 0 and done < p.max_steps:
+            report(done, {"step": done}, save=True)
+
+    if start < p.max_steps:  # the final checkpoint carries the run's summary (the driver's result.metrics)
+        final: dict[str, Any] = {
+            "step": p.max_steps, "start_step": start,
+            "samples_per_s": p.batch_size * timed_steps / train_seconds if timed_steps else None,
+            "peak_memory_mb": gather(round(peak_memory_mb(device), 1)),
+            "nodes": gather(ray.get_runtime_context().get_node_id())}
+        if rank == 0:
+            untrained = heldout.losses(training, initial_encoder(cfg, training.base).to(device))
+            final["heldout"] = {name: {"untrained": untrained[name], "trained": trained[name]} for name in trained}
+            tracking.log_metrics(mlflow, job["run_id"], {f"heldout_untrained/{k}": v for k, v in untrained.items()},
+                                 step=p.max_steps)
+        report(p.max_steps, final, save=True)
+    if rank == 0:
+        monitor.finish()

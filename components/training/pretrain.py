@@ -1,0 +1,255 @@
+"""The `pretrain` stage: distributed encoder pre-training on Ray Train (docs/pretrain.md).
+
+    pretrain(cfg, workers=2, max_steps=1000) -> report
+
+The driver checks everything a user can get wrong (one clear line each, before any worker starts),
+connects to Ray (a local cluster, or --address / RAY_ADDRESS), opens the MLflow run (config, data
+set, tags), runs `components.training.loop.worker_loop` on N workers with DDP, then copies the final
+encoder out of the last checkpoint to `pretrain.out` and logs it as an artifact.
+
+Resuming: checkpoints live under <storage>/<run name>, and the run name is a hash of what decides
+what is learned (base, encoder, data version, optimiser recipe) but not of how long or where it
+runs. The same command with a larger --max-steps therefore continues from the last checkpoint, as
+does Ray after a worker dies (FailureConfig.max_failures); a changed recipe starts a new run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from components.model.base import base_fingerprint
+from components.config import Config, S3Config, resolved
+from components.errors import UserError
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # before ray.train is imported anywhere in this process
+
+log = logging.getLogger(__name__)
+
+# pretrain fields that change what is learned; the others (duration, placement, logging) may change on resume
+RECIPE = ("batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "seed", "prompts",
+          "caption_plain_backgrounds")
+
+
+def pretrain(cfg: Config, workers: int | None = None, max_steps: int | None = None,
+             checkpoint_every: int | None = None, storage: str | None = None, address: str | None = None,
+             parent_run_id: str | None = None, restart: bool = False) -> dict[str, Any]:
+    """Pre-train the encoder; returns the report (also what `datencoder pretrain --json` prints).
+    Arguments given here override cfg.pretrain; `restart` discards this run's checkpoints first."""
+    given = {"workers": workers, "max_steps": max_steps, "checkpoint_every": checkpoint_every, "storage": storage}
+    cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(
+        update={k: v for k, v in given.items() if v is not None})})
+    p = cfg.pretrain
+    check_recipe(cfg)
+    manifest = read_manifest(p.data, p.workers)
+    from components.data.prepare import data_version
+
+    version = data_version(p.data)
+    name = run_name(cfg, version)
+    filesystem, root = storage_filesystem(p.storage, p.s3)
+    check_writable(filesystem, f"{root}/{name}", p.storage, discard=restart)
+
+    with contextlib.redirect_stdout(sys.stderr):  # Ray echoes worker output: keep stdout for the report
+        started_ray = connect(address)
+        try:
+            return train_on_ray(cfg, manifest, version, name, filesystem, root, parent_run_id)
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+
+
+def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, filesystem, root: str,
+        parent_run_id: str | None) -> dict[str, Any]:
+    import ray
+    from mlflow import MlflowClient
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from components import tracking
+    from components.training.loop import train_rows, worker_loop
+
+    p = cfg.pretrain
+    use_gpu = p.use_gpu if p.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= p.workers
+    client = MlflowClient(tracking.tracking_uri())
+    run_id = tracking.start_run(client, p.experiment, name, parent_run_id=parent_run_id,
+                                tags={"data_version": version, "preset": cfg.preset, "stage": "pretrain"})
+    tracking.log_params(client, run_id, resolved(cfg))
+    tracking.log_dataset(client, run_id, train_rows(manifest), source=str(Path(p.data, "manifest.parquet").resolve()),
+                         name=Path(p.data).name, digest=version)
+
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"config": cfg.model_dump(), "project_dir": os.getcwd(),
+                           "tracking_uri": client.tracking_uri, "run_id": run_id},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": p.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name=name, storage_path=root, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=p.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=p.keep_checkpoints)))
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        client.set_terminated(run_id, "FAILED")
+        raise user_error_in(e) or e
+    wall = time.perf_counter() - t0
+
+    # the final checkpoint's metrics are the run's summary (an earlier invocation's when nothing was left to do)
+    summary = result.metrics
+    out = Path(p.out)
+    with result.checkpoint.as_directory() as directory:
+        staging = out.with_name(out.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(Path(directory) / "encoder", staging)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    client.log_artifacts(run_id, str(out), "encoder")
+    client.set_terminated(run_id, "FINISHED")
+    # rank 0 logs the step each attempt started from: the first is this run's start, the rest are recoveries
+    starts = [int(m.value) for m in sorted(client.get_metric_history(run_id, "start_step"), key=lambda m: m.timestamp)]
+    trained = summary["step"] - starts[0]
+    return {
+        "start_step": starts[0],
+        "end_step": summary["step"],
+        "restarts": len(starts) - 1,
+        "workers": p.workers,
+        "nodes": len(set(summary["nodes"])),
+        "use_gpu": use_gpu,
+        "checkpoint": ("s3://" if p.storage.startswith("s3://") else "") + result.checkpoint.path,
+        "out": str(out),
+        "run_name": name,
+        "mlflow_run_id": run_id,
+        "data_version": version,
+        "samples_per_s": summary["samples_per_s"] if trained > 0 else None,  # steady state: steps after the first
+        "end_to_end_samples_per_s": p.batch_size * trained / wall,  # including start-up, evaluation, checkpoints
+        "wall_s": round(wall, 1),
+        "peak_memory_mb": summary["peak_memory_mb"],
+        "heldout_loss": summary["heldout"],
+    }
+
+
+# --- what the driver checks before any worker starts ---------------------------------------------
+def check_recipe(cfg: Config) -> None:
+    from components.model.base import _is_local
+    from components.model.placeholder import PLACEHOLDER
+
+    p = cfg.pretrain
+    if p.batch_size % (p.workers * p.grad_accum):
+        raise UserError(f"pretrain.batch_size {p.batch_size} is not divisible by workers x grad_accum "
+                        f"({p.workers} x {p.grad_accum})")
+    for key in ("prompts", "sample_prompts"):
+        prompts = getattr(p, key)
+        if not prompts or any(PLACEHOLDER not in prompt for prompt in prompts):
+            raise UserError(f"pretrain.{key} must be non-empty and each contain {PLACEHOLDER}; got {prompts!r}")
+    if _is_local(cfg.base) and not (Path(cfg.base.pretrained) / "model_index.json").is_file():
+        raise UserError(f"base model not found at {cfg.base.pretrained} (no model_index.json); run "
+                        f"`datencoder bootstrap` (toy) or set base.pretrained")
+
+
+def read_manifest(data: str, workers: int) -> pd.DataFrame:
+    path = Path(data) / "manifest.parquet"
+    try:
+        manifest = pd.read_parquet(path)
+    except FileNotFoundError:
+        raise UserError(f"no prepared data at {path}: run `datencoder prepare` (or `dvc repro prepare`)") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read manifest {path}: {str(e).splitlines()[0]}") from None
+    train = int((manifest["split"] == "train").sum()) if "split" in manifest else 0
+    if train < workers:
+        raise UserError(f"manifest {path} has {train} training rows, fewer than the {workers} workers; "
+                        f"prepare more data (`datencoder prepare`)")
+    return manifest
+
+
+def run_name(cfg: Config, data_version: str) -> str:
+    # the weights' fingerprint, not only their path: a base re-bootstrapped in place must not resume
+    # (or, in evaluate/ablate, reuse) an encoder trained on the old one
+    recipe = {"base": cfg.base.model_dump(), "base_weights": base_fingerprint(cfg.base),
+              "encoder": cfg.encoder.model_dump(), "data": data_version,
+              "pretrain": {k: getattr(cfg.pretrain, k) for k in RECIPE}}
+    return "encoder-" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def storage_filesystem(storage: str, s3: S3Config):
+    """(pyarrow filesystem, path inside it) for a local path or s3://bucket/prefix. S3 credentials come
+    from the environment in every process and are never passed around or logged."""
+    import pyarrow.fs
+
+    if storage.startswith("s3://"):
+        endpoint = s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, anonymous=s3.unsigned,
+                                     region=s3.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                                     connect_timeout=s3.timeout_s, request_timeout=s3.timeout_s)
+        return fs, storage[len("s3://"):].rstrip("/")
+    return pyarrow.fs.LocalFileSystem(), str(Path(storage).resolve())
+
+
+def check_writable(fs, path: str, storage: str, discard: bool) -> None:
+    import pyarrow
+
+    probe = f"{path}/.write-probe"
+    try:
+        if discard:
+            fs.delete_dir_contents(path, missing_dir_ok=True)
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except (OSError, pyarrow.ArrowException) as e:
+        raise UserError(f"checkpoint storage {storage} is not writable: {str(e).splitlines()[0]}") from None
+
+
+def connect(address: str | None) -> bool:
+    """Connect to the Ray cluster at `address` (or RAY_ADDRESS), else start a local one. Returns
+    whether this call started Ray (then the caller shuts it down)."""
+    import ray
+
+    if ray.is_initialized():  # e.g. a Prefect task or a test that connected already
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "auto":
+        host_port = address.split("://", 1)[-1].rstrip("/")
+        host, _, port = host_port.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError) as e:
+            raise UserError(f"Ray cluster at {address} is unreachable ({getattr(e, 'strerror', None) or e}); "
+                            f"start one with `ray start --head` or fix --address / RAY_ADDRESS") from None
+    if not address:
+        # a cluster of our own exists for this job: its workers are the work, so they do not get Ray's
+        # default niceness (15), which starves them behind any other process on a shared machine
+        os.environ.setdefault("RAY_worker_niceness", "0")
+    for attempt in (1, 2):
+        try:
+            ray.init(address=address or None, logging_level=logging.WARNING)
+            return True
+        except Exception as e:  # noqa: BLE001 - Ray raises bare Exceptions for start-up timeouts
+            if address:
+                raise UserError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+            if attempt == 2:  # a local start can time out on an overloaded machine; once more, then give up
+                raise UserError(f"cannot start a local Ray cluster: {str(e).splitlines()[0]}") from None
+            log.warning("starting a local Ray cluster failed (%s); retrying", str(e).splitlines()[0])
+    return True
+
+
+def user_error_in(error: BaseException) -> UserError | None:
+    """A UserError that a worker raised (e.g. missing CLIP weights), so the CLI prints it as one line."""
+    for e in [error, *getattr(error, "worker_failures", {}).values()]:
+        for candidate in (e, getattr(e, "cause", None)):  # Ray wraps a worker's exception as .cause
+            if isinstance(candidate, UserError):
+                return candidate
+    return None
