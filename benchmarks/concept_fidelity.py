@@ -41,7 +41,8 @@ from components.toy import world as tw  # noqa: E402
 from components.model.base import load_clip  # noqa: E402
 from components.evaluation.check_base import read_colours, shape_accuracy  # noqa: E402
 from components.config import load_config  # noqa: E402
-from components.evaluation.harness import gate_scores, variant_config  # noqa: E402
+from components.config import variant_config  # noqa: E402
+from components.evaluation.gate import gate_scores  # noqa: E402
 from components.inference.engine import Personalizer  # noqa: E402
 
 PROMPTS = {"photo": "a photo of S*", "caption": "S* on a {background} background", "bare": "S*"}

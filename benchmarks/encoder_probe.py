@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from components.toy import world as tw  # noqa: E402
 from components.config import load_config  # noqa: E402
-from components.inference.engine import Personalizer, to_pixels  # noqa: E402
+from components.data.images import to_pixels  # noqa: E402
+from components.inference.engine import Personalizer  # noqa: E402
 from components.inference.tuning import predict_concept  # noqa: E402
 
 SHAPES = ("circle", "square", "triangle", "star")

@@ -21,7 +21,7 @@ os.chdir(ROOT)
 
 from components.config import load_config  # noqa: E402
 from components.model.encoder import FrozenBase, TuningEncoder  # noqa: E402
-from components.evaluation.harness import gate_scores  # noqa: E402
+from components.evaluation.gate import gate_scores  # noqa: E402
 from components.inference.engine import Personalizer  # noqa: E402
 
 

@@ -88,7 +88,7 @@ def main() -> int:
         tokenizer = save_toy_tokenizer(Path(tmp) / "tokenizer", max_length=77)
     base = FrozenBase(unet, text_encoder, tokenizer, DDPMScheduler(**SD_SCHEDULER), ClipImageTower(clip.visual).to(device))
     encoder = TuningEncoder.for_base(cfg.encoder, base).to(device)
-    alpha = cfg.encoder.alpha_blend_tune if cfg.encoder.dual_path else 1.0
+    alpha = cfg.encoder.alpha("tune")
     pixels = torch.rand(1, 3, args.side, args.side, device=device) * 2 - 1
     ids = base.prompts.tokenize(cfg.personalize.prompts).to(device)
     generator = torch.Generator().manual_seed(0)  # CPU generator: tuning draws on CPU and moves to the device

@@ -32,8 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components.toy import world as tw  # noqa: E402
 from components.evaluation.baselines import train_lora, train_textual_inversion  # noqa: E402
 from components.config import load_config  # noqa: E402
-from components.evaluation.harness import variant_config  # noqa: E402
-from components.inference.engine import Personalizer, peak_rss_mb, to_pixels  # noqa: E402
+from components.config import variant_config  # noqa: E402
+from components.data.images import to_pixels  # noqa: E402
+from components.inference.engine import Personalizer  # noqa: E402
+from components.memory import peak_mb  # noqa: E402
 
 GOALS = {"lora_500": 30.0, "textual_inversion_3000": 100.0}
 
@@ -133,7 +135,7 @@ def main() -> None:
                              **{f"over_{name}": round(b["seconds"] / by_views_s[views], 1)
                                 for name, b in baselines.items()}} for views in by_views},
         "views_fit": views_fit(cfg.personalize.views, adapt_s, by_views_s, baselines),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_mb(), 1),
         "note": ("speedup = baseline training seconds / our adaptation seconds (encoder + tuning, the slower of "
                  "the runs before and after the baselines); "
                  + ("baselines run in full" if args.full else

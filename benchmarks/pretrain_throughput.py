@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -27,6 +26,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from components.memory import peak_mb  # noqa: E402
 os.chdir(ROOT)
 
 
@@ -43,7 +44,7 @@ def plain_loop(cfg, steps: int) -> dict:
         training.step(step)
     seconds = time.perf_counter() - t0
     return {"samples_per_s": round(cfg.pretrain.batch_size * (steps - 1) / seconds, 2),
-            "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_memory_mb": round(peak_mb(), 1)}
 
 
 def ray_run(cfg, steps: int, workers: int, work: Path) -> dict:

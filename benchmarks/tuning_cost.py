@@ -37,7 +37,8 @@ def child(repo: str, encoder: str, runs: int, threads: int, views: int | None, o
 
     from components.toy import world as tw
     from components.config import load_config
-    from components.inference.engine import Personalizer, to_pixels
+    from components.data.images import to_pixels
+    from components.inference.engine import Personalizer
     from components.inference.tuning import predict_concept, tune
 
     torch.set_num_threads(threads)

@@ -111,7 +111,7 @@ def cmd_targets(args: argparse.Namespace) -> dict:
 
 
 def cmd_personalize(args: argparse.Namespace) -> dict:
-    from components.inference.engine import personalize
+    from components.serving.personalize import personalize
 
     return personalize(_config(args), args.image, args.prompt, model=args.model, out=args.out, export=args.export,
                        scheduler=args.scheduler, tuning_steps=args.steps, num_images=args.num_images, seed=args.seed,
@@ -126,7 +126,7 @@ def cmd_register(args: argparse.Namespace) -> dict:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> dict:
-    from components.orchestration.pipeline import main_job
+    from flows.main_job import main_job
 
     return main_job(preset=args.preset, config=args.config, workspace=args.workspace, refresh=args.refresh,
                     serve=args.serve, cron=args.cron)
@@ -146,7 +146,7 @@ def _evaluation_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
-    from components.evaluation.harness import evaluate
+    from components.evaluation.evaluate import evaluate
 
     return evaluate(_config(args, overrides=_evaluation_overrides(args)), parent_run_id=args.parent_run_id)
 

@@ -164,6 +164,12 @@ class EncoderConfig(Section):
     alpha_blend_train: float = Field(0.5, ge=0, le=1)
     alpha_blend_tune: float = Field(0.5, ge=0, le=1)
 
+    def alpha(self, phase: Literal["train", "tune"]) -> float:
+        """Eq. 5's blend for a phase (the one home of this rule); without the dual path, 1: the hard prompt alone."""
+        if not self.dual_path:
+            return 1.0
+        return self.alpha_blend_train if phase == "train" else self.alpha_blend_tune
+
 
 class PretrainConfig(Section):
     """Distributed encoder pre-training (docs/pretrain.md). Batch sizes are global (all workers together)."""
@@ -323,6 +329,12 @@ class Config(Section):
     ablate: AblateConfig = AblateConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
+    @property
+    def sampling_alpha(self) -> float:
+        """The generation blend: `personalize.alpha_blend` when set, else the tuning blend."""
+        given = self.personalize.alpha_blend
+        return self.encoder.alpha("tune") if given is None else given
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     "toy": {},
@@ -366,6 +378,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "personalize": {"caption_plain_backgrounds": False, "views": 16, "guidance_scale": 4.0},
     },
 }
+
+
+def variant_config(cfg: Config, **sections: dict) -> Config:
+    """cfg with fields of some sections replaced, e.g. variant_config(cfg, personalize={"steps": 0})."""
+    return cfg.model_copy(update={name: getattr(cfg, name).model_copy(update=values)
+                                  for name, values in sections.items()})
 
 
 def deep_merge(base: dict, override: dict) -> dict:

@@ -7,11 +7,12 @@ tracking URI is MLFLOW_TRACKING_URI, else the project's `sqlite:///mlflow.db`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from components.errors import UserError
 
@@ -51,6 +52,40 @@ def start_run(client, experiment: str, run_name: str, tags: dict[str, str], pare
         found = client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+
+@contextlib.contextmanager
+def run(experiment: str, name: str, tags: dict[str, str], parent_run_id: str | None = None,
+        params: dict[str, Any] | None = None) -> Iterator[tuple[Any, str]]:
+    """The run context of every stage: yields (client, run id) of a new run (nested under `parent_run_id`
+    when given) with `params` logged; the run ends FINISHED, or FAILED when the block raises."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    run_id = start_run(client, experiment, name, tags, parent_run_id=parent_run_id)
+    if params:
+        log_params(client, run_id, params)
+    try:
+        yield client, run_id
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def check_server() -> str:
+    """The tracking URI, after checking an MLflow server answers (one line, before any training)."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
+        except requests.RequestException as e:
+            reason = type(e).__name__ if isinstance(e, requests.ConnectionError) else str(e).splitlines()[0]
+            raise UserError(f"MLflow tracking server {uri} is unreachable ({reason}); start it or fix "
+                            f"MLFLOW_TRACKING_URI") from None
+    return uri
 
 
 def log_params(client, run_id: str, params: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@
 
 Each stage flow runs one task that calls the same stage function as the CLI and DVC. Tasks are
 cached on what decides their result (config, data version, code, upstream encoder; never a run id,
-components.orchestration.pipeline.stage_key) with results persisted in the workspace, so an unchanged re-run
+components.orchestration.stages.stage_key) with results persisted in the workspace, so an unchanged re-run
 skips them and a run after a failure starts at the failed stage. Transient errors (network, S3,
 MLflow HTTP 5xx) are retried with exponential backoff; every stage has a timeout.
 """
@@ -20,14 +20,29 @@ from prefect.cache_policies import NO_CACHE, TASK_SOURCE, Inputs
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from components.orchestration import pipeline
-from components.config import Config
+from components import tracking
+from components.config import Config, resolved
+from components.data.prepare import data_version
+from components.errors import UserError
+from components.evaluation.ablate import ablate as ablate_stage
+from components.evaluation.evaluate import evaluate as evaluate_stage
+from components.orchestration.dvc import dvc_repro, pretrain_stage
+from components.orchestration.locks import workspace_lock
+from components.orchestration.report import serve_commands, write_report
+from components.orchestration.stages import (
+    StageFailed,
+    encoder_version,
+    is_transient,
+    stage_key,
+)
+from components.orchestration.workspace import workspace_config
+from components.serving.registry import register as register_stage
 
 CACHED = Inputs(exclude=["cfg", "parent_run_id"]) + TASK_SOURCE  # the key is the `key` argument + this code
 
 
 def _retry_if_transient(task, task_run, state) -> bool:
-    return pipeline.is_transient(state.result(raise_on_failure=False))
+    return is_transient(state.result(raise_on_failure=False))
 
 
 def _configured(t, cfg: Config, refresh: bool):
@@ -40,38 +55,32 @@ def _configured(t, cfg: Config, refresh: bool):
 # --- tasks: one stage function each -----------------------------------------------------------------
 @task(name="dvc-repro", cache_policy=NO_CACHE)  # DVC decides what is up to date
 def dvc_repro_task(cfg: Config) -> dict:
-    return pipeline.dvc_repro(cfg)
+    return dvc_repro(cfg)
 
 
 @task(name="pretrain", cache_policy=CACHED, persist_result=True)
 def pretrain_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
-    return pipeline.pretrain_stage(cfg, parent_run_id)
+    return pretrain_stage(cfg, parent_run_id)
 
 
 @task(name="evaluate", cache_policy=CACHED, persist_result=True)
 def evaluate_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
-    from components.evaluation.harness import evaluate
-
-    return evaluate(cfg, parent_run_id=parent_run_id)
+    return evaluate_stage(cfg, parent_run_id=parent_run_id)
 
 
 @task(name="ablate", cache_policy=CACHED, persist_result=True)
 def ablate_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
-    from components.evaluation.ablate import ablate
-
-    return ablate(cfg, parent_run_id=parent_run_id)
+    return ablate_stage(cfg, parent_run_id=parent_run_id)
 
 
 @task(name="register", cache_policy=CACHED, persist_result=True)
 def register_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
-    from components.serving.registry import register
-
-    return register(cfg, encoder=cfg.pretrain.out)
+    return register_stage(cfg, encoder=cfg.pretrain.out)
 
 
 @task(name="report", cache_policy=NO_CACHE)
 def report_task(cfg: Config, results: dict, parent_run_id: str) -> dict:
-    report = pipeline.write_report(cfg, results, parent_run_id, flow_run.get_name() or "retrain")
+    report = write_report(cfg, results, parent_run_id, flow_run.get_name() or "retrain")
     create_markdown_artifact(markdown=report["markdown"], key="retrain-report",
                              description=f"datencoder retrain ({cfg.preset})")
     if report["rows"]:
@@ -87,12 +96,12 @@ def prepare_data(cfg: Config, refresh: bool = False) -> dict:
 
 @flow(name="pretrain")
 def pretrain(cfg: Config, data_version: str, parent_run_id: str | None = None, refresh: bool = False) -> dict:
-    return _configured(pretrain_task, cfg, refresh)(cfg, pipeline.stage_key(cfg, "pretrain", data_version),
+    return _configured(pretrain_task, cfg, refresh)(cfg, stage_key(cfg, "pretrain", data_version),
                                                     parent_run_id)
 
 
 def _after_pretrain(t, cfg: Config, stage: str, data_version: str, encoder: str, parent_run_id, refresh) -> dict:
-    return _configured(t, cfg, refresh)(cfg, pipeline.stage_key(cfg, stage, data_version, encoder), parent_run_id)
+    return _configured(t, cfg, refresh)(cfg, stage_key(cfg, stage, data_version, encoder), parent_run_id)
 
 
 @flow(name="evaluate")
@@ -118,31 +127,28 @@ def register(cfg: Config, data_version: str, encoder: str, parent_run_id: str | 
 def retrain(workspace: str = ".", preset: str | None = None, refresh: bool = False) -> dict[str, Any]:
     """The whole pipeline in `workspace` (its params.yaml; `preset` must agree with it)."""
     os.chdir(workspace)
-    cfg = pipeline.workspace_config(".", preset)
-    with pipeline.workspace_lock(".", "pipeline", wait_s=cfg.pipeline.lock_wait_s, what="a pipeline run"):
-        pipeline.check_tracking()
-        parent = pipeline.start_parent_run(cfg, flow_run.get_name() or "retrain")
+    cfg = workspace_config(".", preset)
+    with workspace_lock(".", "pipeline", wait_s=cfg.pipeline.lock_wait_s, what="a pipeline run"):
+        tracking.check_server()
         results: dict[str, dict] = {}
-        try:
+        with tracking.run(cfg.pipeline.experiment, flow_run.get_name() or "retrain",
+                          {"preset": cfg.preset, "stage": "retrain"}, params=resolved(cfg)) as (client, parent):
             for stage in cfg.pipeline.stages:
                 results[stage] = _stage(stage, cfg, results, parent, refresh)
             report = report_task(cfg, results, parent)
-        except BaseException:
-            pipeline.end_parent_run(parent, "FAILED")
-            raise
-        version = str((results.get("register") or {}).get("version", ""))
-        pipeline.end_parent_run(parent, "FINISHED", {"registered_version": version} if version else {})
+            if version := str((results.get("register") or {}).get("version", "")):
+                client.set_tag(parent, "registered_version", version)
     return {"workspace": os.getcwd(), "report": report["report"], "metrics_csv": report["csv"],
-            "mlflow_parent_run_id": parent, "tracking_uri": pipeline.tracking.tracking_uri(),
+            "mlflow_parent_run_id": parent, "tracking_uri": tracking.tracking_uri(),
             "stages": {s: {k: v for k, v in r.items() if not isinstance(v, (dict, list))} for s, r in results.items()},
-            "serve": pipeline.serve_commands()}
+            "serve": serve_commands()}
 
 
 def _stage(stage: str, cfg: Config, results: dict, parent: str, refresh: bool) -> dict:
     """Run one stage flow; a failure ends the run with the stage named and its error."""
-    data = (results.get("prepare_data") or {}).get("data_version") or pipeline.current_data_version(cfg)
+    data = (results.get("prepare_data") or {}).get("data_version") or data_version(cfg.pretrain.data, missing="none")
     done = results.get("pretrain") or {}
-    encoder = f"{done.get('run_name')}@{done.get('end_step')}" if done else pipeline.encoder_version(cfg)
+    encoder = f"{done.get('run_name')}@{done.get('end_step')}" if done else encoder_version(cfg)
     calls = {"prepare_data": lambda: prepare_data(cfg, refresh),
              "pretrain": lambda: pretrain(cfg, data, parent, refresh),
              "evaluate": lambda: evaluate(cfg, data, encoder, parent, refresh),
@@ -152,6 +158,6 @@ def _stage(stage: str, cfg: Config, results: dict, parent: str, refresh: bool) -
         return calls[stage]()
     except Exception as e:  # noqa: BLE001 - re-raised with the stage named
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if not isinstance(e, pipeline.UserError):
+        if not isinstance(e, UserError):
             reason = f"{type(e).__name__}: {reason}"
-        raise pipeline.StageFailed(f"stage {stage} failed: {reason}") from e
+        raise StageFailed(f"stage {stage} failed: {reason}") from e

@@ -259,7 +259,7 @@ def test_same_seed_and_config_give_the_same_metrics(smoke):
 # --- evaluate and ablate --------------------------------------------------------------------------
 def seed_encoder_cache(cfg) -> list[Path]:
     """The re-trained variants' cache entries, as a previous run leaves them (random smoke weights)."""
-    from components.evaluation.ablate import EVALUATE_RETRAINED, encoder_variant, retrain_steps, retrained_variants
+    from components.evaluation.variants import EVALUATE_RETRAINED, encoder_variant, retrain_steps, retrained_variants
 
     dirs = []
     for overrides in [*EVALUATE_RETRAINED.values(), *retrained_variants(cfg).values()]:
@@ -299,7 +299,7 @@ def test_evaluate_and_ablate_log_nested_runs_and_reuse_cached_encoders(smoke, tm
     from mlflow import MlflowClient
 
     from components.evaluation.ablate import ablate
-    from components.evaluation.harness import evaluate
+    from components.evaluation.evaluate import evaluate
 
     _, cfg, _ = smoke
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -336,7 +336,7 @@ def test_smoke_evaluate_and_ablate_train_their_variants_on_ray(smoke, tmp_path, 
     from mlflow import MlflowClient
 
     from components.evaluation.ablate import ablate
-    from components.evaluation.harness import evaluate
+    from components.evaluation.evaluate import evaluate
 
     _, cfg, _ = smoke
     cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"cache": str(tmp_path / "cache")})})

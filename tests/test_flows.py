@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.orchestration.pipeline import stop_session
+from components.orchestration.prefect_server import stop_session
 from smoke_models import write_smoke_models
 from test_pretrain import free_port
 
@@ -281,7 +281,8 @@ def test_team_mode_logs_and_registers_through_an_mlflow_server_on_s3(smoke, tmp_
     from moto.server import ThreadedMotoServer
 
     from components.config import load_config
-    from components.orchestration.pipeline import init_workspace, run_dvc
+    from components.orchestration.dvc import run_dvc
+    from components.orchestration.workspace import init_workspace
 
     moto_port, mlflow_port = free_port(), free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port)
@@ -380,7 +381,7 @@ def test_only_transient_errors_are_retried():
     from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
     from components.errors import UserError
-    from components.orchestration.pipeline import TransientError, is_transient
+    from components.orchestration.stages import TransientError, is_transient
 
     def s3_reply(status: int, code: str) -> ClientError:
         return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")

@@ -17,7 +17,8 @@ import yaml
 from PIL import Image
 
 from components.errors import UserError
-from components.inference.engine import Personalizer, check_value, read_image
+from components.data.images import read_image
+from components.inference.engine import Personalizer, check_value
 from components.inference.tuning import Concept, draw_timesteps
 from smoke_models import isolated_store, smoke_setup, solid_png
 
@@ -101,7 +102,7 @@ def test_prompts_need_the_placeholder_and_fit(personalizer):
 # --- tuning and the cache -------------------------------------------------------------------------
 def test_tuning_starts_from_the_encoder_and_the_l2_pull_holds_it(smoke, personalizer):
     from components.inference.tuning import predict_concept, tune
-    from components.inference.engine import to_pixels
+    from components.data.images import to_pixels
 
     _, cfg, _ = smoke
     pixels = to_pixels(read_image(BLUE_ON_RED, 10**8), personalizer.side)
@@ -141,7 +142,7 @@ def test_stratified_timesteps_cover_every_range_once():
 
 
 def test_a_plain_background_image_tunes_on_its_caption(personalizer):
-    from components.inference.engine import to_pixels
+    from components.data.images import to_pixels
 
     on_red = to_pixels(read_image(BLUE_ON_RED, 10**8), personalizer.side)
     caption = personalizer.base.prompts.tokenize(["S* on a red background"])
@@ -157,7 +158,7 @@ def test_a_plain_background_image_tunes_on_its_caption(personalizer):
 def test_gradient_checkpointing_saves_memory_without_changing_the_result(smoke, personalizer):
     """base.gradient_checkpointing (the sd15 default; benchmarks/gpu_check.py measures the memory) only
     recomputes activations: the tuned concept is the same."""
-    from components.inference.engine import to_pixels
+    from components.data.images import to_pixels
     from components.inference.tuning import predict_concept, tune
 
     _, cfg, encoder = smoke

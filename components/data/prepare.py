@@ -26,15 +26,22 @@ import shutil
 import time
 import warnings
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Future,
+    ThreadPoolExecutor,
+    as_completed,
+    wait,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import pandas as pd
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image
 
 from components.config import PrepareConfig, S3Config
+from components.data.images import BadImage, load_rgb, open_image
 from components.errors import UserError
 from components.progress import Progress
 
@@ -151,15 +158,18 @@ def prepare(config: PrepareConfig) -> dict:
     return summary
 
 
-def data_version(out_dir: str | os.PathLike) -> str:
+def data_version(out_dir: str | os.PathLike, missing: str | None = None) -> str:
     """The manifest's hash as DVC records it (DVC 3: md5 of the file's bytes). The manifest names
-    every image by its sha256, so this one hash identifies the whole prepared set."""
+    every image by its sha256, so this one hash identifies the whole prepared set. Without prepared
+    data: `missing` when given (a tag for a run that does not need the data), else a UserError."""
     digest = hashlib.md5()
     try:
         with open(Path(out_dir) / "manifest.parquet", "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     except FileNotFoundError:
+        if missing is not None:
+            return missing
         raise UserError(f"no prepared data in {out_dir} (manifest.parquet missing): run `datencoder prepare`") from None
     return digest.hexdigest()
 
@@ -210,31 +220,20 @@ def prepare_image(data: bytes, box: tuple[float, float, float, float] | None, re
                   max_pixels: int) -> tuple[bytes, int, int]:
     """Decode without trusting the file, take the square around the box (None: the whole image),
     resize, encode. -> (JPEG bytes, original width, original height as displayed)."""
-    if not data:
-        raise Rejected("empty file")
     try:
-        image = Image.open(io.BytesIO(data))
-        # the header is all that has been read: refuse a bomb before its pixels are allocated
-        if image.width * image.height > max_pixels:
-            raise Rejected("too many pixels (decompression bomb)",
-                           f"{image.width}x{image.height} > max_pixels {max_pixels}")
-        swapped = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+        image = open_image(data, max_pixels)  # the header only: a bomb is refused before its pixels exist
+        try:
+            swapped = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+        except Exception:  # a broken EXIF block: load_rgb reports the image as corrupt
+            swapped = False
         width, height = (image.height, image.width) if swapped else image.size
         x0, y0, x1, y1 = square_box(box or (0.0, 0.0, 1.0, 1.0), width, height)
         # JPEG can decode at 1/2, 1/4, 1/8 scale for free; ask for the largest that keeps the crop >= N
         scale = resolution / (x1 - x0)
         image.draft(None, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
-        image.load()
-        ImageOps.exif_transpose(image, in_place=True)
-        image = to_rgb(image)
-    except UnidentifiedImageError:
-        raise Rejected("not a decodable image", "unknown or corrupt header") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise Rejected("too many pixels (decompression bomb)", str(e)) from None
-    except Rejected:
-        raise
-    except Exception as e:  # PIL reports broken data as OSError, ValueError, SyntaxError, struct.error...
-        raise Rejected("corrupt or truncated image", f"{type(e).__name__}: {e}") from None
+        image = load_rgb(image)
+    except BadImage as e:
+        raise Rejected(e.reason, str(e)) from None
     fx, fy = image.width / width, image.height / height  # draft scale
     crop = (x0 * fx, y0 * fy, x1 * fx, y1 * fy)
     # antialiased bilinear (what torchvision's Resize does); reducing_gap: integer box-reduce first,
@@ -254,17 +253,6 @@ def square_box(box: tuple[float, float, float, float], width: int, height: int) 
     x0 = min(max((bx0 + bx1 - side) / 2, 0.0), width - side)
     y0 = min(max((by0 + by1 - side) / 2, 0.0), height - side)
     return x0, y0, x0 + side, y0 + side
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: 16-bit scaled (not clipped) to 8 bits, transparency over white."""
-    if image.mode.startswith("I"):
-        image = image.convert("I").point(lambda v: v / 256).convert("L")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        image = Image.new("RGB", rgba.size, (255, 255, 255))
-        image.paste(rgba, mask=rgba.getchannel("A"))
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 # --- reading bytes --------------------------------------------------------------------------------

@@ -18,109 +18,29 @@ noise; it is reported, not written into the config.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import replace
-from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
 from components import tracking
 from components.config import Config
+from components.evaluation import report
+from components.evaluation.harness import StageRun, load_harness
+from components.evaluation.report import COMBINED, compare, metric_values
+from components.evaluation.variants import (
+    retrain_steps,
+    retrained_variants,
+    training_session,
+    tuning_variants,
+)
 
 log = logging.getLogger(__name__)
-
-# evaluate's re-trained variants of ours: name -> encoder overrides (ours-short: the default recipe, as short)
-EVALUATE_RETRAINED: dict[str, dict] = {
-    "ours-short": {},
-    "ours-no-reg": {"regulariser": "none"},
-    "ours-nn-cosine": {"regulariser": "nn-cosine"},
-    "ours-no-hypernet": {"use_hypernetwork": False},
-}
-
-
-def retrain_steps(cfg: Config) -> int:
-    e = cfg.evaluate
-    return e.full_retrain_steps if e.full else e.retrain_steps
-
-
-def encoder_variant(cfg: Config, overrides: dict, steps: int) -> tuple[Config, Path]:
-    """The pre-training config of a variant and where its trained encoder is cached."""
-    from components.data.prepare import data_version
-    from components.training.pretrain import run_name
-
-    variant = cfg.model_copy(update={"encoder": cfg.encoder.model_copy(update=overrides)})
-    variant = variant.model_copy(update={"pretrain": variant.pretrain.model_copy(update={
-        # a short run warms up for at most a tenth of its length, not the full recipe's 50 steps
-        "warmup_steps": min(cfg.pretrain.warmup_steps, max(1, steps // 10))})})
-    key = f"{run_name(variant, data_version(cfg.pretrain.data))}-{steps}"
-    out = Path(cfg.evaluate.cache) / key
-    variant = variant.model_copy(update={"pretrain": variant.pretrain.model_copy(update={
-        "out": str(out / "encoder"), "storage": str(out / "checkpoints"), "max_steps": steps})})
-    return variant, out / "encoder"
-
-
-@contextlib.contextmanager
-def training_session(cfg: Config) -> Iterator[Callable[[str, dict, str | None], Path]]:
-    """Yields train(name, encoder overrides, parent run id) -> encoder directory, cached; Ray is started
-    once, on the first variant that needs training, and stopped at the end if this session started it."""
-    from components.training.pretrain import connect, pretrain
-
-    started_ray = False
-    steps = retrain_steps(cfg)
-
-    def train(name: str, overrides: dict, parent_run_id: str | None) -> Path:
-        nonlocal started_ray
-        variant, encoder_dir = encoder_variant(cfg, overrides, steps)
-        if (encoder_dir / "config.json").is_file() and (encoder_dir / "model.safetensors").is_file():
-            log.info("%s: cached encoder %s", name, encoder_dir)
-            return encoder_dir
-        log.info("%s: pre-training a %d-step encoder (%s)", name, steps, overrides or "default recipe")
-        if not started_ray:
-            started_ray = connect(None)
-        pretrain(variant, parent_run_id=parent_run_id)
-        return encoder_dir
-
-    try:
-        yield train
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
-
-
-def tuning_variants(cfg: Config) -> dict[str, Config]:
-    """Variants that only change tuning or generation, on the committed encoder."""
-    from components.evaluation.harness import variant_config
-
-    variants = {
-        "no-tuning": variant_config(cfg, personalize={"steps": 0}),
-        "no-dual-path-tune": variant_config(cfg, encoder={"dual_path": False}),
-        "tune-embedding-only": variant_config(cfg, personalize={"tune_parts": "embedding"}),
-        "tune-weights-only": variant_config(cfg, personalize={"tune_parts": "weights"}),
-    }
-    for alpha in cfg.ablate.alpha_blends:
-        variants[f"alpha-{alpha:g}"] = variant_config(cfg, encoder={"alpha_blend_tune": alpha, "dual_path": True},
-                                                      personalize={"alpha_blend": None})
-    return variants
-
-
-def retrained_variants(cfg: Config) -> dict[str, dict]:
-    variants = {f"reg-{r}": {"regulariser": r} for r in cfg.ablate.regularisers}
-    variants["reg-contrastive"] = {"regulariser": "contrastive"}  # the reference of every re-trained variant
-    variants["no-dual-path-train"] = {"dual_path": False}
-    variants["no-hypernet"] = {"use_hypernetwork": False}
-    return variants
-
 
 def choose_alpha(cfg: Config, results: dict) -> dict:
     """The blend with the highest combined score; it displaces the config's default only when it beats the
     default beyond the paired 95% noise (as components/evaluation/report.py judges the paper's findings): a lead inside
     the noise of a few concepts is no reason to change a default."""
-    from components.evaluation.report import COMBINED, compare, metric_values
-
     sweep = {float(name.removeprefix("alpha-")): r for name, r in results.items() if name.startswith("alpha-")}
     scores = {a: float(np.mean(metric_values(r, COMBINED))) for a, r in sweep.items()}
     default = cfg.encoder.alpha_blend_tune
@@ -156,9 +76,6 @@ ABLATION_CLAIMS = [
 
 def ablate(cfg: Config, parent_run_id: str | None = None) -> dict:
     """Run the ablation grid (module docstring); returns the report the CLI prints."""
-    from components.evaluation import report
-    from components.evaluation.harness import StageRun, load_harness
-
     a = cfg.ablate
     harness = load_harness(cfg)
     with StageRun(cfg, a.experiment, "ablate", parent_run_id) as run:

@@ -30,8 +30,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from components.config import Config, EvaluateConfig
+from components.data.images import read_bytes, read_image, to_pixels
 from components.errors import UserError
+from components.inference.engine import check_value, slug
+from components.inference.generate import (
+    SCHEDULERS,
+    generate,
+    make_scheduler,
+    private_pipeline,
+)
 from components.inference.tuning import Concept, augment, encode_latents
+from components.memory import peak_mb
+from components.model.base import load_pipeline
+from components.model.placeholder import PLACEHOLDER, PromptEncoder
+from components.progress import Progress
 
 METHODS = ("ti", "lora", "dreambooth")
 IDENTIFIER = "sks"  # DreamBooth's rare-token identifier; LoRA and DreamBooth prompts say "sks <class word>"
@@ -195,8 +207,6 @@ def train_dreambooth(pipe, pixels: Tensor, steps: int, prompt: str = f"a photo o
         instance_context = context(prompt, batch)
         prior = None
         if prior_images:
-            from components.inference.generate import private_pipeline
-
             drawn = private_pipeline(pipe, "ddim")(
                 [class_prompt] * prior_images, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                 num_inference_steps=num_inference_steps,
@@ -228,9 +238,6 @@ def sample(pipe, prompts_encoder, result: BaselineResult, prompts: list[str], se
            num_inference_steps: int, scheduler: str, *, guidance_rescale: float) -> list[np.ndarray]:
     """One uint8 image per (prompt with S*, seed), as components.inference.generate.generate draws ours: TI puts its
     embedding at S*; LoRA and DreamBooth swap in their trained UNet and say "sks object" for S*."""
-    from components.inference.generate import generate, make_scheduler
-    from components.model.placeholder import PLACEHOLDER
-
     if result.unet is None:  # textual inversion: the learned embedding is a v* without LoRA factors
         concept = Concept(next(iter(result.weights.values())), None, 1.0)
         return generate(pipe, prompts_encoder, concept, prompts, seeds, guidance_scale, num_inference_steps,
@@ -249,13 +256,11 @@ def sample(pipe, prompts_encoder, result: BaselineResult, prompts: list[str], se
 
 def read_images(paths: list[str], max_pixels: int) -> list:
     """RGB PIL images from files, each checked like a personalisation upload (a UserError names the file)."""
-    from components.inference.engine import read_image, read_image_file
-
     if not paths:
         raise UserError("give at least one --image")
     images = []
     for path in paths:
-        data = read_image_file(path)
+        data = read_bytes(path)
         try:
             images.append(read_image(data, max_pixels))
         except UserError as e:
@@ -269,11 +274,6 @@ def baseline(cfg: Config, method: str, images: list[str], prompts: list[str], st
              num_inference_steps: int | None = None) -> dict:
     """The `datencoder baseline` stage: train `method` on the image(s) and draw `prompts` with it; the report
     has the same shape as `personalize`'s (one image: one-shot; 3-5: few-shot)."""
-    from components.model.base import load_pipeline
-    from components.inference.generate import SCHEDULERS
-    from components.inference.engine import check_value, peak_rss_mb, slug, to_pixels
-    from components.model.placeholder import PromptEncoder
-
     if method not in METHODS:
         raise UserError(f"unknown baseline method {method!r}; choose one of: {', '.join(METHODS)}")
     if not prompts or any(not p.strip() for p in prompts):
@@ -297,7 +297,6 @@ def baseline(cfg: Config, method: str, images: list[str], prompts: list[str], st
     prompts_encoder.tokenize(prompts)  # every prompt has S* and fits, before any training
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     pixels = torch.cat([to_pixels(image, side) for image in inputs])
-    from components.progress import Progress
 
     progress = Progress(method, steps, every_s=5.0)
     result = train_baseline(method, pipe, pixels, steps, e, seed=settings["seed"],
@@ -329,5 +328,5 @@ def baseline(cfg: Config, method: str, images: list[str], prompts: list[str], st
                        "alpha_blend": None},
         "timings": {"train_s": round(result.seconds, 3), "sample_s": round(sample_s, 3),
                     "total_s": round(time.perf_counter() - started, 3)},
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_mb(), 1),
     }

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from components.config import Config
+from components.model.base import Clip, load_clip, load_pipeline
+from components.progress import Progress
 from components.toy import palette
 from components.toy import world as tw
-from components.model.base import Clip, load_clip, load_pipeline
-from components.config import Config
-from components.progress import Progress
 
 TARGETS = {"background_colour": 0.80, "object_colour": 0.70, "shape": 0.60,
            "zero_shot_colour": 0.90, "zero_shot_shape": 0.90}

@@ -21,10 +21,11 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from components.toy import world as tw
 from components.config import Config
+from components.data.images import read_image
 from components.errors import UserError
 from components.model.placeholder import PLACEHOLDER
+from components.toy import world as tw
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,6 @@ def folder_concepts(folder: str, few_shot: int) -> list[EvalConcept]:
                         f"per concept, or one folder of 3-5 images per concept) or set evaluate.concept_dir")
 
     def load(path: Path) -> Image.Image:
-        from components.inference.engine import read_image
-
         try:
             return read_image(path.read_bytes(), 50_000_000)
         except UserError as e:

@@ -1,17 +1,17 @@
 """The evaluation harness: ours, its variants and the optimisation baselines on one set, one metric.
 
-    evaluate(cfg) -> {"methods": {name: {"identity", "prompt", "seconds", "peak_mb", ...}}, "findings", ...}
+    harness = load_harness(cfg)
+    with StageRun(cfg, experiment, "evaluate", parent_run_id) as run:
+        run.add(harness.ours("ours"))
+        result = run.report(title, out, findings)
 
 Every method personalises each evaluation concept from its image(s) and draws every prompt x seed with
 the same sampler settings (`personalize.*`); the metrics CLIP scores each image (components/evaluation/metrics.py).
 `seconds` is the mean time to personalise one concept (encoder + tuning for ours, the optimisation loop
 for the baselines; sampling is the same for all and excluded); `peak_mb` is the peak memory while the
 method ran (process RSS on CPU, allocated GPU memory on CUDA), models included.
-
-Variants of ours that need another encoder (no regulariser, NN pull, no hypernetwork, and `ours-short`,
-the default recipe trained as long as they are) are short pre-training runs from components/evaluation/ablate.py,
-cached by their config. Each method is a nested MLflow run under the evaluation's run; the results table,
-the trade-off plot, the findings and a sample grid per method are its artifacts (components/evaluation/report.py).
+Each method is a nested MLflow run under the stage's run; the results table, the trade-off plot, the
+findings and a sample grid per method are its artifacts (components/evaluation/report.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,48 +29,24 @@ from PIL import Image
 
 from components import tracking
 from components.config import Config, resolved
-from components.evaluation.eval_set import EvalConcept, EvalSet, check_held_out, load_eval_set
+from components.data.images import to_pixels
+from components.evaluation import report
+from components.evaluation.baselines import sample, train_baseline
+from components.evaluation.eval_set import (
+    EvalConcept,
+    EvalSet,
+    load_eval_set,
+)
 from components.evaluation.metrics import ClipMetrics, mean_ci
+from components.inference.engine import Personalizer
+from components.inference.generate import generate
+from components.memory import PeakMemory
+from components.model.base import load_clip
+from components.progress import Progress
 
 log = logging.getLogger(__name__)
 
 GRID_ROWS, GRID_PROMPTS = 4, 6  # sample grids: concepts x (input + prompts)
-BASELINES = {"lora": "lora", "ti": "ti", "dreambooth": "dreambooth"}  # row prefix -> components.evaluation.baselines method
-
-
-# --- measurement -----------------------------------------------------------------------------------
-class PeakMemory:
-    """Peak memory while the block runs: sampled process RSS (CPU) or torch's peak allocation (CUDA)."""
-
-    def __init__(self, interval_s: float = 0.05):
-        self.interval_s, self.peak_mb = interval_s, 0.0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def rss_mb() -> float:
-        import os
-
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.peak_mb = max(self.peak_mb, self.rss_mb())
-
-    def __enter__(self) -> PeakMemory:
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        self.peak_mb = self.rss_mb()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, self.rss_mb())
-        if torch.cuda.is_available():
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
 
 
 @dataclass
@@ -157,8 +132,6 @@ class Harness:
     def ours(self, name: str, personalizer=None, limit: int | None = None,
              prompts: list[str] | None = None) -> MethodResult:
         """Ours (or a variant Personalizer): encoder forward + tuning per concept, then sampling."""
-        from components.inference.generate import generate
-
         p = personalizer or self.personalizer
         settings = p.settings()
 
@@ -174,16 +147,11 @@ class Harness:
 
     def baseline(self, name: str, method: str, shots: int, limit: int | None) -> MethodResult:
         """An optimisation baseline trained per concept on `shots` images of it (1: one-shot)."""
-        from components.evaluation.baselines import sample, train_baseline
-        from components.inference.engine import to_pixels
-
         p, e = self.personalizer, self.cfg.evaluate
         settings = p.settings()
         steps = getattr(e, f"{method}_steps")
 
         def personalise(concept: EvalConcept):
-            from components.progress import Progress
-
             pixels = torch.cat([to_pixels(image, p.side) for image in concept.images[:shots]])
             progress = Progress(f"{name} {concept.name}", steps)
             return train_baseline(method, p.pipe, pixels, steps, e, seed=self.seeds[0],
@@ -197,16 +165,7 @@ class Harness:
         return self._run(name, self.concepts(limit), personalise, draw)
 
 
-def variant_config(cfg: Config, **sections: dict) -> Config:
-    """cfg with fields of some sections replaced, e.g. variant_config(cfg, personalize={"steps": 0})."""
-    return cfg.model_copy(update={name: getattr(cfg, name).model_copy(update=values)
-                                  for name, values in sections.items()})
-
-
 def load_harness(cfg: Config) -> Harness:
-    from components.model.base import load_clip
-    from components.inference.engine import Personalizer
-
     eval_set = load_eval_set(cfg)
     personalizer = Personalizer(cfg, cfg.personalize.encoder)
     return Harness(cfg, personalizer, ClipMetrics(load_clip(cfg.base.metrics_clip)), eval_set)
@@ -217,83 +176,33 @@ class StageRun:
     then the report's files as artifacts; the run ends FAILED if the block raises."""
 
     def __init__(self, cfg: Config, experiment: str, stage: str, parent_run_id: str | None):
-        from mlflow import MlflowClient
-
         self.cfg, self.experiment, self.stage = cfg, experiment, stage
         self.started = time.perf_counter()
-        self.client = MlflowClient(tracking.tracking_uri())
-        self.run_id = tracking.start_run(self.client, experiment, stage, {"stage": stage, "preset": cfg.preset},
-                                         parent_run_id=parent_run_id)
+        self._run = tracking.run(experiment, stage, {"stage": stage, "preset": cfg.preset}, parent_run_id,
+                                 params=resolved(cfg))
         self.results: dict[str, MethodResult] = {}
 
     def __enter__(self) -> StageRun:
-        tracking.log_params(self.client, self.run_id, resolved(self.cfg))
+        self.client, self.run_id = self._run.__enter__()
         return self
 
-    def __exit__(self, kind, error, trace) -> None:
-        self.client.set_terminated(self.run_id, "FINISHED" if kind is None else "FAILED")
+    def __exit__(self, kind, error, trace) -> bool | None:
+        return self._run.__exit__(kind, error, trace)
 
     def add(self, result: MethodResult, params: dict | None = None) -> None:
         self.results[result.name] = result
-        run_id = tracking.start_run(self.client, self.experiment, result.name,
-                                    {"stage": self.stage, "method": result.name}, parent_run_id=self.run_id)
         summary = result.summary()
-        tracking.log_metrics(self.client, run_id, {k: v for k, v in summary.items() if isinstance(v, (int, float))},
-                             step=0)
-        if params:
-            tracking.log_params(self.client, run_id, params)
-        if result.grid is not None:
-            self.client.log_image(run_id, result.grid, artifact_file=f"samples/{result.name}.png")
-        self.client.set_terminated(run_id)
+        with tracking.run(self.experiment, result.name, {"stage": self.stage, "method": result.name}, self.run_id,
+                          params=params) as (client, run_id):
+            tracking.log_metrics(client, run_id, {k: v for k, v in summary.items() if isinstance(v, (int, float))},
+                                 step=0)
+            if result.grid is not None:
+                client.log_image(run_id, result.grid, artifact_file=f"samples/{result.name}.png")
 
     def report(self, title: str, out: str, findings: list[dict], extra: str = "") -> dict:
         """Write and log the report; returns the stage's result (what the CLI prints)."""
-        from components.evaluation import report
-
         files = report.write_report(Path(out), title, self.results, findings, self.cfg, extra)
         report.log_report(self.client, self.run_id, files)
         return {"methods": {name: r.summary() for name, r in self.results.items()}, "findings": findings,
                 "mlflow_run_id": self.run_id, "report": {k: str(v) for k, v in files.items() if k != "grids"},
                 "seconds": round(time.perf_counter() - self.started, 1)}
-
-
-# --- the stage -------------------------------------------------------------------------------------
-def evaluate(cfg: Config, parent_run_id: str | None = None) -> dict:
-    """Evaluate ours, its variants and the baselines (module docstring); returns the report the CLI prints."""
-    from components.evaluation import ablate as ablation, report
-
-    e = cfg.evaluate
-    held_out = check_held_out(cfg)
-    harness = load_harness(cfg)
-    with StageRun(cfg, e.experiment, "evaluate", parent_run_id) as run:
-        p = harness.personalizer
-        run.add(harness.ours("ours", limit=e.max_concepts))
-        run.add(harness.ours("ours-no-tuning", p.variant(variant_config(cfg, personalize={"steps": 0})),
-                             e.max_concepts))
-        run.add(harness.ours("ours-no-dual-path", p.variant(variant_config(cfg, encoder={"dual_path": False})),
-                             e.max_concepts))
-        with ablation.training_session(cfg) as train:
-            for name, overrides in ablation.EVALUATE_RETRAINED.items():
-                encoder_dir = train(name, overrides, run.run_id)
-                run.add(harness.ours(name, p.variant(cfg, encoder_dir), e.max_concepts), {"encoder": str(encoder_dir)})
-        for prefix, method in BASELINES.items():
-            for shots, label in ((1, "one-shot"), (e.few_shot_images, "few-shot")):
-                run.add(harness.baseline(f"{prefix}-{label}", method, shots, e.baseline_concepts),
-                        {"steps": getattr(e, f"{method}_steps"), "shots": shots})
-        result = run.report("Evaluation", e.out, report.evaluation_findings(run.results))
-    return {**result, "held_out": held_out}
-
-
-def gate_scores(personalizer) -> dict:
-    """The registry gate (docs/personalize.md): ours on the first `gate_concepts` evaluation concepts x the
-    first `gate_prompts` prompts, seed 0; score = mean of identity and prompt similarity (higher is better)."""
-    from components.model.base import load_clip
-
-    cfg = personalizer.cfg
-    e = cfg.evaluate
-    gate_cfg = variant_config(cfg, evaluate={"full": False, "seeds": [0]})
-    eval_set = load_eval_set(gate_cfg)
-    harness = Harness(gate_cfg, personalizer, ClipMetrics(load_clip(cfg.base.metrics_clip)), eval_set)
-    result = harness.ours("gate", limit=e.gate_concepts, prompts=eval_set.prompts[:e.gate_prompts])
-    identity, prompt = float(np.mean(result.identity)), float(np.mean(result.prompt))
-    return {"identity": identity, "prompt": prompt, "score": (identity + prompt) / 2}

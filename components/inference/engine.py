@@ -18,11 +18,10 @@ import hashlib
 import io
 import logging
 import re
-import resource
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +29,17 @@ import numpy as np
 import torch
 
 from components.config import Config
+from components.data.images import read_image, to_pixels
 from components.errors import UserError
 from components.inference.generate import SCHEDULERS, generate
-from components.model.placeholder import plain_background_index, plain_background_prompts
-from components.progress import Progress
 from components.inference.tuning import Concept, predict_concept, tune
+from components.model.base import load_pipeline
+from components.model.encoder import FrozenBase, TuningEncoder
+from components.model.placeholder import (
+    plain_background_index,
+    plain_background_prompts,
+)
+from components.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -104,48 +109,6 @@ def check_value(name: str, value: Any) -> int | float:
     return value
 
 
-def read_image(data: bytes, max_pixels: int):
-    """Decode and check an uploaded image; a UserError says what is wrong with it. Returns RGB PIL."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if not data:
-        raise UserError("the image is empty (0 bytes)")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise UserError("the image bytes are not an image in a format we read (PNG, JPEG, WebP, ...)") from None
-    except Image.DecompressionBombError:
-        raise UserError(f"the image is too large (limit {max_pixels / 1e6:g} megapixels)") from None
-    except (OSError, SyntaxError, ValueError) as e:  # a header cut short
-        raise UserError(f"the image data is truncated or corrupt ({e})") from None
-    width, height = image.size  # from the header: refuse before decoding
-    if width * height > max_pixels:
-        raise UserError(f"the image is {width}x{height} = {width * height / 1e6:.1f} megapixels; "
-                        f"the limit is {max_pixels / 1e6:g}")
-    if width == 0 or height == 0:
-        raise UserError("the image has no pixels")
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"the image data is truncated or corrupt ({e})") from None
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        # transparent areas become white, as the image would show on a page
-        rgba = image.convert("RGBA")
-        image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image.alpha_composite(rgba)
-    return image.convert("RGB")
-
-
-def to_pixels(image, side: int) -> torch.Tensor:
-    """Centre square crop, resized to the base's resolution: (1, 3, side, side) in [-1, 1]."""
-    from PIL import Image, ImageOps
-
-    square = ImageOps.fit(image, (side, side), method=Image.Resampling.BICUBIC)
-    array = np.asarray(square, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None]
-
-
 class ConceptCache:
     """LRU of tuned concepts; a key being tuned by one thread makes the others wait for it."""
 
@@ -181,9 +144,6 @@ class Personalizer:
     """A loaded base + encoder that personalises images on request (thread-safe)."""
 
     def __init__(self, cfg: Config, encoder_dir: str | Path):
-        from components.model.base import load_pipeline
-        from components.model.encoder import FrozenBase, TuningEncoder
-
         self.cfg = cfg
         self.pipe = load_pipeline(cfg.base)
         self.base = FrozenBase.load(cfg, self.pipe)  # shares the pipeline's UNet and text encoder
@@ -198,8 +158,6 @@ class Personalizer:
         """A Personalizer over the same loaded base with another config (tuning settings, blend) and
         optionally another encoder: the evaluation's variants without reloading the base each time.
         The base config must be the same; the variant gets its own concept cache."""
-        from components.model.encoder import TuningEncoder
-
         if cfg.base != self.cfg.base:
             raise ValueError("a variant must share the base model")
         other = copy.copy(self)
@@ -215,7 +173,7 @@ class Personalizer:
         p = self.cfg.personalize
         values = {"tuning_steps": p.steps, "num_images": p.num_images, "seed": p.seed,
                   "guidance_scale": p.guidance_scale, "num_inference_steps": p.num_inference_steps,
-                  "alpha_blend": p.alpha_blend if p.alpha_blend is not None else self.tuning_alpha}
+                  "alpha_blend": self.cfg.sampling_alpha}
         values.update({name: check_value(name, value) for name, value in given.items() if value is not None})
         scheduler = scheduler or p.scheduler
         if scheduler not in SCHEDULERS:
@@ -235,8 +193,7 @@ class Personalizer:
 
     @property
     def tuning_alpha(self) -> float:
-        e = self.cfg.encoder
-        return e.alpha_blend_tune if e.dual_path else 1.0
+        return self.cfg.encoder.alpha("tune")
 
     def tuning_prompt_ids(self, pixels: torch.Tensor) -> torch.Tensor:
         """The configured tuning prompts or, with caption_plain_backgrounds and a plain background, its caption."""
@@ -291,67 +248,5 @@ class Personalizer:
         return Result(images, concept, digest, cached, {k: round(v, 3) for k, v in timings.items()})
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def load_personalizer(cfg: Config, model: str | None = None) -> tuple[Personalizer, str]:
-    """The Personalizer for `model`: an MLflow model URI, an encoder directory, or by default the registered
-    champion when the tracking store has one, else `personalize.encoder`. Returns it and what was loaded."""
-    from components.serving import registry
-
-    if model is None:
-        model = registry.champion_uri() or cfg.personalize.encoder
-        if not registry.is_model_uri(model) and not Path(model).is_dir():
-            raise UserError(f"no encoder to personalise with: the MLflow store has no {registry.MODEL_NAME}@"
-                            f"{registry.ALIAS} and {model} does not exist; run the pipeline first "
-                            f"(`datencoder pretrain`, then `datencoder register`), or pass --model")
-    if registry.is_model_uri(model):
-        return registry.load_pyfunc_personalizer(model), model
-    if not (Path(model) / "config.json").is_file():
-        raise UserError(f"--model {model}: not an MLflow model URI nor an encoder directory (no config.json)")
-    return Personalizer(cfg, model), model
-
-
 def slug(text: str, length: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower().replace("s*", "concept")).strip("-")[:length] or "image"
-
-
-def read_image_file(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read image {path}: {e.strerror}") from None
-
-
-def personalize(cfg: Config, image: str, prompts: list[str], model: str | None = None, out: str | None = None,
-                export: str | None = None, scheduler: str | None = None, **params: Any) -> dict:
-    """The stage: personalise `image` for `prompts`, write PNGs to `out` (and the concept to `export`)."""
-    image_bytes = read_image_file(image)
-    personalizer, loaded = load_personalizer(cfg, model)
-    settings = personalizer.settings(scheduler=scheduler, **params)
-    result = personalizer.run(image_bytes, prompts, settings)
-    out_dir = Path(out or cfg.personalize.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    images = []
-    for i, generated in enumerate(result.images):
-        path = out_dir / f"{result.image_sha256[:8]}-{i:02d}-{slug(generated.prompt)}-{generated.seed}.png"
-        path.write_bytes(generated.png())
-        images.append({"path": str(path), "prompt": generated.prompt, "seed": generated.seed})
-    report = {
-        "model": loaded,
-        "images": images,
-        "seed": settings.seed,
-        "settings": asdict(settings),
-        "cached": result.cached,
-        "generation": {"num_inference_steps": settings.num_inference_steps, "guidance_scale": settings.guidance_scale,
-                       "guidance_rescale": settings.guidance_rescale, "scheduler": SCHEDULERS[settings.scheduler],
-                       "alpha_blend": settings.alpha_blend},
-        "timings": result.timings,
-    }
-    if export:
-        from components.inference.export import export_concept
-
-        report["export"] = export_concept(result.concept, export, token=f"<concept-{result.image_sha256[:8]}>")
-    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    return report

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from components.model.dual_path import condition
 from components.inference.tuning import Concept
+from components.model.dual_path import condition
 
 # --scheduler name -> diffusers class
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}

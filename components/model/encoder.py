@@ -22,10 +22,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from components import __version__
-from components.model.backbone import ClipImageTower, Trunk, unet_encoder_features, unet_feature_channels
 from components.config import Config, EncoderConfig
-from components.model.dual_path import Factors, condition
 from components.errors import UserError
+from components.model.backbone import (
+    ClipImageTower,
+    Trunk,
+    unet_encoder_features,
+    unet_feature_channels,
+)
+from components.model.base import load_clip, load_pipeline
+from components.model.dual_path import Factors, condition
 from components.model.hypernetwork import HyperNetwork
 from components.model.lora import Target, find_targets, install_processors
 from components.model.placeholder import PromptEncoder
@@ -53,7 +59,6 @@ class FrozenBase:
         base shares its modules, and the pipeline's VAE and sampler stay usable) and the backbone CLIP."""
         from diffusers import DDPMScheduler
 
-        from components.model.base import load_clip, load_pipeline
 
         pipe = pipe if pipe is not None else load_pipeline(cfg.base)
         # training noises with DDPM on the pipeline's own betas and prediction type
@@ -176,7 +181,7 @@ class TuningEncoder(nn.Module):
                                       device=latents.device)
         noisy, target = base.noised(latents, noise, timesteps)
         v_star, factors = self.predict(pixels, noisy, timesteps)
-        alpha = cfg.alpha_blend_train if cfg.dual_path else 1.0
+        alpha = cfg.alpha("train")
         prediction = base.denoise(noisy, timesteps, ids, v_star, factors, cfg.lora_scale, alpha)
         losses = {"diffusion": F.mse_loss(prediction.float(), target.float()),
                   **embedding_regulariser(cfg.regulariser, v_star, base.prompts.token_table, cfg.neighbours,

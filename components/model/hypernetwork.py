@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from components.model import sd15
 from components.model.dual_path import Factors
 from components.model.lora import Target, find_targets
+from components.toy.bootstrap import make_unet
 
 
 class HyperNetwork(nn.Module):
@@ -54,14 +56,11 @@ class HyperNetwork(nn.Module):
 def unet_structure(cfg, kind: str | None = None):
     """The base UNet on the meta device: SD 1.5 from the bundled config, the toy one from the trained
     model's config if present, else from the bootstrap recipe."""
-    from components.model import sd15
-
     if (kind or cfg.base.kind) == "sd15":
         return sd15.meta_unet()
     saved = Path(cfg.base.pretrained) / "unet" / "config.json"
     if saved.is_file():
         return sd15.meta_unet(json.loads(saved.read_text()))
-    from components.toy.bootstrap import make_unet
 
     with torch.device("meta"):
         return make_unet(cfg.bootstrap)

@@ -14,10 +14,10 @@ import copy
 import torch
 from torch import Tensor
 
-from components.toy import palette
-from components.toy import world as tw
 from components.errors import UserError
 from components.model.token_embedder import nearest_tokens
+from components.toy import palette
+from components.toy import world as tw
 
 PLACEHOLDER = "S*"
 

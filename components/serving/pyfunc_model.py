@@ -20,6 +20,10 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
+from components.errors import UserError
+from components.inference.engine import Personalizer
+from components.serving.registry import config_from_artifacts
+
 
 def reject_unknown_params() -> None:
     """MLflow drops request params that the signature does not declare, with only a log warning, so a
@@ -47,23 +51,16 @@ def reject_unknown_params() -> None:
 
 class PersonalizeModel(PythonModel):
     def load_context(self, context) -> None:
-        from components.inference.engine import Personalizer
-        from components.serving.registry import config_from_artifacts
-
         reject_unknown_params()
         self.personalizer = Personalizer(config_from_artifacts(context.artifacts), context.artifacts["encoder"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from components.errors import UserError
-
         try:
             return self._predict(model_input, params or {})
         except UserError as e:
             raise MlflowException.invalid_parameter_value(str(e)) from None
 
     def _predict(self, rows: pd.DataFrame, params: dict) -> pd.DataFrame:
-        from components.errors import UserError
-
         missing = {"image", "prompt"} - set(rows.columns)
         if missing:
             raise UserError(f"input is missing column(s) {', '.join(sorted(missing))}")

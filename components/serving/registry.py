@@ -25,7 +25,10 @@ import yaml
 
 from components import tracking
 from components.config import Config, load_config
+from components.data.prepare import data_version
 from components.errors import UserError
+from components.evaluation.gate import gate_scores
+from components.inference.engine import Personalizer
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +98,8 @@ def signature(cfg: Config):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    p, e = cfg.personalize, cfg.encoder
-    alpha = p.alpha_blend if p.alpha_blend is not None else (e.alpha_blend_tune if e.dual_path else 1.0)
+    p = cfg.personalize
+    alpha = cfg.sampling_alpha
     params = [ParamSpec("tuning_steps", "long", p.steps), ParamSpec("num_images", "long", p.num_images),
               ParamSpec("seed", "long", p.seed), ParamSpec("guidance_scale", "double", p.guidance_scale),
               ParamSpec("num_inference_steps", "long", p.num_inference_steps),
@@ -140,8 +143,6 @@ def log_model(cfg: Config, encoder_dir: str | Path):
 # --- the gate --------------------------------------------------------------------------------------
 def gate_score(personalizer) -> dict:
     """The gate (module docstring) of a loaded Personalizer: {"identity", "prompt", "score"}."""
-    from components.evaluation.harness import gate_scores
-
     return gate_scores(personalizer)
 
 
@@ -160,15 +161,6 @@ def _champion_score(client) -> tuple[int | None, float | None]:
     return version, gate_score(load_pyfunc_personalizer(f"models:/{MODEL_NAME}/{champion.version}"))["score"]
 
 
-def data_version(cfg: Config) -> str:
-    from components.data.prepare import data_version as manifest_hash
-
-    try:
-        return manifest_hash(cfg.pretrain.data)
-    except UserError:
-        return "unknown"
-
-
 def register(cfg: Config, encoder: str | None = None) -> dict:
     """Log, register and (if it wins the gate) promote the encoder at `encoder` (default personalize.encoder)."""
     import mlflow
@@ -177,26 +169,24 @@ def register(cfg: Config, encoder: str | None = None) -> dict:
     if not (encoder_dir / "config.json").is_file():
         raise UserError(f"no encoder at {encoder_dir} (config.json missing): run `datencoder pretrain` first, "
                         f"or pass --encoder")
-    from components.inference.engine import Personalizer
 
     client = _client()
     gate = gate_score(Personalizer(cfg, encoder_dir))
     score = gate["score"]
-    tags = {"data_version": data_version(cfg), "preset": cfg.preset, "stage": "register"}
-    run_id = tracking.start_run(client, EXPERIMENT, f"register-{encoder_dir.name}", tags)
-    tracking.log_metrics(client, run_id, {GATE: score, "gate_identity": gate["identity"],
-                                          "gate_prompt": gate["prompt"]}, step=0)
-    with mlflow.start_run(run_id=run_id):
-        info = log_model(cfg, encoder_dir)
-    version = mlflow.register_model(info.model_uri, MODEL_NAME).version
-    for key, value in {**tags, "git_commit": tracking.git_commit(), "gate": GATE, GATE: f"{score:.6g}",
-                       "encoder": str(encoder_dir)}.items():
-        client.set_model_version_tag(MODEL_NAME, version, key, str(value))
-    champion, champion_score = _champion_score(client)
-    promoted = champion is None or score > champion_score  # a tie keeps the champion
-    if promoted:
-        client.set_registered_model_alias(MODEL_NAME, ALIAS, version)
-    client.set_terminated(run_id)
+    tags = {"data_version": data_version(cfg.pretrain.data, missing="unknown"), "preset": cfg.preset, "stage": "register"}
+    with tracking.run(EXPERIMENT, f"register-{encoder_dir.name}", tags) as (run_client, run_id):
+        tracking.log_metrics(run_client, run_id, {GATE: score, "gate_identity": gate["identity"],
+                                                  "gate_prompt": gate["prompt"]}, step=0)
+        with mlflow.start_run(run_id=run_id):
+            info = log_model(cfg, encoder_dir)
+        version = mlflow.register_model(info.model_uri, MODEL_NAME).version
+        for key, value in {**tags, "git_commit": tracking.git_commit(), "gate": GATE, GATE: f"{score:.6g}",
+                           "encoder": str(encoder_dir)}.items():
+            client.set_model_version_tag(MODEL_NAME, version, key, str(value))
+        champion, champion_score = _champion_score(client)
+        promoted = champion is None or score > champion_score  # a tie keeps the champion
+        if promoted:
+            client.set_registered_model_alias(MODEL_NAME, ALIAS, version)
     log.info("registered %s version %s (%s = %.5g); %s", MODEL_NAME, version, GATE, score,
              f"now {ALIAS}" if promoted else f"{ALIAS} stays version {champion} ({champion_score:.5g})")
     return {"model": MODEL_NAME, "version": int(version), "run_id": run_id, "model_uri": info.model_uri,

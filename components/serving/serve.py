@@ -14,9 +14,9 @@ import subprocess
 import sys
 
 from components import tracking
-from components.serving import registry
 from components.config import Config
 from components.errors import UserError
+from components.serving import registry
 
 
 def serve_command(model_uri: str, host: str, port: int, workers: int, timeout_s: int) -> tuple[list[str], dict]:

@@ -28,14 +28,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from components.toy import world as tw
 from components.config import BootstrapConfig, Config
 from components.errors import UserError
 from components.progress import Progress
+from components.toy import world as tw
 from components.toy.tokenizer import save_toy_tokenizer
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import random
-import resource
 import sys
 import tempfile
 import time
@@ -39,10 +38,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from components import tracking
 from components.config import Config, PretrainConfig
+from components.memory import peak_mb
+from components.model.base import load_pipeline
+from components.model.dual_path import condition
 from components.model.encoder import FrozenBase, TuningEncoder
-from components.model.placeholder import plain_background_index, plain_background_prompts
+from components.model.placeholder import (
+    plain_background_index,
+    plain_background_prompts,
+)
 from components.progress import Progress
+from components.toy import world as tw
 
 ENCODER_DIR = "encoder"  # inside a checkpoint: TuningEncoder.save_pretrained
 TRAINER_STATE = "trainer.pt"  # step, optimiser, schedule (torch.load(weights_only=True))
@@ -146,8 +153,6 @@ class Training:
 
     @classmethod
     def build(cls, cfg: Config, manifest: pd.DataFrame, rank: int, world: int, device: torch.device) -> Training:
-        from components.model.base import load_pipeline
-
         p = cfg.pretrain
         pipe = load_pipeline(cfg.base)
         base = FrozenBase.load(cfg, pipe)
@@ -253,8 +258,6 @@ class HeldOut:
     manifest and, for the toy world, renders of the held-out shapes (the paper's unseen domains)."""
 
     def __init__(self, cfg: Config, manifest: pd.DataFrame):
-        from components.toy import world as tw
-
         p = cfg.pretrain
         val = manifest[manifest["split"] == "val"].sort_values("path")["path"].head(p.heldout_images)
         self.sets: dict[str, Tensor] = {}
@@ -272,7 +275,7 @@ class HeldOut:
     def losses(self, training: Training, encoder: TuningEncoder, chunk: int = 32) -> dict[str, float]:
         """Mean denoising loss (Eq. 1) per held-out set: each image at HELDOUT_TIMESTEPS noise levels."""
         base, cfg = training.base, encoder.config
-        alpha = cfg.alpha_blend_train if cfg.dual_path else 1.0
+        alpha = cfg.alpha("train")
         steps = base.noise_scheduler.config.num_train_timesteps
         levels = torch.tensor([int((k + 0.5) * steps / HELDOUT_TIMESTEPS) for k in range(HELDOUT_TIMESTEPS)])
         p = training.cfg.pretrain
@@ -302,8 +305,6 @@ class HeldOut:
     def grid(self, training: Training) -> Image.Image:
         """Rows: held-out concepts; columns: the input, then a generation for each sample prompt from
         the encoder's v* and offsets (predicted once, from the image's latent noised to mid-schedule)."""
-        from components.model.dual_path import condition
-
         p, base, encoder = training.cfg.pretrain, training.base, training.encoder
         cfg = encoder.config
         per_set = max(1, p.sample_concepts // max(1, len(self.sets)))
@@ -316,7 +317,7 @@ class HeldOut:
         encoder.eval()
         v_star, factors = encoder.predict(pixels, noisy, t)
         encoder.train()
-        alpha = cfg.alpha_blend_train if cfg.dual_path else 1.0
+        alpha = cfg.alpha("train")
         uncond = base.empty_context(n)
         columns = [(pixels.cpu() + 1) / 2]
         for prompt in p.sample_prompts:
@@ -351,19 +352,12 @@ def mean_over_workers(values: dict[str, Tensor]) -> dict[str, float]:
     return dict(zip(sorted(values), stacked.tolist()))
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def worker_loop(job: dict) -> None:
     """Ray Train's train_loop_per_worker. `job`: config (Config.model_dump()), project_dir,
     tracking_uri, run_id (MLflow, logged to by rank 0 only)."""
     import ray.train
     import ray.train.torch
 
-    from components import tracking
 
     os.chdir(job["project_dir"])  # the config's relative paths mean what they meant to the driver
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
@@ -431,7 +425,7 @@ def worker_loop(job: dict) -> None:
         final: dict[str, Any] = {
             "step": p.max_steps, "start_step": start,
             "samples_per_s": p.batch_size * timed_steps / train_seconds if timed_steps else None,
-            "peak_memory_mb": gather(round(peak_memory_mb(device), 1)),
+            "peak_memory_mb": gather(round(peak_mb(device), 1)),
             "nodes": gather(ray.get_runtime_context().get_node_id())}
         if rank == 0:
             untrained = heldout.losses(training, initial_encoder(cfg, training.base).to(device))

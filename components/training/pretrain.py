@@ -29,9 +29,13 @@ from typing import Any
 
 import pandas as pd
 
-from components.model.base import base_fingerprint
+from components import tracking
 from components.config import Config, S3Config, resolved
+from components.data.prepare import data_version
 from components.errors import UserError
+from components.model.base import _is_local, base_fingerprint
+from components.model.placeholder import PLACEHOLDER
+from components.training.loop import train_rows, worker_loop
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # before ray.train is imported anywhere in this process
 
@@ -53,7 +57,6 @@ def pretrain(cfg: Config, workers: int | None = None, max_steps: int | None = No
     p = cfg.pretrain
     check_recipe(cfg)
     manifest = read_manifest(p.data, p.workers)
-    from components.data.prepare import data_version
 
     version = data_version(p.data)
     name = run_name(cfg, version)
@@ -74,51 +77,44 @@ def pretrain(cfg: Config, workers: int | None = None, max_steps: int | None = No
 def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, filesystem, root: str,
         parent_run_id: str | None) -> dict[str, Any]:
     import ray
-    from mlflow import MlflowClient
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from components import tracking
-    from components.training.loop import train_rows, worker_loop
 
     p = cfg.pretrain
     use_gpu = p.use_gpu if p.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= p.workers
-    client = MlflowClient(tracking.tracking_uri())
-    run_id = tracking.start_run(client, p.experiment, name, parent_run_id=parent_run_id,
-                                tags={"data_version": version, "preset": cfg.preset, "stage": "pretrain"})
-    tracking.log_params(client, run_id, resolved(cfg))
-    tracking.log_dataset(client, run_id, train_rows(manifest), source=str(Path(p.data, "manifest.parquet").resolve()),
-                         name=Path(p.data).name, digest=version)
+    tags = {"data_version": version, "preset": cfg.preset, "stage": "pretrain"}
+    with tracking.run(p.experiment, name, tags, parent_run_id, params=resolved(cfg)) as (client, run_id):
+        tracking.log_dataset(client, run_id, train_rows(manifest), source=str(Path(p.data, "manifest.parquet").resolve()),
+                             name=Path(p.data).name, digest=version)
 
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config={"config": cfg.model_dump(), "project_dir": os.getcwd(),
-                           "tracking_uri": client.tracking_uri, "run_id": run_id},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": p.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
-        run_config=RunConfig(name=name, storage_path=root, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=p.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=p.keep_checkpoints)))
-    t0 = time.perf_counter()
-    try:
-        result = trainer.fit()
-    except Exception as e:
-        client.set_terminated(run_id, "FAILED")
-        raise user_error_in(e) or e
-    wall = time.perf_counter() - t0
+        trainer = TorchTrainer(
+            worker_loop,
+            train_loop_config={"config": cfg.model_dump(), "project_dir": os.getcwd(),
+                               "tracking_uri": client.tracking_uri, "run_id": run_id},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": p.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+            run_config=RunConfig(name=name, storage_path=root, storage_filesystem=filesystem,
+                                 failure_config=FailureConfig(max_failures=p.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=p.keep_checkpoints)))
+        t0 = time.perf_counter()
+        try:
+            result = trainer.fit()
+        except Exception as e:
+            raise user_error_in(e) or e
+        wall = time.perf_counter() - t0
 
-    # the final checkpoint's metrics are the run's summary (an earlier invocation's when nothing was left to do)
-    summary = result.metrics
-    out = Path(p.out)
-    with result.checkpoint.as_directory() as directory:
-        staging = out.with_name(out.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(Path(directory) / "encoder", staging)
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    client.log_artifacts(run_id, str(out), "encoder")
-    client.set_terminated(run_id, "FINISHED")
+        # the final checkpoint's metrics are the run's summary (an earlier invocation's when nothing was left to do)
+        summary = result.metrics
+        out = Path(p.out)
+        with result.checkpoint.as_directory() as directory:
+            staging = out.with_name(out.name + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(Path(directory) / "encoder", staging)
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+        client.log_artifacts(run_id, str(out), "encoder")
     # rank 0 logs the step each attempt started from: the first is this run's start, the rest are recoveries
     starts = [int(m.value) for m in sorted(client.get_metric_history(run_id, "start_step"), key=lambda m: m.timestamp)]
     trained = summary["step"] - starts[0]
@@ -144,9 +140,6 @@ def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, f
 
 # --- what the driver checks before any worker starts ---------------------------------------------
 def check_recipe(cfg: Config) -> None:
-    from components.model.base import _is_local
-    from components.model.placeholder import PLACEHOLDER
-
     p = cfg.pretrain
     if p.batch_size % (p.workers * p.grad_accum):
         raise UserError(f"pretrain.batch_size {p.batch_size} is not divisible by workers x grad_accum "

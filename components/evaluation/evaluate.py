@@ -1,0 +1,44 @@
+"""The `evaluate` stage: ours, its variants and the optimisation baselines on the held-out concepts.
+
+    evaluate(cfg) -> {"methods": {name: {"identity", "prompt", "seconds", "peak_mb", ...}}, "findings", ...}
+
+Variants of ours that need another encoder (no regulariser, NN pull, no hypernetwork, and `ours-short`,
+the default recipe trained as long as they are) are short pre-training runs (components/evaluation/variants.py),
+cached by their config. The harness, the MLflow runs and the report: components/evaluation/harness.py.
+"""
+
+from __future__ import annotations
+
+from components.config import Config, variant_config
+from components.evaluation import report
+from components.evaluation.eval_set import check_held_out
+from components.evaluation.harness import StageRun, load_harness
+from components.evaluation.variants import EVALUATE_RETRAINED, training_session
+
+BASELINES = {"lora": "lora", "ti": "ti", "dreambooth": "dreambooth"}  # row prefix -> components.evaluation.baselines method
+
+
+def evaluate(cfg: Config, parent_run_id: str | None = None) -> dict:
+    """Evaluate ours, its variants and the baselines (module docstring); returns the report the CLI prints."""
+    e = cfg.evaluate
+    held_out = check_held_out(cfg)
+    harness = load_harness(cfg)
+    with StageRun(cfg, e.experiment, "evaluate", parent_run_id) as run:
+        p = harness.personalizer
+        run.add(harness.ours("ours", limit=e.max_concepts))
+        run.add(harness.ours("ours-no-tuning", p.variant(variant_config(cfg, personalize={"steps": 0})),
+                             e.max_concepts))
+        run.add(harness.ours("ours-no-dual-path", p.variant(variant_config(cfg, encoder={"dual_path": False})),
+                             e.max_concepts))
+        with training_session(cfg) as train:
+            for name, overrides in EVALUATE_RETRAINED.items():
+                encoder_dir = train(name, overrides, run.run_id)
+                run.add(harness.ours(name, p.variant(cfg, encoder_dir), e.max_concepts), {"encoder": str(encoder_dir)})
+        for prefix, method in BASELINES.items():
+            for shots, label in ((1, "one-shot"), (e.few_shot_images, "few-shot")):
+                run.add(harness.baseline(f"{prefix}-{label}", method, shots, e.baseline_concepts),
+                        {"steps": getattr(e, f"{method}_steps"), "shots": shots})
+        result = run.report("Evaluation", e.out, report.evaluation_findings(run.results))
+    return {**result, "held_out": held_out}
+
+

@@ -1,0 +1,101 @@
+"""A pipeline runs in a *workspace*: a directory with dvc.yaml, params.yaml (the config DVC sees) and
+.dvc/, where data, checkpoints, the MLflow store (embedded default), Prefect's state and the report
+live. The project checkout is the default workspace; a preset other than the one in its params.yaml
+gets a workspace of its own (`outputs/workspaces/<preset>`), so a smoke run never touches the
+committed toy artefacts. One run at a time per workspace (`workspace_lock`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+
+from components import tracking
+from components.config import Config, load_config
+from components.errors import UserError
+from components.orchestration.dvc import run_dvc
+from components.orchestration.stages import dvc_view
+
+log = logging.getLogger(__name__)
+
+ROOT = tracking.ROOT  # the project checkout (where the installed code lives)
+
+
+
+
+def workspace_config(workspace: str | Path, preset: str | None = None, config: str | Path | None = None) -> Config:
+    """The config a pipeline in `workspace` runs with: its params.yaml (DVC's view), or `config` when the
+    workspace is being created. A preset or file that disagrees with params.yaml is refused, because the
+    DVC stages would read params.yaml and the stages would see two different configs."""
+    params = Path(workspace) / "params.yaml"
+    if not (Path(workspace) / "dvc.yaml").is_file():
+        raise UserError(f"{workspace} is not a pipeline workspace (no dvc.yaml); omit --workspace or name a new "
+                        f"directory and it is created")
+    cfg = load_config(preset=preset, path=config or params)
+    current = load_config(path=params)
+    if dvc_view(cfg) != dvc_view(current):
+        raise UserError(f"workspace {workspace} has params.yaml for preset {current.preset!r}, which differs from "
+                        f"the requested config ({cfg.preset!r}); edit params.yaml there, or use a new workspace: "
+                        f"--workspace outputs/workspaces/{cfg.preset}")
+    return cfg
+
+
+def default_workspace(preset: str | None, config: str | Path | None) -> Path:
+    """The project checkout when the requested config is its params.yaml's, else outputs/workspaces/<preset>."""
+    cfg = load_config(preset=preset, path=config or ROOT / "params.yaml")
+    if dvc_view(cfg) == dvc_view(load_config(path=ROOT / "params.yaml")):
+        return ROOT
+    return ROOT / "outputs" / "workspaces" / cfg.preset
+
+
+def init_workspace(workspace: Path, cfg: Config) -> None:
+    """A new workspace: the project's DVC stages that the pipeline reproduces (code deps made absolute),
+    .dvc/ with a local remote, and params.yaml = `cfg` with the project's read-only inputs (base model,
+    CLIPs) made absolute."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    keep = _upstream(stages, cfg.pipeline.dvc_stages)
+    workspace.mkdir(parents=True, exist_ok=True)
+    for name in keep:  # code deps name the installed code (a components/ copy here would shadow the package)
+        stages[name]["deps"] = [str(ROOT / d) if d.endswith(".py") else d for d in stages[name].get("deps", [])]
+    (workspace / "dvc.yaml").write_text(yaml.safe_dump({"stages": {n: stages[n] for n in keep}}, sort_keys=False))
+    values = cfg.model_dump()
+    base = values["base"]
+    for holder, key in [(base, "pretrained"), *((base[c], k) for c in ("backbone_clip", "metrics_clip")
+                                                  for k in ("pretrained", "config_path"))]:
+        if holder.get(key) and not Path(holder[key]).is_absolute() and (ROOT / holder[key]).exists():
+            holder[key] = str(ROOT / holder[key])
+    (workspace / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    if not (workspace / ".dvc").is_dir():
+        run_dvc(workspace, "init", "--no-scm", "-q")
+        run_dvc(workspace, "remote", "add", "-d", "local", ".dvc-remote")  # stored relative to .dvc/
+    log.info("created workspace %s (preset %s, DVC stages %s)", workspace, cfg.preset, ", ".join(keep))
+
+
+def _upstream(stages: dict, targets: list[str]) -> list[str]:
+    """`targets` and the stages whose outputs they depend on, in dvc.yaml order."""
+    unknown = [t for t in targets if t not in stages]
+    if unknown:
+        raise UserError(f"pipeline.dvc_stages: no stage {', '.join(unknown)} in dvc.yaml (have {', '.join(stages)})")
+    producer = {str(next(iter(o)) if isinstance(o, dict) else o): n for n, s in stages.items() for o in s.get("outs", [])}
+    needed, todo = set(), list(targets)
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo += [producer[d] for d in stages[name].get("deps", []) if d in producer]
+    return [n for n in stages if n in needed]
+
+
+def resolve(preset: str | None, config: str | None, workspace: str | None) -> tuple[Path, Config]:
+    """(workspace, config) of `datencoder pipeline`; a workspace that does not exist yet is created."""
+    path = Path(workspace).resolve() if workspace else default_workspace(preset, config)
+    if not (path / "dvc.yaml").is_file():
+        if path.exists() and any(path.iterdir()):
+            raise UserError(f"{path} is neither a pipeline workspace (no dvc.yaml) nor empty")
+        init_workspace(path, load_config(preset=preset, path=config))
+        config = None
+    return path, workspace_config(path, preset, config)
+
+

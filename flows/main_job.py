@@ -1,0 +1,57 @@
+"""The main job, `datencoder pipeline`: the `retrain` flow (flows/retrain.py) in a workspace, one run at a
+time, with a Prefect server of its own unless PREFECT_API_URL names one; or, with `--serve`, a cron
+deployment of it (docs/orchestration.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+from components import tracking
+from components.errors import UserError
+from components.orchestration.locks import workspace_lock
+from components.orchestration.prefect_server import (
+    local_prefect_server,
+    prefect_environment,
+)
+from components.orchestration.workspace import resolve
+
+log = logging.getLogger(__name__)
+
+
+def main_job(preset: str | None = None, config: str | None = None, workspace: str | None = None,
+             refresh: bool = False, serve: bool = False, cron: str | None = None) -> dict:
+    """`datencoder pipeline`: the retrain flow in a workspace (created when new), one run at a time;
+    with `serve`, a Prefect deployment of it on pipeline.cron instead (runs until interrupted)."""
+    if serve and not os.environ.get("PREFECT_API_URL"):
+        raise UserError("--serve needs a Prefect server that outlives this process: start one with "
+                        "`prefect server start` and set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
+    path, cfg = resolve(preset, config, workspace)
+    os.environ.update(prefect_environment(path))  # before prefect is imported
+    os.chdir(path)
+    with workspace_lock(path, "pipeline", wait_s=cfg.pipeline.lock_wait_s, what="a pipeline run"):
+        tracking.check_server()  # before Prefect and any training start
+        if not serve:
+            from flows.retrain import (
+                retrain,  # after PREFECT_* are set: prefect reads them on import
+            )
+
+            own = not os.environ.get("PREFECT_API_URL")
+            with local_prefect_server(path, cfg.pipeline.prefect_startup_timeout_s) if own else \
+                    contextlib.nullcontext(os.environ["PREFECT_API_URL"]) as api:
+                os.environ["PREFECT_API_URL"] = api
+                result = retrain(workspace=str(path), preset=preset, refresh=refresh)
+            log.info("report: %s; serve the champion with: %s", result["report"], result["serve"][0])
+            return result
+    from prefect.schedules import Cron
+
+    from flows.retrain import (
+        retrain,  # served runs take the pipeline lock themselves, one at a time
+    )
+
+    retrain.serve(name=f"retrain-{cfg.preset}", schedules=[Cron(cron or cfg.pipeline.cron, timezone=cfg.pipeline.timezone)],
+                  parameters={"workspace": str(path), "preset": preset, "refresh": refresh},
+                  description=f"scheduled retraining ({cfg.preset}) in {path}", limit=1)
+    return {"served": f"retrain/retrain-{cfg.preset}", "workspace": str(path)}
