@@ -146,7 +146,7 @@ def main() -> int:
             gated = personalizer.variant(variant_config(cfg, evaluate={"gate_concepts": args.gate,
                                                                        "gate_prompts": args.gate}), encoder)
             print(json.dumps({"encoder": encoder, "set": overrides, "gate": gate_scores(gated)}), flush=True)
-        for steps, blend, prompt in itertools.product(args.steps or [cfg.personalize.steps], args.blend or [1.0],
+        for steps, blend, prompt in itertools.product(args.steps or [cfg.personalize.tuning_steps], args.blend or [1.0],
                                                       prompts):
             nearest = collections.Counter()
             result = measure(personalised(personalizer, args.images, steps, blend, prompt, nearest), shapes, clip)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 import tempfile
 import time
 from pathlib import Path
@@ -65,7 +66,7 @@ def main() -> int:
     from components.config import load_config
     from components.model.encoder import FrozenBase, TuningEncoder
     from components.toy.tokenizer import save_toy_tokenizer
-    from components.inference.tuning import predict_concept, tune
+    from components.inference.tuning import TuningRecipe, predict_concept, tune
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -107,8 +108,8 @@ def main() -> int:
     sync()
     encoder_s = time.perf_counter() - started
     t0 = time.perf_counter()
-    tune(base, vae, start, pixels, ids, args.steps, cfg.personalize.lr, cfg.personalize.l2_weight,
-         batch, alpha, generator)
+    tune(base, vae, start, pixels, ids, replace(TuningRecipe.from_config(cfg, args.steps), views=batch, alpha=alpha),
+         generator)
     sync()
     tune_s = time.perf_counter() - t0
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")

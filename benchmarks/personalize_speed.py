@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/personalize_speed.py [--preset toy] [--encoder DIR] [--full] [--views V ...]
 
-Ours: encoder forward + `personalize.steps` tuning steps (the concept is then ready), and sampling one
+Ours: encoder forward + `personalize.tuning_steps` tuning steps (the concept is then ready), and sampling one
 image. Baselines (components/evaluation/baselines.py), from scratch on the same image and base: LoRA for 500 steps
 and Textual Inversion for 3000 steps. Without --full the baselines run --measure-steps steps and their
 per-step time is extrapolated to 500 / 3000; the output says so. Goals: >= 30x faster than LoRA-500,

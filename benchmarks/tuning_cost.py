@@ -39,7 +39,7 @@ def child(repo: str, encoder: str, runs: int, threads: int, views: int | None, o
     from components.config import load_config
     from components.data.images import to_pixels
     from components.inference.engine import Personalizer
-    from components.inference.tuning import predict_concept, tune
+    from components.inference.tuning import TuningRecipe, predict_concept, tune
 
     torch.set_num_threads(threads)
     # the timed tunings call `tune` directly; the cache only spares run's second blend
@@ -53,7 +53,7 @@ def child(repo: str, encoder: str, runs: int, threads: int, views: int | None, o
 
     def one():
         return tune(personalizer.base, personalizer.pipe.vae, start, pixels, personalizer.tuning_prompt_ids(pixels),
-                    p.steps, p.lr, p.l2_weight, p.views, personalizer.tuning_alpha, torch.Generator().manual_seed(1))
+                    TuningRecipe.from_config(cfg), torch.Generator().manual_seed(1))
 
     one()
     seconds = []

@@ -11,14 +11,20 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Callable
+from typing import Any
 
 from components.errors import UserError
 
 log = logging.getLogger("datencoder")
 
 # subcommand -> the issue that delivers it; these exit 2 with a clear line until they land
-NOT_YET: dict[str, str] = {}
+class _Renamed(argparse.Action):
+    """An option's old name: still accepted, with a line naming the new one (one name per knob)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        new = "--" + self.dest.replace("_", "-")
+        print(f"datencoder: {option_string} is deprecated; use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _positive_int(text: str) -> int:
@@ -42,7 +48,9 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     """What personalize and baseline share: images per prompt and the sampler."""
     p.add_argument("--num-images", type=int, help="images per prompt, 1-16")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
-    p.add_argument("--sampling-steps", type=int, help="sampler steps")
+    p.add_argument("--num-inference-steps", type=int, help="sampler steps (default: personalize.num_inference_steps)")
+    p.add_argument("--sampling-steps", dest="num_inference_steps", type=int, action=_Renamed,
+                   help=argparse.SUPPRESS)
     p.add_argument("--scheduler", choices=("ddim", "dpm"), help="DDIM or DPM-Solver++ (default: personalize.scheduler)")
 
 
@@ -114,9 +122,9 @@ def cmd_personalize(args: argparse.Namespace) -> dict:
     from components.serving.personalize import personalize
 
     return personalize(_config(args), args.image, args.prompt, model=args.model, out=args.out, export=args.export,
-                       scheduler=args.scheduler, tuning_steps=args.steps, num_images=args.num_images, seed=args.seed,
-                       alpha_blend=args.blend, guidance_scale=args.guidance_scale,
-                       num_inference_steps=args.sampling_steps)
+                       scheduler=args.scheduler, tuning_steps=args.tuning_steps, num_images=args.num_images,
+                       seed=args.seed, alpha_blend=args.alpha_blend, guidance_scale=args.guidance_scale,
+                       num_inference_steps=args.num_inference_steps)
 
 
 def cmd_register(args: argparse.Namespace) -> dict:
@@ -137,7 +145,7 @@ def cmd_baseline(args: argparse.Namespace) -> dict:
 
     return baseline(_config(args), args.method, args.image, args.prompt, steps=args.steps, out=args.out,
                     scheduler=args.scheduler, seed=args.seed, num_images=args.num_images,
-                    guidance_scale=args.guidance_scale, num_inference_steps=args.sampling_steps)
+                    guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps)
 
 
 def _evaluation_overrides(args: argparse.Namespace) -> dict:
@@ -225,9 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(p)
     p.add_argument("--image", required=True, help="the concept's image (PNG, JPEG, ...)")
     p.add_argument("--prompt", action="append", required=True, help='prompt with the placeholder S*; repeatable')
-    p.add_argument("--steps", type=int, help="tuning steps, 0-100 (default: personalize.steps, 12)")
+    p.add_argument("--tuning-steps", type=int, help="tuning steps, 0-100 (default: personalize.tuning_steps, 12)")
+    p.add_argument("--steps", dest="tuning_steps", type=int, action=_Renamed, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i")
-    p.add_argument("--blend", type=float, help="dual-path blend a in [0, 1] for generation (1: plain LoRA + embedding)")
+    p.add_argument("--alpha-blend", type=float,
+                   help="dual-path blend a in [0, 1] for generation (1: plain LoRA + embedding)")
+    p.add_argument("--blend", dest="alpha_blend", type=float, action=_Renamed, help=argparse.SUPPRESS)
     _add_sampling_options(p)
     p.add_argument("--out", help="image directory (default: personalize.out)")
     p.add_argument("--export", help="also write the concept here as a diffusers LoRA + embedding + kohya keys")
@@ -285,18 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=1, help="server processes (each loads the model)")
     p.set_defaults(func=cmd_serve)
 
-    for name, what in NOT_YET.items():
-        p = sub.add_parser(name, help=f"({what}: not implemented yet)")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_not_yet(name, what))
     return parser
-
-
-def _not_yet(name: str, what: str) -> Callable[[argparse.Namespace], dict]:
-    def run(args: argparse.Namespace) -> dict:
-        raise UserError(f"`datencoder {name}` is not implemented yet ({what} has not landed)")
-
-    return run
 
 
 def emit(result: dict[str, Any], as_json: bool) -> None:

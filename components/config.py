@@ -8,6 +8,7 @@ typo in params.yaml silently training with defaults is the worst kind of wrong.
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -210,7 +211,7 @@ class PretrainConfig(Section):
 class PersonalizeConfig(Section):
     """One-shot personalisation (docs/personalize.md): encoder forward, a short tuning run, generation."""
 
-    steps: int = Field(12, ge=0, le=100)  # tuning steps of v* and the LoRA factors (paper: at most 12)
+    tuning_steps: int = Field(12, ge=0, le=100)  # tuning steps of v* and the LoRA factors (paper: at most 12)
     lr: float = Field(2e-3, gt=0)  # paper
     l2_weight: float = Field(1.0, ge=0)  # pull toward the encoder's initial prediction
     # augmented views of the single image per tuning step (the batch): 4 views fit the concept's colour in
@@ -239,6 +240,7 @@ class PersonalizeConfig(Section):
     encoder: str = "models/toy-encoder"  # the committed encoder, used when the registry has no champion
     out: str = "outputs/personalize"  # where the CLI writes images
     request_timeout_s: int = Field(900, gt=0)  # serving: CPU generation of 16 images takes minutes
+
 
 
 class EvaluateConfig(Section):
@@ -350,7 +352,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pretrain": {"max_steps": 6, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 3, "log_every": 1,
                      "eval_every": 4, "heldout_images": 4, "sample_concepts": 2, "sample_steps": 2,
                      "system_metrics_s": 1.0},
-        "personalize": {"steps": 2, "num_inference_steps": 2},
+        "personalize": {"tuning_steps": 2, "num_inference_steps": 2},
         "evaluate": {"prompts": ["S* on a beach", "two S* on grass"], "max_concepts": 2, "baseline_concepts": 1,
                      "few_shot_images": 3, "ti_steps": 2, "lora_steps": 2, "dreambooth_steps": 2, "retrain_steps": 2,
                      "gate_concepts": 2, "gate_prompts": 1},
@@ -381,7 +383,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def variant_config(cfg: Config, **sections: dict) -> Config:
-    """cfg with fields of some sections replaced, e.g. variant_config(cfg, personalize={"steps": 0})."""
+    """cfg with fields of some sections replaced, e.g. variant_config(cfg, personalize={"tuning_steps": 0})."""
     return cfg.model_copy(update={name: getattr(cfg, name).model_copy(update=values)
                                   for name, values in sections.items()})
 
@@ -404,6 +406,23 @@ def _format_validation(err: ValidationError, source: str) -> str:
     return f"invalid config ({source}): " + "; ".join(parts)
 
 
+# old name -> current name of a knob (one name each in config, CLI and request params); still read, with a warning
+RENAMED: dict[tuple[str, str], str] = {("personalize", "steps"): "tuning_steps"}
+
+
+def _renamed_keys(values: dict, source: str) -> dict:
+    """`values` with each old key under its current name; both names given is an error."""
+    values = copy.deepcopy(values)
+    for (section, old), new in RENAMED.items():
+        part = values.get(section)
+        if isinstance(part, dict) and old in part:
+            if new in part:
+                raise UserError(f"config {source}: give {section}.{new} only ({section}.{old} is its old name)")
+            warnings.warn(f"{source}: {section}.{old} is deprecated; use {section}.{new}", FutureWarning, stacklevel=3)
+            part[new] = part.pop(old)
+    return values
+
+
 def load_config(preset: str | None = None, path: str | Path | None = None,
                 overrides: dict | None = None) -> Config:
     """Resolve a config. `preset` (if given) wins over the file's `preset:` key."""
@@ -422,8 +441,8 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
     name = preset or file_values.get("preset") or "toy"
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    values = deep_merge(PRESETS[name], file_values)
-    values = deep_merge(values, overrides or {})
+    values = deep_merge(PRESETS[name], _renamed_keys(file_values, source))
+    values = deep_merge(values, _renamed_keys(overrides or {}, "overrides"))
     values["preset"] = name
     try:
         return Config.model_validate(values)

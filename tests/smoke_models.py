@@ -24,7 +24,13 @@ def write_smoke_models(out: Path, seed: int = 0) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from safetensors.torch import save_file
 
-    from components.toy.bootstrap import clip_model_config, make_text_encoder, make_unet, make_vae, scheduler_config
+    from components.toy.bootstrap import (
+        clip_model_config,
+        make_text_encoder,
+        make_unet,
+        make_vae,
+        scheduler_config,
+    )
     from components.toy.tokenizer import save_toy_tokenizer
 
     torch.manual_seed(seed)
@@ -92,3 +98,12 @@ def isolated_store(tmp: Path) -> str:
     uri = f"sqlite:///{tmp}/mlflow.db"
     MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(tmp / "artifacts").as_uri())
     return uri
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for a server a test starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

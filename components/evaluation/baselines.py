@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +35,7 @@ from components.errors import UserError
 from components.inference.engine import check_value, slug
 from components.inference.generate import (
     SCHEDULERS,
+    Sampling,
     generate,
     make_scheduler,
     private_pipeline,
@@ -234,22 +235,21 @@ def train_baseline(method: str, pipe, pixels: Tensor, steps: int, settings: Eval
 
 
 @torch.no_grad()
-def sample(pipe, prompts_encoder, result: BaselineResult, prompts: list[str], seeds: list[int], guidance_scale: float,
-           num_inference_steps: int, scheduler: str, *, guidance_rescale: float) -> list[np.ndarray]:
+def sample(pipe, prompts_encoder, result: BaselineResult, prompts: list[str], seeds: list[int],
+           sampling: Sampling) -> list[np.ndarray]:
     """One uint8 image per (prompt with S*, seed), as components.inference.generate.generate draws ours: TI puts its
     embedding at S*; LoRA and DreamBooth swap in their trained UNet and say "sks object" for S*."""
     if result.unet is None:  # textual inversion: the learned embedding is a v* without LoRA factors
         concept = Concept(next(iter(result.weights.values())), None, 1.0)
-        return generate(pipe, prompts_encoder, concept, prompts, seeds, guidance_scale, num_inference_steps,
-                        scheduler, alpha=1.0, guidance_rescale=guidance_rescale)
+        return generate(pipe, prompts_encoder, concept, prompts, seeds, replace(sampling, alpha_blend=1.0))
     from diffusers import StableDiffusionPipeline
 
     tuned = StableDiffusionPipeline(**{**pipe.components, "unet": result.unet,
-                                       "scheduler": make_scheduler(pipe, scheduler)}, requires_safety_checker=False)
+                                       "scheduler": make_scheduler(pipe, sampling.scheduler)}, requires_safety_checker=False)
     tuned.set_progress_bar_config(disable=True)
     words = [p.replace(PLACEHOLDER, f"{IDENTIFIER} object") for p in prompts]
-    images = tuned(words, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                   num_inference_steps=num_inference_steps, output_type="np",
+    images = tuned(words, guidance_scale=sampling.guidance_scale, guidance_rescale=sampling.guidance_rescale,
+                   num_inference_steps=sampling.num_inference_steps, output_type="np",
                    generator=[torch.Generator().manual_seed(s) for s in seeds]).images
     return [np.round(image * 255).astype(np.uint8) for image in images]
 
@@ -290,6 +290,8 @@ def baseline(cfg: Config, method: str, images: list[str], prompts: list[str], st
     scheduler = scheduler or p.scheduler
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    sampling = Sampling(settings["guidance_scale"], settings["num_inference_steps"], scheduler, 1.0,
+                        settings["guidance_rescale"])
     started = time.perf_counter()
     inputs = read_images(images, p.max_pixels)
     pipe = load_pipeline(cfg.base)
@@ -307,8 +309,7 @@ def baseline(cfg: Config, method: str, images: list[str], prompts: list[str], st
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for prompt in prompts:
-        arrays = sample(pipe, prompts_encoder, result, [prompt] * len(seeds), seeds, settings["guidance_scale"],
-                        settings["num_inference_steps"], scheduler, guidance_rescale=settings["guidance_rescale"])
+        arrays = sample(pipe, prompts_encoder, result, [prompt] * len(seeds), seeds, sampling)
         for seed_i, array in zip(seeds, arrays):
             from PIL import Image
 

@@ -26,7 +26,7 @@ def evaluate(cfg: Config, parent_run_id: str | None = None) -> dict:
     with StageRun(cfg, e.experiment, "evaluate", parent_run_id) as run:
         p = harness.personalizer
         run.add(harness.ours("ours", limit=e.max_concepts))
-        run.add(harness.ours("ours-no-tuning", p.variant(variant_config(cfg, personalize={"steps": 0})),
+        run.add(harness.ours("ours-no-tuning", p.variant(variant_config(cfg, personalize={"tuning_steps": 0})),
                              e.max_concepts))
         run.add(harness.ours("ours-no-dual-path", p.variant(variant_config(cfg, encoder={"dual_path": False})),
                              e.max_concepts))

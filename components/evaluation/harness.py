@@ -139,9 +139,7 @@ class Harness:
             return p.concept(concept.image, png_digest(concept.image), settings.tuning_steps)[0]
 
         def draw(state, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
-            return generate(p.pipe, p.base.prompts, state, prompts, seeds, settings.guidance_scale,
-                            settings.num_inference_steps, settings.scheduler, settings.alpha_blend,
-                            guidance_rescale=settings.guidance_rescale)
+            return generate(p.pipe, p.base.prompts, state, prompts, seeds, settings.sampling)
 
         return self._run(name, self.concepts(limit), personalise, draw, prompts)
 
@@ -159,8 +157,7 @@ class Harness:
                                   on_step=lambda i, loss: progress.update(i, loss=loss))
 
         def draw(state, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
-            return sample(p.pipe, p.base.prompts, state, prompts, seeds, settings.guidance_scale,
-                          settings.num_inference_steps, settings.scheduler, guidance_rescale=settings.guidance_rescale)
+            return sample(p.pipe, p.base.prompts, state, prompts, seeds, settings.sampling)
 
         return self._run(name, self.concepts(limit), personalise, draw)
 

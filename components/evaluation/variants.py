@@ -75,7 +75,7 @@ def training_session(cfg: Config) -> Iterator[Callable[[str, dict, str | None], 
 def tuning_variants(cfg: Config) -> dict[str, Config]:
     """Variants that only change tuning or generation, on the committed encoder."""
     variants = {
-        "no-tuning": variant_config(cfg, personalize={"steps": 0}),
+        "no-tuning": variant_config(cfg, personalize={"tuning_steps": 0}),
         "no-dual-path-tune": variant_config(cfg, encoder={"dual_path": False}),
         "tune-embedding-only": variant_config(cfg, personalize={"tune_parts": "embedding"}),
         "tune-weights-only": variant_config(cfg, personalize={"tune_parts": "weights"}),

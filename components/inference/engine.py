@@ -31,8 +31,8 @@ import torch
 from components.config import Config
 from components.data.images import read_image, to_pixels
 from components.errors import UserError
-from components.inference.generate import SCHEDULERS, generate
-from components.inference.tuning import Concept, predict_concept, tune
+from components.inference.generate import SCHEDULERS, Sampling, generate
+from components.inference.tuning import Concept, TuningRecipe, predict_concept, tune
 from components.model.base import load_pipeline
 from components.model.encoder import FrozenBase, TuningEncoder
 from components.model.placeholder import (
@@ -66,6 +66,11 @@ class Settings:
     alpha_blend: float
     scheduler: str  # the config's unless the CLI names one; not a pyfunc param
     guidance_rescale: float  # the config's (personalize.guidance_rescale), not a per-request choice
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.guidance_scale, self.num_inference_steps, self.scheduler, self.alpha_blend,
+                        self.guidance_rescale)
 
 
 @dataclass
@@ -171,7 +176,7 @@ class Personalizer:
     def settings(self, scheduler: str | None = None, **given: Any) -> Settings:
         """Request settings: `given` (names of PARAM_LIMITS) checked, the rest from the config."""
         p = self.cfg.personalize
-        values = {"tuning_steps": p.steps, "num_images": p.num_images, "seed": p.seed,
+        values = {"tuning_steps": p.tuning_steps, "num_images": p.num_images, "seed": p.seed,
                   "guidance_scale": p.guidance_scale, "num_inference_steps": p.num_inference_steps,
                   "alpha_blend": self.cfg.sampling_alpha}
         values.update({name: check_value(name, value) for name, value in given.items() if value is not None})
@@ -191,10 +196,6 @@ class Personalizer:
                                 f"{tokenizer.model_max_length} (start and end included)")
         self.base.prompts.tokenize(prompts)
 
-    @property
-    def tuning_alpha(self) -> float:
-        return self.cfg.encoder.alpha("tune")
-
     def tuning_prompt_ids(self, pixels: torch.Tensor) -> torch.Tensor:
         """The configured tuning prompts or, with caption_plain_backgrounds and a plain background, its caption."""
         row = plain_background_index(pixels)[0] if self.cfg.personalize.caption_plain_backgrounds else None
@@ -203,8 +204,8 @@ class Personalizer:
     def concept(self, image, digest: str, steps: int) -> tuple[Concept, bool, dict[str, float]]:
         """The tuned concept for a checked PIL image with sha256 `digest` (cached)."""
         p = self.cfg.personalize
-        key = (digest, steps, p.lr, p.l2_weight, p.views, tuple(p.prompts), p.caption_plain_backgrounds,
-               p.encoder_timestep, self.tuning_alpha, p.tune_parts, p.timestep_sampling)
+        recipe = TuningRecipe.from_config(self.cfg, steps)
+        key = (digest, recipe, tuple(p.prompts), p.caption_plain_backgrounds, p.encoder_timestep)
         timings = {"encoder_s": 0.0, "tune_s": 0.0}
 
         def make() -> Concept:
@@ -214,10 +215,8 @@ class Personalizer:
             start = predict_concept(self.encoder, self.pipe.vae, pixels, p.encoder_timestep, generator)
             t1 = time.perf_counter()
             progress = Progress("tune", steps, every_s=2.0)
-            tuned = tune(self.base, self.pipe.vae, start, pixels, self.tuning_prompt_ids(pixels), steps, p.lr,
-                         p.l2_weight, p.views, self.tuning_alpha, generator,
-                         on_step=lambda i, loss: progress.update(i, loss=loss), parts=p.tune_parts,
-                         timesteps=p.timestep_sampling)
+            tuned = tune(self.base, self.pipe.vae, start, pixels, self.tuning_prompt_ids(pixels), recipe, generator,
+                         on_step=lambda i, loss: progress.update(i, loss=loss))
             timings.update(encoder_s=t1 - t0, tune_s=time.perf_counter() - t1)
             return tuned
 
@@ -239,9 +238,7 @@ class Personalizer:
         images = []
         for n, prompt in enumerate(prompts, 1):
             log.info("sampling %d image(s) for prompt %d/%d: %r", len(seeds), n, len(prompts), prompt)
-            arrays = generate(self.pipe, self.base.prompts, concept, [prompt] * len(seeds), seeds,
-                              settings.guidance_scale, settings.num_inference_steps, settings.scheduler,
-                              settings.alpha_blend, guidance_rescale=settings.guidance_rescale)
+            arrays = generate(self.pipe, self.base.prompts, concept, [prompt] * len(seeds), seeds, settings.sampling)
             images += [GeneratedImage(prompt, seed, a) for seed, a in zip(seeds, arrays)]
         timings["sample_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - started

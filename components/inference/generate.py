@@ -9,6 +9,8 @@ sharing one object between concurrent requests would mix them up. The modules ar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -38,20 +40,32 @@ def private_pipeline(pipe, scheduler: str):
     return run
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How images are drawn: the `personalize.*` sampler settings (diffusers' names), and the generation blend."""
+
+    guidance_scale: float
+    num_inference_steps: int
+    scheduler: str  # a key of SCHEDULERS
+    alpha_blend: float  # Eq. 5's dual-path blend (ignored by samplers without a concept's dual path)
+    guidance_rescale: float = 0.0
+
+
 @torch.no_grad()
-def generate(pipe, prompts_encoder, concept: Concept, prompts: list[str], seeds: list[int], guidance_scale: float,
-             num_inference_steps: int, scheduler: str, alpha: float, *, guidance_rescale: float) -> list[np.ndarray]:
+def generate(pipe, prompts_encoder, concept: Concept, prompts: list[str], seeds: list[int],
+             sampling: Sampling) -> list[np.ndarray]:
     """One uint8 HxWx3 image per (prompt, seed); image i starts from torch.Generator().manual_seed(seeds[i]),
     so it equals a stock pipeline call for that prompt alone with that seed (and the same `guidance_rescale`)."""
+    guidance_scale, alpha = sampling.guidance_scale, sampling.alpha_blend
     n = len(prompts)
     ids = prompts_encoder.tokenize(prompts)
     v_star, factors = concept.repeat(n)
     soft, batch = condition(prompts_encoder, ids, v_star, factors, concept.scale, alpha)
     uncond = prompts_encoder.encode(prompts_encoder.tokenize([""] * n, require_placeholder=False))
     guided = guidance_scale > 1  # diffusers skips the unconditional rows otherwise
-    images = private_pipeline(pipe, scheduler)(
+    images = private_pipeline(pipe, sampling.scheduler)(
         prompt_embeds=soft, negative_prompt_embeds=uncond if guided else None, guidance_scale=guidance_scale,
-        guidance_rescale=guidance_rescale, num_inference_steps=num_inference_steps,
+        guidance_rescale=sampling.guidance_rescale, num_inference_steps=sampling.num_inference_steps,
         generator=[torch.Generator().manual_seed(s) for s in seeds],
         output_type="np", cross_attention_kwargs={"concept": batch.with_guidance(uncond) if guided else batch},
     ).images

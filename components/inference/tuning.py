@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from components.config import Config
 from components.model.dual_path import Factors
 
 
@@ -101,16 +102,34 @@ def draw_timesteps(steps: int, views: int, train_steps: int, generator: torch.Ge
     return ((torch.arange(views) + within) / views * train_steps).long().clamp(max=train_steps - 1)
 
 
-def tune(base, vae, start: Concept, pixels: Tensor, prompt_ids: Tensor, steps: int, lr: float, l2_weight: float,
-         views: int, alpha: float, generator: torch.Generator,
-         on_step: Callable[[int, float], None] | None = None, parts: str = "all",
-         timesteps: str = "stratified") -> Concept:
-    """`steps` Adam steps on v* and the factors from `start` (see the module docstring).
+@dataclass(frozen=True)
+class TuningRecipe:
+    """How a concept is tuned: the `personalize.*` settings of tuning, with Eq. 5's blend for the phase."""
 
-    Each step: `views` augmented views, timesteps from `draw_timesteps(..., timesteps)`, random noise, one
-    of `prompt_ids`' rows (each with S*) per view; loss = denoising MSE + l2_weight * mean squared drift from
-    `start`. `parts` picks what moves: all, the embedding v* only, or the LoRA factors ("weights") only (the
-    ablations)."""
+    steps: int  # Adam steps (paper: at most 12)
+    lr: float
+    l2_weight: float  # pull toward the encoder's prediction
+    views: int  # augmented views of the image per step
+    alpha: float  # dual-path blend while tuning
+    parts: str = "all"  # what moves: all, the embedding v* only, or the LoRA factors ("weights") only
+    timesteps: str = "stratified"  # draw_timesteps' sampling
+
+    @classmethod
+    def from_config(cls, cfg: Config, steps: int | None = None) -> TuningRecipe:
+        p = cfg.personalize
+        return cls(p.tuning_steps if steps is None else steps, p.lr, p.l2_weight, p.views, cfg.encoder.alpha("tune"),
+                   p.tune_parts, p.timestep_sampling)
+
+
+def tune(base, vae, start: Concept, pixels: Tensor, prompt_ids: Tensor, recipe: TuningRecipe,
+         generator: torch.Generator, on_step: Callable[[int, float], None] | None = None) -> Concept:
+    """`recipe.steps` Adam steps on v* and the factors from `start` (see the module docstring).
+
+    Each step: `recipe.views` augmented views, timesteps from `draw_timesteps`, random noise, one of
+    `prompt_ids`' rows (each with S*) per view; loss = denoising MSE + l2_weight * mean squared drift from
+    `start`. `recipe.parts` picks what moves (the last two choices are ablations)."""
+    steps, lr, l2_weight, views, alpha, parts, timesteps = (
+        recipe.steps, recipe.lr, recipe.l2_weight, recipe.views, recipe.alpha, recipe.parts, recipe.timesteps)
     if parts not in TUNE_PARTS:
         raise ValueError(f"unknown tuning parts {parts!r}; choose one of {', '.join(TUNE_PARTS)}")
     fixed = start.detached().tensors()

@@ -100,7 +100,7 @@ def signature(cfg: Config):
 
     p = cfg.personalize
     alpha = cfg.sampling_alpha
-    params = [ParamSpec("tuning_steps", "long", p.steps), ParamSpec("num_images", "long", p.num_images),
+    params = [ParamSpec("tuning_steps", "long", p.tuning_steps), ParamSpec("num_images", "long", p.num_images),
               ParamSpec("seed", "long", p.seed), ParamSpec("guidance_scale", "double", p.guidance_scale),
               ParamSpec("num_inference_steps", "long", p.num_inference_steps),
               ParamSpec("alpha_blend", "double", float(alpha))]

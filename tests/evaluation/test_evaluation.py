@@ -6,20 +6,19 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
-
-from components.toy import world as tw
-from components.config import load_config
-from components.errors import UserError
 from smoke_models import smoke_setup, write_smoke_encoder
 
-ROOT = Path(__file__).resolve().parents[1]
+from components.config import load_config
+from components.errors import UserError
+from components.toy import world as tw
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +52,8 @@ def png(image: Image.Image) -> bytes:
 
 # --- metrics --------------------------------------------------------------------------------------
 def test_metrics_on_known_inputs():
-    from components.model.base import load_clip
     from components.evaluation.metrics import ClipMetrics, mean_ci, strip_placeholder
+    from components.model.base import load_clip
 
     assert strip_placeholder("S* on a beach") == "on a beach"
     assert strip_placeholder("a sketch of S* at night") == "a sketch of at night"
@@ -141,7 +140,12 @@ def toy_pretraining_data(tmp_path: Path):
 
 
 def test_eval_set_is_held_out_of_pretraining_through_the_manifest(tmp_path):
-    from components.evaluation.eval_set import check_held_out, load_eval_set, parse_concept, pretraining_looks
+    from components.evaluation.eval_set import (
+        check_held_out,
+        load_eval_set,
+        parse_concept,
+        pretraining_looks,
+    )
 
     cfg = toy_pretraining_data(tmp_path)
     prepared, raw = ROOT / cfg.pretrain.data, ROOT / cfg.toy_world.out
@@ -259,7 +263,12 @@ def test_same_seed_and_config_give_the_same_metrics(smoke):
 # --- evaluate and ablate --------------------------------------------------------------------------
 def seed_encoder_cache(cfg) -> list[Path]:
     """The re-trained variants' cache entries, as a previous run leaves them (random smoke weights)."""
-    from components.evaluation.variants import EVALUATE_RETRAINED, encoder_variant, retrain_steps, retrained_variants
+    from components.evaluation.variants import (
+        EVALUATE_RETRAINED,
+        encoder_variant,
+        retrain_steps,
+        retrained_variants,
+    )
 
     dirs = []
     for overrides in [*EVALUATE_RETRAINED.values(), *retrained_variants(cfg).values()]:

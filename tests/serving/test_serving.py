@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from smoke_models import isolated_store, smoke_setup, solid_png
 
 from components.config import load_config
-from smoke_models import isolated_store, smoke_setup, solid_png
 
 TOY_ENCODER = Path("models/toy-encoder")
 
@@ -185,8 +185,8 @@ def test_concurrent_requests_do_not_leak_into_each_other(smoke, server):
                     reason="needs the trained toy encoder models/toy-encoder (issue 5's `datencoder pretrain`); "
                            "an untrained encoder does not carry colour")
 def test_concurrent_requests_each_show_their_own_colour(tmp_path):
-    from components.toy import world as tw
     from components.evaluation.check_base import read_colours
+    from components.toy import world as tw
 
     cfg = load_config("toy")
     server = Server(tmp_path, cfg, TOY_ENCODER)

@@ -15,12 +15,12 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from smoke_models import isolated_store, smoke_setup, solid_png
 
-from components.errors import UserError
 from components.data.images import read_image
+from components.errors import UserError
 from components.inference.engine import Personalizer, check_value
 from components.inference.tuning import Concept, draw_timesteps
-from smoke_models import isolated_store, smoke_setup, solid_png
 
 BLUE_ON_RED = solid_png((220, 40, 40), shape_rgb=(40, 80, 220))
 
@@ -101,8 +101,8 @@ def test_prompts_need_the_placeholder_and_fit(personalizer):
 
 # --- tuning and the cache -------------------------------------------------------------------------
 def test_tuning_starts_from_the_encoder_and_the_l2_pull_holds_it(smoke, personalizer):
-    from components.inference.tuning import predict_concept, tune
     from components.data.images import to_pixels
+    from components.inference.tuning import TuningRecipe, predict_concept, tune
 
     _, cfg, _ = smoke
     pixels = to_pixels(read_image(BLUE_ON_RED, 10**8), personalizer.side)
@@ -110,8 +110,8 @@ def test_tuning_starts_from_the_encoder_and_the_l2_pull_holds_it(smoke, personal
     ids = personalizer.tuning_ids
 
     def run(steps: int, l2_weight: float) -> Concept:
-        return tune(personalizer.base, personalizer.pipe.vae, start, pixels, ids, steps, 2e-3, l2_weight, 2, 0.5,
-                    torch.Generator().manual_seed(1))
+        return tune(personalizer.base, personalizer.pipe.vae, start, pixels, ids,
+                    TuningRecipe(steps, 2e-3, l2_weight, views=2, alpha=0.5), torch.Generator().manual_seed(1))
 
     def drift(c: Concept) -> float:
         return sum((x - y).pow(2).sum().item() for x, y in zip(c.tensors(), start.tensors()))
@@ -159,7 +159,7 @@ def test_gradient_checkpointing_saves_memory_without_changing_the_result(smoke, 
     """base.gradient_checkpointing (the sd15 default; benchmarks/gpu_check.py measures the memory) only
     recomputes activations: the tuned concept is the same."""
     from components.data.images import to_pixels
-    from components.inference.tuning import predict_concept, tune
+    from components.inference.tuning import TuningRecipe, predict_concept, tune
 
     _, cfg, encoder = smoke
     checkpointed = Personalizer(cfg.model_copy(update={"base": cfg.base.model_copy(update={"gradient_checkpointing": True})}),
@@ -169,7 +169,8 @@ def test_gradient_checkpointing_saves_memory_without_changing_the_result(smoke, 
 
     def tuned(p: Personalizer) -> Concept:
         start = predict_concept(p.encoder, p.pipe.vae, pixels, 500, torch.Generator().manual_seed(0))
-        return tune(p.base, p.pipe.vae, start, pixels, p.tuning_ids, 3, 2e-3, 1.0, 2, 0.5, torch.Generator().manual_seed(1))
+        return tune(p.base, p.pipe.vae, start, pixels, p.tuning_ids, TuningRecipe(3, 2e-3, 1.0, views=2, alpha=0.5),
+                    torch.Generator().manual_seed(1))
 
     for x, y in zip(tuned(personalizer).tensors(), tuned(checkpointed).tensors()):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
@@ -213,14 +214,14 @@ def test_export_is_reproduced_by_stock_diffusers(smoke, personalizer, tmp_path):
     from safetensors.torch import load_file
 
     from components.inference.export import export_concept
-    from components.inference.generate import generate
+    from components.inference.generate import Sampling, generate
 
     _, cfg, _ = smoke
     settings = personalizer.settings(tuning_steps=1, num_inference_steps=3)
     concept = visible(personalizer.run(BLUE_ON_RED, ["S* on a beach"], settings).concept)
     rescale = 0.7  # a sampler setting stock diffusers has too (check-base uses it; personalize.guidance_rescale)
-    ours = generate(personalizer.pipe, personalizer.base.prompts, concept, ["S* on a beach"], [11], 4.0, 3, "ddim", 1.0,
-                    guidance_rescale=rescale)[0]
+    ours = generate(personalizer.pipe, personalizer.base.prompts, concept, ["S* on a beach"], [11],
+                    Sampling(4.0, 3, "ddim", 1.0, guidance_rescale=rescale))[0]
     token = "<concept-test>"
     info = export_concept(concept, tmp_path / "export", token=token)
     assert info["token"] == token and info["rank"] == cfg.encoder.rank
@@ -263,7 +264,7 @@ def test_cli_personalize_json_and_export(smoke, tmp_path):
     image.write_bytes(BLUE_ON_RED)
     common = ["personalize", "--config", str(config_file), "--image", str(image), "--model", str(encoder)]
     r = run_cli(*common, "--prompt", "S* on a beach", "--prompt", "a sketch of S*", "--num-images", "2",
-                "--seed", "5", "--blend", "1", "--steps", "2", "--out", str(tmp_path / "out"),
+                "--seed", "5", "--alpha-blend", "1", "--tuning-steps", "2", "--out", str(tmp_path / "out"),
                 "--export", str(tmp_path / "export"), "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout)
@@ -295,7 +296,7 @@ def test_cli_bad_input_is_one_line(smoke, tmp_path, capsys):
              (["--image", str(image), "--prompt", "S* " + "very " * 40], "too long"),
              (["--image", str(tmp_path / "junk.png"), "--prompt", "S*"], "not an image"),
              (["--image", str(tmp_path / "missing.png"), "--prompt", "S*"], "cannot read image"),
-             (["--image", str(image), "--prompt", "S*", "--steps", "101"], "tuning_steps must be between 0 and 100"),
+             (["--image", str(image), "--prompt", "S*", "--tuning-steps", "101"], "tuning_steps must be between 0 and 100"),
              (["--image", str(image), "--prompt", "S*", "--num-images", "0"], "num_images must be between 1 and 16")]
     for args, reason in cases:
         code = main([*common, *args])

@@ -11,10 +11,14 @@ import pytest
 import torch
 
 from components.config import load_config
+from components.errors import UserError
 from components.model.dual_path import ConceptBatch
 from components.model.encoder import FrozenBase, TuningEncoder
-from components.errors import UserError
-from components.model.regularisers import contrastive_loss, embedding_regulariser, offsets_l2
+from components.model.regularisers import (
+    contrastive_loss,
+    embedding_regulariser,
+    offsets_l2,
+)
 
 PROMPTS = ["a photo of S* on a beach", "a sketch of S*", "two S* on grass"]
 
@@ -30,7 +34,12 @@ def base(cfg, tmp_path_factory):
     from diffusers import DDPMScheduler
 
     from components.model.backbone import ClipImageTower
-    from components.toy.bootstrap import clip_model_config, make_text_encoder, make_unet, scheduler_config
+    from components.toy.bootstrap import (
+        clip_model_config,
+        make_text_encoder,
+        make_unet,
+        scheduler_config,
+    )
     from components.toy.tokenizer import save_toy_tokenizer
 
     torch.manual_seed(0)

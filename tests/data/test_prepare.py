@@ -26,14 +26,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from components.data import prepare as prep
 from components.cli import main as cli_main
 from components.config import PrepareConfig, S3Config, load_config
-from components.errors import UserError
+from components.data import prepare as prep
 from components.data.prepare import data_version, prepare
+from components.errors import UserError
 from components.toy.world import write_toy_world
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # datencoder, dvc and moto_server of this environment
 SECRET = "not-a-real-secret-7f3a9c"
 BOX_HEADER = ("ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,"

@@ -24,12 +24,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from smoke_models import free_port, write_smoke_models
 
 from components.orchestration.prefect_server import stop_session
-from smoke_models import write_smoke_models
-from test_pretrain import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STACK_ENV = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME", "RAY_ADDRESS")
 FAST_STAGES = ("prepare_data", "pretrain", "register")
@@ -376,9 +375,16 @@ def test_compose_prefect_yaml_and_kuberay_use_one_image_and_documented_variables
 
 
 def test_only_transient_errors_are_retried():
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    from botocore.exceptions import (
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+    )
     from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
+    from mlflow.protos.databricks_pb2 import (
+        RESOURCE_DOES_NOT_EXIST,
+        TEMPORARILY_UNAVAILABLE,
+    )
 
     from components.errors import UserError
     from components.orchestration.stages import TransientError, is_transient

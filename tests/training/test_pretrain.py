@@ -25,11 +25,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from smoke_models import free_port, write_smoke_models
 
 from components.config import load_config
-from smoke_models import write_smoke_models
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATENCODER = str(Path(sys.executable).parent / "datencoder")
 
 
@@ -131,8 +131,8 @@ def test_shards_partition_the_train_split_and_batches_are_pure(tmp_path):
 def test_plain_backgrounds_get_their_caption_and_the_rest_a_configured_prompt(tmp_path):
     from PIL import Image
 
-    from components.toy import world as tw
     from components.model.placeholder import plain_background_prompts
+    from components.toy import world as tw
     from components.training.loop import Shard
 
     colours = ["red", "gray", "white"]
@@ -155,8 +155,8 @@ def test_plain_backgrounds_get_their_caption_and_the_rest_a_configured_prompt(tm
 
 
 def test_held_out_images_are_scored_under_the_prompt_they_would_train_with():
-    from components.toy import world as tw
     from components.model.placeholder import plain_background_prompts
+    from components.toy import world as tw
     from components.training.loop import heldout_prompts, model_pixels
 
     scenes = [tw.Scene(tw.Concept("star", "red"), background_colour="blue"),
@@ -220,8 +220,8 @@ def test_kuberay_manifests_submit_the_cli_entry_point_with_s3_storage():
 def test_two_workers_train_checkpoint_log_and_resume(assets, ray_cluster, mlflow_uri, tmp_path):
     from safetensors.torch import load_file
 
-    from components.model.encoder import TuningEncoder
     from components.data.prepare import data_version
+    from components.model.encoder import TuningEncoder
     from components.training.pretrain import pretrain
 
     cfg = load_config("smoke", overrides=smoke_overrides(assets, tmp_path))
@@ -361,14 +361,6 @@ def test_user_errors_are_one_line_and_exit_2(assets, tmp_path, case, capsys):
 
 
 # --- slow: a two-node cluster, job submission, whole-job kill, S3 -----------------------------------
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_node_cluster(tmp_path_factory):
     """`ray start --head` and a second `ray start --address` node on loopback, one CPU each, so two
