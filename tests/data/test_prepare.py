@@ -408,8 +408,10 @@ def test_dvc_repro_push_pull_local_and_s3(toy_world, moto_endpoint, aws_env, tmp
     project_config = (REPO / ".dvc" / "config").read_text()
     (repo / ".dvc" / "config").write_text(project_config.replace("[core]\n", "[core]\n    no_scm = true\n", 1))
     shutil.copy(REPO / "params.yaml", repo / "params.yaml")
-    shutil.copy(REPO / "components" / "prepare.py", repo / "components" / "prepare.py")
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["prepare"]
+    for code in (d for d in stage["deps"] if d.startswith("components/")):
+        (repo / code).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / code, repo / code)
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"prepare": stage}}))
     shutil.copytree(toy_world, repo / "data" / "raw" / "toy-world")
 
