@@ -134,6 +134,9 @@ class PrepareConfig(Section):
     workers: int = Field(8, gt=0)  # threads: PIL and S3 reads release the GIL
     retries: int = Field(3, ge=0)  # extra attempts for S3 timeouts and 5xx
     s3: S3Config = S3Config()
+    # fewer inputs read than this fraction of those requested (or no read of a source at all) fails the run
+    # and keeps the previous output: a store that is down or refuses the credentials is not an empty dataset
+    min_read_fraction: float = Field(0.9, ge=0, le=1)
     # labels (names or ids) kept out of the prepared set; the toy preset holds out the toy world's
     # encoder_holdout_shapes so pre-training never sees them (the paper's unseen-domain claim)
     exclude_labels: list[str] = Field(default_factory=lambda: list(ToyWorldConfig().encoder_holdout_shapes))
@@ -239,8 +242,22 @@ class PersonalizeConfig(Section):
     max_pixels: int = Field(20_000_000, gt=0)  # larger input images are refused
     encoder: str = "models/toy-encoder"  # the committed encoder, used when the registry has no champion
     out: str = "outputs/personalize"  # where the CLI writes images
-    request_timeout_s: int = Field(900, gt=0)  # serving: CPU generation of 16 images takes minutes
 
+
+class ServeConfig(Section):
+    """`datencoder serve` (docs/serving.md): what one request may ask for and how much work runs at once.
+    Every limit is checked before any work; a request over one is answered 4xx."""
+
+    max_body_mb: float = Field(32.0, gt=0)  # request body; larger is refused 413 before it is read
+    max_images: int = Field(32, gt=0)  # generated images per request: rows x num_images
+    # tuning + sampling steps per request: distinct images x tuning_steps + generated images x num_inference_steps
+    max_steps: int = Field(1200, gt=0)
+    max_concurrent: int = Field(1, gt=0)  # requests computing at once (one uses every core on a CPU)
+    max_queue: int = Field(8, ge=0)  # requests waiting for a slot; beyond it: 503 with Retry-After
+    retry_after_s: int = Field(10, gt=0)
+    # from arrival to answer; a request over it is answered 504 and its work stops at the next UNet call.
+    # CPU generation of 16 images takes minutes
+    request_timeout_s: int = Field(900, gt=0)
 
 
 class EvaluateConfig(Section):
@@ -327,6 +344,7 @@ class Config(Section):
     encoder: EncoderConfig = EncoderConfig()
     pretrain: PretrainConfig = PretrainConfig()
     personalize: PersonalizeConfig = PersonalizeConfig()
+    serve: ServeConfig = ServeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     ablate: AblateConfig = AblateConfig()
     pipeline: PipelineConfig = PipelineConfig()
@@ -349,10 +367,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "check_base": {"prompts": 4, "fresh_renders": 24, "num_inference_steps": 4},
         "encoder": {"trunk_channels": 32, "trunk_blocks": 1, "token_hidden": 32, "hyper_hidden": 32,
                     "hyper_basis": 8},
-        "pretrain": {"max_steps": 6, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 3, "log_every": 1,
+        # its own encoder: a smoke run never replaces the committed toy encoder (models/toy-encoder)
+        "pretrain": {"out": "outputs/smoke-encoder", "max_steps": 6, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 3, "log_every": 1,
                      "eval_every": 4, "heldout_images": 4, "sample_concepts": 2, "sample_steps": 2,
                      "system_metrics_s": 1.0},
-        "personalize": {"tuning_steps": 2, "num_inference_steps": 2},
+        "personalize": {"tuning_steps": 2, "num_inference_steps": 2, "encoder": "outputs/smoke-encoder"},
         "evaluate": {"prompts": ["S* on a beach", "two S* on grass"], "max_concepts": 2, "baseline_concepts": 1,
                      "few_shot_images": 3, "ti_steps": 2, "lora_steps": 2, "dreambooth_steps": 2, "retrain_steps": 2,
                      "gate_concepts": 2, "gate_prompts": 1},
@@ -377,7 +396,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "caption_plain_backgrounds": False},  # the paper's prompts: real photos name no palette
         # E4T's and the paper's tuning batch (benchmarks/gpu_check.py measures it); guidance as before: the
         # toy's 1.5 was chosen on the toy base and says nothing about SD
-        "personalize": {"caption_plain_backgrounds": False, "views": 16, "guidance_scale": 4.0},
+        "personalize": {"caption_plain_backgrounds": False, "views": 16, "guidance_scale": 4.0,
+                        "encoder": "models/encoder-sd15"},  # what its pretrain writes, never the toy encoder
     },
 }
 

@@ -7,9 +7,11 @@ square images at one resolution, with a manifest of what was kept and a list of 
     -> out/: images/<sha256[:2]>/<sha256>.jpg, manifest.parquet, rejected.parquet, summary.json
 
 Bad input never stops the run: every rejected input is one row of rejected.parquet with a `reason`
-(a fixed phrase, counted in the summary) and a `detail` (the specifics). The output is written to a
-sibling `.partial` folder and renamed at the end, so a crash never leaves a dataset that looks
-complete. Outputs are a pure function of the inputs and the config (same bytes on every run).
+(a fixed phrase, counted in the summary) and a `detail` (the specifics). A store that cannot be read
+does: when fewer than `min_read_fraction` of the requested inputs were read, or no read of a source
+succeeded, the run fails with one line (S3 403: a credentials problem) and the previous output stays.
+The output is written to a sibling `.partial` folder and renamed at the end, so a crash never leaves a
+dataset that looks complete. Outputs are a pure function of the inputs and the config (same bytes on every run).
 """
 
 from __future__ import annotations
@@ -62,6 +64,13 @@ class Rejected(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason, self.detail = reason, detail
+
+
+class ReadFailed(Rejected):
+    """An input whose bytes could not be read (missing, unreadable, S3 error): counts against min_read_fraction."""
+
+
+ACCESS_DENIED = "S3 access denied"
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,9 @@ def prepare(config: PrepareConfig) -> dict:
         return Prepared(c, sha256, width, height)
 
     by_content: dict[str, list[Prepared]] = {}
+    requested = Counter(c.source for c in candidates)
+    unread: Counter = Counter()  # per source
+    unread_reasons: Counter = Counter()
     progress = Progress("prepare", len(candidates))
     # PIL warns (instead of raising) for images just over its own pixel limit; make that a rejection.
     # The filter is process-wide while it lasts, so it is set here, around the pool, not per thread.
@@ -127,9 +139,17 @@ def prepare(config: PrepareConfig) -> dict:
         for done, (candidate, result) in enumerate(imap_bounded(work, candidates, config.workers), 1):
             if isinstance(result, Rejected):
                 rejected.append(candidate.rejection(result.reason, result.detail))
+                if isinstance(result, ReadFailed):
+                    unread[candidate.source] += 1
+                    unread_reasons[result.reason] += 1
             else:
                 by_content.setdefault(result.sha256, []).append(result)
             progress.update(done)
+    try:
+        check_reads(requested, unread, unread_reasons, config.min_read_fraction)
+    except UserError:
+        shutil.rmtree(partial, ignore_errors=True)  # the previous output in `out` is left as it was
+        raise
 
     # which of several identical images is kept must not depend on thread timing: the first by id
     manifest_rows = []
@@ -156,6 +176,21 @@ def prepare(config: PrepareConfig) -> dict:
     replace_dir(partial, out)
     log.info("prepared %d images into %s (%d rejected)", summary["accepted"], out, summary["rejected"])
     return summary
+
+
+def check_reads(requested: Counter, unread: Counter, reasons: Counter, min_fraction: float) -> None:
+    """A UserError when the sources could not be read: too few inputs read overall, or none of a source."""
+    total, failed = sum(requested.values()), sum(unread.values())
+    dead = [source for source, n in sorted(requested.items()) if n and unread[source] == n]
+    if not failed or (not dead and total - failed >= min_fraction * total):
+        return
+    what = (f"no {' or '.join(dead)} input could be read" if dead else
+            f"only {total - failed} of {total} inputs could be read (prepare.min_read_fraction {min_fraction:g})")
+    why = ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common())
+    if reasons[ACCESS_DENIED]:
+        why += ("; S3 refused the credentials (HTTP 403): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (a "
+                "session token may have expired) and that they may read the bucket")
+    raise UserError(f"{what} ({why}); the previous prepared data was kept")
 
 
 def data_version(out_dir: str | os.PathLike, missing: str | None = None) -> str:
@@ -260,9 +295,9 @@ def read_file(path: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
-        raise Rejected("image missing", path) from None
+        raise ReadFailed("image missing", path) from None
     except OSError as e:
-        raise Rejected("unreadable file", f"{path}: {e.strerror}") from None
+        raise ReadFailed("unreadable file", f"{path}: {e.strerror}") from None
 
 
 def s3_client(s3: S3Config, workers: int):
@@ -299,12 +334,14 @@ def read_s3(client, uri: str, retries: int) -> bytes:
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             error = f"{e.response.get('Error', {}).get('Code', '?')} (HTTP {status})"
             if status == 404:
-                raise Rejected("image missing", f"{uri}: {error}") from None
+                raise ReadFailed("image missing", f"{uri}: {error}") from None
+            if status == 403:  # expired or wrong keys, or a policy without s3:GetObject: never retried
+                raise ReadFailed(ACCESS_DENIED, f"{uri}: {error}") from None
             if status != 429 and status < 500:
-                raise Rejected("S3 read failed", f"{uri}: {error}") from None
+                raise ReadFailed("S3 read failed", f"{uri}: {error}") from None
         except (BotoCoreError, OSError) as e:  # timeouts, resets, truncated bodies
             error = f"{type(e).__name__}: {e}"
-    raise Rejected("S3 read failed after retries", f"{uri}: {error}, {retries + 1} attempts")
+    raise ReadFailed("S3 read failed after retries", f"{uri}: {error}, {retries + 1} attempts")
 
 
 # --- sources --------------------------------------------------------------------------------------

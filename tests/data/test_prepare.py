@@ -5,6 +5,7 @@ reproduces, pushes and pulls the output through a local and an S3 remote."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import io
 import json
@@ -57,8 +58,9 @@ def noisy(size=(96, 96), seed=0) -> Image.Image:
 
 def config(tmp_path: Path, **values) -> PrepareConfig:
     """A config with no sources (tests name theirs), writing to tmp_path/out."""
+    # min_read_fraction 0.5: these tests quarantine a missing file or a failing read among a handful on purpose
     base = {"out": str(tmp_path / "out"), "imagenet": None, "openimages_boxes": None, "openimages_classes": None,
-            "openimages_images": None, "resolution": 16, "workers": 2, "exclude_labels": []}
+            "openimages_images": None, "resolution": 16, "workers": 2, "exclude_labels": [], "min_read_fraction": 0.5}
     return PrepareConfig(**{**base, **values})
 
 
@@ -89,12 +91,12 @@ def aws_env(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    """moto's standalone S3 server on 127.0.0.1, stopped at the end."""
+@contextlib.contextmanager
+def moto_server(**env: str):
+    """moto's standalone S3 server on 127.0.0.1 (with extra environment `env`), stopped at the end."""
     port = free_port()
     server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -110,6 +112,12 @@ def moto_endpoint():
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 def s3_bucket(endpoint: str, name: str, objects: dict[str, bytes]) -> None:
@@ -316,18 +324,18 @@ def test_toy_preset_holds_out_shapes_is_deterministic_and_atomic(toy_world, tmp_
 
 # --- S3: moto's server (404, success, CLI + AWS_ENDPOINT_URL) and a failing endpoint -------------
 def test_s3_images_from_moto_server_via_cli(moto_endpoint, aws_env, tmp_path, monkeypatch, capsys):
-    objects = {f"train/img{i}.jpg": encode(noisy((40, 30), seed=20 + i)) for i in range(3)}
+    objects = {f"train/img{i}.jpg": encode(noisy((40, 30), seed=20 + i)) for i in range(9)}
     s3_bucket(moto_endpoint, "open-images", objects)
-    boxes = tmp_path / "boxes.csv"
-    boxes.write_text(BOX_HEADER + "".join(f"img{i},x,/m/a,1,0.1,0.9,0.1,0.9,0,0,0,0,0\n" for i in range(4)))
+    boxes = tmp_path / "boxes.csv"  # 9 of 10 found: at prepare.min_read_fraction (0.9), a missing one is quarantined
+    boxes.write_text(BOX_HEADER + "".join(f"img{i},x,/m/a,1,0.1,0.9,0.1,0.9,0,0,0,0,0\n" for i in range(10)))
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)  # how a user points everything at a store
     code = cli_main(["prepare", "--openimages-boxes", str(boxes), "--openimages-images", "s3://open-images/train",
                      "--out", str(tmp_path / "out"), "--resolution", "24", "--json"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
-    assert (summary["accepted"], summary["rejected_by_reason"]) == (3, {"image missing": 1})
+    assert (summary["accepted"], summary["rejected_by_reason"]) == (9, {"image missing": 1})
     manifest, rejected = outputs(summary)
-    assert rejected["file"].tolist() == ["s3://open-images/train/img3.jpg"]
+    assert rejected["file"].tolist() == ["s3://open-images/train/img9.jpg"]
     assert set(manifest["width"]) == {40}
     for file in (tmp_path / "out").glob("*.*"):  # no secret is ever stored
         assert SECRET.encode() not in file.read_bytes()
@@ -390,6 +398,71 @@ def test_s3_5xx_and_timeouts_are_retried_then_rejected(failing_endpoint, aws_env
     assert "HTTP 500" in detail["err"] and "Timeout" in detail["slow"] and "3 attempts" in detail["slow"]
     assert FailingS3.hits["/bucket/train/err.jpg"] == 3  # 1 + retries: botocore does not retry on top
     assert FailingS3.hits["/bucket/train/slow.jpg"] == 3 and FailingS3.hits["/bucket/train/flaky.jpg"] == 2
+
+
+# --- a store that cannot be read fails the run and keeps the previous output ------------------------
+def previous_output(tmp_path: Path) -> tuple[PrepareConfig, bytes]:
+    """A good prepared set in tmp_path/out (one local class folder); returns its config and manifest bytes."""
+    folder = tmp_path / "imagenet" / "n01"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        (folder / f"{i}.JPEG").write_bytes(encode(noisy(seed=40 + i)))
+    cfg = config(tmp_path, imagenet=str(tmp_path / "imagenet"))
+    prepare(cfg)
+    return cfg, (tmp_path / "out" / "manifest.parquet").read_bytes()
+
+
+def assert_kept(tmp_path: Path, manifest: bytes) -> None:
+    assert (tmp_path / "out" / "manifest.parquet").read_bytes() == manifest
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_store_down_or_too_few_reads_fail_and_keep_the_previous_output(aws_env, tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "RETRY_BACKOFF_S", 0.01)
+    _, manifest = previous_output(tmp_path)
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text(BOX_HEADER + "".join(f"img{i},x,/m/a,1,0.1,0.9,0.1,0.9,0,0,0,0,0\n" for i in range(3)))
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens: every read is refused
+    with pytest.raises(UserError) as error:
+        prepare(config(tmp_path, openimages_boxes=str(boxes), openimages_images="s3://bucket/train", retries=1,
+                       s3=S3Config(endpoint_url=down, unsigned=True, timeout_s=0.5)))
+    assert "no openimages input could be read" in str(error.value) and "previous prepared data was kept" in str(error.value)
+    assert_kept(tmp_path, manifest)
+
+    # some reads fail: under min_read_fraction the run fails, at or over it the failures are quarantined
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(10):
+        (images / f"img{i}.jpg").write_bytes(encode(noisy(seed=40 + i)))
+    boxes.write_text(BOX_HEADER + "".join(f"img{i},x,/m/a,1,0.1,0.9,0.1,0.9,0,0,0,0,0\n" for i in range(12)))
+    sources = {"openimages_boxes": str(boxes), "openimages_images": str(images)}
+    with pytest.raises(UserError, match=r"only 10 of 12 inputs could be read \(prepare.min_read_fraction 0.9\)"):
+        prepare(config(tmp_path, **sources, min_read_fraction=0.9))
+    assert_kept(tmp_path, manifest)
+    summary = prepare(config(tmp_path, **sources, min_read_fraction=0.8))
+    assert (summary["accepted"], summary["rejected_by_reason"]) == (10, {"image missing": 2})
+
+
+@pytest.fixture
+def moto_denying(aws_env):
+    """A moto S3 server that checks credentials after its first 3 actions (bucket + 2 objects): our
+    test keys are unknown to it, so every later read is refused with 403 (InvalidAccessKeyId)."""
+    with moto_server(INITIAL_NO_AUTH_ACTION_COUNT="3") as endpoint:
+        s3_bucket(endpoint, "open-images", {f"train/img{i}.jpg": encode(noisy(seed=60 + i)) for i in range(2)})
+        yield endpoint
+
+
+def test_s3_403_is_reported_as_a_credentials_problem_and_keeps_the_output(moto_denying, tmp_path, capsys):
+    _, manifest = previous_output(tmp_path)
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text(BOX_HEADER + "".join(f"img{i},x,/m/a,1,0.1,0.9,0.1,0.9,0,0,0,0,0\n" for i in range(2)))
+    code = cli_main(["prepare", "--openimages-boxes", str(boxes), "--openimages-images", "s3://open-images/train",
+                     "--s3-endpoint-url", moto_denying, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "S3 access denied: 2" in err[0] and "HTTP 403" in err[0] and "credentials" in err[0]
+    assert SECRET not in err[0]
+    assert_kept(tmp_path, manifest)
 
 
 # --- DVC: repro, push and pull through the default local remote and an S3 remote ------------------
