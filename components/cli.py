@@ -44,6 +44,12 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
+def _add_trust_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="load a registered model whose logged code is not this checkout's (also "
+                        "DATENCODER_TRUST_MODEL_CODE=1); it runs that code")
+
+
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     """What personalize and baseline share: images per prompt and the sampler."""
     p.add_argument("--num-images", type=int, help="images per prompt, 1-16")
@@ -106,7 +112,7 @@ def cmd_pretrain(args: argparse.Namespace) -> dict:
 
     return pretrain(_config(args), workers=args.workers, max_steps=args.max_steps,
                     checkpoint_every=args.checkpoint_every, storage=args.storage, address=args.address,
-                    parent_run_id=args.parent_run_id, restart=args.restart)
+                    parent_run_id=args.parent_run_id, restart=args.restart, force=args.force)
 
 
 def cmd_targets(args: argparse.Namespace) -> dict:
@@ -122,7 +128,7 @@ def cmd_personalize(args: argparse.Namespace) -> dict:
     from components.serving.personalize import personalize
 
     return personalize(_config(args), args.image, args.prompt, model=args.model, out=args.out, export=args.export,
-                       scheduler=args.scheduler, tuning_steps=args.tuning_steps, num_images=args.num_images,
+                       scheduler=args.scheduler, trust_model_code=args.trust_model_code, tuning_steps=args.tuning_steps, num_images=args.num_images,
                        seed=args.seed, alpha_blend=args.alpha_blend, guidance_scale=args.guidance_scale,
                        num_inference_steps=args.num_inference_steps)
 
@@ -171,7 +177,8 @@ def cmd_ablate(args: argparse.Namespace) -> dict:
 def cmd_serve(args: argparse.Namespace) -> dict:
     from components.serving.serve import serve
 
-    return serve(_config(args), model=args.model, host=args.host, port=args.port, workers=args.workers)
+    return serve(_config(args), model=args.model, host=args.host, port=args.port, workers=args.workers,
+                 trust_model_code=args.trust_model_code)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     p.add_argument("--parent-run-id", help="nest the MLflow run under this run")
     p.add_argument("--restart", action="store_true", help="discard this run's checkpoints and start from step 0")
+    p.add_argument("--force", action="store_true",
+                   help="replace an encoder in pretrain.out that was trained under another recipe")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("targets", help="list the UNet matrices the hypernetwork adapts and its parameter count")
@@ -244,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", help="also write the concept here as a diffusers LoRA + embedding + kohya keys")
     p.add_argument("--model", help="MLflow model URI or encoder directory (default: datencoder@champion if "
                                    "registered, else personalize.encoder)")
+    _add_trust_option(p)
     p.set_defaults(func=cmd_personalize)
 
     p = sub.add_parser("register", help="log the encoder as an MLflow pyfunc, register it, promote it if it wins the gate")
@@ -288,12 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--parent-run-id", help="nest the MLflow run under this run")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("serve", help="serve models:/datencoder@champion with the MLflow scoring server")
+    p = sub.add_parser("serve", help="serve models:/datencoder@champion: MLflow's scoring protocol behind request "
+                                     "limits (serve.*)")
     _add_config_options(p)
     p.add_argument("--model", help="MLflow model URI (default: models:/datencoder@champion)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_positive_int, default=5000)
     p.add_argument("--workers", type=_positive_int, default=1, help="server processes (each loads the model)")
+    _add_trust_option(p)
     p.set_defaults(func=cmd_serve)
 
     return parser

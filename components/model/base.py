@@ -95,6 +95,7 @@ class Clip:
 def load_clip(spec: ClipConfig, device: str | torch.device = "cpu") -> Clip:
     """Load an open_clip model: a bundled config + checkpoint file (toy) or a name + pretrained tag."""
     import open_clip
+    from safetensors import SafetensorError
 
     if spec.config_path is not None:
         config = Path(spec.config_path)
@@ -108,7 +109,7 @@ def load_clip(spec: ClipConfig, device: str | torch.device = "cpu") -> Clip:
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             spec.model_name, pretrained=pretrained, device=device, weights_only=True)
-    except (RuntimeError, OSError, ValueError) as e:
+    except (RuntimeError, OSError, ValueError, SafetensorError) as e:
         raise UserError(
             f"cannot load open_clip {spec.model_name} weights {pretrained!r} ({str(e).splitlines()[0]}); "
             f"weights are never downloaded here: put them in the local Hugging Face cache or give a file path") from None

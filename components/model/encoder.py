@@ -210,14 +210,20 @@ class TuningEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, base: FrozenBase | None = None) -> TuningEncoder:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         path = Path(path)
         try:
             saved = json.loads((path / CONFIG_NAME).read_text())
             weights = load_file(str(path / WEIGHTS_NAME))
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load encoder from {path}: {e}") from None
+        except (OSError, ValueError, SafetensorError) as e:  # missing, unparsable, truncated or corrupt
+            raise UserError(f"cannot load encoder from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                            f"the weights are corrupt or incomplete: train them again or restore them") from None
         encoder = cls(EncoderConfig.model_validate(saved["encoder"]), EncoderShape.from_dict(saved["shape"]))
-        encoder.load_state_dict(weights)
+        try:
+            encoder.load_state_dict(weights)
+        except RuntimeError as e:  # tensors missing or of another shape than config.json describes
+            raise UserError(f"cannot load encoder from {path}: its weights do not match its config.json "
+                            f"({str(e).splitlines()[0]})") from None
         return encoder.attach(base) if base is not None else encoder

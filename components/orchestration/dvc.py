@@ -81,7 +81,8 @@ def pretrain_stage(cfg: Config, parent_run_id: str | None, workspace: str | Path
             log.info("DVC stage %s is up to date: keeping the encoder in %s", stage, cfg.pretrain.out)
             return {"out": cfg.pretrain.out, "skipped": f"DVC stage {stage} up to date", "mlflow_run_id": None,
                     "run_name": run_name(cfg, version), "end_step": cfg.pretrain.max_steps, "data_version": version}
-    report = pretrain(cfg, parent_run_id=parent_run_id)
+    # force: the workspace's encoder is the pipeline's own output (in the checkout DVC's, recorded in dvc.lock)
+    report = pretrain(cfg, parent_run_id=parent_run_id, force=True)
     if stage:
         with workspace_lock(workspace, "dvc", wait_s=cfg.pipeline.timeout_s, what="a DVC command"):
             run_dvc(workspace, "commit", "-f", "-q", stage)

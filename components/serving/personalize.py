@@ -23,9 +23,10 @@ from components.memory import peak_mb
 from components.serving import registry
 
 
-def load_personalizer(cfg: Config, model: str | None = None) -> tuple[Personalizer, str]:
+def load_personalizer(cfg: Config, model: str | None = None, trust: bool = False) -> tuple[Personalizer, str]:
     """The Personalizer for `model`: an MLflow model URI, an encoder directory, or by default the registered
-    champion when the tracking store has one, else `personalize.encoder`. Returns it and what was loaded."""
+    champion when the tracking store has one, else `personalize.encoder`. Returns it and what was loaded.
+    A logged model's code must be this project's unless `trust` (registry.trusted_model_dir)."""
     if model is None:
         model = registry.champion_uri() or cfg.personalize.encoder
         if not registry.is_model_uri(model) and not Path(model).is_dir():
@@ -33,17 +34,18 @@ def load_personalizer(cfg: Config, model: str | None = None) -> tuple[Personaliz
                             f"{registry.ALIAS} and {model} does not exist; run the pipeline first "
                             f"(`datencoder pretrain`, then `datencoder register`), or pass --model")
     if registry.is_model_uri(model):
-        return registry.load_pyfunc_personalizer(model), model
+        return registry.load_pyfunc_personalizer(model, trust), model
     if not (Path(model) / "config.json").is_file():
         raise UserError(f"--model {model}: not an MLflow model URI nor an encoder directory (no config.json)")
     return Personalizer(cfg, model), model
 
 
 def personalize(cfg: Config, image: str, prompts: list[str], model: str | None = None, out: str | None = None,
-                export: str | None = None, scheduler: str | None = None, **params: Any) -> dict:
+                export: str | None = None, scheduler: str | None = None, trust_model_code: bool = False,
+                **params: Any) -> dict:
     """The stage: personalise `image` for `prompts`, write PNGs to `out` (and the concept to `export`)."""
     image_bytes = read_bytes(image)
-    personalizer, loaded = load_personalizer(cfg, model)
+    personalizer, loaded = load_personalizer(cfg, model, trust_model_code)
     settings = personalizer.settings(scheduler=scheduler, **params)
     result = personalizer.run(image_bytes, prompts, settings)
     out_dir = Path(out or cfg.personalize.out)

@@ -11,6 +11,13 @@ evaluation concepts x the first `evaluate.gate_prompts` prompts, seed 0, scored 
 the score is the mean of identity and prompt similarity, higher is better. Its name is versioned
 (`GATE`) so scores from different gates are never compared.
 
+Trust: the logged model is Python that MLflow runs at load, so whoever can move `@champion` could run code
+in `serve` and `personalize`. `register` records the sha256 of the logged code file as the version tag
+`code_sha256`; loading (`trusted_model_dir`) downloads the model first and refuses it unless the logged
+file is this checkout's pyfunc_model.py byte for byte and the tag says the same (a version registered
+before the tag existed is refused with one line: register it again), except when told to trust it
+(`--trust-model-code` or DATENCODER_TRUST_MODEL_CODE=1).
+
 Base weights are referenced by path or hub id in the logged config; only the small toy base (and
 its backbone CLIP) is logged as an artifact, so a toy model is self-contained. SD weights never are.
 """
@@ -37,6 +44,8 @@ ALIAS = "champion"
 EXPERIMENT = "datencoder-register"
 GATE = "gate_identity_prompt_v1"  # mean of identity and prompt similarity on the gate subset: higher is better
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+CODE_TAG = "code_sha256"  # model-version tag: sha256 of the logged model code file
+TRUST_ENV = "DATENCODER_TRUST_MODEL_CODE"  # =1: load models whose code is not this checkout's
 
 
 def is_model_uri(model: str) -> bool:
@@ -181,7 +190,7 @@ def register(cfg: Config, encoder: str | None = None) -> dict:
             info = log_model(cfg, encoder_dir)
         version = mlflow.register_model(info.model_uri, MODEL_NAME).version
         for key, value in {**tags, "git_commit": tracking.git_commit(), "gate": GATE, GATE: f"{score:.6g}",
-                           "encoder": str(encoder_dir)}.items():
+                           "encoder": str(encoder_dir), CODE_TAG: code_sha256(PYFUNC_CODE)}.items():
             client.set_model_version_tag(MODEL_NAME, version, key, str(value))
         champion, champion_score = _champion_score(client)
         promoted = champion is None or score > champion_score  # a tie keeps the champion
@@ -196,13 +205,79 @@ def register(cfg: Config, encoder: str | None = None) -> dict:
             "promoted": promoted, "alias": ALIAS, "tags": tags}
 
 
-def load_pyfunc_personalizer(model_uri: str):
-    """The Personalizer inside a logged pyfunc model (what the server runs)."""
+def load_pyfunc_personalizer(model_uri: str, trust: bool = False):
+    """The Personalizer inside a logged pyfunc model (what the server runs), after the trust check."""
+    return load_pyfunc(trusted_model_dir(model_uri, trust)).unwrap_python_model().personalizer
+
+
+def load_pyfunc(model_dir: str):
+    """The pyfunc model in a local directory that trusted_model_dir returned."""
     import mlflow
 
-    _client()
     try:
-        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().personalizer
+        return mlflow.pyfunc.load_model(model_dir)
+    except mlflow.exceptions.MlflowException as e:
+        raise UserError(f"cannot load MLflow model from {model_dir}: {str(e).splitlines()[0]}") from None
+
+
+# --- trust ------------------------------------------------------------------------------------------
+def code_sha256(path: str | Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def trust_requested(flag: bool = False) -> bool:
+    import os
+
+    return flag or os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def trusted_model_dir(model_uri: str, trust: bool = False) -> str:
+    """Download `model_uri` and return its local directory, once its logged code is known to be this
+    project's (module docstring); otherwise a UserError saying why, unless `trust` (or TRUST_ENV)."""
+    import mlflow
+    import yaml as yamllib
+
+    client = _client()
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
     except mlflow.exceptions.MlflowException as e:
         raise UserError(f"cannot load MLflow model {model_uri} from {tracking.tracking_uri()}: "
                         f"{str(e).splitlines()[0]}") from None
+    if trust_requested(trust):
+        log.warning("loading %s without checking its code (told to trust it)", model_uri)
+        return local
+    expected = code_sha256(PYFUNC_CODE)
+    flavor = (yamllib.safe_load((Path(local) / "MLmodel").read_text()) or {}).get("flavors", {}).get("python_function", {})
+    code = flavor.get("model_code_path")
+    logged = code_sha256(Path(local) / Path(code).name) if code and (Path(local) / Path(code).name).is_file() else None
+    hint = (f"register it again with this checkout (`datencoder register`), or pass --trust-model-code "
+            f"({TRUST_ENV}=1) if you trust whoever registered it")
+    if logged != expected or flavor.get("code"):
+        what = "pickled Python" if not code else f"code with sha256 {logged}" if logged else "no code file"
+        raise UserError(f"refusing {model_uri}: its logged model is {what}, not this project's "
+                        f"{PYFUNC_CODE.name} (sha256 {expected[:12]}...); {hint}")
+    if model_uri.startswith("models:/"):
+        tag = _version_of(client, model_uri).tags.get(CODE_TAG)
+        if tag is None:
+            raise UserError(f"refusing {model_uri}: it was registered before model code hashes were recorded "
+                            f"(no {CODE_TAG} tag); {hint}")
+        if tag != expected:
+            raise UserError(f"refusing {model_uri}: its {CODE_TAG} tag does not match this project's "
+                            f"{PYFUNC_CODE.name}; {hint}")
+    return local
+
+
+def _version_of(client, model_uri: str):
+    """The ModelVersion of models:/name@alias or models:/name/version."""
+    from mlflow.exceptions import MlflowException
+
+    name, _, ref = model_uri.removeprefix("models:/").partition("@")
+    try:
+        if ref:
+            return client.get_model_version_by_alias(name, ref)
+        name, _, version = name.partition("/")
+        return client.get_model_version(name, version)
+    except MlflowException as e:
+        raise UserError(f"cannot find {model_uri} in {tracking.tracking_uri()}: {str(e).splitlines()[0]}") from None

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from components import tracking
 from components.config import Config, PretrainConfig
+from components.errors import UserError
 from components.memory import peak_mb
 from components.model.base import load_pipeline
 from components.model.dual_path import condition
@@ -50,6 +51,8 @@ from components.model.placeholder import (
 )
 from components.progress import Progress
 from components.toy import world as tw
+
+log = logging.getLogger(__name__)
 
 ENCODER_DIR = "encoder"  # inside a checkpoint: TuningEncoder.save_pretrained
 TRAINER_STATE = "trainer.pt"  # step, optimiser, schedule (torch.load(weights_only=True))
@@ -352,6 +355,46 @@ def mean_over_workers(values: dict[str, Tensor]) -> dict[str, float]:
     return dict(zip(sorted(values), stacked.tolist()))
 
 
+def restore_newest_readable(training: Training, checkpoint, rank: int) -> tuple[int, str | None]:
+    """Restore Ray's latest checkpoint or, when it cannot be read (a truncated file, a crash while it was
+    written), the newest earlier one of the run: -> (its step, what was skipped, or None). Every rank
+    ends on the same step; none readable is a UserError (`--restart` starts over)."""
+    import pyarrow.fs
+    import ray.train
+
+    folder = checkpoint.path.rsplit("/", 1)[0]
+    found = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(folder))
+    earlier = sorted((f.path for f in found if f.type == pyarrow.fs.FileType.Directory
+                      and f.base_name.startswith("step-") and f.path.rstrip("/") != checkpoint.path.rstrip("/")
+                      and f.base_name < checkpoint.path.rsplit("/", 1)[-1]), reverse=True)
+    candidates = [checkpoint, *(ray.train.Checkpoint(path, checkpoint.filesystem) for path in earlier)]
+
+    def restore(candidate) -> int:
+        with candidate.as_directory() as directory:
+            return training.restore(Path(directory), rank)
+
+    skipped: list[str] = []
+    for candidate in candidates:
+        try:
+            step = restore(candidate)
+        except Exception as e:  # noqa: BLE001 - a corrupt file fails in torch, safetensors or the filesystem
+            skipped.append(f"{candidate.path.rsplit('/', 1)[-1]} ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            log.warning("checkpoint %s cannot be restored (%s); trying the one before it", candidate.path, skipped[-1])
+            continue
+        break
+    else:
+        raise UserError(f"no checkpoint of this run can be restored ({'; '.join(skipped)}): "
+                        f"run `datencoder pretrain --restart` to start over")
+    steps = gather(step)
+    if len(set(steps)) > 1:  # a rank's own file was unreadable: all go back to the oldest step any rank has
+        step = restore(next(c for c in candidates if c.path.rstrip("/").endswith(f"step-{min(steps):08d}")))
+    if not skipped:
+        return step, None
+    note = f"resumed from step {step}: unreadable {', '.join(skipped)}"
+    log.warning("%s", note)
+    return step, note
+
+
 def worker_loop(job: dict) -> None:
     """Ray Train's train_loop_per_worker. `job`: config (Config.model_dump()), project_dir,
     tracking_uri, run_id (MLflow, logged to by rank 0 only)."""
@@ -371,11 +414,10 @@ def worker_loop(job: dict) -> None:
 
     manifest = pd.read_parquet(Path(p.data) / "manifest.parquet")
     training = Training.build(cfg, manifest, rank, world, device)
-    start = 0
+    start, fallback = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            start = training.restore(Path(directory), rank)
+        start, fallback = restore_newest_readable(training, checkpoint, rank)
 
     mlflow = monitor = heldout = progress = None
     if rank == 0:
@@ -388,6 +430,8 @@ def worker_loop(job: dict) -> None:
         monitor.start()
         # one point per (re)start: a resumed run's history shows where each attempt began
         tracking.log_metrics(mlflow, job["run_id"], {"start_step": start}, step=start)
+        if fallback:
+            mlflow.set_tag(job["run_id"], "checkpoint_fallback", fallback[:500])
         heldout = HeldOut(cfg, manifest)
         progress = Progress("pretrain", p.max_steps)
 

@@ -7,6 +7,10 @@ connects to Ray (a local cluster, or --address / RAY_ADDRESS), opens the MLflow 
 set, tags), runs `components.training.loop.worker_loop` on N workers with DDP, then copies the final
 encoder out of the last checkpoint to `pretrain.out` and logs it as an artifact.
 
+Replacing: `pretrain.out` gets a `recipe.json` (the run name below). An encoder there from another recipe
+(or, without that file, another encoder config) is never replaced unless `force` (`--force`) says so,
+so a quick smoke run cannot overwrite the toy encoder; each preset also writes to its own place.
+
 Resuming: checkpoints live under <storage>/<run name>, and the run name is a hash of what decides
 what is learned (base, encoder, data version, optimiser recipe) but not of how long or where it
 runs. The same command with a larger --max-steps therefore continues from the last checkpoint, as
@@ -41,6 +45,8 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # before ray.train is import
 
 log = logging.getLogger(__name__)
 
+RECIPE_FILE = "recipe.json"  # in pretrain.out: the run name of the recipe that trained the encoder there
+
 # pretrain fields that change what is learned; the others (duration, placement, logging) may change on resume
 RECIPE = ("batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "seed", "prompts",
           "caption_plain_backgrounds")
@@ -48,9 +54,10 @@ RECIPE = ("batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "seed
 
 def pretrain(cfg: Config, workers: int | None = None, max_steps: int | None = None,
              checkpoint_every: int | None = None, storage: str | None = None, address: str | None = None,
-             parent_run_id: str | None = None, restart: bool = False) -> dict[str, Any]:
+             parent_run_id: str | None = None, restart: bool = False, force: bool = False) -> dict[str, Any]:
     """Pre-train the encoder; returns the report (also what `datencoder pretrain --json` prints).
-    Arguments given here override cfg.pretrain; `restart` discards this run's checkpoints first."""
+    Arguments given here override cfg.pretrain; `restart` discards this run's checkpoints first;
+    `force` replaces an encoder in pretrain.out that was trained under another recipe."""
     given = {"workers": workers, "max_steps": max_steps, "checkpoint_every": checkpoint_every, "storage": storage}
     cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(
         update={k: v for k, v in given.items() if v is not None})})
@@ -60,6 +67,8 @@ def pretrain(cfg: Config, workers: int | None = None, max_steps: int | None = No
 
     version = data_version(p.data)
     name = run_name(cfg, version)
+    if not force:
+        check_replaceable(Path(p.out), cfg, name)
     filesystem, root = storage_filesystem(p.storage, p.s3)
     check_writable(filesystem, f"{root}/{name}", p.storage, discard=restart)
 
@@ -112,6 +121,7 @@ def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, f
             staging = out.with_name(out.name + ".partial")
             shutil.rmtree(staging, ignore_errors=True)
             shutil.copytree(Path(directory) / "encoder", staging)
+        (staging / RECIPE_FILE).write_text(json.dumps({"run_name": name, "preset": cfg.preset}, indent=1) + "\n")
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)
         client.log_artifacts(run_id, str(out), "encoder")
@@ -151,6 +161,23 @@ def check_recipe(cfg: Config) -> None:
     if _is_local(cfg.base) and not (Path(cfg.base.pretrained) / "model_index.json").is_file():
         raise UserError(f"base model not found at {cfg.base.pretrained} (no model_index.json); run "
                         f"`datencoder bootstrap` (toy) or set base.pretrained")
+
+
+def check_replaceable(out: Path, cfg: Config, name: str) -> None:
+    """A UserError when `out` holds an encoder trained under another recipe than this run's (`name`):
+    told by its recipe.json, or for an encoder without one by its config.json's encoder section."""
+    if not (out / "config.json").is_file():
+        return
+    try:
+        recipe = json.loads((out / RECIPE_FILE).read_text())["run_name"] if (out / RECIPE_FILE).is_file() else None
+        encoder = json.loads((out / "config.json").read_text()).get("encoder")
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise UserError(f"{out} holds an encoder whose recipe cannot be read ({e}); pass --force to replace it") from None
+    same = recipe == name if recipe is not None else encoder == cfg.encoder.model_dump()
+    if not same:
+        what = f"run {recipe}" if recipe else "another encoder config"
+        raise UserError(f"{out} holds an encoder trained under {what}, not this {cfg.preset} recipe ({name}); "
+                        f"set pretrain.out to another place, or pass --force to replace it")
 
 
 def read_manifest(data: str, workers: int) -> pd.DataFrame:

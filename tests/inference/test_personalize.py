@@ -320,6 +320,34 @@ def test_cli_without_any_model_says_to_run_the_pipeline(smoke, tmp_path, capsys,
     assert not (tmp_path / "none.db").exists()  # looking does not create a store
 
 
+@pytest.mark.parametrize("part, keep", [("encoder", 1000), ("encoder", -200), ("base unet", -200),
+                                        ("backbone clip", -200)])
+def test_cli_truncated_weights_are_one_line_and_exit_2(smoke, tmp_path, capsys, part, keep):
+    """A truncated model.safetensors (cut in its header, or in its tensors) of the encoder, the base
+    or the backbone CLIP: one line naming the file's owner, exit 2, no traceback."""
+    import shutil
+
+    from components.cli import main
+
+    config_file, _, encoder = smoke
+    config = yaml.safe_load(config_file.read_text())
+    broken_encoder = shutil.copytree(encoder, tmp_path / "encoder")
+    base = shutil.copytree(config["base"]["pretrained"], tmp_path / "toy-base")
+    clip = shutil.copy(config["base"]["backbone_clip"]["pretrained"], tmp_path / "clip.safetensors")
+    config["base"]["pretrained"], config["base"]["backbone_clip"]["pretrained"] = str(base), str(clip)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    victim = {"encoder": broken_encoder / "model.safetensors", "base unet": base / "unet" / "diffusion_pytorch_model.safetensors",
+              "backbone clip": tmp_path / "clip.safetensors"}[part]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:keep])
+    (tmp_path / "concept.png").write_bytes(BLUE_ON_RED)
+    code = main(["personalize", "--config", str(tmp_path / "c.yaml"), "--model", str(broken_encoder),
+                 "--image", str(tmp_path / "concept.png"), "--prompt", "S*", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err  # before the error: the loaders' progress bars
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("datencoder personalize: error: cannot load") and "Traceback" not in err, err
+
+
 # --- registry and pyfunc --------------------------------------------------------------------------
 def test_register_gates_the_champion_and_pyfunc_tunes_each_image_once(smoke, tmp_path, monkeypatch):
     import mlflow

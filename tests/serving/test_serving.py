@@ -1,6 +1,8 @@
-"""Serving (issue 6): a real `datencoder serve` process (mlflow models serve --env-manager local) on
-127.0.0.1, real HTTP requests: good requests, bad ones (400 + JSON message, server keeps serving, no
-temp files left), and concurrent requests that must not leak concepts into each other."""
+"""Serving: a real `datencoder serve` process on 127.0.0.1, real HTTP requests: good requests, bad ones
+(400 + JSON message, server keeps serving, no temp files left), and concurrent requests that must not leak
+concepts into each other. The limits (budget, body size, queue, timeout) run against the same app served
+by uvicorn in this process, so a test can see the model's own work counters. Trust: a champion whose
+logged code is not this project's is refused."""
 
 from __future__ import annotations
 
@@ -9,9 +11,9 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,17 +23,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from smoke_models import isolated_store, smoke_setup, solid_png
+from smoke_models import free_port, isolated_store, smoke_setup, solid_png
 
 from components.config import load_config
+from components.errors import UserError
 
 TOY_ENCODER = Path("models/toy-encoder")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -69,23 +66,35 @@ class Server:
         raise RuntimeError("server did not start in 600 s")
 
     def post(self, rows: list[tuple[bytes, str]] | dict, params: dict | None = None) -> tuple[int, dict]:
-        body = rows if isinstance(rows, dict) else {
-            "dataframe_split": {"columns": ["image", "prompt"],
-                                "data": [[base64.b64encode(img).decode(), prompt] for img, prompt in rows]}}
-        if params is not None:
-            body["params"] = params
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/invocations", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=600) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+        status, _, body = post(self.port, rows, params)
+        return status, body
 
     def stop(self) -> None:
         os.killpg(self.process.pid, signal.SIGTERM)  # the CLI, mlflow and uvicorn: our own process group
         self.process.wait(timeout=60)
         self.log.close()
+
+
+def post(port: int, rows: list[tuple[bytes, str]] | dict | bytes, params: dict | None = None,
+         content_type: str = "application/json") -> tuple[int, dict, dict]:
+    """POST /invocations: rows (image bytes, prompt) as MLflow's dataframe_split, a whole JSON body, or raw
+    bytes -> (status, headers, JSON reply)."""
+    if isinstance(rows, bytes):
+        data = rows
+    else:
+        body = rows if isinstance(rows, dict) else {
+            "dataframe_split": {"columns": ["image", "prompt"],
+                                "data": [[base64.b64encode(img).decode(), prompt] for img, prompt in rows]}}
+        if params is not None:
+            body["params"] = params
+        data = json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=data,
+                                     headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=600) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
 
 
 def decode(prediction: dict) -> np.ndarray:
@@ -204,3 +213,154 @@ def test_concurrent_requests_each_show_their_own_colour(tmp_path):
     assert all(status == 200 for status, _ in replies), replies
     seen = [read_colours(decode(out["predictions"][0]))[1] for _, out in replies]
     assert seen == colours
+
+
+# --- limits: the same app, served by uvicorn in this process -----------------------------------------
+class InProcess:
+    """build_app for the champion of `store` with `limits`, served by uvicorn on 127.0.0.1 in a thread."""
+
+    def __init__(self, store: str, limits: dict):
+        import uvicorn
+
+        from components.config import ServeConfig
+        from components.serving import registry, serve
+
+        os.environ["MLFLOW_TRACKING_URI"] = store
+        try:
+            model = registry.load_pyfunc(registry.trusted_model_dir("models:/datencoder@champion"))
+        finally:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        self.personalizer = model.unwrap_python_model().personalizer
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(serve.build_app(model, ServeConfig(**limits)), host="127.0.0.1",
+                                                    port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "in-process server did not start"
+            time.sleep(0.05)
+
+    def work_done(self) -> int:
+        """Concepts the model has looked up (tuned or from its cache): any request that did work counts."""
+        return self.personalizer.cache.hits + self.personalizer.cache.misses
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+LIMITS = {"max_images": 4, "max_steps": 1000, "max_body_mb": 0.25, "max_concurrent": 1, "max_queue": 0,
+          "request_timeout_s": 2, "retry_after_s": 7}
+
+
+@pytest.fixture(scope="module")
+def guarded(server):
+    s = InProcess(server.store, LIMITS)
+    yield s
+    s.stop()
+
+
+def assert_no_trace_nor_echo(reply: dict, marker: str | None = None) -> None:
+    text = json.dumps(reply)
+    assert set(reply) == {"error_code", "message"} and "Traceback" not in text and "stack_trace" not in text
+    assert marker is None or marker not in text
+
+
+def test_requests_over_a_limit_are_refused_before_any_work(guarded):
+    before = guarded.work_done()
+    marker = "MARKER-" + "x" * 20
+    cases = [  # (body or rows, params, content type, status, words of the message)
+        ([(RED_CONCEPT, "S*")] * 3, {"num_images": 2, **FAST}, "application/json", 400, "6 images"),
+        ([(RED_CONCEPT, "S*")], {"tuning_steps": 100, "num_inference_steps": 901}, "application/json", 400,
+         "1001 tuning + sampling steps; the limit is 1000"),
+        ([(RED_CONCEPT, "S* " + "x" * 300_000)], FAST, "application/json", 413, "serve.max_body_mb"),
+        (b"image,prompt\n" + marker.encode(), None, "text/csv", 415, "application/json"),
+        (b'{"dataframe_split": ' + marker.encode(), None, "application/json", 400, "not valid JSON"),
+        ({"columns": ["image"], "marker": marker}, None, "application/json", 400, "dataframe_split"),
+    ]
+    for body, params, content_type, status, words in cases:
+        started = time.monotonic()
+        got, _, reply = post(guarded.port, body, params, content_type)
+        assert (got, words in reply["message"]) == (status, True), (words, got, reply)
+        assert time.monotonic() - started < 5
+        assert_no_trace_nor_echo(reply, marker)
+    assert guarded.work_done() == before  # nothing was tuned nor looked up
+
+    # a bad image reaches the model: its own one-line message, not MLflow's echo of the whole input
+    bad = {"dataframe_split": {"columns": ["image", "prompt"], "data": [["!!not base64 " + marker, "S*"]]}}
+    got, _, reply = post(guarded.port, bad)
+    assert got == 400
+    assert_no_trace_nor_echo(reply, marker)
+    got, _, reply = post(guarded.port, [(b"%PDF " + marker.encode(), "S*")], FAST)
+    assert got == 400 and "not an image" in reply["message"]
+    assert_no_trace_nor_echo(reply, marker)
+
+
+def test_a_busy_server_answers_503_and_a_timed_out_request_stops_its_work(guarded):
+    # 100 tuning + 4 x 225 sampling steps: far more than the 2 s timeout on any machine
+    heavy = {"tuning_steps": 100, "num_images": 4, "num_inference_steps": 225}
+    replies: dict = {}
+    first = threading.Thread(target=lambda: replies.update(heavy=post(guarded.port, [(RED_CONCEPT, "S*")], heavy)))
+    started = time.monotonic()
+    first.start()
+    time.sleep(0.5)
+    status, headers, reply = post(guarded.port, [(RED_CONCEPT, "S* on grass")], FAST)
+    assert status == 503 and headers["retry-after"] == "7" and reply["error_code"] == "SERVER_BUSY", reply
+    first.join()
+    status, _, reply = replies["heavy"]
+    answered = time.monotonic()
+    assert status == 504 and reply["error_code"] == "TIMEOUT" and answered - started < 6, (status, reply)
+    # the heavy work stopped at its next UNet call: the single slot is free again within seconds
+    while (status := post(guarded.port, [(RED_CONCEPT, "S* on grass")], FAST)[0]) == 503:
+        assert time.monotonic() - answered < 8, "the timed-out request kept computing"
+        time.sleep(0.2)
+    assert status == 200
+
+
+# --- trust: only this project's model code is loaded -------------------------------------------------
+def log_version(code: Path, tag: str | None) -> str:
+    """Register a model whose logged code is `code`, with code_sha256 = `tag` (None: none, as before the
+    tag existed), and make it the champion. Nothing is loaded here: the check refuses before loading."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from components.serving import registry
+
+    with mlflow.start_run(experiment_id=MlflowClient().get_experiment_by_name(registry.EXPERIMENT).experiment_id):
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(code))
+    version = mlflow.register_model(info.model_uri, registry.MODEL_NAME).version
+    client = MlflowClient()
+    if tag is not None:
+        client.set_model_version_tag(registry.MODEL_NAME, version, registry.CODE_TAG, tag)
+    client.set_registered_model_alias(registry.MODEL_NAME, registry.ALIAS, version)
+    return version
+
+
+def test_a_champion_with_foreign_or_unrecorded_code_is_refused_unless_trusted(tmp_path, monkeypatch, capsys):
+    from components.cli import main
+    from components.serving import registry
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", isolated_store(tmp_path))
+    monkeypatch.delenv(registry.TRUST_ENV, raising=False)
+    foreign = tmp_path / "pyfunc_model.py"  # this project's file plus one line: someone else's code
+    foreign.write_text(registry.PYFUNC_CODE.read_text() + "\nprint('someone else ran here')\n")
+    (tmp_path / "concept.png").write_bytes(RED_CONCEPT)
+    champion = "models:/datencoder@champion"
+    cases = [(foreign, registry.code_sha256(foreign), "not this project's"),  # the tag matches its own code
+             (registry.PYFUNC_CODE, "0" * 64, "tag does not match"),
+             (registry.PYFUNC_CODE, None, "registered before model code hashes were recorded")]
+    for code, tag, words in cases:
+        log_version(code, tag)
+        with pytest.raises(UserError, match=words):
+            registry.trusted_model_dir(champion)
+        for command in (["personalize", "--image", str(tmp_path / "concept.png"), "--prompt", "S*"], ["serve"]):
+            assert main([*command, "--port", str(free_port())] if command == ["serve"] else command) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert words in err[-1] and "--trust-model-code" in err[-1] and "Traceback" not in "\n".join(err), err
+        assert Path(registry.trusted_model_dir(champion, trust=True), "MLmodel").is_file()  # told to trust it
+    monkeypatch.setenv(registry.TRUST_ENV, "1")
+    assert Path(registry.trusted_model_dir(champion), "MLmodel").is_file()
+    log_version(registry.PYFUNC_CODE, registry.code_sha256(registry.PYFUNC_CODE))  # this project's: loads
+    monkeypatch.delenv(registry.TRUST_ENV)
+    assert Path(registry.trusted_model_dir(champion), "MLmodel").is_file()

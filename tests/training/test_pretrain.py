@@ -237,7 +237,8 @@ def test_two_workers_train_checkpoint_log_and_resume(assets, ray_cluster, mlflow
     rng = [torch.load(checkpoint / f"rng-{r}.pt", weights_only=True)["torch"] for r in range(2)]
     assert not torch.equal(*rng)  # each worker draws its own noise
     # the final encoder is the last checkpoint's, in diffusers-style format
-    assert sorted(p.name for p in Path(first["out"]).iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in Path(first["out"]).iterdir()) == ["config.json", "model.safetensors", "recipe.json"]
+    assert json.loads((Path(first["out"]) / "recipe.json").read_text())["run_name"] == first["run_name"]
     weights = load_file(str(Path(first["out"]) / "model.safetensors"))
     assert all(torch.equal(v, load_file(str(checkpoint / "encoder/model.safetensors"))[k]) for k, v in weights.items())
     TuningEncoder.from_pretrained(first["out"])  # loadable without the base (config + shapes are saved)
@@ -262,7 +263,7 @@ def test_two_workers_train_checkpoint_log_and_resume(assets, ray_cluster, mlflow
     assert any(key.startswith("system/") for key in run.data.metrics)
     assert {"heldout/unseen_shapes", "heldout_untrained/unseen_shapes"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "encoder")}
-    assert artifacts == {"encoder/config.json", "encoder/model.safetensors"}
+    assert artifacts == {"encoder/config.json", "encoder/model.safetensors", "encoder/recipe.json"}
     assert [a.path for a in client.list_artifacts(run.info.run_id)].count("images") == 1
 
     # the same command with a larger --max-steps continues where it stopped
@@ -275,6 +276,14 @@ def test_two_workers_train_checkpoint_log_and_resume(assets, ray_cluster, mlflow
     assert any(not torch.equal(after[k], weights[k]) for k in weights)
     # checkpoints kept: the newest two
     assert sorted(p.name for p in checkpoint.parent.glob("step-*")) == ["step-00000004", "step-00000006"]
+
+    # the newest checkpoint truncated (a crash while it was written): resumed from the one before, and said so
+    newest = checkpoint.parent / "step-00000006" / "encoder" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-300])
+    third = pretrain(cfg, workers=2, max_steps=8, checkpoint_every=2)
+    assert (third["start_step"], third["end_step"], third["restarts"]) == (4, 8, 0)
+    note = client.get_run(third["mlflow_run_id"]).data.tags["checkpoint_fallback"]
+    assert note.startswith("resumed from step 4: unreadable step-00000006 (SafetensorError")
 
 
 def worker_pids() -> list[int]:
@@ -358,6 +367,37 @@ def test_user_errors_are_one_line_and_exit_2(assets, tmp_path, case, capsys):
     lines = err.strip().splitlines()
     assert expected in lines[-1] and lines[-1].startswith("datencoder pretrain: error:"), err
     assert not (work / "encoder").exists()
+
+
+def test_each_preset_trains_its_own_encoder_and_personalizes_with_it():
+    outs = {name: load_config(name).pretrain.out for name in ("toy", "smoke", "sd15")}
+    assert len(set(outs.values())) == 3 and outs["toy"] == "models/toy-encoder"
+    assert not outs["smoke"].startswith("models/")  # a smoke run writes outside the committed models
+    assert all(load_config(name).personalize.encoder == out for name, out in outs.items())
+
+
+def test_an_encoder_of_another_recipe_is_not_replaced_without_force(assets, tmp_path, capsys):
+    import shutil
+
+    from components.cli import main
+    from components.training.pretrain import check_replaceable
+
+    work = tmp_path / "work"
+    shutil.copytree(ROOT / "models" / "toy-encoder", work / "encoder")  # the committed toy encoder (toy config)
+    before = {p.name: p.read_bytes() for p in (work / "encoder").iterdir()}
+    config = str(write_config(tmp_path / "cfg.yaml", assets, work))
+    for recipe, said in ((None, "another encoder config"), ("encoder-0123456789ab", "run encoder-0123456789ab")):
+        if recipe:
+            (work / "encoder" / "recipe.json").write_text(json.dumps({"run_name": recipe}))
+        code = main(["pretrain", "--config", config, "--json"])
+        out, err = capsys.readouterr()
+        line = err.strip().splitlines()[-1]
+        assert code == 2 and out == "" and said in line and "--force" in line, err
+    assert {p.name: p.read_bytes() for p in (work / "encoder").iterdir() if p.name != "recipe.json"} == before
+    assert not (work / "checkpoints").exists()  # refused before any training
+    # the same recipe (a longer run of it) continues into the same place
+    (work / "encoder" / "recipe.json").write_text(json.dumps({"run_name": "encoder-same"}))
+    check_replaceable(work / "encoder", load_config(path=config), "encoder-same")
 
 
 # --- slow: a two-node cluster, job submission, whole-job kill, S3 -----------------------------------
