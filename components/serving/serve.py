@@ -99,6 +99,7 @@ class Guard:
         too_large = (413, error("REQUEST_TOO_LARGE", f"the body is over serve.max_body_mb ({lim.max_body_mb:g} MiB)"), {})
         try:
             if int(headers.get(b"content-length", b"0")) > max_bytes:
+                await read_body(receive, 0)  # drained, not kept: a client still sending would see a reset
                 return too_large
         except ValueError:
             return 400, error("BAD_REQUEST", "Content-Length is not a number"), {}
@@ -219,8 +220,13 @@ def rows_images(request: Any) -> list[str] | None:
     return [hashlib.sha256(json.dumps(v).encode()).hexdigest() for v in values]
 
 
+DRAIN_BYTES = 256 * 2**20  # of a body over the limit, at most this much is read (and dropped) before answering
+
+
 async def read_body(receive, max_bytes: int) -> bytes | None:
-    """The whole body, or None as soon as it grows over `max_bytes` (a lying Content-Length included)."""
+    """The whole body, or None when it is over `max_bytes` (a lying Content-Length included). The rest of a
+    body over the limit is read and dropped, up to DRAIN_BYTES, so the client gets the 413 instead of a
+    connection reset while it is still sending; beyond that the connection is closed."""
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -228,11 +234,10 @@ async def read_body(receive, max_bytes: int) -> bytes | None:
             return b""
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > max_bytes:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks)
+        if size <= max_bytes:
+            chunks.append(chunk)
+        if not message.get("more_body") or size > DRAIN_BYTES:
+            return b"".join(chunks) if size <= max_bytes else None
 
 
 def error(code: str, message: str) -> bytes:

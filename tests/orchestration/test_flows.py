@@ -358,7 +358,8 @@ def test_compose_prefect_yaml_and_kuberay_use_one_image_and_documented_variables
     documented = (infra / "README.md").read_text()
     for var in set(re.findall(r"\$\{(\w+)", text)):
         assert f"`{var}`" in documented, var
-    for secret in ("POSTGRES_PASSWORD", "S3_SECRET_KEY", "S3_ACCESS_KEY"):
+    for secret in ("POSTGRES_PASSWORD", "S3_ROOT_PASSWORD", "MLFLOW_S3_SECRET", "PIPELINE_S3_SECRET", "RAY_S3_SECRET",
+                   "MLFLOW_ADMIN_PASSWORD", "PREFECT_AUTH_STRING"):
         assert re.findall(rf"\$\{{{secret}(\W)", text) and f"${{{secret}:-" not in text
 
     deployment = yaml.safe_load((infra / "prefect.yaml").read_text())["deployments"][0]
@@ -370,8 +371,8 @@ def test_compose_prefect_yaml_and_kuberay_use_one_image_and_documented_variables
     assert deployment["schedules"][0]["cron"] == load_config("toy").pipeline.cron
     for manifest in (infra / "kuberay").glob("*.yaml"):
         images = set(re.findall(r"image: (\S+)", manifest.read_text()))
-        assert images == {"ghcr.io/datencoder/datencoder:latest"}, manifest
-    assert "ghcr.io/datencoder/datencoder:latest" in text
+        assert images == {"ghcr.io/datencoder/datencoder:0.1.0"}, manifest
+    assert "ghcr.io/datencoder/datencoder:0.1.0" in text
 
 
 def test_only_transient_errors_are_retried():
