@@ -325,8 +325,10 @@ def log_version(code: Path, tag: str | None) -> str:
     import mlflow
     from mlflow import MlflowClient
 
+    from components import tracking
     from components.serving import registry
 
+    mlflow.set_tracking_uri(tracking.tracking_uri())  # this test's store, whatever an earlier test set
     with mlflow.start_run(experiment_id=MlflowClient().get_experiment_by_name(registry.EXPERIMENT).experiment_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=str(code))
     version = mlflow.register_model(info.model_uri, registry.MODEL_NAME).version
