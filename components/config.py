@@ -34,7 +34,8 @@ class BaseConfig(Section):
     kind: Literal["toy", "sd15"] = "toy"
     pretrained: str = "models/toy-base"  # diffusers pipeline directory or hub id
     revision: str | None = None
-    # recompute the frozen UNet's activations in backward: tuning at SD size then fits 20 GB (docs/personalize.md)
+    # recompute the frozen UNet's activations in backward: less GPU memory for more time a tuning step
+    # (the sd15 default; docs/personalize.md "Speed and memory")
     gradient_checkpointing: bool = False
     backbone_clip: ClipConfig = ClipConfig(
         model_name="datencoder-toy-backbone",
@@ -101,8 +102,8 @@ class CheckBaseConfig(Section):
     prompts: int = Field(48, gt=0)
     fresh_renders: int = Field(480, gt=0)
     guidance_scale: float = Field(4.0, ge=1)
-    # diffusers' `guidance_rescale` (Lin et al. 2023 sec. 3.4): plain guidance over-exposes the zero-terminal-SNR
-    # toy base (told "a blue circle" it drew cyan); rescaled, it draws 99% of colours right (docs/bootstrap.md)
+    # diffusers' `guidance_rescale` (Lin et al. 2023 sec. 3.4), 0 = plain guidance: undoes what plain guidance
+    # does to a zero-terminal-SNR base, over-exposed colours (docs/bootstrap.md "Sampling: guidance rescale")
     guidance_rescale: float = Field(1.0, ge=0, le=1)
     num_inference_steps: int = Field(25, gt=0)
     seed: int = 0
@@ -143,16 +144,16 @@ class PrepareConfig(Section):
 
 
 class EncoderConfig(Section):
-    """The tuning encoder and its losses (docs/model_core.md). Blend and loss weights are provisional:
-    the ablation issue picks the defaults."""
+    """The tuning encoder and its losses (docs/model_core.md). `ablate` measures the blend, the regulariser
+    and the hypernetwork against these defaults (docs/evaluation.md "Ablations")."""
 
     rank: int = Field(4, gt=0)  # LoRA rank r of every predicted offset
     lora_scale: float = Field(1.0, gt=0)  # constant s in W + s * A @ B
     trunk_channels: int = Field(128, gt=0)
     trunk_blocks: int = Field(2, ge=0)
     token_hidden: int = Field(256, gt=0)
-    # v* starts at this word's embedding (several words: their mean). The toy text encoder never saw "object"
-    # in a caption; starting at the mean of its 12 shape words instead scored lower (docs/personalize.md)
+    # v* starts at this word's embedding (several words: their mean); why "object" on the toy base, whose text
+    # encoder never saw it in a caption: docs/personalize.md "Concept fidelity"
     token_init_word: str = "object"
     token_init_spread: float = Field(0.1, ge=0)  # initial per-image spread, x mean token-embedding norm
     use_hypernetwork: bool = True  # False: embedding only (ablation)
@@ -217,13 +218,12 @@ class PersonalizeConfig(Section):
     tuning_steps: int = Field(12, ge=0, le=100)  # tuning steps of v* and the LoRA factors (paper: at most 12)
     lr: float = Field(2e-3, gt=0)  # paper
     l2_weight: float = Field(1.0, ge=0)  # pull toward the encoder's initial prediction
-    # augmented views of the single image per tuning step (the batch): 4 views fit the concept's colour in
-    # 76% of toy images against 58% for 1, for 1.8-2.1x the adaptation time (docs/personalize.md "Concept fidelity",
-    # "Speed and memory")
+    # augmented views of the single image per tuning step (the batch): more views fit the concept better and
+    # cost adaptation time (docs/personalize.md "Concept fidelity", "Speed and memory")
     views: int = Field(4, gt=0)
     tune_parts: Literal["all", "embedding", "weights"] = "all"  # what tuning moves (the last two: ablations)
-    # tuning timesteps (components.inference.tuning.draw_timesteps): stratified fits the colour in more toy images
-    # than uniform, 58% vs 50% at 1 view and 76% vs 69% at 4, never fewer (docs/personalize.md "Concept fidelity")
+    # how tuning draws timesteps (components.inference.tuning.draw_timesteps): stratified spreads each step's views
+    # and the run over the noise range, uniform draws each independently (docs/personalize.md "Concept fidelity")
     timestep_sampling: Literal["stratified", "uniform"] = "stratified"
     prompts: list[str] = ["a photo of S*"]  # tuning prompts (the pre-training prompts), each with S*
     caption_plain_backgrounds: bool = True  # as pretrain's: a plain-background image tunes on its caption
@@ -231,10 +231,10 @@ class PersonalizeConfig(Section):
     alpha_blend: float | None = Field(None, ge=0, le=1)  # generation blend; None: encoder.alpha_blend_tune
     num_images: int = Field(1, ge=1, le=16)
     seed: int = 0
-    # toy: 1.5 keeps a fitted concept's colour (4 turns blue cyan); the registry gate scores it no worse
+    # classifier-free guidance; toy 1.5, sd15 4 (why: docs/personalize.md "Concept fidelity")
     guidance_scale: float = Field(1.5, ge=1)
-    # 0 (plain guidance) although it over-exposes the toy base's own colours: a personalised concept's
-    # conditional is weak and rescaling keeps its colour in 29% of images, against 49% without (docs/personalize.md)
+    # as check_base.guidance_rescale; 0 = plain guidance, whose overshoot is what shows a personalised concept's
+    # weak colour (docs/personalize.md "Concept fidelity")
     guidance_rescale: float = Field(0.0, ge=0, le=1)
     num_inference_steps: int = Field(25, gt=0, le=1000)
     scheduler: Literal["ddim", "dpm"] = "ddim"  # DDIM or DPM-Solver++ on the base pipeline's config
@@ -264,7 +264,8 @@ class EvaluateConfig(Section):
     """The evaluation harness (docs/evaluation.md): CLIP metrics of ours, its variants and the baselines.
 
     The defaults size the toy grid to fit the pipeline's time budget on 2 CPU cores; `full: true` runs the
-    issue's whole grid (every concept for every method, `full_seeds`, `full_retrain_steps`)."""
+    whole grid (every concept for every method, `full_seeds`, `full_retrain_steps`; docs/evaluation.md
+    "Sizes and time")."""
 
     # toy: concept keys colour-pattern-patterncolour-shape (components.toy.world.Concept.key), all held out
     # of encoder pre-training (the first eight are shapes it never saw; the rest are unseen instances)
@@ -394,8 +395,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pretrain": {"out": "models/encoder-sd15", "max_steps": 150_000, "batch_size": 64, "grad_accum": 1,
                      "warmup_steps": 1000, "checkpoint_every": 1000, "log_every": 50, "eval_every": 2000,
                      "caption_plain_backgrounds": False},  # the paper's prompts: real photos name no palette
-        # E4T's and the paper's tuning batch (benchmarks/gpu_check.py measures it); guidance as before: the
-        # toy's 1.5 was chosen on the toy base and says nothing about SD
+        # the paper's (E4T's) tuning batch of 16 views (benchmarks/gpu_check.py measures its memory); guidance 4:
+        # the toy's 1.5 was chosen on the toy base and says nothing about SD
         "personalize": {"caption_plain_backgrounds": False, "views": 16, "guidance_scale": 4.0,
                         "encoder": "models/encoder-sd15"},  # what its pretrain writes, never the toy encoder
     },
