@@ -245,7 +245,7 @@ class PersonalizeConfig(Section):
 
 
 class ServeConfig(Section):
-    """`datencoder serve` (docs/serving.md): what one request may ask for and how much work runs at once.
+    """`datencoder serve` (docs/personalize.md "Serving"): what one request may ask for and how much work runs at once.
     Every limit is checked before any work; a request over one is answered 4xx."""
 
     max_body_mb: float = Field(32.0, gt=0)  # request body; larger is refused 413 before it is read
