@@ -245,8 +245,8 @@ class PersonalizeConfig(Section):
 
 
 class ServeConfig(Section):
-    """`datencoder serve` (docs/personalize.md "Serving"): what one request may ask for and how much work runs at once.
-    Every limit is checked before any work; a request over one is answered 4xx."""
+    """`datencoder serve` (docs/personalize.md "Serving"): what one request may ask for and how much work runs
+    at once. Every limit is checked before any work; a request over one is answered 4xx."""
 
     max_body_mb: float = Field(32.0, gt=0)  # request body; larger is refused 413 before it is read
     max_images: int = Field(32, gt=0)  # generated images per request: rows x num_images
