@@ -34,22 +34,19 @@ def main_job(preset: str | None = None, config: str | None = None, workspace: st
     with workspace_lock(path, "pipeline", wait_s=cfg.pipeline.lock_wait_s, what="a pipeline run"):
         tracking.check_server()  # before Prefect and any training start
         if not serve:
-            from flows.retrain import (
-                retrain,  # after PREFECT_* are set: prefect reads them on import
-            )
-
             own = not os.environ.get("PREFECT_API_URL")
             with local_prefect_server(path, cfg.pipeline.prefect_startup_timeout_s) if own else \
                     contextlib.nullcontext(os.environ["PREFECT_API_URL"]) as api:
                 os.environ["PREFECT_API_URL"] = api
+                # imported only now: prefect reads PREFECT_* (the run's own server) when it is imported
+                from flows.retrain import retrain
+
                 result = retrain(workspace=str(path), preset=preset, refresh=refresh)
             log.info("report: %s; serve the champion with: %s", result["report"], result["serve"][0])
             return result
     from prefect.schedules import Cron
 
-    from flows.retrain import (
-        retrain,  # served runs take the pipeline lock themselves, one at a time
-    )
+    from flows.retrain import retrain  # served runs take the pipeline lock themselves, one at a time
 
     retrain.serve(name=f"retrain-{cfg.preset}", schedules=[Cron(cron or cfg.pipeline.cron, timezone=cfg.pipeline.timezone)],
                   parameters={"workspace": str(path), "preset": preset, "refresh": refresh},
