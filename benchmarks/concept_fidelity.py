@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from components.toy import world as tw  # noqa: E402
 from components.model.base import load_clip  # noqa: E402
 from components.evaluation.check_base import read_colours, shape_accuracy  # noqa: E402
-from components.config import load_config  # noqa: E402
+from components.config import load_config, parse_overrides  # noqa: E402
 from components.config import variant_config  # noqa: E402
 from components.evaluation.gate import gate_scores  # noqa: E402
 from components.inference.engine import Personalizer  # noqa: E402
@@ -128,11 +127,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    overrides: dict = {}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        overrides.setdefault(section, {})[name] = yaml.safe_load(value)
+    overrides = parse_overrides(args.set)
     cfg = load_config("toy", overrides=overrides)
     clip = load_clip(cfg.base.metrics_clip)
     shapes = args.shapes.split(",")

@@ -218,6 +218,9 @@ class PersonalizeConfig(Section):
     tuning_steps: int = Field(12, ge=0, le=100)  # tuning steps of v* and the LoRA factors (paper: at most 12)
     lr: float = Field(2e-3, gt=0)  # paper
     l2_weight: float = Field(1.0, ge=0)  # pull toward the encoder's initial prediction
+    # how the pull adds up (components.inference.tuning.tune): "sum", the squared L2 distance over every tuned entry;
+    # "mean", the mean over tensors of each one's mean (the earlier rule: inert, weights 1 and 0 tuned alike)
+    l2_reduction: Literal["sum", "mean"] = "sum"
     # augmented views of the single image per tuning step (the batch): more views fit the concept better and
     # cost adaptation time (docs/personalize.md "Concept fidelity", "Speed and memory")
     views: int = Field(4, gt=0)
@@ -407,6 +410,16 @@ def variant_config(cfg: Config, **sections: dict) -> Config:
     """cfg with fields of some sections replaced, e.g. variant_config(cfg, personalize={"tuning_steps": 0})."""
     return cfg.model_copy(update={name: getattr(cfg, name).model_copy(update=values)
                                   for name, values in sections.items()})
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`SECTION.KEY=VALUE` strings (VALUE as YAML) -> {section: {key: value}} for load_config's overrides."""
+    overrides: dict = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        overrides.setdefault(section, {})[name] = yaml.safe_load(value)
+    return overrides
 
 
 def deep_merge(base: dict, override: dict) -> dict:

@@ -46,12 +46,25 @@ def _classify(clip: Clip, images: list, candidates: list[list[str]]) -> list[int
     return [int((clip.encode_texts(c) @ f).argmax()) for f, c in zip(feats, candidates)]
 
 
+def clip_accuracy(clip: Clip, images: list, combos: list[tuple[str, str, str]], attribute: str = "shape") -> list[bool]:
+    """Per image: does the metrics CLIP pick the right one of the captions that differ only in the `attribute`
+    ("shape": the 12 shapes; "colour": the 12 palette colours), for images of (shape, colour, background) combos."""
+    if attribute == "shape":
+        swaps = [[tw.Concept(k, colour) for k in tw.SHAPES] for _, colour, _ in combos]
+        truth = [tw.SHAPES.index(shape) for shape, _, _ in combos]
+    elif attribute == "colour":
+        swaps = [[tw.Concept(shape, c) for c in _PALETTE_NAMES] for shape, _, _ in combos]
+        truth = [_PALETTE_NAMES.index(colour) for _, colour, _ in combos]
+    else:
+        raise ValueError(f"unknown attribute {attribute!r}; choose shape or colour")
+    candidates = [[tw.Scene(c, background_colour=bg).caption() for c in row] for row, (_, _, bg) in zip(swaps, combos)]
+    return [p == t for p, t in zip(_classify(clip, images, candidates), truth)]
+
+
 def shape_accuracy(clip: Clip, images: list, combos: list[tuple[str, str, str]]) -> float:
     """How often the metrics CLIP picks the right one of the 12 captions that differ only in the shape
     word, for images of (shape, colour, background colour) combos."""
-    candidates = [[tw.Scene(tw.Concept(k, colour), background_colour=bg).caption() for k in tw.SHAPES]
-                  for _, colour, bg in combos]
-    return float(np.mean([tw.SHAPES[p] == shape for p, (shape, _, _) in zip(_classify(clip, images, candidates), combos)]))
+    return float(np.mean(clip_accuracy(clip, images, combos, "shape")))
 
 
 def zero_shot_accuracy(clip: Clip, scenes: list[tw.Scene], seed: int) -> dict[str, float]:

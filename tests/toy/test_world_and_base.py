@@ -190,6 +190,22 @@ def test_plain_backgrounds_are_read_from_the_border_after_jpeg():
     assert palette.plain_background(np.full((64, 64, 3), (90, 200, 90), np.uint8)) is None  # plain, not a palette colour
 
 
+def test_shapes_are_read_back_from_renders():
+    """benchmarks/identity_stages.py's pixel shape reading: every shape, any colour, pattern and size; a blank image
+    reads as nothing."""
+    import random
+
+    rng = random.Random(0)
+    hits = []
+    for i in range(96):
+        concept = tw.sample_concept(rng, [tw.SHAPES[i % len(tw.SHAPES)]])
+        background = next(c for c in ("gray", "white", "black", "blue") if c not in (concept.colour, concept.pattern_colour))
+        scene = tw.Scene(concept, background_colour=background, size=rng.choice(list(tw.SIZES)))
+        hits.append(palette.read_shape(np.asarray(tw.render(scene, 64, seed=i))) == concept.shape)
+    assert np.mean(hits) >= 0.9
+    assert palette.read_shape(np.full((64, 64, 3), 128, np.uint8)) is None
+
+
 def test_base_holdout_combos_never_sampled_for_training():
     held = set(tw.held_out_combos(0.1))
     assert 100 < len(held) < 250
