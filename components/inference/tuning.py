@@ -82,6 +82,8 @@ def augment(pixels: Tensor, n: int, generator: torch.Generator, min_crop: float 
 
 
 TUNE_PARTS = ("all", "embedding", "weights")
+# how the L2 pull toward the encoder's prediction adds up its tensors' squared drift (the paper does not say)
+L2_REDUCTIONS = ("sum", "mean")
 TIMESTEP_SAMPLING = ("stratified", "uniform")
 
 
@@ -113,12 +115,13 @@ class TuningRecipe:
     alpha: float  # dual-path blend while tuning
     parts: str = "all"  # what moves: all, the embedding v* only, or the LoRA factors ("weights") only
     timesteps: str = "stratified"  # draw_timesteps' sampling
+    l2_reduction: str = "sum"  # L2_REDUCTIONS; see `tune`
 
     @classmethod
     def from_config(cls, cfg: Config, steps: int | None = None) -> TuningRecipe:
         p = cfg.personalize
         return cls(p.tuning_steps if steps is None else steps, p.lr, p.l2_weight, p.views, cfg.encoder.alpha("tune"),
-                   p.tune_parts, p.timestep_sampling)
+                   p.tune_parts, p.timestep_sampling, p.l2_reduction)
 
 
 def tune(base, vae, start: Concept, pixels: Tensor, prompt_ids: Tensor, recipe: TuningRecipe,
@@ -126,12 +129,18 @@ def tune(base, vae, start: Concept, pixels: Tensor, prompt_ids: Tensor, recipe: 
     """`recipe.steps` Adam steps on v* and the factors from `start` (see the module docstring).
 
     Each step: `recipe.views` augmented views, timesteps from `draw_timesteps`, random noise, one of
-    `prompt_ids`' rows (each with S*) per view; loss = denoising MSE + l2_weight * mean squared drift from
-    `start`. `recipe.parts` picks what moves (the last two choices are ablations)."""
+    `prompt_ids`' rows (each with S*) per view; loss = denoising MSE + l2_weight * drift from `start`.
+    `recipe.l2_reduction` "sum": the squared L2 distance ||theta - theta_0||^2 over every tuned entry (the
+    paper's L2 term; its gradient 2 l2_weight (theta - theta_0) per entry is comparable to the denoising
+    gradient); "mean": the mean over tensors of each one's mean squared drift, whatever its size (a gradient
+    of about 1e-7 per entry after a dozen steps: inert). `recipe.parts` picks what moves (the last two
+    choices are ablations)."""
     steps, lr, l2_weight, views, alpha, parts, timesteps = (
         recipe.steps, recipe.lr, recipe.l2_weight, recipe.views, recipe.alpha, recipe.parts, recipe.timesteps)
     if parts not in TUNE_PARTS:
         raise ValueError(f"unknown tuning parts {parts!r}; choose one of {', '.join(TUNE_PARTS)}")
+    if recipe.l2_reduction not in L2_REDUCTIONS:
+        raise ValueError(f"unknown l2 reduction {recipe.l2_reduction!r}; choose one of {', '.join(L2_REDUCTIONS)}")
     fixed = start.detached().tensors()
     moving = {"all": range(len(fixed)), "embedding": range(1), "weights": range(1, len(fixed))}[parts]
     if not moving:  # weights-only tuning of an encoder without hypernetwork: nothing to tune
@@ -141,8 +150,8 @@ def tune(base, vae, start: Concept, pixels: Tensor, prompt_ids: Tensor, recipe: 
     sizes = [fixed[i].numel() for i in moving]
     flat = torch.cat([fixed[i].flatten() for i in moving]).requires_grad_()
     anchor = flat.detach().clone()
-    # drift = the mean over tensors of each one's mean squared drift, whatever its size
-    drift_weight = torch.cat([torch.full((n,), 1.0 / (len(sizes) * n)) for n in sizes]).to(flat)
+    drift_weight = (torch.ones_like(flat) if recipe.l2_reduction == "sum" else
+                    torch.cat([torch.full((n,), 1.0 / (len(sizes) * n)) for n in sizes]).to(flat))
     optimizer = torch.optim.Adam([flat], lr=lr)
 
     def current() -> Concept:

@@ -111,7 +111,8 @@ def test_tuning_starts_from_the_encoder_and_the_l2_pull_holds_it(smoke, personal
 
     def run(steps: int, l2_weight: float) -> Concept:
         return tune(personalizer.base, personalizer.pipe.vae, start, pixels, ids,
-                    TuningRecipe(steps, 2e-3, l2_weight, views=2, alpha=0.5), torch.Generator().manual_seed(1))
+                    TuningRecipe(steps, 2e-3, l2_weight, views=2, alpha=0.5),
+                    torch.Generator().manual_seed(1))
 
     def drift(c: Concept) -> float:
         return sum((x - y).pow(2).sum().item() for x, y in zip(c.tensors(), start.tensors()))
@@ -122,6 +123,8 @@ def test_tuning_starts_from_the_encoder_and_the_l2_pull_holds_it(smoke, personal
     assert all(b.abs().max() > 0 for _, b in free.factors.values())  # ... is tuned
     assert (free.v_star - start.v_star).abs().max() > 0
     assert drift(held) < 0.5 * drift(free)
+    # the default weight acts under the summed L2 (the per-tensor mean left weights 1 and 0 alike: issue 22)
+    assert drift(run(4, 1.0)) < 0.9 * drift(free)
 
 
 def test_stratified_timesteps_cover_every_range_once():
@@ -400,3 +403,29 @@ def test_register_gates_the_champion_and_pyfunc_tunes_each_image_once(smoke, tmp
     assert (cache.misses, cache.hits) == (2, 0)  # three rows, two distinct images, each tuned once
     with pytest.raises(mlflow.exceptions.MlflowException, match="unknown parameter"):
         model.predict(rows, params={"tuning_stepz": 1})
+
+
+@pytest.mark.slow
+def test_identity_stages_writes_one_table_per_stage_and_concept_set(root, tmp_path):
+    """benchmarks/identity_stages.py --quick (committed toy models): every stage has both concept sets and every
+    reading, with intervals; the readers read the toy world's own renders' shapes and backgrounds right."""
+    out = tmp_path / "stages"
+    done = subprocess.run([sys.executable, "benchmarks/identity_stages.py", "--quick", "--rows",
+                           "renders,oracle,encoder 0", "--out", str(out)], cwd=root, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "identity_stages.json").read_text())
+    assert list(result["rows"]) == ["renders", "oracle", "encoder 0"]
+    for by_set in result["rows"].values():
+        assert set(by_set) == {"eval", "fresh"}
+        for cell in by_set.values():
+            assert cell["images"] == 8
+            for reading in ("colour_pixel", "colour_clip", "shape_pixel", "shape_clip", "background_pixel"):
+                low, high = cell[reading + "_ci"]
+                assert 0 <= low <= cell[reading] <= high <= 1
+    renders = result["rows"]["renders"]
+    assert all(renders[s]["shape_pixel"] == 1 and renders[s]["background_pixel"] == 1 for s in renders)
+    from components.config import load_config
+
+    assert result["fresh_concepts"] and not set(result["fresh_concepts"]) & set(load_config("toy").evaluate.concepts)
+    assert "| encoder 0 | fresh | 8 |" in (out / "identity_stages.md").read_text()
