@@ -287,7 +287,9 @@ class EvaluateConfig(Section):
     prompts_file: str | None = None  # one prompt with S* per line; replaces `prompts` (the sd15 set)
     seeds: list[int] = [0]
     max_concepts: int | None = Field(10, gt=0)  # ours and its variants: the first N concepts (None: all)
-    baseline_concepts: int = Field(1, gt=0)  # the optimisation baselines: the first N concepts (cost)
+    # the optimisation baselines: the first N concepts; None: the same concepts as ours (max_concepts), so that
+    # every comparison with ours is paired on the same samples (1 keeps the toy evaluate short, at a wide interval)
+    baseline_concepts: int | None = Field(None, gt=0)
     few_shot_images: int = Field(4, ge=3, le=5)  # images of the concept for the few-shot baselines
     ti_steps: int = Field(3000, gt=0)
     ti_lr: float = Field(5e-3, gt=0)  # diffusers textual_inversion.py
@@ -297,6 +299,10 @@ class EvaluateConfig(Section):
     dreambooth_lr: float = Field(5e-6, gt=0)  # diffusers train_dreambooth.py
     dreambooth_prior_images: int = Field(0, ge=0)  # class images for prior preservation (0: off)
     retrain_steps: int = Field(60, gt=0)  # pre-training length of the re-training ablations (and their reference)
+    # the time-to-identity curve (docs/evaluation.md): one-shot LoRA and TI after each of these step counts, on the
+    # baselines' concepts, beside ours at 0 and tuning_steps steps, against wall time; off by default (its cost)
+    time_to_identity: bool = False
+    time_to_identity_steps: list[int] = [50, 100, 250, 500, 1000, 2000]
     full: bool = False
     full_retrain_steps: int = Field(1000, gt=0)
     full_seeds: list[int] = [0, 1, 2]

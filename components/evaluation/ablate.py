@@ -61,6 +61,8 @@ def choose_alpha(cfg: Config, results: dict) -> dict:
 ABLATION_CLAIMS = [
     ("tuning raises identity", "about +20%", "ours", "no-tuning", "identity"),
     ("dual path during tuning raises prompt alignment", "about +30%", "ours", "no-dual-path-tune", "prompt"),
+    ("dual path and tuning together beat neither", "Figure 5b: below ours", "ours", "no-dual-path-no-tuning",
+     "combined"),
     ("dual path during training helps", "part of the method", "reg-contrastive", "no-dual-path-train", "combined"),
     ("the hypernetwork helps prompt alignment", "prompt alignment drops without it", "reg-contrastive", "no-hypernet",
      "prompt"),

@@ -9,6 +9,9 @@ cached by their config. The harness, the MLflow runs and the report: components/
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from components import tracking
 from components.config import Config, variant_config
 from components.evaluation import report
 from components.evaluation.eval_set import check_held_out
@@ -34,11 +37,41 @@ def evaluate(cfg: Config, parent_run_id: str | None = None) -> dict:
             for name, overrides in EVALUATE_RETRAINED.items():
                 encoder_dir = train(name, overrides, run.run_id)
                 run.add(harness.ours(name, p.variant(cfg, encoder_dir), e.max_concepts), {"encoder": str(encoder_dir)})
+        baseline_concepts = e.max_concepts if e.baseline_concepts is None else e.baseline_concepts
         for prefix, method in BASELINES.items():
             for shots, label in ((1, "one-shot"), (e.few_shot_images, "few-shot")):
-                run.add(harness.baseline(f"{prefix}-{label}", method, shots, e.baseline_concepts),
+                run.add(harness.baseline(f"{prefix}-{label}", method, shots, baseline_concepts),
                         {"steps": getattr(e, f"{method}_steps"), "shots": shots})
+        curve = time_to_identity(run, harness, baseline_concepts) if e.time_to_identity else None
         result = run.report("Evaluation", e.out, report.evaluation_findings(run.results))
-    return {**result, "held_out": held_out}
+    return {**result, "held_out": held_out, **({"time_to_identity": curve} if curve else {})}
+
+
+def time_to_identity(run: StageRun, harness, concepts: int | None) -> dict:
+    """One-shot LoRA and TI after each of `evaluate.time_to_identity_steps` (rows `<prefix>-one-shot-<steps>`, on the
+    baselines' concepts) beside ours at 0 and the default tuning steps on the same concepts; the plot and the
+    quality-matched speed-ups are logged to the stage's MLflow run (report/time_to_identity.png, metrics)."""
+    e = run.cfg.evaluate
+    series = {}
+    for prefix in ("lora", "ti"):
+        series[prefix] = []
+        for steps in sorted(e.time_to_identity_steps):
+            name = f"{prefix}-one-shot-{steps}"
+            run.add(harness.baseline(name, BASELINES[prefix], 1, concepts, steps), {"steps": steps, "shots": 1})
+            series[prefix].append(name)
+    shared = set(run.results[series["lora"][0]].concept)
+    for name in ("ours-no-tuning", "ours"):  # ours on the baselines' concepts
+        run.results[f"{name}@baselines"] = run.results[name].subset(shared)
+    out = Path(e.out)
+    out.mkdir(parents=True, exist_ok=True)
+    curve = report.time_to_identity(run.results, series, ["ours-no-tuning@baselines", "ours@baselines"],
+                                    out / "time_to_identity.png")
+    for name in ("ours-no-tuning@baselines", "ours@baselines"):
+        del run.results[name]  # plotted, not rows of the table
+    run.client.log_artifact(run.run_id, curve["plot"], "report")
+    tracking.log_metrics(run.client, run.run_id, {f"quality_matched_speedup_{p}": v["speedup"]
+                                                  for p, v in curve["quality_matched"].items()
+                                                  if v["speedup"] is not None}, step=0)
+    return curve
 
 

@@ -143,11 +143,12 @@ class Harness:
 
         return self._run(name, self.concepts(limit), personalise, draw, prompts)
 
-    def baseline(self, name: str, method: str, shots: int, limit: int | None) -> MethodResult:
-        """An optimisation baseline trained per concept on `shots` images of it (1: one-shot)."""
+    def baseline(self, name: str, method: str, shots: int, limit: int | None, steps: int | None = None) -> MethodResult:
+        """An optimisation baseline trained per concept on `shots` images of it (1: one-shot) for `steps` steps
+        (default: the config's `<method>_steps`)."""
         p, e = self.personalizer, self.cfg.evaluate
         settings = p.settings()
-        steps = getattr(e, f"{method}_steps")
+        steps = getattr(e, f"{method}_steps") if steps is None else steps
 
         def personalise(concept: EvalConcept):
             pixels = torch.cat([to_pixels(image, p.side) for image in concept.images[:shots]])

@@ -77,6 +77,8 @@ def tuning_variants(cfg: Config) -> dict[str, Config]:
     variants = {
         "no-tuning": variant_config(cfg, personalize={"tuning_steps": 0}),
         "no-dual-path-tune": variant_config(cfg, encoder={"dual_path": False}),
+        # paper Figure 5b: the encoder's prediction alone, plain LoRA + embedding (blend 1)
+        "no-dual-path-no-tuning": variant_config(cfg, encoder={"dual_path": False}, personalize={"tuning_steps": 0}),
         "tune-embedding-only": variant_config(cfg, personalize={"tune_parts": "embedding"}),
         "tune-weights-only": variant_config(cfg, personalize={"tune_parts": "weights"}),
     }

@@ -88,11 +88,34 @@ def test_findings_are_computed_from_the_numbers_and_pair_shared_samples():
     untuned = MethodResult("ours-no-tuning", spread, [0.6] * 4, concepts)
     finding = compare("tuning raises identity", "about +20%", tuned, untuned, "identity")
     assert finding["status"] == "reproduced" and finding["values"] == [0.47, 0.45]
+    # the sign is the paper's, the size (+4.4%, a constant paired difference) is not its "about +20%"
+    assert finding["change_pct_ci"] == [4.4, 4.4] and finding["magnitude"] == "smaller"
+    assert compare("x", "about +4%", tuned, untuned, "identity")["magnitude"] == "larger"
+    assert compare("x", "y", tuned, untuned, "identity")["magnitude"] is None
     assert compare("x", "y", untuned, tuned, "identity")["status"] == "not reproduced"
     assert compare("x", "y", tuned, untuned, "prompt")["status"] == "inconclusive"
     # different samples (other concepts): the two means' intervals, which the spread dominates
     elsewhere = MethodResult("lora", spread, [0.6] * 4, ["e", "f", "g", "h"])
     assert compare("x", "y", tuned, elsewhere, "identity")["status"] == "inconclusive"
+
+
+def test_time_to_identity_plots_the_curves_and_matches_quality(tmp_path):
+    """report.time_to_identity: the speed-up is the first baseline point reaching ours' identity over ours' seconds;
+    a baseline that never reaches it has none."""
+    from components.evaluation.harness import MethodResult
+    from components.evaluation.report import time_to_identity
+
+    def method(name: str, identity: float, seconds: float) -> MethodResult:
+        return MethodResult(name, [identity, identity + 0.01], [0.5, 0.52], ["a", "a"], [seconds])
+
+    results = {"ours-0": method("ours-0", 0.30, 0.2), "ours-12": method("ours-12", 0.40, 1.0),
+               "lora-50": method("lora-50", 0.35, 3.0), "lora-100": method("lora-100", 0.41, 6.0),
+               "lora-250": method("lora-250", 0.45, 15.0), "ti-50": method("ti-50", 0.2, 4.0)}
+    curve = time_to_identity(results, {"lora": ["lora-50", "lora-100", "lora-250"], "ti": ["ti-50"]},
+                             ["ours-0", "ours-12"], tmp_path / "t.png")
+    assert curve["quality_matched"]["lora"]["speedup"] == 6.0 and curve["quality_matched"]["lora"]["reached_at_s"] == 6.0
+    assert curve["quality_matched"]["ti"]["speedup"] is None and curve["quality_matched"]["ti"]["longest_s"] == 4.0
+    assert (tmp_path / "t.png").stat().st_size > 10_000
 
 
 def test_blend_sweep_changes_the_default_only_beyond_the_noise():
@@ -330,7 +353,7 @@ def test_evaluate_and_ablate_log_nested_runs_and_reuse_cached_encoders(smoke, tm
     assert all(name in table for name in EVALUATE_NAMES)
 
     ablation = ablate(cfg, parent_run_id=parent)
-    names = {"ours", "no-tuning", "no-dual-path-tune", "no-dual-path-train", "no-hypernet", "tune-embedding-only",
+    names = {"ours", "no-tuning", "no-dual-path-tune", "no-dual-path-no-tuning", "no-dual-path-train", "no-hypernet", "tune-embedding-only",
              "tune-weights-only", "reg-none", "reg-l2", "reg-nn-cosine", "reg-contrastive", "alpha-0", "alpha-1"}
     check_logged(client, ablation, names)
     assert ablation["alpha_blend"]["chosen"] in cfg.ablate.alpha_blends
