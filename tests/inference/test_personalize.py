@@ -123,7 +123,7 @@ def test_tuning_starts_from_the_encoder_and_the_l2_pull_holds_it(smoke, personal
     assert all(b.abs().max() > 0 for _, b in free.factors.values())  # ... is tuned
     assert (free.v_star - start.v_star).abs().max() > 0
     assert drift(held) < 0.5 * drift(free)
-    # the default weight acts under the summed L2 (the per-tensor mean left weights 1 and 0 alike: issue 22)
+    # weight 1 acts under the summed L2 (the per-tensor mean left weights 1 and 0 tuned alike: issue 22)
     assert drift(run(4, 1.0)) < 0.9 * drift(free)
 
 
