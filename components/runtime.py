@@ -66,9 +66,10 @@ def resolve(settings: RuntimeConfig) -> Runtime:
 
 def serving_config(cfg: Config, given: dict | None = None) -> Config:
     """`cfg` with the runtime of the machine that serves it: DATENCODER_DEVICE / DATENCODER_DTYPE, else auto;
-    `given` ({"device": ..., "dtype": ...}, e.g. a pyfunc's model_config) wins over the environment."""
+    `given` ({"device": ..., "dtype": ...}, e.g. a pyfunc's model_config) wins over the environment where it
+    is not auto."""
     values = {"device": os.environ.get(DEVICE_ENV) or "auto", "dtype": os.environ.get(DTYPE_ENV) or "auto"}
-    values.update({k: v for k, v in (given or {}).items() if k in values and v is not None})
+    values.update({k: v for k, v in (given or {}).items() if k in values and v not in (None, "auto")})
     try:
         runtime = RuntimeConfig.model_validate(values)
     except ValidationError as e:

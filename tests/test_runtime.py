@@ -70,6 +70,8 @@ def test_serving_runtime_comes_from_the_environment_not_the_registered_config(mo
     monkeypatch.setenv(DTYPE_ENV, "bfloat16")
     assert serving_config(registered).runtime == RuntimeConfig(device="cpu", dtype="bfloat16")
     assert serving_config(registered, {"dtype": "float32"}).runtime == RuntimeConfig(device="cpu", dtype="float32")
+    # the logged model_config's own values (auto) leave the environment's in place
+    assert serving_config(registered, {"device": "auto", "dtype": "auto"}).runtime.dtype == "bfloat16"
     monkeypatch.setenv(DEVICE_ENV, "tpu")
     with pytest.raises(UserError, match="DATENCODER_DEVICE"):
         serving_config(registered)

@@ -146,7 +146,9 @@ def log_model(cfg: Config, encoder_dir: str | Path):
     with tempfile.TemporaryDirectory(prefix="datencoder-register-") as scratch:
         return mlflow.pyfunc.log_model(
             name="model", python_model=str(PYFUNC_CODE), artifacts=model_artifacts(cfg, encoder_dir, Path(scratch)),
-            signature=signature(cfg), input_example=input_example(), pip_requirements=requirements())
+            signature=signature(cfg), input_example=input_example(), pip_requirements=requirements(),
+            # declared so that load_model(model_config=...) may override them (components/runtime.py serving_config)
+            model_config={"device": "auto", "dtype": "auto"})
 
 
 # --- the gate --------------------------------------------------------------------------------------
