@@ -8,7 +8,14 @@ import torch
 
 from components.config import RuntimeConfig, load_config
 from components.errors import UserError
-from components.runtime import DEVICE_ENV, DTYPE_ENV, Runtime, out_of_memory, resolve, serving_config
+from components.runtime import (
+    DEVICE_ENV,
+    DTYPE_ENV,
+    Runtime,
+    out_of_memory,
+    resolve,
+    serving_config,
+)
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour of a machine without CUDA")
 

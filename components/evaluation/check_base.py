@@ -19,8 +19,8 @@ import torch
 
 from components.config import Config
 from components.model.base import Clip, load_clip, load_pipeline
-from components.runtime import resolve
 from components.progress import Progress
+from components.runtime import resolve
 from components.toy import palette
 from components.toy import world as tw
 

@@ -54,7 +54,12 @@ def random_pipeline(tokenizer, unet: dict | None = None, text_encoder: dict | No
     """A StableDiffusionPipeline with SD 1.5's structure (or the given configs') and random weights, built on
     `device`: for measuring time and memory, which do not depend on the weights. `tokenizer`: SD's cannot be
     downloaded here; the toy BPE tokenizer's ids fit SD's 49,408-row table."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device(device):

@@ -21,10 +21,9 @@ import hashlib
 
 import mlflow
 import pandas as pd
+import torch
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
-
-import torch
 
 from components.errors import UserError
 from components.inference.engine import Personalizer
