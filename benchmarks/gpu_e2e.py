@@ -215,7 +215,7 @@ def main() -> int:
         write_prepared(root / "prepared", side, train=max(16, batch), val=2)
         private_store(root)
     cfg = load_config("sd15", overrides={
-        **overrides, "runtime": {"dtype": args.dtype}, "prepare": {"resolution": side},
+        **overrides, "prepare": {"resolution": side},
         **({"encoder": TINY_ENCODER} if tiny else {}),
         "personalize": {"views": counts["views"], "tuning_steps": counts["tuning_steps"], "cache_size": 4},
         "pretrain": {"data": str(root / "prepared"), "out": str(root / "encoder"), "storage": str(root / "checkpoints"),
@@ -238,7 +238,9 @@ def main() -> int:
         mlflow.MlflowClient().set_registered_model_alias(registry.MODEL_NAME, registry.ALIAS, version)
         extra.update(model_uri=f"models:/{registry.MODEL_NAME}@{registry.ALIAS}", version=int(version))
     with phases("load") as extra:
-        model = mlflow.pyfunc.load_model(f"models:/{registry.MODEL_NAME}@{registry.ALIAS}")
+        # the pyfunc runs where it is loaded (auto: this GPU in bfloat16); --dtype reaches it as its model_config
+        model = mlflow.pyfunc.load_model(f"models:/{registry.MODEL_NAME}@{registry.ALIAS}",
+                                         model_config={"dtype": args.dtype})
         personalizer = model.unwrap_python_model().personalizer
         extra.update(personalizer.runtime.describe())
 
