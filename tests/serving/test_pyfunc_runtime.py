@@ -27,7 +27,8 @@ def test_pyfunc_takes_device_and_dtype_from_the_serving_environment(tmp_path, mo
     with mlflow.start_run(experiment_id=experiment):
         uri = registry.log_model(registered, encoder).model_uri
 
-    assert registry.load_pyfunc_personalizer(uri).runtime.dtype == torch.float32  # auto on this CPU machine
+    # trust: a model logged here without registering has no recorded code hash (the trust check is not the point)
+    assert registry.load_pyfunc_personalizer(uri, trust=True).runtime.dtype == torch.float32  # auto on this CPU
     monkeypatch.setenv("DATENCODER_DTYPE", "bfloat16")
     model = mlflow.pyfunc.load_model(uri)
     personalizer = model.unwrap_python_model().personalizer
@@ -36,5 +37,5 @@ def test_pyfunc_takes_device_and_dtype_from_the_serving_environment(tmp_path, mo
     out = model.predict(pd.DataFrame({"image": [solid_png((220, 40, 40))], "prompt": ["S* on a beach"]}),
                         params={"tuning_steps": 1, "num_inference_steps": 1})
     assert Image.open(io.BytesIO(out["image"][0])).size == (64, 64)
-    explicit = registry.load_pyfunc_personalizer(uri, RuntimeConfig(dtype="float32"))
+    explicit = registry.load_pyfunc_personalizer(uri, trust=True, runtime=RuntimeConfig(dtype="float32"))
     assert explicit.runtime.dtype == torch.float32 and explicit.pipe.unet.dtype == torch.float32
