@@ -128,6 +128,7 @@ def train_lora(pipe, pixels: Tensor, steps: int, prompt: str = "a photo of sks o
                lr: float = 1e-4, batch: int = 1, seed: int = 0,
                on_step: Callable[[int, float], None] | None = None) -> BaselineResult:
     """LoRA from scratch on the image(s) (pixels (N, 3, H, W) in [-1, 1]) for `steps` AdamW steps."""
+    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -137,6 +138,7 @@ def train_lora(pipe, pixels: Tensor, steps: int, prompt: str = "a photo of sks o
         torch.manual_seed(seed)
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    cast_training_params(unet, torch.float32)  # the adapter trains in float32 on a half-precision base (diffusers' scripts)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     generator = torch.Generator().manual_seed(seed)
