@@ -32,12 +32,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GOAL_GB = 20.0
-# diffusers AutoencoderKL as in SD 1.5's vae/config.json
-SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
-              block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.18215)
-SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    prediction_type="epsilon", clip_sample=False, steps_offset=1)
 
 
 def main() -> int:
@@ -78,7 +72,7 @@ def main() -> int:
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(sd15.unet_config())
         text_encoder = CLIPTextModel(CLIPTextConfig(**sd15.text_encoder_config()))
-        vae = AutoencoderKL(**SD_VAE)
+        vae = AutoencoderKL(**sd15.VAE_CONFIG)
         clip = open_clip.create_model("ViT-H-14", device=device)
     # the CLIP tower stays fp32: ClipImageTower feeds it fp32 pixels (it runs without gradient)
     unet, text_encoder, vae = (m.to(dtype) for m in (unet, text_encoder, vae))
@@ -87,7 +81,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         # SD's tokenizer cannot be downloaded here; the toy BPE tokenizer's ids fit SD's 49,408-row table
         tokenizer = save_toy_tokenizer(Path(tmp) / "tokenizer", max_length=77)
-    base = FrozenBase(unet, text_encoder, tokenizer, DDPMScheduler(**SD_SCHEDULER), ClipImageTower(clip.visual).to(device))
+    base = FrozenBase(unet, text_encoder, tokenizer, DDPMScheduler(**sd15.SCHEDULER_CONFIG), ClipImageTower(clip.visual).to(device))
     encoder = TuningEncoder.for_base(cfg.encoder, base).to(device)
     alpha = cfg.encoder.alpha("tune")
     pixels = torch.rand(1, 3, args.side, args.side, device=device) * 2 - 1
@@ -97,8 +91,8 @@ def main() -> int:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if args.warmup:
         warm = predict_concept(encoder, vae, pixels, cfg.personalize.encoder_timestep, torch.Generator().manual_seed(1))
-        tune(base, vae, warm, pixels, ids, args.warmup, cfg.personalize.lr, cfg.personalize.l2_weight,
-             batch, alpha, torch.Generator().manual_seed(1))
+        tune(base, vae, warm, pixels, ids, replace(TuningRecipe.from_config(cfg, args.warmup), views=batch, alpha=alpha),
+             torch.Generator().manual_seed(1))
         del warm
         sync()
     if cuda:

@@ -50,6 +50,13 @@ def _add_trust_option(p: argparse.ArgumentParser) -> None:
                         "DATENCODER_TRUST_MODEL_CODE=1); it runs that code")
 
 
+def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+    """Where the base model runs (the `runtime` config section; docs/gpu.md)."""
+    p.add_argument("--device", help="auto (CUDA when present, else cpu), cpu, cuda or cuda:N (default: runtime.device)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="the base model's precision; auto: float32 on cpu, bfloat16 on a GPU (default: runtime.dtype)")
+
+
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     """What personalize and baseline share: images per prompt and the sampler."""
     p.add_argument("--num-images", type=int, help="images per prompt, 1-16")
@@ -61,9 +68,18 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, overrides: dict | None = None):
-    from components.config import load_config
+    from components.config import deep_merge, load_config
 
-    return load_config(preset=args.preset, path=args.config, overrides=overrides)
+    runtime = {k: getattr(args, k, None) for k in ("device", "dtype")}
+    runtime = {k: v for k, v in runtime.items() if v is not None}
+    if runtime:
+        overrides = deep_merge(overrides or {}, {"runtime": runtime})
+    cfg = load_config(preset=args.preset, path=args.config, overrides=overrides)
+    if hasattr(args, "device"):  # a command that loads the base: CUDA asked for where there is none fails now
+        from components.runtime import resolve
+
+        resolve(cfg.runtime)
+    return cfg
 
 
 def cmd_toy_world(args: argparse.Namespace) -> dict:
@@ -203,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-base", help="measure the base model on held-out combinations")
     _add_config_options(p)
     p.add_argument("--grid", help="also save the generated images as one PNG sheet here")
+    _add_runtime_options(p)
     p.set_defaults(func=cmd_check_base)
 
     p = sub.add_parser("prepare", help="ImageNet folders + Open Images largest-box crops -> square images + manifest")
@@ -254,11 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="MLflow model URI or encoder directory (default: datencoder@champion if "
                                    "registered, else personalize.encoder)")
     _add_trust_option(p)
+    _add_runtime_options(p)
     p.set_defaults(func=cmd_personalize)
 
     p = sub.add_parser("register", help="log the encoder as an MLflow pyfunc, register it, promote it if it wins the gate")
     _add_config_options(p)
     p.add_argument("--encoder", help="encoder directory (default: personalize.encoder)")
+    _add_runtime_options(p)
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("pipeline", help="the main job: the Prefect retrain flow (prepare_data, pretrain, evaluate, "
@@ -283,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="training seed and seed of the first image; image i uses seed + i")
     _add_sampling_options(p)
     p.add_argument("--out", help="image directory (default: outputs/baseline-METHOD)")
+    _add_runtime_options(p)
     p.set_defaults(func=cmd_baseline)
 
     for name, func, what in (("evaluate", cmd_evaluate, "CLIP identity/prompt similarity of ours, its variants and "
@@ -296,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--retrain-steps", type=_positive_int, help="pre-training steps of the re-trained variants")
         p.add_argument("--out", help="report directory (default: evaluate.out / ablate.out)")
         p.add_argument("--parent-run-id", help="nest the MLflow run under this run")
+        _add_runtime_options(p)
         p.set_defaults(func=func)
 
     p = sub.add_parser("serve", help="serve models:/datencoder@champion: MLflow's scoring protocol behind request "
@@ -306,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_positive_int, default=5000)
     p.add_argument("--workers", type=_positive_int, default=1, help="server processes (each loads the model)")
     _add_trust_option(p)
+    _add_runtime_options(p)
     p.set_defaults(func=cmd_serve)
 
     return parser
@@ -335,6 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"datencoder {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        torch = sys.modules.get("torch")  # not imported at start-up: only a stage that ran it can run out of memory
+        if torch is None or not isinstance(e, torch.OutOfMemoryError):
+            raise
+        from components.runtime import out_of_memory
+
+        print(f"datencoder {args.command}: error: {out_of_memory(e)}", file=sys.stderr)
+        return 2
     emit(result, getattr(args, "json", False))
     return 0
 

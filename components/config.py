@@ -47,6 +47,14 @@ class BaseConfig(Section):
         config_path="models/toy-clip/metrics/datencoder-toy-metrics.json")
 
 
+class RuntimeConfig(Section):
+    """Where the base model runs and in what precision (components/runtime.py resolves it; docs/gpu.md)."""
+
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto: CUDA when present, else the CPU
+    # the frozen base's weights (and so sampling); auto: float32 on the CPU, bfloat16 (else float16) on a GPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
 class ToyWorldConfig(Section):
     out: str = "data/raw/toy-world"
     n: int = Field(4000, gt=0)
@@ -352,6 +360,7 @@ class PipelineConfig(Section):
 class Config(Section):
     preset: Literal["toy", "smoke", "sd15"] = "toy"
     base: BaseConfig = BaseConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
     toy_world: ToyWorldConfig = ToyWorldConfig()
     bootstrap: BootstrapConfig = BootstrapConfig()
     check_base: CheckBaseConfig = CheckBaseConfig()

@@ -45,6 +45,7 @@ from components.memory import peak_mb
 from components.model.base import load_pipeline
 from components.model.placeholder import PLACEHOLDER, PromptEncoder
 from components.progress import Progress
+from components.runtime import resolve
 
 METHODS = ("ti", "lora", "dreambooth")
 IDENTIFIER = "sks"  # DreamBooth's rare-token identifier; LoRA and DreamBooth prompts say "sks <class word>"
@@ -75,7 +76,7 @@ def _diffusion_loss(pipe, unet, latents: Tensor, context: Tensor, generator: tor
     """Eq. 1 with the base's own scheduler and prediction type (epsilon or v)."""
     scheduler = pipe.noise_scheduler
     noise = torch.randn(latents.shape, generator=generator).to(latents)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
     prediction = unet(noisy, t, encoder_hidden_states=context).sample
@@ -127,6 +128,7 @@ def train_lora(pipe, pixels: Tensor, steps: int, prompt: str = "a photo of sks o
                lr: float = 1e-4, batch: int = 1, seed: int = 0,
                on_step: Callable[[int, float], None] | None = None) -> BaselineResult:
     """LoRA from scratch on the image(s) (pixels (N, 3, H, W) in [-1, 1]) for `steps` AdamW steps."""
+    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -136,13 +138,14 @@ def train_lora(pipe, pixels: Tensor, steps: int, prompt: str = "a photo of sks o
         torch.manual_seed(seed)
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    cast_training_params(unet, torch.float32)  # the adapter trains in float32 on a half-precision base (diffusers' scripts)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         ids = pipe.tokenizer([prompt] * batch, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
-        context = pipe.text_encoder(ids)[0]
+        context = pipe.text_encoder(ids.to(pipe.device))[0]
     losses, seconds = _fit(run, unet, pixels, context, optimizer, steps, batch, generator, on_step)
     weights = {f"unet.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(unet).items()}
     return BaselineResult("lora", steps, seconds, weights, losses=losses, unet=unet)
@@ -156,7 +159,8 @@ def train_textual_inversion(pipe, pixels: Tensor, steps: int, token: str = "<sks
     if tokenizer.add_tokens([token]) != 1:
         raise ValueError(f"token {token!r} is already in the tokenizer")
     init_ids = tokenizer(initializer, add_special_tokens=False).input_ids
-    text_encoder = copy.deepcopy(pipe.text_encoder).requires_grad_(False)
+    # float32 like every tuned tensor (the trained row under AdamW); its output is cast to the UNet's dtype
+    text_encoder = copy.deepcopy(pipe.text_encoder).float().requires_grad_(False)
     text_encoder.resize_token_embeddings(len(tokenizer))
     embeddings = text_encoder.get_input_embeddings()
     token_id = tokenizer.convert_tokens_to_ids(token)
@@ -169,13 +173,13 @@ def train_textual_inversion(pipe, pixels: Tensor, steps: int, token: str = "<sks
     keep[token_id] = False
     run = _prepare(pipe)
     ids = tokenizer([template.format(token)] * batch, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
+                    truncation=True, return_tensors="pt").input_ids.to(pipe.device)
     generator = torch.Generator().manual_seed(seed)
     losses = []
     started = time.perf_counter()
     for step in range(steps):
         latents = encode_latents(pipe.vae, _views(pixels, batch, generator))
-        loss = _diffusion_loss(run, pipe.unet, latents, text_encoder(ids)[0], generator)
+        loss = _diffusion_loss(run, pipe.unet, latents, text_encoder(ids)[0].to(pipe.unet.dtype), generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -203,7 +207,7 @@ def train_dreambooth(pipe, pixels: Tensor, steps: int, prompt: str = f"a photo o
         def context(text: str, n: int) -> Tensor:
             ids = pipe.tokenizer([text] * n, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                                  truncation=True, return_tensors="pt").input_ids
-            return pipe.text_encoder(ids)[0]
+            return pipe.text_encoder(ids.to(pipe.device))[0]
 
         instance_context = context(prompt, batch)
         prior = None
@@ -223,7 +227,8 @@ def train_dreambooth(pipe, pixels: Tensor, steps: int, prompt: str = f"a photo o
 
 def train_baseline(method: str, pipe, pixels: Tensor, steps: int, settings: EvaluateConfig, seed: int = 0,
                    on_step: Callable[[int, float], None] | None = None, guidance_rescale: float = 0.0) -> BaselineResult:
-    """One of METHODS with the harness's learning rates (diffusers' script defaults)."""
+    """One of METHODS with the harness's learning rates (diffusers' script defaults), on the pipeline's device."""
+    pixels = pixels.to(pipe.device)
     if method == "ti":
         return train_textual_inversion(pipe, pixels, steps, lr=settings.ti_lr, seed=seed, on_step=on_step)
     if method == "lora":
@@ -294,7 +299,7 @@ def baseline(cfg: Config, method: str, images: list[str], prompts: list[str], st
                         settings["guidance_rescale"])
     started = time.perf_counter()
     inputs = read_images(images, p.max_pixels)
-    pipe = load_pipeline(cfg.base)
+    pipe = load_pipeline(cfg.base, resolve(cfg.runtime))
     prompts_encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
     prompts_encoder.tokenize(prompts)  # every prompt has S* and fits, before any training
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor

@@ -20,6 +20,7 @@ import torch
 from components.config import Config
 from components.model.base import Clip, load_clip, load_pipeline
 from components.progress import Progress
+from components.runtime import resolve
 from components.toy import palette
 from components.toy import world as tw
 
@@ -79,8 +80,9 @@ def zero_shot_accuracy(clip: Clip, scenes: list[tw.Scene], seed: int) -> dict[st
 def check_base(cfg: Config, grid: str | None = None, batch: int = 16) -> dict:
     started = time.perf_counter()
     c = cfg.check_base
-    pipe = load_pipeline(cfg.base)
-    clip = load_clip(cfg.base.metrics_clip)
+    runtime = resolve(cfg.runtime)
+    pipe = load_pipeline(cfg.base, runtime)
+    clip = load_clip(cfg.base.metrics_clip, runtime.device)
     torch.set_num_threads(cfg.bootstrap.threads)
 
     combos = tw.held_out_combos(cfg.toy_world.base_holdout_fraction)

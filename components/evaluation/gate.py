@@ -18,7 +18,8 @@ def gate_scores(personalizer) -> dict:
     e = cfg.evaluate
     gate_cfg = variant_config(cfg, evaluate={"full": False, "seeds": [0]})
     eval_set = load_eval_set(gate_cfg)
-    harness = Harness(gate_cfg, personalizer, ClipMetrics(load_clip(cfg.base.metrics_clip)), eval_set)
+    clip = load_clip(cfg.base.metrics_clip, personalizer.runtime.device)
+    harness = Harness(gate_cfg, personalizer, ClipMetrics(clip), eval_set)
     result = harness.ours("gate", limit=e.gate_concepts, prompts=eval_set.prompts[:e.gate_prompts])
     identity, prompt = float(np.mean(result.identity)), float(np.mean(result.prompt))
     return {"identity": identity, "prompt": prompt, "score": (identity + prompt) / 2}

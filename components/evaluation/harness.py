@@ -166,7 +166,8 @@ class Harness:
 def load_harness(cfg: Config) -> Harness:
     eval_set = load_eval_set(cfg)
     personalizer = Personalizer(cfg, cfg.personalize.encoder)
-    return Harness(cfg, personalizer, ClipMetrics(load_clip(cfg.base.metrics_clip)), eval_set)
+    return Harness(cfg, personalizer, ClipMetrics(load_clip(cfg.base.metrics_clip, personalizer.runtime.device)),
+                   eval_set)
 
 
 class StageRun:

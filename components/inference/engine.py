@@ -40,6 +40,7 @@ from components.model.placeholder import (
     plain_background_prompts,
 )
 from components.progress import Progress
+from components.runtime import resolve
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +151,10 @@ class Personalizer:
 
     def __init__(self, cfg: Config, encoder_dir: str | Path):
         self.cfg = cfg
-        self.pipe = load_pipeline(cfg.base)
+        self.runtime = resolve(cfg.runtime)  # the base in its dtype on its device; the encoder float32 beside it
+        self.pipe = load_pipeline(cfg.base, self.runtime)
         self.base = FrozenBase.load(cfg, self.pipe)  # shares the pipeline's UNet and text encoder
-        self.encoder = TuningEncoder.from_pretrained(encoder_dir, self.base).eval().requires_grad_(False)
+        self.encoder = self._load_encoder(encoder_dir)
         self.side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.cache = ConceptCache(cfg.personalize.cache_size)
         tuning_prompts = cfg.personalize.prompts
@@ -163,15 +165,19 @@ class Personalizer:
         """A Personalizer over the same loaded base with another config (tuning settings, blend) and
         optionally another encoder: the evaluation's variants without reloading the base each time.
         The base config must be the same; the variant gets its own concept cache."""
-        if cfg.base != self.cfg.base:
-            raise ValueError("a variant must share the base model")
+        if cfg.base != self.cfg.base or cfg.runtime != self.cfg.runtime:
+            raise ValueError("a variant must share the base model and its runtime")
         other = copy.copy(self)
         other.cfg = cfg
         other.cache = ConceptCache(cfg.personalize.cache_size)
         other.tuning_ids = self.base.prompts.tokenize(cfg.personalize.prompts)
         if encoder_dir is not None:
-            other.encoder = TuningEncoder.from_pretrained(encoder_dir, self.base).eval().requires_grad_(False)
+            other.encoder = self._load_encoder(encoder_dir)
         return other
+
+    def _load_encoder(self, encoder_dir: str | Path) -> TuningEncoder:
+        encoder = TuningEncoder.from_pretrained(encoder_dir, self.base).eval().requires_grad_(False)
+        return encoder.to(self.runtime.device)
 
     def settings(self, scheduler: str | None = None, **given: Any) -> Settings:
         """Request settings: `given` (names of PARAM_LIMITS) checked, the rest from the config."""
@@ -209,7 +215,7 @@ class Personalizer:
         timings = {"encoder_s": 0.0, "tune_s": 0.0}
 
         def make() -> Concept:
-            pixels = to_pixels(image, self.side)
+            pixels = to_pixels(image, self.side).to(self.runtime.device)
             generator = torch.Generator().manual_seed(int(digest[:15], 16))
             t0 = time.perf_counter()
             start = predict_concept(self.encoder, self.pipe.vae, pixels, p.encoder_timestep, generator)

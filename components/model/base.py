@@ -19,6 +19,7 @@ import torch
 
 from components.config import BaseConfig, ClipConfig
 from components.errors import UserError
+from components.runtime import CPU, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,9 @@ def _is_local(base: BaseConfig) -> bool:
             or name.count("/") != 1)
 
 
-def load_pipeline(base: BaseConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """The base `StableDiffusionPipeline` (toy or SD 1.5), safety checker off, on `device`."""
+def load_pipeline(base: BaseConfig, runtime: Runtime = CPU):
+    """The base `StableDiffusionPipeline` (toy or SD 1.5), safety checker off, in `runtime`'s dtype on its device
+    (stages pass `components.runtime.resolve(cfg.runtime)`)."""
     from diffusers import StableDiffusionPipeline
 
     name = base.pretrained
@@ -60,7 +62,7 @@ def load_pipeline(base: BaseConfig, dtype: torch.dtype = torch.float32, device: 
         source = name
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            source, revision=base.revision, dtype=dtype, safety_checker=None,
+            source, revision=base.revision, dtype=runtime.dtype, safety_checker=None,
             requires_safety_checker=False, local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as e:
         if source is name:
@@ -70,7 +72,7 @@ def load_pipeline(base: BaseConfig, dtype: torch.dtype = torch.float32, device: 
                 f"base.pretrained to a local diffusers directory") from None
         raise UserError(f"cannot load base model from {source}: {str(e).splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe.to(runtime.device)
 
 
 @dataclass
@@ -83,17 +85,23 @@ class Clip:
 
     @torch.no_grad()
     def encode_images(self, images: list) -> torch.Tensor:
-        """PIL images -> L2-normalised image embeddings."""
-        pixels = torch.stack([self.preprocess(im) for im in images])
-        return torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
+        """PIL images -> L2-normalised image embeddings (on the CPU, wherever the model runs)."""
+        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        return torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1).cpu()
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        return torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(texts)).float(), dim=-1)
+        tokens = self.tokenizer(texts).to(self.device)
+        return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
 
 def load_clip(spec: ClipConfig, device: str | torch.device = "cpu") -> Clip:
-    """Load an open_clip model: a bundled config + checkpoint file (toy) or a name + pretrained tag."""
+    """Load an open_clip model: a bundled config + checkpoint file (toy) or a name + pretrained tag; float32 on
+    `device` (a stage's `components.runtime.resolve(cfg.runtime).device`)."""
     import open_clip
     from safetensors import SafetensorError
 

@@ -37,6 +37,7 @@ from components.model.lora import Target, find_targets, install_processors
 from components.model.placeholder import PromptEncoder
 from components.model.regularisers import embedding_regulariser, offsets_l2
 from components.model.token_embedder import TokenEmbedder
+from components.runtime import resolve
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -55,15 +56,15 @@ class FrozenBase:
 
     @classmethod
     def load(cls, cfg: Config, pipe=None) -> FrozenBase:
-        """From the diffusers pipeline at cfg.base.pretrained (or `pipe`, already loaded from it: then the
-        base shares its modules, and the pipeline's VAE and sampler stay usable) and the backbone CLIP."""
+        """From the diffusers pipeline at cfg.base.pretrained in cfg.runtime (or `pipe`, already loaded from it:
+        then the base shares its modules, and the pipeline's VAE and sampler stay usable) and the backbone CLIP,
+        on the pipeline's device."""
         from diffusers import DDPMScheduler
 
-
-        pipe = pipe if pipe is not None else load_pipeline(cfg.base)
+        pipe = pipe if pipe is not None else load_pipeline(cfg.base, resolve(cfg.runtime))
         # training noises with DDPM on the pipeline's own betas and prediction type
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        clip = ClipImageTower(load_clip(cfg.base.backbone_clip).model.visual)
+        clip = ClipImageTower(load_clip(cfg.base.backbone_clip, pipe.device).model.visual)
         if cfg.base.gradient_checkpointing:  # only acts while gradients flow (tuning, pre-training)
             pipe.unet.enable_gradient_checkpointing()
         return cls(pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, clip)

@@ -38,3 +38,33 @@ def meta_text_encoder(config: dict | None = None):
 
     with torch.device("meta"):
         return CLIPTextModel(CLIPTextConfig(**(config or text_encoder_config())))
+
+
+# diffusers AutoencoderKL as in SD 1.5's vae/config.json
+VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
+                  block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.18215)
+# SD 1.5's noise schedule (scheduler/scheduler_config.json)
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        prediction_type="epsilon", clip_sample=False, steps_offset=1)
+
+
+def random_pipeline(tokenizer, unet: dict | None = None, text_encoder: dict | None = None, vae: dict | None = None,
+                    device: str | torch.device = "cpu"):
+    """A StableDiffusionPipeline with SD 1.5's structure (or the given configs') and random weights, built on
+    `device`: for measuring time and memory, which do not depend on the weights. `tokenizer`: SD's cannot be
+    downloaded here; the toy BPE tokenizer's ids fit SD's 49,408-row table."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device(device):
+        parts = {"unet": UNet2DConditionModel.from_config(unet or unet_config()),
+                 "text_encoder": CLIPTextModel(CLIPTextConfig(**(text_encoder or text_encoder_config()))),
+                 "vae": AutoencoderKL(**(vae or VAE_CONFIG))}
+    return StableDiffusionPipeline(**parts, tokenizer=tokenizer, scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)

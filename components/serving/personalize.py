@@ -34,7 +34,7 @@ def load_personalizer(cfg: Config, model: str | None = None, trust: bool = False
                             f"{registry.ALIAS} and {model} does not exist; run the pipeline first "
                             f"(`datencoder pretrain`, then `datencoder register`), or pass --model")
     if registry.is_model_uri(model):
-        return registry.load_pyfunc_personalizer(model, trust), model
+        return registry.load_pyfunc_personalizer(model, trust, cfg.runtime), model
     if not (Path(model) / "config.json").is_file():
         raise UserError(f"--model {model}: not an MLflow model URI nor an encoder directory (no config.json)")
     return Personalizer(cfg, model), model
@@ -65,6 +65,7 @@ def personalize(cfg: Config, image: str, prompts: list[str], model: str | None =
                        "guidance_rescale": settings.guidance_rescale, "scheduler": SCHEDULERS[settings.scheduler],
                        "alpha_blend": settings.alpha_blend},
         "timings": result.timings,
+        "runtime": personalizer.runtime.describe(),
     }
     if export:
         report["export"] = export_concept(result.concept, export, token=f"<concept-{result.image_sha256[:8]}>")

@@ -7,8 +7,12 @@ the object passed to `mlflow.models.set_model`. Artifacts: `encoder` (TuningEnco
 Input rows: `image` (bytes; base64 in JSON requests) and `prompt` (with S*). Params: tuning_steps,
 num_images, seed, guidance_scale, num_inference_steps, alpha_blend. Output: one row per generated
 image, `image` (PNG bytes), `prompt`, `seed`, in input-row order. Rows with the same image are tuned
-once (one Personalizer.run per distinct image). Bad input raises MlflowException
-INVALID_PARAMETER_VALUE, which the scoring server answers with HTTP 400 and the message.
+once (one Personalizer.run per distinct image). Bad input (and running out of GPU memory) raises
+MlflowException INVALID_PARAMETER_VALUE, which the scoring server answers with HTTP 400 and the message.
+
+The model runs on the machine that serves it: device and dtype come from DATENCODER_DEVICE /
+DATENCODER_DTYPE, else auto (components/runtime.py), never from the registering machine's config;
+`mlflow.pyfunc.load_model(uri, model_config={"device": ..., "dtype": ...})` overrides both.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ import hashlib
 
 import mlflow
 import pandas as pd
+import torch
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
 from components.errors import UserError
 from components.inference.engine import Personalizer
+from components.runtime import out_of_memory, serving_config
 from components.serving.registry import config_from_artifacts
 
 
@@ -52,13 +58,16 @@ def reject_unknown_params() -> None:
 class PersonalizeModel(PythonModel):
     def load_context(self, context) -> None:
         reject_unknown_params()
-        self.personalizer = Personalizer(config_from_artifacts(context.artifacts), context.artifacts["encoder"])
+        cfg = serving_config(config_from_artifacts(context.artifacts), context.model_config)
+        self.personalizer = Personalizer(cfg, context.artifacts["encoder"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         try:
             return self._predict(model_input, params or {})
         except UserError as e:
             raise MlflowException.invalid_parameter_value(str(e)) from None
+        except torch.OutOfMemoryError as e:
+            raise MlflowException.invalid_parameter_value(str(out_of_memory(e))) from None
 
     def _predict(self, rows: pd.DataFrame, params: dict) -> pd.DataFrame:
         missing = {"image", "prompt"} - set(rows.columns)

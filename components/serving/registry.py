@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from components import tracking
-from components.config import Config, load_config
+from components.config import Config, RuntimeConfig, load_config
 from components.data.prepare import data_version
 from components.errors import UserError
 from components.evaluation.gate import gate_scores
@@ -146,7 +146,9 @@ def log_model(cfg: Config, encoder_dir: str | Path):
     with tempfile.TemporaryDirectory(prefix="datencoder-register-") as scratch:
         return mlflow.pyfunc.log_model(
             name="model", python_model=str(PYFUNC_CODE), artifacts=model_artifacts(cfg, encoder_dir, Path(scratch)),
-            signature=signature(cfg), input_example=input_example(), pip_requirements=requirements())
+            signature=signature(cfg), input_example=input_example(), pip_requirements=requirements(),
+            # declared so that load_model(model_config=...) may override them (components/runtime.py serving_config)
+            model_config={"device": "auto", "dtype": "auto"})
 
 
 # --- the gate --------------------------------------------------------------------------------------
@@ -155,7 +157,7 @@ def gate_score(personalizer) -> dict:
     return gate_scores(personalizer)
 
 
-def _champion_score(client) -> tuple[int | None, float | None]:
+def _champion_score(client, runtime: RuntimeConfig) -> tuple[int | None, float | None]:
     """(version, gate score) of the current champion; re-scored from the logged model when its score
     is from another gate (or missing)."""
     from mlflow.exceptions import MlflowException
@@ -167,7 +169,8 @@ def _champion_score(client) -> tuple[int | None, float | None]:
     version = int(champion.version)
     if champion.tags.get("gate") == GATE and GATE in champion.tags:
         return version, float(champion.tags[GATE])
-    return version, gate_score(load_pyfunc_personalizer(f"models:/{MODEL_NAME}/{champion.version}"))["score"]
+    champion_model = load_pyfunc_personalizer(f"models:/{MODEL_NAME}/{champion.version}", runtime=runtime)
+    return version, gate_score(champion_model)["score"]
 
 
 def register(cfg: Config, encoder: str | None = None) -> dict:
@@ -192,7 +195,7 @@ def register(cfg: Config, encoder: str | None = None) -> dict:
         for key, value in {**tags, "git_commit": tracking.git_commit(), "gate": GATE, GATE: f"{score:.6g}",
                            "encoder": str(encoder_dir), CODE_TAG: code_sha256(PYFUNC_CODE)}.items():
             client.set_model_version_tag(MODEL_NAME, version, key, str(value))
-        champion, champion_score = _champion_score(client)
+        champion, champion_score = _champion_score(client, cfg.runtime)
         promoted = champion is None or score > champion_score  # a tie keeps the champion
         if promoted:
             client.set_registered_model_alias(MODEL_NAME, ALIAS, version)
@@ -205,17 +208,18 @@ def register(cfg: Config, encoder: str | None = None) -> dict:
             "promoted": promoted, "alias": ALIAS, "tags": tags}
 
 
-def load_pyfunc_personalizer(model_uri: str, trust: bool = False):
-    """The Personalizer inside a logged pyfunc model (what the server runs), after the trust check."""
-    return load_pyfunc(trusted_model_dir(model_uri, trust)).unwrap_python_model().personalizer
+def load_pyfunc_personalizer(model_uri: str, trust: bool = False, runtime: RuntimeConfig | None = None):
+    """The Personalizer inside a logged pyfunc model (what the server runs), after the trust check; `runtime`'s
+    settings other than auto win over the serving environment's (components/runtime.py `serving_config`)."""
+    return load_pyfunc(trusted_model_dir(model_uri, trust), runtime).unwrap_python_model().personalizer
 
 
-def load_pyfunc(model_dir: str):
+def load_pyfunc(model_dir: str, runtime: RuntimeConfig | None = None):
     """The pyfunc model in a local directory that trusted_model_dir returned."""
     import mlflow
 
     try:
-        return mlflow.pyfunc.load_model(model_dir)
+        return mlflow.pyfunc.load_model(model_dir, model_config=runtime.model_dump() if runtime else None)
     except mlflow.exceptions.MlflowException as e:
         raise UserError(f"cannot load MLflow model from {model_dir}: {str(e).splitlines()[0]}") from None
 

@@ -36,8 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from components import tracking
-from components.config import Config, ServeConfig
+from components.config import Config, RuntimeConfig, ServeConfig
 from components.errors import UserError
+from components.runtime import DEVICE_ENV, DTYPE_ENV, resolve
 from components.serving import registry
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,12 @@ log = logging.getLogger(__name__)
 MODEL_ENV = "DATENCODER_SERVE_MODEL"  # the checked local model directory, for each uvicorn worker process
 LIMITS_ENV = "DATENCODER_SERVE_LIMITS"  # the serve section as JSON
 COST_PARAMS = ("num_images", "tuning_steps", "num_inference_steps")
+
+
+def runtime_environment(runtime: RuntimeConfig) -> dict[str, str]:
+    """DATENCODER_DEVICE / DATENCODER_DTYPE for the served model (components/runtime.py serving_config): `runtime`'s
+    settings other than auto; auto keeps the environment's, else the serving machine decides."""
+    return {name: value for name, value in ((DEVICE_ENV, runtime.device), (DTYPE_ENV, runtime.dtype)) if value != "auto"}
 
 
 class RequestCancelled(Exception):
@@ -278,8 +285,10 @@ def serve(cfg: Config, model: str | None = None, host: str = "127.0.0.1", port: 
     if model is None:
         raise UserError(f"no {registry.MODEL_NAME}@{registry.ALIAS} in {tracking.tracking_uri()}: run "
                         f"`datencoder register` first, or pass --model")
+    resolve(cfg.runtime)  # CUDA asked for on a machine without it: one line now, not a dead server later
     local = registry.trusted_model_dir(model, trust_model_code)
     os.environ[MODEL_ENV], os.environ[LIMITS_ENV] = local, cfg.serve.model_dump_json()
+    os.environ.update(runtime_environment(cfg.runtime))
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: every host that reaches it can use it; put it behind a proxy that authenticates",
                     host)

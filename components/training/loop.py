@@ -2,8 +2,9 @@
 
 Every Ray Train worker runs `worker_loop`; `components/training/pretrain.py` launches them. Per worker:
 
-    setup    load the frozen base, build the encoder (same seed everywhere), wrap it in DDP,
-             AdamW + linear warm-up / cosine decay; resume from Ray's latest checkpoint if there is one
+    setup    load the frozen base, build the encoder (same seed everywhere), wrap it in DDP with Ray
+             Train's `prepare_model`, AdamW + linear warm-up / cosine decay; resume from Ray's latest
+             checkpoint if there is one
     step     for each micro-batch of this worker's manifest shard: VAE latents, losses (the
              contrastive negatives are all_gathered across workers inside the encoder), backward
              (DDP all-reduces on the last micro-batch only); clip the global gradient norm; step
@@ -13,7 +14,10 @@ Every Ray Train worker runs `worker_loop`; `components/training/pretrain.py` lau
              step (rank 0), each rank's RNG state; ray.train.report is a barrier for all ranks
 
 The data order, the prompts and (through the saved RNG states) the noise and timesteps are pure
-functions of the seed and the step, so a resumed run computes what an uninterrupted one would.
+functions of the seed and the step, so a resumed run computes what an uninterrupted one would. That
+is why the data is a `Shard` and not a DataLoader behind Ray's `prepare_data_loader`: a
+DistributedSampler's position is loader state that a checkpoint would have to carry, and a
+Shard's batch at a step is computed from the step alone.
 """
 
 from __future__ import annotations
@@ -164,8 +168,10 @@ class Training:
         encoder = initial_encoder(cfg, base).to(device)
         model = encoder
         if world > 1:  # frozen base parts are plain attributes: DDP neither syncs nor broadcasts them
-            model = nn.parallel.DistributedDataParallel(
-                encoder, device_ids=[device.index] if device.type == "cuda" else None)
+            import ray.train.torch
+
+            # Ray Train's DDP wrapping: device_ids and output_device from this worker's GPU, none on CPUs
+            model = ray.train.torch.prepare_model(encoder, move_to_device=device)
         optimizer = torch.optim.AdamW(encoder.parameters(), lr=p.lr, weight_decay=p.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, p.warmup_steps, p.max_steps))

@@ -214,6 +214,11 @@ def test_kuberay_manifests_submit_the_cli_entry_point_with_s3_storage():
         env = {e["name"]: e.get("value") for e in head["env"]}
         assert "AWS_SECRET_ACCESS_KEY" not in env and head["envFrom"][0]["secretRef"]["name"] == "datencoder-s3"
         assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # workers only on worker pods
+        # one GPU per worker pod, room for the job's workers (Ray Train: one worker per GPU)
+        groups = spec["workerGroupSpecs"]
+        assert all(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+                   for g in groups)
+        assert sum(g.get("maxReplicas", g["replicas"]) for g in groups) >= args.workers
 
 
 # --- real runs ------------------------------------------------------------------------------------

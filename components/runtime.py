@@ -1,0 +1,88 @@
+"""Where the base model runs and in what precision: the one resolver every stage that loads it uses.
+
+    runtime = resolve(cfg.runtime)          # Runtime(device=device('cpu'), dtype=torch.float32) on a CPU machine
+    pipe = load_pipeline(cfg.base, runtime)
+
+`runtime.device`: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N. `runtime.dtype`: auto (float32
+on the CPU, bfloat16 on a GPU that has it, else float16), float32, bfloat16 or float16. The dtype is the frozen
+base's (UNet, VAE, text encoder), so sampling runs in it; what is trained or tuned (the encoder, v* and the
+LoRA factors, their optimiser) stays float32, and the CLIP towers stay float32 (they see float32 pixels).
+
+A served model runs where it is served, not where it was registered: `serving_config` gives it the
+runtime of the environment (DATENCODER_DEVICE, DATENCODER_DTYPE), else auto.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from pydantic import ValidationError
+
+from components.config import Config, RuntimeConfig
+from components.errors import UserError
+
+DEVICE_ENV = "DATENCODER_DEVICE"
+DTYPE_ENV = "DATENCODER_DTYPE"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype
+
+    def describe(self) -> dict[str, str]:
+        """For reports: {"device": "cuda:0", "dtype": "bfloat16"}."""
+        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+CPU = Runtime(torch.device("cpu"), torch.float32)  # what `auto` is on a machine without CUDA
+
+
+def resolve(settings: RuntimeConfig) -> Runtime:
+    """The device and dtype `settings` ask for on this machine; CUDA asked for where there is none is a UserError."""
+    if settings.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(settings.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"runtime.device {settings.device}: this machine has no CUDA device; "
+                            f"use --device cpu (or auto)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UserError(f"runtime.device {settings.device}: this machine has {count} CUDA device(s), "
+                            f"cuda:0 to cuda:{count - 1}")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    if settings.dtype != "auto":
+        return Runtime(device, DTYPES[settings.dtype])
+    if device.type == "cpu":
+        return Runtime(device, torch.float32)
+    return Runtime(device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
+def serving_config(cfg: Config, given: dict | None = None) -> Config:
+    """`cfg` with the runtime of the machine that serves it: DATENCODER_DEVICE / DATENCODER_DTYPE, else auto;
+    `given` ({"device": ..., "dtype": ...}, e.g. a pyfunc's model_config) wins over the environment where it
+    is not auto."""
+    values = {"device": os.environ.get(DEVICE_ENV) or "auto", "dtype": os.environ.get(DTYPE_ENV) or "auto"}
+    values.update({k: v for k, v in (given or {}).items() if k in values and v not in (None, "auto")})
+    try:
+        runtime = RuntimeConfig.model_validate(values)
+    except ValidationError as e:
+        problem = e.errors()[0]
+        raise UserError(f"runtime {problem['loc'][0]} {problem['input']!r} ({DEVICE_ENV}/{DTYPE_ENV} or the "
+                        f"model config): {problem['msg']}") from None
+    return cfg.model_copy(update={"runtime": runtime})
+
+
+def out_of_memory(error: BaseException) -> UserError | None:
+    """A GPU out-of-memory error as one line naming what to lower; None for any other error."""
+    if not isinstance(error, torch.OutOfMemoryError):
+        return None
+    return UserError("the GPU ran out of memory; lower personalize.views, turn on base.gradient_checkpointing, "
+                     "use a smaller --dtype (bfloat16 or float16), or fewer --num-images / pretrain batch")
+
