@@ -1,6 +1,6 @@
 """Several photos of one concept against one photo, on the evaluation concepts (toy preset, committed models).
 
-    .venv/bin/python benchmarks/multi_photo.py [--concepts 6] [--photos 3] [--out outputs/benchmarks/multi_photo.json]
+    .venv/bin/python benchmarks/multi_photo.py [--concepts 6] [--prompts 10] [--photos 3] [--out outputs/benchmarks/multi_photo.json]
 
 Each evaluation concept has several renders (components/evaluation/eval_set.py: the canonical view, then
 views at other positions and sizes). "one" personalises from the canonical view (the default and the
@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concepts", type=int, default=6, help="the first N evaluation concepts")
+    parser.add_argument("--prompts", type=int, default=10, help="the first N evaluation prompts")
     parser.add_argument("--photos", type=int, default=3, help="photos of the concept for 'several'")
     parser.add_argument("--out", default="outputs/benchmarks/multi_photo.json")
     args = parser.parse_args()
@@ -44,7 +45,7 @@ def main() -> None:
 
     cfg = load_config("toy", overrides={"evaluate": {"few_shot_images": max(3, min(5, args.photos + 1))}})
     harness = load_harness(cfg)
-    p, seeds, prompts = harness.personalizer, harness.seeds, harness.eval_set.prompts
+    p, seeds, prompts = harness.personalizer, harness.seeds, harness.eval_set.prompts[:args.prompts]
     settings = p.settings()
     concepts = harness.eval_set.concepts[:args.concepts]
     if len(concepts[0].images) <= args.photos:
