@@ -60,6 +60,7 @@ def main() -> None:
             state = p.concept(images, images_digest([png_digest(i).encode() for i in images]),
                               settings.tuning_steps)[0]
             seconds[name] += time.perf_counter() - t0
+            results[name].concept_seconds.append(time.perf_counter() - t0)
             batch_prompts = [q for q in prompts for _ in seeds]
             drawn = generate(p.pipe, p.base.prompts, state, batch_prompts, [s for _ in prompts for s in seeds],
                              settings.sampling)
