@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -385,7 +386,8 @@ def test_cli_several_images_and_progress_bars_only_on_a_terminal(smoke, tmp_path
     done, terminal = on_a_terminal()
     assert done.returncode == 0, terminal[-3000:]
     assert "photos: 2" in done.stdout
-    assert "tune: 100%" in terminal and "sample: 100%" in terminal  # tqdm bars
+    # tqdm bars (drawn from 0%; how far they are redrawn depends on speed, and they clear when done)
+    assert re.search(r"tune: +\d+%\|", terminal) and re.search(r"sample: +\d+%\|", terminal), terminal[-3000:]
     done, terminal = on_a_terminal("--json")
     assert done.returncode == 0 and json.loads(done.stdout)["photos"] == 2
     assert "%|" not in terminal  # --json: no bars, log lines only
