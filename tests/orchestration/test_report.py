@@ -23,10 +23,10 @@ def test_findings_render_as_a_table_and_plots_inline(tmp_path):
     cfg = load_config("smoke", overrides={"pipeline": {"report": str(tmp_path / "pipeline")}})
     report = write_report(cfg, {"evaluate": {"methods": methods, "findings": [finding]}}, "run-id", "flow-run")
     lines = report["markdown"].splitlines()
-    header = lines.index("| claim | paper | metric | methods | values | change % | noise | status |")
+    header = lines.index("| claim | paper | metric | methods | values | change % [95%] | status | magnitude vs paper |")
     row = lines[header + 2]
     assert row.startswith("| tuning raises identity | about +20% | identity | ours vs ours-no-tuning | ")
-    assert row.endswith(f"| {finding['noise']} | reproduced |")
+    assert f"| {finding['change_pct']}" in row and "| reproduced |" in row
     assert "{'claim'" not in report["markdown"]  # no raw dicts
     assert method_metrics(methods)["ours/identity"] == methods["ours"]["identity"]
 
