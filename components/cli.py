@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from components.errors import UserError
+from components.progress import show_bars
 
 log = logging.getLogger("datencoder")
 
@@ -159,7 +160,7 @@ def cmd_pipeline(args: argparse.Namespace) -> dict:
     from flows.main_job import main_job
 
     return main_job(preset=args.preset, config=args.config, workspace=args.workspace, refresh=args.refresh,
-                    serve=args.serve, cron=args.cron)
+                    serve=args.serve, cron=args.cron, ui=args.ui)
 
 
 def cmd_baseline(args: argparse.Namespace) -> dict:
@@ -257,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("personalize", help="one image + prompts with S* -> images of that concept (and an export)")
     _add_config_options(p)
-    p.add_argument("--image", required=True, help="the concept's image (PNG, JPEG, ...)")
+    p.add_argument("--image", action="append", required=True,
+                   help="the concept's image (PNG, JPEG, ...); repeat for several photos of the same concept")
     p.add_argument("--prompt", action="append", required=True, help='prompt with the placeholder S*; repeatable')
     p.add_argument("--tuning-steps", type=int, help="tuning steps, 0-100 (default: personalize.tuning_steps, 12)")
     p.add_argument("--steps", dest="tuning_steps", type=int, action=_Renamed, help=argparse.SUPPRESS)
@@ -289,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve", action="store_true", help="serve a Prefect deployment of retrain on a cron schedule "
                                                         "(needs PREFECT_API_URL; runs until interrupted)")
     p.add_argument("--cron", help="schedule of --serve (default: pipeline.cron)")
+    p.add_argument("--ui", action="store_true", help="serve the Prefect UI of the run's own server and keep it up "
+                                                     "after the run, until Ctrl-C")
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("baseline", help="an optimisation baseline (TI, LoRA, DreamBooth) on 1 image (one-shot) or 3-5 "
@@ -349,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("datencoder", "components", "flows"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # bars only for people at a terminal: --json output is for programs
+    show_bars(not getattr(args, "json", False))
     try:
         result = args.func(args)
     except UserError as e:

@@ -104,10 +104,13 @@ def log_metrics(client, run_id: str, values: dict[str, float], step: int) -> Non
 
 
 def log_dataset(client, run_id: str, frame, source: str, name: str, digest: str, context: str = "train") -> None:
-    """A data set input (schema and row count from `frame`) identified by `digest` (the DVC hash)."""
+    """A data set input (schema and row count from `frame`) identified by `digest` (the DVC hash).
+
+    The run is addressed by id, so the input goes through `MlflowClient.log_inputs`; its entity is built
+    from the data set's public `to_dict()` (name, digest, source, schema, profile)."""
     import mlflow.data
-    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.entities import Dataset, DatasetInput, InputTag
 
     dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
+    client.log_inputs(run_id, datasets=[DatasetInput(Dataset(**dataset.to_dict()),
                                                      tags=[InputTag("mlflow.data.context", context)])])

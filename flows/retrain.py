@@ -11,11 +11,18 @@ MLflow HTTP 5xx) are retried with exponential backoff; every stage has a timeout
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+import time
+from typing import Any, Iterator
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE, TASK_SOURCE, Inputs
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
@@ -26,9 +33,10 @@ from components.data.prepare import data_version
 from components.errors import UserError
 from components.evaluation.ablate import ablate as ablate_stage
 from components.evaluation.evaluate import evaluate as evaluate_stage
+from components.evaluation.report import method_metrics
 from components.orchestration.dvc import dvc_repro, pretrain_stage
 from components.orchestration.locks import workspace_lock
-from components.orchestration.report import serve_commands, write_report
+from components.orchestration.report import serve_commands, stage_images, write_report
 from components.orchestration.stages import (
     StageFailed,
     encoder_version,
@@ -36,6 +44,7 @@ from components.orchestration.stages import (
     stage_key,
 )
 from components.orchestration.workspace import workspace_config
+from components.progress import following
 from components.serving.registry import register as register_stage
 
 CACHED = Inputs(exclude=["cfg", "parent_run_id"]) + TASK_SOURCE  # the key is the `key` argument + this code
@@ -60,17 +69,51 @@ def dvc_repro_task(cfg: Config) -> dict:
 
 @task(name="pretrain", cache_policy=CACHED, persist_result=True)
 def pretrain_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
-    return pretrain_stage(cfg, parent_run_id)
+    with progress_artifact("pretrain"):
+        return pretrain_stage(cfg, parent_run_id)
+
+
+@contextlib.contextmanager
+def progress_artifact(stage: str, every_s: float = 2.0) -> Iterator[None]:
+    """A Prefect progress artifact for a long stage, following its loops (components.progress): the
+    percentage of the loop running now, named in the artifact's description (at most every `every_s`)."""
+    artifact_id = create_progress_artifact(0.0, key=f"{stage}-progress", description=f"{stage}: starting")
+    last = 0.0
+
+    def update(name: str, done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= every_s or done >= total:
+            last = now
+            update_progress_artifact(artifact_id, 100.0 * done / max(total, 1), description=f"{stage}: {name}")
+
+    with following(update):
+        yield
+    update_progress_artifact(artifact_id, 100.0, description=f"{stage}: done")
+
+
+def publish_images(stage: str, result: dict) -> None:
+    """The stage's trade-off plot and sample grids as a Prefect markdown artifact (images inline)."""
+    markdown = stage_images(stage, result)
+    if markdown:
+        create_markdown_artifact(markdown=markdown, key=f"{stage}-plots",
+                                 description=f"{stage}: trade-off plot and sample grids")
 
 
 @task(name="evaluate", cache_policy=CACHED, persist_result=True)
 def evaluate_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
-    return evaluate_stage(cfg, parent_run_id=parent_run_id)
+    with progress_artifact("evaluate"):
+        result = evaluate_stage(cfg, parent_run_id=parent_run_id)
+    publish_images("evaluate", result)
+    return result
 
 
 @task(name="ablate", cache_policy=CACHED, persist_result=True)
 def ablate_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
-    return ablate_stage(cfg, parent_run_id=parent_run_id)
+    with progress_artifact("ablate"):
+        result = ablate_stage(cfg, parent_run_id=parent_run_id)
+    publish_images("ablate", result)
+    return result
 
 
 @task(name="register", cache_policy=CACHED, persist_result=True)
@@ -136,6 +179,10 @@ def retrain(workspace: str = ".", preset: str | None = None, refresh: bool = Fal
             for stage in cfg.pipeline.stages:
                 results[stage] = _stage(stage, cfg, results, parent, refresh)
             report = report_task(cfg, results, parent)
+            # the methods' metrics under the names the evaluate and ablate runs use (evaluate's where both ran)
+            methods = {**(results.get("ablate") or {}).get("methods", {}),
+                       **(results.get("evaluate") or {}).get("methods", {})}
+            tracking.log_metrics(client, parent, method_metrics(methods), step=0)
             if version := str((results.get("register") or {}).get("version", "")):
                 client.set_tag(parent, "registered_version", version)
     return {"workspace": os.getcwd(), "report": report["report"], "metrics_csv": report["csv"],

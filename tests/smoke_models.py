@@ -107,3 +107,46 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def smoke_evaluation_setup(tmp: Path) -> Path:
+    """smoke_setup plus a prepared smoke toy world, with evaluate's and ablate's outputs and encoder cache
+    under `tmp`; returns the config file."""
+    import yaml
+
+    from components.data.prepare import prepare
+    from components.toy import world as tw
+
+    config_file, cfg, encoder = smoke_setup(tmp)
+    raw = tmp / "raw"
+    tw.write_toy_world(raw, n=cfg.toy_world.n, seed=0, scene_fraction=cfg.toy_world.scene_fraction)
+    prepare(cfg.prepare.model_copy(update={
+        "out": str(tmp / "prepared"), "imagenet": str(raw / "imagenet"), "workers": 2,
+        "openimages_boxes": str(raw / "openimages/oidv6-train-annotations-bbox.csv"),
+        "openimages_classes": str(raw / "openimages/oidv7-class-descriptions.csv"),
+        "openimages_images": str(raw / "openimages/train")}))
+    values = yaml.safe_load(config_file.read_text())
+    values.update({"toy_world": {"out": str(raw)}, "pretrain": {"data": str(tmp / "prepared"), "workers": 1},
+                   "personalize": {"encoder": str(encoder)},
+                   "evaluate": {"cache": str(tmp / "cache"), "out": str(tmp / "evaluate")},
+                   "ablate": {"out": str(tmp / "ablate")}})
+    config_file.write_text(yaml.safe_dump(values))
+    return config_file
+
+
+def seed_encoder_cache(cfg: Config) -> list[Path]:
+    """The re-trained variants' cache entries, as a previous run leaves them (random smoke weights)."""
+    from components.evaluation.variants import (
+        EVALUATE_RETRAINED,
+        encoder_variant,
+        retrain_steps,
+        retrained_variants,
+    )
+
+    dirs = []
+    for overrides in [*EVALUATE_RETRAINED.values(), *retrained_variants(cfg).values()]:
+        variant, encoder_dir = encoder_variant(cfg, overrides, retrain_steps(cfg))
+        if not encoder_dir.exists():
+            write_smoke_encoder(variant, encoder_dir)
+        dirs.append(encoder_dir)
+    return dirs

@@ -83,15 +83,6 @@ def _diffusion_loss(pipe, unet, latents: Tensor, context: Tensor, generator: tor
     return F.mse_loss(prediction.float(), target.float())
 
 
-def _views(pixels: Tensor, batch: int, generator: torch.Generator) -> Tensor:
-    """`batch` augmented views; with several images (few-shot) each view is of one drawn at random.
-    One image draws nothing extra, so one-shot runs are unchanged by the few-shot path."""
-    if len(pixels) == 1:
-        return augment(pixels, batch, generator)
-    picks = torch.randint(0, len(pixels), (batch,), generator=generator).tolist()
-    return torch.cat([augment(pixels[i:i + 1], 1, generator) for i in picks])
-
-
 def _fit(run, unet, pixels: Tensor, context: Tensor, optimizer, steps: int, batch: int, generator: torch.Generator,
          on_step: Callable[[int, float], None] | None, prior: tuple[Tensor, Tensor, float] | None = None,
          ) -> tuple[list[float], float]:
@@ -101,11 +92,11 @@ def _fit(run, unet, pixels: Tensor, context: Tensor, optimizer, steps: int, batc
     unet.train()
     started = time.perf_counter()
     for step in range(steps):
-        latents = encode_latents(run.vae, _views(pixels, batch, generator))
+        latents = encode_latents(run.vae, augment(pixels, batch, generator))
         loss = _diffusion_loss(run, unet, latents, context, generator)
         if prior is not None:
             class_pixels, class_context, weight = prior
-            class_latents = encode_latents(run.vae, _views(class_pixels, batch, generator))
+            class_latents = encode_latents(run.vae, augment(class_pixels, batch, generator))
             loss = loss + weight * _diffusion_loss(run, unet, class_latents, class_context, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -178,7 +169,7 @@ def train_textual_inversion(pipe, pixels: Tensor, steps: int, token: str = "<sks
     losses = []
     started = time.perf_counter()
     for step in range(steps):
-        latents = encode_latents(pipe.vae, _views(pixels, batch, generator))
+        latents = encode_latents(pipe.vae, augment(pixels, batch, generator))
         loss = _diffusion_loss(run, pipe.unet, latents, text_encoder(ids)[0].to(pipe.unet.dtype), generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -110,6 +110,7 @@ class Harness:
         result = MethodResult(name)
         rows = []
         started = time.perf_counter()
+        progress = Progress(f"{name} concepts", len(concepts))
         with PeakMemory() as memory:
             for n, concept in enumerate(concepts, 1):
                 t0 = time.perf_counter()
@@ -126,6 +127,7 @@ class Harness:
                     rows.append((concept.image, images[::len(self.seeds)][:GRID_PROMPTS]))
                 log.info("%s: concept %d/%d (%s) identity %.3f prompt %.3f", name, n, len(concepts), concept.name,
                          scores.identity.mean(), scores.prompt.mean())
+                progress.update(n, identity=float(scores.identity.mean()), prompt=float(scores.prompt.mean()))
         result.peak_mb, result.wall_s, result.grid = memory.peak_mb, time.perf_counter() - started, sample_grid(rows)
         return result
 
@@ -202,6 +204,8 @@ class StageRun:
         """Write and log the report; returns the stage's result (what the CLI prints)."""
         files = report.write_report(Path(out), title, self.results, findings, self.cfg, extra)
         report.log_report(self.client, self.run_id, files)
-        return {"methods": {name: r.summary() for name, r in self.results.items()}, "findings": findings,
+        methods = {name: r.summary() for name, r in self.results.items()}
+        tracking.log_metrics(self.client, self.run_id, report.method_metrics(methods), step=0)
+        return {"methods": methods, "findings": findings,
                 "mlflow_run_id": self.run_id, "report": {k: str(v) for k, v in files.items() if k != "grids"},
                 "seconds": round(time.perf_counter() - self.started, 1)}

@@ -8,6 +8,7 @@ the noise, "inconclusive" when it is within the noise. The statuses are computed
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -95,6 +96,18 @@ def evaluation_findings(results: dict) -> list[dict]:
     # a tie within the noise stays "inconclusive": it is no evidence that ours matches LoRA
     findings.append(faster("... at a fraction of its time", "seconds vs minutes", r["ours"], lora))
     return findings
+
+
+# a method's headline metrics: the columns of every table and the names every run logs
+METRICS = ("identity", "prompt", "seconds", "peak_mb")
+
+
+def method_metrics(methods: dict[str, dict]) -> dict[str, float]:
+    """`<method>/<metric>` for each method's summary: the one naming of the evaluate and ablate runs, the
+    pipeline's parent run and DVC's metrics.json, so runs and experiments line up column by column in
+    the MLflow compare view and in `dvc exp show`."""
+    return {f"{name}/{metric}": summary[metric] for name, summary in methods.items() for metric in METRICS
+            if isinstance(summary.get(metric), (int, float))}
 
 
 def table(results: dict) -> pd.DataFrame:
@@ -193,7 +206,14 @@ def markdown(title: str, frame: pd.DataFrame, findings: list[dict], cfg: Config,
     lines = [f"# {title}", "", f"preset `{cfg.preset}`; identity and prompt similarity with 95% intervals over "
              f"concepts x prompts x seeds; seconds = mean time to personalise one concept; peak_mb = peak memory "
              f"while the method ran.", "", markdown_table(frame), "", "## Paper findings", "",
-             "| claim | paper | metric | methods | values | change % [95%] | status | magnitude vs paper |",
+             *findings_table(findings)]
+    return "\n".join(lines + ["", extra]).rstrip() + "\n"
+
+
+def findings_table(findings: list[dict]) -> list[str]:
+    """The findings as markdown table lines: claim, paper, metric, methods, values, change with its 95%
+    interval, status, magnitude against the paper's."""
+    lines = ["| claim | paper | metric | methods | values | change % [95%] | status | magnitude vs paper |",
              "|---|---|---|---|---|---|---|---|"]
     for f in findings:
         interval = f.get("change_pct_ci")
@@ -201,16 +221,19 @@ def markdown(title: str, frame: pd.DataFrame, findings: list[dict], cfg: Config,
         lines.append(f"| {f['claim']} | {f['paper']} | {f['metric']} | {' vs '.join(f['methods'])} | "
                      f"{' vs '.join(str(v) for v in f['values'])} | {change} | {f['status']} | "
                      f"{f.get('magnitude') or '-'} |")
-    return "\n".join(lines + ["", extra]).rstrip() + "\n"
+    return lines
 
 
 def write_report(out: Path, title: str, results: dict, findings: list[dict], cfg: Config, extra: str = "") -> dict:
-    """results.csv, results.md, tradeoff.png and grids/<method>.png under `out`; returns their paths."""
+    """results.csv (one row per method: the trade-off data), metrics.json (method_metrics: DVC's metrics
+    file), results.md, tradeoff.png and grids/<method>.png under `out`; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     frame = table(results)
-    files = {"csv": out / "results.csv", "markdown": out / "results.md", "plot": out / "tradeoff.png",
-             "grids": out / "grids"}
+    files = {"csv": out / "results.csv", "metrics": out / "metrics.json", "markdown": out / "results.md",
+             "plot": out / "tradeoff.png", "grids": out / "grids"}
     frame.to_csv(files["csv"])
+    summaries = {name: r.summary() for name, r in results.items()}
+    files["metrics"].write_text(json.dumps(method_metrics(summaries), indent=1, sort_keys=True) + "\n")
     files["markdown"].write_text(markdown(title, frame, findings, cfg, extra))
     tradeoff_plot(results, files["plot"], f"{title}: identity vs prompt similarity ({cfg.preset})")
     files["grids"].mkdir(exist_ok=True)
@@ -221,6 +244,6 @@ def write_report(out: Path, title: str, results: dict, findings: list[dict], cfg
 
 
 def log_report(client, run_id: str, files: dict) -> None:
-    for key in ("csv", "markdown", "plot"):
+    for key in ("csv", "metrics", "markdown", "plot"):
         client.log_artifact(run_id, str(files[key]), "report")
     client.log_artifacts(run_id, str(files["grids"]), "report/grids")

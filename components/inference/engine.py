@@ -207,18 +207,23 @@ class Personalizer:
         row = plain_background_index(pixels)[0] if self.cfg.personalize.caption_plain_backgrounds else None
         return self.tuning_ids if row is None else self.background_ids[row:row + 1]
 
-    def concept(self, image, digest: str, steps: int) -> tuple[Concept, bool, dict[str, float]]:
-        """The tuned concept for a checked PIL image with sha256 `digest` (cached)."""
+    def concept(self, images, digest: str, steps: int) -> tuple[Concept, bool, dict[str, float]]:
+        """The tuned concept for checked PIL image(s) of one concept with digest `digest` (cached).
+
+        Several photos: the encoder's prediction for each, combined by `mean_concept`, and tuning draws
+        its views across all of them (components/inference/tuning.py `augment`)."""
         p = self.cfg.personalize
+        images = images if isinstance(images, (list, tuple)) else [images]
         recipe = TuningRecipe.from_config(self.cfg, steps)
         key = (digest, recipe, tuple(p.prompts), p.caption_plain_backgrounds, p.encoder_timestep)
         timings = {"encoder_s": 0.0, "tune_s": 0.0}
 
         def make() -> Concept:
-            pixels = to_pixels(image, self.side).to(self.runtime.device)
+            pixels = torch.cat([to_pixels(image, self.side) for image in images]).to(self.runtime.device)
             generator = torch.Generator().manual_seed(int(digest[:15], 16))
             t0 = time.perf_counter()
-            start = predict_concept(self.encoder, self.pipe.vae, pixels, p.encoder_timestep, generator)
+            start = mean_concept([predict_concept(self.encoder, self.pipe.vae, pixels[i:i + 1], p.encoder_timestep,
+                                                  generator) for i in range(len(pixels))])
             t1 = time.perf_counter()
             progress = Progress("tune", steps, every_s=2.0)
             tuned = tune(self.base, self.pipe.vae, start, pixels, self.tuning_prompt_ids(pixels), recipe, generator,
@@ -229,14 +234,18 @@ class Personalizer:
         concept, cached = self.cache.get_or_make(key, make)
         return concept, cached, timings
 
-    def run(self, image_bytes: bytes, prompts: list[str], settings: Settings) -> Result:
+    def run(self, image_bytes: bytes | list[bytes], prompts: list[str], settings: Settings) -> Result:
+        """Personalise one concept from one photo (the paper's setting) or several photos of it."""
         started = time.perf_counter()
         if not prompts:
             raise UserError("give at least one prompt containing S*")
         self.check_prompts(prompts)
-        image = read_image(image_bytes, self.cfg.personalize.max_pixels)
-        digest = hashlib.sha256(image_bytes).hexdigest()
-        concept, cached, timings = self.concept(image, digest, settings.tuning_steps)
+        photos = [image_bytes] if isinstance(image_bytes, (bytes, bytearray)) else list(image_bytes)
+        if not photos:
+            raise UserError("give at least one image of the concept")
+        images = [read_image(data, self.cfg.personalize.max_pixels) for data in photos]
+        digest = images_digest(photos)
+        concept, cached, timings = self.concept(images, digest, settings.tuning_steps)
         if cached:
             log.info("concept %s from the cache: no tuning", digest[:12])
         t0 = time.perf_counter()
@@ -249,6 +258,28 @@ class Personalizer:
         timings["sample_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - started
         return Result(images, concept, digest, cached, {k: round(v, 3) for k, v in timings.items()})
+
+
+def images_digest(photos: list[bytes]) -> str:
+    """The sha256 of one photo's bytes; for several, of their hashes in order (the order picks the views)."""
+    if len(photos) == 1:
+        return hashlib.sha256(photos[0]).hexdigest()
+    return hashlib.sha256("".join(hashlib.sha256(p).hexdigest() for p in photos).encode()).hexdigest()
+
+
+def mean_concept(predictions: list[Concept]) -> Concept:
+    """One concept from the encoder's predictions for several photos: v* is their mean, and the LoRA
+    offset is the mean of their offsets s * A_i @ B_i, held exactly as factors of rank n * r:
+    [A_1 .. A_n] (side by side) @ [B_1; ..; B_n] / n. One prediction is returned as it is."""
+    if len(predictions) == 1:
+        return predictions[0]
+    n, first = len(predictions), predictions[0]
+    v_star = torch.stack([c.v_star for c in predictions]).mean(0)
+    factors = None if first.factors is None else {
+        name: (torch.cat([c.factors[name][0] for c in predictions], dim=-1),
+               torch.cat([c.factors[name][1] for c in predictions], dim=-2) / n)
+        for name in first.factors}
+    return Concept(v_star, factors, first.scale)
 
 
 def slug(text: str, length: int = 40) -> str:

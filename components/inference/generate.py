@@ -16,6 +16,7 @@ import torch
 
 from components.inference.tuning import Concept
 from components.model.dual_path import condition
+from components.progress import Progress
 
 # --scheduler name -> diffusers class
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
@@ -63,10 +64,18 @@ def generate(pipe, prompts_encoder, concept: Concept, prompts: list[str], seeds:
     soft, batch = condition(prompts_encoder, ids, v_star, factors, concept.scale, alpha)
     uncond = prompts_encoder.encode(prompts_encoder.tokenize([""] * n, require_placeholder=False))
     guided = guidance_scale > 1  # diffusers skips the unconditional rows otherwise
+    progress = Progress("sample", sampling.num_inference_steps, every_s=5.0)
+
+    def on_step_end(_pipe, step: int, _timestep, tensors: dict) -> dict:
+        progress.update(step + 1)
+        return tensors
+
     images = private_pipeline(pipe, sampling.scheduler)(
         prompt_embeds=soft, negative_prompt_embeds=uncond if guided else None, guidance_scale=guidance_scale,
         guidance_rescale=sampling.guidance_rescale, num_inference_steps=sampling.num_inference_steps,
         generator=[torch.Generator().manual_seed(s) for s in seeds],
         output_type="np", cross_attention_kwargs={"concept": batch.with_guidance(uncond) if guided else batch},
+        callback_on_step_end=on_step_end,
     ).images
+    progress.close()
     return [np.round(image * 255).astype(np.uint8) for image in images]

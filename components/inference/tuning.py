@@ -69,14 +69,17 @@ def predict_concept(encoder, vae, pixels: Tensor, timestep: int, generator: torc
 
 
 def augment(pixels: Tensor, n: int, generator: torch.Generator, min_crop: float = 0.85) -> Tensor:
-    """n light views of one image: a random square crop of 85-100% of the side, resized back.
-    No flips or colour changes: orientation and colour are part of a concept's identity."""
+    """n light views of the concept's photo(s) (pixels (P, 3, H, W)): a random square crop of 85-100% of the
+    side, resized back. Several photos take turns from a random first one, so every call spreads its views
+    across them. No flips or colour changes: orientation and colour are part of a concept's identity."""
     side = pixels.shape[-1]
+    first = int(torch.randint(0, len(pixels), (), generator=generator)) if len(pixels) > 1 else 0
     views = []
-    for _ in range(n):
+    for k in range(n):
         crop = int(round(side * (min_crop + (1 - min_crop) * torch.rand((), generator=generator).item())))
         top, left = (int(torch.randint(0, side - crop + 1, (), generator=generator)) for _ in range(2))
-        view = pixels[..., top:top + crop, left:left + crop]
+        photo = (first + k) % len(pixels)
+        view = pixels[photo:photo + 1, :, top:top + crop, left:left + crop]
         views.append(F.interpolate(view, size=(side, side), mode="bilinear", align_corners=False, antialias=True))
     return torch.cat(views)
 

@@ -19,6 +19,7 @@ import torch
 
 from components.config import BaseConfig, ClipConfig
 from components.errors import UserError
+from components.progress import quiet_library_bars
 from components.runtime import CPU, Runtime
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ def load_pipeline(base: BaseConfig, runtime: Runtime = CPU):
     (stages pass `components.runtime.resolve(cfg.runtime)`)."""
     from diffusers import StableDiffusionPipeline
 
+    quiet_library_bars()
     name = base.pretrained
     if _is_local(base):
         path = Path(name).expanduser()

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -32,11 +33,12 @@ def prefect_environment(workspace: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def local_prefect_server(workspace: Path, startup_timeout_s: float) -> Iterator[str]:
+def local_prefect_server(workspace: Path, startup_timeout_s: float, ui: bool = False) -> Iterator[str]:
     """The embedded default: a Prefect server for this run only, on a free loopback port, with the
     workspace's own database (two workspaces never share a sqlite file). Prefect's built-in ephemeral
     server shares the terminal's process group, so Ctrl-C killed it mid-run and left the run hanging;
-    this one has its own session: Ctrl-C stops the run, which then stops the server. Yields the API URL."""
+    this one has its own session: Ctrl-C stops the run, which then stops the server. With `ui` it serves
+    the Prefect UI as well (at the API URL without `/api`). Yields the API URL."""
     import socket
 
     import requests
@@ -48,7 +50,8 @@ def local_prefect_server(workspace: Path, startup_timeout_s: float) -> Iterator[
     home = workspace / ".prefect"
     home.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update(PREFECT_HOME=str(home), PREFECT_UI_ENABLED=str(ui).lower(), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_UI_API_URL=api)
     with open(home / "server.log", "w") as out:
         server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                   env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -80,3 +83,14 @@ def stop_session(proc: subprocess.Popen, grace_s: float = 30) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 9)
         proc.wait()
+
+
+def wait_for_interrupt(ui_url: str) -> None:
+    """Keep the run's server (and its UI) up until Ctrl-C: `datencoder pipeline --ui`."""
+    print(f"datencoder pipeline: Prefect UI at {ui_url} (the run's flows, logs and artifacts); Ctrl-C to stop it",
+          file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass

@@ -4,13 +4,14 @@ registered model and how to serve it, written to `pipeline.report` (report.md, m
 
 from __future__ import annotations
 
-import json
+import base64
 import logging
 import shutil
 from pathlib import Path
 
 from components import tracking
 from components.config import Config
+from components.evaluation.report import METRICS, findings_table
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def run_link(run_id: str | None) -> str:
     return f"`{run_id}`"
 
 
-METRIC_COLUMNS = ("identity", "prompt", "seconds", "peak_mb")
+METRIC_COLUMNS = METRICS  # the same names as the evaluate and ablate runs
 
 
 def metrics_table(results: dict[str, dict]) -> list[dict]:
@@ -41,6 +42,25 @@ def metrics_table(results: dict[str, dict]) -> list[dict]:
                          **{k: (round(values[k], 4) if isinstance(values.get(k), float) else values.get(k))
                             for k in METRIC_COLUMNS}})
     return rows
+
+
+def image_markdown(title: str, path: str | Path) -> str:
+    """A markdown image with the PNG inline (a data URI): it shows wherever the markdown goes (a Prefect
+    artifact, a viewer), with no file server behind it."""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f"![{title}](data:image/png;base64,{data})"
+
+
+def stage_images(stage: str, result: dict) -> str:
+    """The markdown of an evaluate/ablate result's trade-off plot and sample grids (one per method)."""
+    plot = Path((result.get("report") or {}).get("plot", ""))
+    if not plot.is_file():
+        return ""
+    lines = [f"# {stage}: identity vs prompt similarity", "", image_markdown(f"{stage} trade-off", plot), "",
+             "## Sample grids (input, then one image per prompt; a row per concept)"]
+    for grid in sorted((plot.parent / "grids").glob("*.png")):
+        lines += ["", f"### {grid.stem}", "", image_markdown(grid.stem, grid)]
+    return "\n".join(lines) + "\n"
 
 
 def serve_commands() -> list[str]:
@@ -82,8 +102,7 @@ def write_report(cfg: Config, results: dict[str, dict], parent_run_id: str, flow
     for stage in ("evaluate", "ablate"):
         findings = (results.get(stage) or {}).get("findings")
         if findings:
-            lines += ["", f"## Findings ({stage})", "", *(f"- {f}" for f in (findings if isinstance(findings, list)
-                                                                              else [json.dumps(findings)]))]
+            lines += ["", f"## Findings ({stage})", "", *findings_table(findings)]
     reg = results.get("register") or {}
     if reg.get("version"):
         uri = tracking.tracking_uri()

@@ -54,23 +54,37 @@ def init_workspace(workspace: Path, cfg: Config) -> None:
     """A new workspace: the project's DVC stages that the pipeline reproduces (code deps made absolute),
     .dvc/ with a local remote, and params.yaml = `cfg` with the project's read-only inputs (base model,
     CLIPs) made absolute."""
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    keep = _upstream(stages, cfg.pipeline.dvc_stages)
+    stages = project_stages(cfg.pipeline.dvc_stages)
     workspace.mkdir(parents=True, exist_ok=True)
-    for name in keep:  # code deps name the installed code (a components/ copy here would shadow the package)
-        stages[name]["deps"] = [str(ROOT / d) if d.endswith(".py") else d for d in stages[name].get("deps", [])]
-    (workspace / "dvc.yaml").write_text(yaml.safe_dump({"stages": {n: stages[n] for n in keep}}, sort_keys=False))
+    (workspace / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    (workspace / "params.yaml").write_text(yaml.safe_dump(workspace_params(cfg), sort_keys=False))
+    if not (workspace / ".dvc").is_dir():
+        run_dvc(workspace, "init", "--no-scm", "-q")
+        run_dvc(workspace, "remote", "add", "-d", "local", ".dvc-remote")  # stored relative to .dvc/
+    log.info("created workspace %s (preset %s, DVC stages %s)", workspace, cfg.preset, ", ".join(stages))
+
+
+def workspace_params(cfg: Config) -> dict:
+    """params.yaml of a workspace elsewhere: `cfg` with the project's read-only inputs (base model, CLIPs)
+    made absolute."""
     values = cfg.model_dump()
     base = values["base"]
     for holder, key in [(base, "pretrained"), *((base[c], k) for c in ("backbone_clip", "metrics_clip")
                                                   for k in ("pretrained", "config_path"))]:
         if holder.get(key) and not Path(holder[key]).is_absolute() and (ROOT / holder[key]).exists():
             holder[key] = str(ROOT / holder[key])
-    (workspace / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
-    if not (workspace / ".dvc").is_dir():
-        run_dvc(workspace, "init", "--no-scm", "-q")
-        run_dvc(workspace, "remote", "add", "-d", "local", ".dvc-remote")  # stored relative to .dvc/
-    log.info("created workspace %s (preset %s, DVC stages %s)", workspace, cfg.preset, ", ".join(keep))
+    return values
+
+
+def project_stages(targets: list[str]) -> dict:
+    """The project's dvc.yaml stages `targets` and those upstream of them, for a dvc.yaml elsewhere: code
+    deps name the installed code (a components/ copy there would shadow the package)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    keep = _upstream(stages, targets)
+    for name in keep:
+        stages[name]["deps"] = [str(ROOT / d) if d.startswith("components/") else d
+                                for d in stages[name].get("deps", [])]
+    return {name: stages[name] for name in keep}
 
 
 def _upstream(stages: dict, targets: list[str]) -> list[str]:

@@ -17,7 +17,7 @@ from components.config import Config
 from components.data.images import read_bytes
 from components.errors import UserError
 from components.inference.engine import Personalizer, slug
-from components.inference.export import export_concept
+from components.inference.export import export_concept, token_for
 from components.inference.generate import SCHEDULERS
 from components.memory import peak_mb
 from components.serving import registry
@@ -40,14 +40,15 @@ def load_personalizer(cfg: Config, model: str | None = None, trust: bool = False
     return Personalizer(cfg, model), model
 
 
-def personalize(cfg: Config, image: str, prompts: list[str], model: str | None = None, out: str | None = None,
-                export: str | None = None, scheduler: str | None = None, trust_model_code: bool = False,
-                **params: Any) -> dict:
-    """The stage: personalise `image` for `prompts`, write PNGs to `out` (and the concept to `export`)."""
-    image_bytes = read_bytes(image)
+def personalize(cfg: Config, images: str | list[str], prompts: list[str], model: str | None = None,
+                out: str | None = None, export: str | None = None, scheduler: str | None = None,
+                trust_model_code: bool = False, **params: Any) -> dict:
+    """The stage: personalise the concept in `images` (one photo, or several of the same concept) for
+    `prompts`, write PNGs to `out` (and the concept to `export`)."""
+    photos = [read_bytes(image) for image in ([images] if isinstance(images, str) else images)]
     personalizer, loaded = load_personalizer(cfg, model, trust_model_code)
     settings = personalizer.settings(scheduler=scheduler, **params)
-    result = personalizer.run(image_bytes, prompts, settings)
+    result = personalizer.run(photos, prompts, settings)
     out_dir = Path(out or cfg.personalize.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     images = []
@@ -57,6 +58,7 @@ def personalize(cfg: Config, image: str, prompts: list[str], model: str | None =
         images.append({"path": str(path), "prompt": generated.prompt, "seed": generated.seed})
     report = {
         "model": loaded,
+        "photos": len(photos),
         "images": images,
         "seed": settings.seed,
         "settings": asdict(settings),
@@ -68,6 +70,6 @@ def personalize(cfg: Config, image: str, prompts: list[str], model: str | None =
         "runtime": personalizer.runtime.describe(),
     }
     if export:
-        report["export"] = export_concept(result.concept, export, token=f"<concept-{result.image_sha256[:8]}>")
+        report["export"] = export_concept(result.concept, export, token=token_for(result.image_sha256))
     report["peak_rss_mb"] = round(peak_mb(), 1)
     return report

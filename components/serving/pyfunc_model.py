@@ -4,11 +4,15 @@ Logged by components/serving/registry.py with `python_model=<this file>`; MLflow
 the object passed to `mlflow.models.set_model`. Artifacts: `encoder` (TuningEncoder weights),
 `config` (the resolved config), and for toy bases `base` and `backbone_clip`.
 
-Input rows: `image` (bytes; base64 in JSON requests) and `prompt` (with S*). Params: tuning_steps,
-num_images, seed, guidance_scale, num_inference_steps, alpha_blend. Output: one row per generated
-image, `image` (PNG bytes), `prompt`, `seed`, in input-row order. Rows with the same image are tuned
-once (one Personalizer.run per distinct image). Bad input (and running out of GPU memory) raises
-MlflowException INVALID_PARAMETER_VALUE, which the scoring server answers with HTTP 400 and the message.
+Input rows: `image` (bytes; base64 in JSON requests), `prompt` (with S*) and optionally `concept`: rows
+with the same `concept` label are several photos of one concept (a row with an empty prompt only adds
+its photo). Params: tuning_steps, num_images, seed, guidance_scale, num_inference_steps, alpha_blend.
+Output: one row per generated image, `image` (PNG bytes), `prompt`, `seed`, in input-row order. Each
+concept is tuned once (one Personalizer.run per concept label, or per distinct image where rows have
+none). Params are checked by MLflow against the signature's ParamSchema (types; a name it does not
+declare is dropped with a warning, MLflow's rule) and here against their ranges. Bad input raises
+MlflowException INVALID_PARAMETER_VALUE (running out of GPU memory too), which the scoring server answers
+with HTTP 400 and the message.
 
 The model runs on the machine that serves it: device and dtype come from DATENCODER_DEVICE /
 DATENCODER_DTYPE, else auto (components/runtime.py), never from the registering machine's config;
@@ -31,33 +35,8 @@ from components.runtime import out_of_memory, serving_config
 from components.serving.registry import config_from_artifacts
 
 
-def reject_unknown_params() -> None:
-    """MLflow drops request params that the signature does not declare, with only a log warning, so a
-    typo such as `tuning_step` would run silently with the default. In this process (the model server)
-    make them an error. MLflow looks the validator up as a global of mlflow.pyfunc, which we wrap;
-    if a future MLflow renames it, this does nothing and unknown params are merely ignored again."""
-    import mlflow.pyfunc as pyfunc
-
-    enforce = getattr(pyfunc, "_enforce_params_schema", None)
-    if enforce is None or getattr(enforce, "rejects_unknown", False):
-        return
-
-    def strict(params, schema):
-        if schema is not None and isinstance(params, dict):
-            known = [p.name for p in schema.params]
-            unknown = sorted(str(k) for k in params if str(k) not in known)
-            if unknown:
-                raise MlflowException.invalid_parameter_value(
-                    f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(known)}")
-        return enforce(params, schema)
-
-    strict.rejects_unknown = True
-    pyfunc._enforce_params_schema = strict
-
-
 class PersonalizeModel(PythonModel):
     def load_context(self, context) -> None:
-        reject_unknown_params()
         cfg = serving_config(config_from_artifacts(context.artifacts), context.model_config)
         self.personalizer = Personalizer(cfg, context.artifacts["encoder"])
 
@@ -75,18 +54,25 @@ class PersonalizeModel(PythonModel):
             raise UserError(f"input is missing column(s) {', '.join(sorted(missing))}")
         settings = self.personalizer.settings(**params)
         images = [bytes(value) if isinstance(value, (bytes, bytearray)) else b"" for value in rows["image"]]
-        prompts = [str(p) for p in rows["prompt"]]
-        # one run per distinct image, with all of its rows' prompts: the image is tuned once
-        by_image: dict[str, list[int]] = {}
+        prompts = ["" if p is None else str(p) for p in rows["prompt"]]
+        labels = [c if isinstance(c, str) and c else None
+                  for c in (rows["concept"] if "concept" in rows.columns else [None] * len(rows))]
+        # one run per concept, with all of its rows' prompts: the concept is tuned once. A concept is the
+        # rows with the same `concept` label (its photos: their distinct images, in row order), or without
+        # a label the rows with the same image
+        groups: dict[str, list[int]] = {}
         for i, data in enumerate(images):
-            by_image.setdefault(hashlib.sha256(data).hexdigest(), []).append(i)
+            key = f"label:{labels[i]}" if labels[i] else hashlib.sha256(data).hexdigest()
+            groups.setdefault(key, []).append(i)
         outputs: dict[int, list] = {}
-        for indices in by_image.values():
-            result = self.personalizer.run(images[indices[0]], [prompts[i] for i in indices], settings)
+        for indices in groups.values():
+            photos = list(dict.fromkeys(images[i] for i in indices))
+            asked = [i for i in indices if prompts[i]]  # a row without a prompt only adds its photo
+            result = self.personalizer.run(photos, [prompts[i] for i in asked], settings)
             per_prompt = settings.num_images
-            for k, i in enumerate(indices):
+            for k, i in enumerate(asked):
                 outputs[i] = result.images[k * per_prompt:(k + 1) * per_prompt]
-        generated = [g for i in range(len(rows)) for g in outputs[i]]
+        generated = [g for i in range(len(rows)) for g in outputs.get(i, [])]
         return pd.DataFrame({"image": [g.png() for g in generated], "prompt": [g.prompt for g in generated],
                              "seed": [g.seed for g in generated]})
 

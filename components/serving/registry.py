@@ -32,9 +32,7 @@ import yaml
 
 from components import tracking
 from components.config import Config, RuntimeConfig, load_config
-from components.data.prepare import data_version
 from components.errors import UserError
-from components.evaluation.gate import gate_scores
 from components.inference.engine import Personalizer
 
 log = logging.getLogger(__name__)
@@ -64,11 +62,11 @@ def _client():
 def champion_uri() -> str | None:
     """`models:/datencoder@champion` when the configured tracking store has it (an absent sqlite file is
     not created just to look)."""
-    from mlflow.exceptions import MlflowException
-
     uri = tracking.tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        return None
+        return None  # before importing mlflow: a one-shot personalize without a store pays nothing for it
+    from mlflow.exceptions import MlflowException
+
     try:
         _client().get_model_version_by_alias(MODEL_NAME, ALIAS)
     except MlflowException:
@@ -113,7 +111,9 @@ def signature(cfg: Config):
               ParamSpec("seed", "long", p.seed), ParamSpec("guidance_scale", "double", p.guidance_scale),
               ParamSpec("num_inference_steps", "long", p.num_inference_steps),
               ParamSpec("alpha_blend", "double", float(alpha))]
-    return ModelSignature(inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "prompt")]),
+    # concept (optional): rows with the same label are several photos of one concept
+    return ModelSignature(inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "prompt"),
+                                         ColSpec("string", "concept", required=False)]),
                           outputs=Schema([ColSpec("binary", "image"), ColSpec("string", "prompt"), ColSpec("long", "seed")]),
                           params=ParamSchema(params))
 
@@ -154,6 +154,8 @@ def log_model(cfg: Config, encoder_dir: str | Path):
 # --- the gate --------------------------------------------------------------------------------------
 def gate_score(personalizer) -> dict:
     """The gate (module docstring) of a loaded Personalizer: {"identity", "prompt", "score"}."""
+    from components.evaluation.gate import gate_scores  # registering only: `personalize` starts without it
+
     return gate_scores(personalizer)
 
 
@@ -185,6 +187,8 @@ def register(cfg: Config, encoder: str | None = None) -> dict:
     client = _client()
     gate = gate_score(Personalizer(cfg, encoder_dir))
     score = gate["score"]
+    from components.data.prepare import data_version  # registering only (pandas): `personalize` starts without it
+
     tags = {"data_version": data_version(cfg.pretrain.data, missing="unknown"), "preset": cfg.preset, "stage": "register"}
     with tracking.run(EXPERIMENT, f"register-{encoder_dir.name}", tags) as (run_client, run_id):
         tracking.log_metrics(run_client, run_id, {GATE: score, "gate_identity": gate["identity"],

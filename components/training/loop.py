@@ -425,15 +425,17 @@ def worker_loop(job: dict) -> None:
     if checkpoint is not None:
         start, fallback = restore_newest_readable(training, checkpoint, rank)
 
-    mlflow = monitor = heldout = progress = None
+    mlflow = heldout = progress = None
     if rank == 0:
+        import mlflow as fluent
         from mlflow import MlflowClient
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         mlflow = MlflowClient(job["tracking_uri"])
-        monitor = SystemMetricsMonitor(job["run_id"], sampling_interval=p.system_metrics_s, resume_logging=True,
-                                       tracking_uri=job["tracking_uri"])
-        monitor.start()
+        # system metrics the public way: the driver's run resumed here with log_system_metrics; MLflow's
+        # monitor samples CPU, memory and GPU into it until end_run (this worker process owns no other run)
+        fluent.set_tracking_uri(job["tracking_uri"])
+        fluent.set_system_metrics_sampling_interval(p.system_metrics_s)
+        fluent.start_run(run_id=job["run_id"], log_system_metrics=True)
         # one point per (re)start: a resumed run's history shows where each attempt began
         tracking.log_metrics(mlflow, job["run_id"], {"start_step": start}, step=start)
         if fallback:
@@ -484,4 +486,5 @@ def worker_loop(job: dict) -> None:
                                  step=p.max_steps)
         report(p.max_steps, final, save=True)
     if rank == 0:
-        monitor.finish()
+        # the driver ends the run (FINISHED or FAILED); this only stops the monitor
+        fluent.end_run(status="RUNNING")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from smoke_models import smoke_setup, write_smoke_encoder
+from smoke_models import seed_encoder_cache, smoke_evaluation_setup, write_smoke_encoder
 
 from components.config import load_config
 from components.errors import UserError
@@ -24,23 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """Smoke models + encoder, a prepared smoke toy world, and a config whose outputs stay under tmp."""
-    from components.data.prepare import prepare
-
     tmp = tmp_path_factory.mktemp("evaluation")
-    config_file, cfg, encoder = smoke_setup(tmp)
-    raw = tmp / "raw"
-    tw.write_toy_world(raw, n=cfg.toy_world.n, seed=0, scene_fraction=cfg.toy_world.scene_fraction)
-    prepare(cfg.prepare.model_copy(update={
-        "out": str(tmp / "prepared"), "imagenet": str(raw / "imagenet"), "workers": 2,
-        "openimages_boxes": str(raw / "openimages/oidv6-train-annotations-bbox.csv"),
-        "openimages_classes": str(raw / "openimages/oidv7-class-descriptions.csv"),
-        "openimages_images": str(raw / "openimages/train")}))
-    values = yaml.safe_load(config_file.read_text())
-    values.update({"toy_world": {"out": str(raw)}, "pretrain": {"data": str(tmp / "prepared"), "workers": 1},
-                   "personalize": {"encoder": str(encoder)},
-                   "evaluate": {"cache": str(tmp / "cache"), "out": str(tmp / "evaluate")},
-                   "ablate": {"out": str(tmp / "ablate")}})
-    config_file.write_text(yaml.safe_dump(values))
+    config_file = smoke_evaluation_setup(tmp)
     return config_file, load_config(path=config_file), tmp
 
 
@@ -284,24 +269,6 @@ def test_same_seed_and_config_give_the_same_metrics(smoke):
 
 
 # --- evaluate and ablate --------------------------------------------------------------------------
-def seed_encoder_cache(cfg) -> list[Path]:
-    """The re-trained variants' cache entries, as a previous run leaves them (random smoke weights)."""
-    from components.evaluation.variants import (
-        EVALUATE_RETRAINED,
-        encoder_variant,
-        retrain_steps,
-        retrained_variants,
-    )
-
-    dirs = []
-    for overrides in [*EVALUATE_RETRAINED.values(), *retrained_variants(cfg).values()]:
-        variant, encoder_dir = encoder_variant(cfg, overrides, retrain_steps(cfg))
-        if not encoder_dir.exists():
-            write_smoke_encoder(variant, encoder_dir)
-        dirs.append(encoder_dir)
-    return dirs
-
-
 EVALUATE_NAMES = {"ours", "ours-no-tuning", "ours-no-dual-path", "ours-no-reg", "ours-nn-cosine", "ours-no-hypernet",
                   "lora-one-shot", "lora-few-shot", "ti-one-shot", "ti-few-shot", "dreambooth-one-shot",
                   "dreambooth-few-shot"}

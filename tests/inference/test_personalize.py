@@ -7,8 +7,10 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -213,6 +215,8 @@ def test_dpm_solver_and_blend_change_the_samples(personalizer):
 
 # --- export ---------------------------------------------------------------------------------------
 def test_export_is_reproduced_by_stock_diffusers(smoke, personalizer, tmp_path):
+    """The kohya file through diffusers' own kohya loader, the diffusers file, and the A1111-style embedding
+    (named after its token) through load_textual_inversion reproduce our image."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
@@ -225,18 +229,20 @@ def test_export_is_reproduced_by_stock_diffusers(smoke, personalizer, tmp_path):
     rescale = 0.7  # a sampler setting stock diffusers has too (check-base uses it; personalize.guidance_rescale)
     ours = generate(personalizer.pipe, personalizer.base.prompts, concept, ["S* on a beach"], [11],
                     Sampling(4.0, 3, "ddim", 1.0, guidance_rescale=rescale))[0]
-    token = "<concept-test>"
+    token = "concept_test"
     info = export_concept(concept, tmp_path / "export", token=token)
     assert info["token"] == token and info["rank"] == cfg.encoder.rank
+    assert info["files"] == [f"{token}.safetensors", f"{token}-kohya.safetensors", f"{token}-diffusers.safetensors"]
 
-    lora = load_file(str(tmp_path / "export" / "pytorch_lora_weights.safetensors"))
+    lora = load_file(str(tmp_path / "export" / f"{token}-diffusers.safetensors"))
     target = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
     assert lora[f"unet.{target}.lora_A.weight"].shape[0] == cfg.encoder.rank
     assert len(lora) == 2 * len(concept.factors)
-    kohya = load_file(str(tmp_path / "export" / "lora_kohya.safetensors"))
+    kohya = load_file(str(tmp_path / "export" / f"{token}-kohya.safetensors"))
     prefix = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     assert {f"{prefix}.lora_down.weight", f"{prefix}.lora_up.weight", f"{prefix}.alpha"} <= set(kohya)
     assert kohya[f"{prefix}.alpha"].item() == cfg.encoder.rank
+    assert list(load_file(str(tmp_path / "export" / f"{token}.safetensors"))) == ["emb_params"]
 
     def stock(lora_file: str | None):
         pipe = StableDiffusionPipeline.from_pretrained(cfg.base.pretrained, safety_checker=None,
@@ -244,15 +250,36 @@ def test_export_is_reproduced_by_stock_diffusers(smoke, personalizer, tmp_path):
         pipe.set_progress_bar_config(disable=True)
         if lora_file:
             pipe.load_lora_weights(str(tmp_path / "export"), weight_name=lora_file)
-        pipe.load_textual_inversion(str(tmp_path / "export" / "learned_embeds.safetensors"), token=token)
+        # the trigger word is the file name (A1111 / ComfyUI); diffusers is told the same word
+        pipe.load_textual_inversion(str(tmp_path / "export" / f"{token}.safetensors"), token=token)
         image = pipe(f"{token} on a beach", num_inference_steps=3, guidance_scale=4.0, guidance_rescale=rescale,
                      generator=torch.Generator().manual_seed(11), output_type="np").images[0]
         return np.round(image * 255).astype(np.uint8)
 
-    for lora_file in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+    for lora_file in (f"{token}-kohya.safetensors", f"{token}-diffusers.safetensors"):
         theirs = stock(lora_file)
         assert np.abs(theirs.astype(int) - ours.astype(int)).max() <= 1, lora_file  # within rounding
     assert np.abs(stock(None).astype(int) - ours.astype(int)).mean() > 1  # and the LoRA matters
+
+
+def test_exports_of_two_concepts_share_a_folder_and_a_clash_is_refused(personalizer, tmp_path):
+    from components.inference.export import export_concept
+
+    settings = personalizer.settings(tuning_steps=0, num_inference_steps=1)
+    first = personalizer.run(BLUE_ON_RED, ["S*"], settings).concept
+    second = personalizer.run(solid_png((40, 200, 40), shape_rgb=(200, 40, 200)), ["S*"], settings).concept
+    folder = tmp_path / "exports"
+    export_concept(first, folder, token="concept_one")
+    export_concept(second, folder, token="concept_two")
+    assert len(list(folder.iterdir())) == 6
+    export_concept(first, folder, token="concept_one")  # the same concept again: fine
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(UserError, match="already holds a different concept with the token concept_one"):
+        export_concept(second, folder, token="concept_one")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing overwritten
+    for bad in ("<concept-1a2b>", "has space", "x"):
+        with pytest.raises(UserError, match="not usable as a trigger word"):
+            export_concept(first, folder, token=bad)
 
 
 # --- CLI ------------------------------------------------------------------------------------------
@@ -282,9 +309,89 @@ def test_cli_personalize_json_and_export(smoke, tmp_path):
     assert set(report["timings"]) == {"encoder_s", "tune_s", "sample_s", "total_s"}
     assert report["timings"]["total_s"] >= report["timings"]["tune_s"] > 0
     assert report["peak_rss_mb"] > 100
-    assert report["export"]["token"].startswith("<concept-")
-    assert (tmp_path / "export" / "pytorch_lora_weights.safetensors").is_file()
+    token = report["export"]["token"]
+    assert token.startswith("concept_") and (tmp_path / "export" / f"{token}.safetensors").is_file()
+    assert (tmp_path / "export" / f"{token}-kohya.safetensors").is_file()
     assert "tune 2/2" in r.stderr  # progress on stderr
+
+
+# --- several photos of one concept -------------------------------------------------------------------
+def test_mean_concept_holds_the_mean_offset_exactly():
+    from components.inference.engine import mean_concept
+
+    g = torch.Generator().manual_seed(0)
+    concepts = [Concept(torch.randn(1, 8, generator=g), {"m": (torch.randn(1, 5, 2, generator=g),
+                                                               torch.randn(1, 2, 6, generator=g))}, 0.5)
+                for _ in range(3)]
+    mean = mean_concept(concepts)
+    torch.testing.assert_close(mean.v_star, torch.stack([c.v_star for c in concepts]).mean(0))
+    a, b = mean.factors["m"]
+    assert a.shape == (1, 5, 6) and b.shape == (1, 6, 6)  # rank 3 x 2
+    torch.testing.assert_close(a @ b, torch.stack([c.factors["m"][0] @ c.factors["m"][1] for c in concepts]).mean(0))
+    assert mean_concept(concepts[:1]) is concepts[0]  # one photo: the encoder's prediction as it is
+
+
+def test_several_photos_of_any_size_and_mode_make_one_concept(personalizer):
+    settings = personalizer.settings(tuning_steps=2, num_inference_steps=2)
+    small_rgba = png_bytes(Image.new("RGBA", (23, 41), (220, 40, 40, 255)))
+    large_grey = png_bytes(Image.new("L", (900, 300), 90), "JPEG")
+    one = personalizer.run(BLUE_ON_RED, ["S* on grass"], settings)
+    several = personalizer.run([BLUE_ON_RED, small_rgba, large_grey], ["S* on grass"], settings)
+    assert several.image_sha256 != one.image_sha256 and len(several.images) == settings.num_images
+    a, _ = next(iter(several.concept.factors.values()))
+    assert a.shape[-1] == 3 * next(iter(one.concept.factors.values()))[0].shape[-1]  # the three predictions
+    # a list of one photo is the one-photo path
+    assert personalizer.run([BLUE_ON_RED], ["S* on grass"], settings).image_sha256 == one.image_sha256
+    with pytest.raises(UserError, match="not an image"):
+        personalizer.run([BLUE_ON_RED, b"junk"], ["S*"], settings)
+
+
+def test_cli_several_images_and_progress_bars_only_on_a_terminal(smoke, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    config_file, _, encoder = smoke
+    paths = []
+    for i, data in enumerate((BLUE_ON_RED, solid_png((220, 40, 40), side=97, shape_rgb=(40, 80, 220)))):
+        paths += ["--image", str(tmp_path / f"photo{i}.png")]
+        (tmp_path / f"photo{i}.png").write_bytes(data)
+    argv = [sys.executable, "-m", "components.cli", "personalize", "--config", str(config_file), "--model",
+            str(encoder), *paths, "--prompt", "S* on grass", "--tuning-steps", "2", "--out", str(tmp_path / "out")]
+
+    def on_a_terminal(*extra: str) -> tuple[subprocess.CompletedProcess, str]:
+        leader, follower = pty.openpty()
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+        chunks = []
+
+        def read() -> None:  # drain the terminal while the command runs (a full pty would block it)
+            while True:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                chunks.append(chunk)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        done = subprocess.run([*argv, *extra], stdout=subprocess.PIPE, stderr=follower, text=True, timeout=600)
+        os.close(follower)
+        reader.join(timeout=30)
+        os.close(leader)
+        return done, b"".join(chunks).decode(errors="replace")
+
+    done, terminal = on_a_terminal()
+    assert done.returncode == 0, terminal[-3000:]
+    assert "photos: 2" in done.stdout
+    # tqdm bars (drawn from 0%; how far they are redrawn depends on speed, and they clear when done)
+    assert re.search(r"tune: +\d+%\|", terminal) and re.search(r"sample: +\d+%\|", terminal), terminal[-3000:]
+    done, terminal = on_a_terminal("--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["photos"] == 2
+    assert "%|" not in terminal  # --json: no bars, log lines only
+    assert "tune 2/2" in terminal
 
 
 def test_cli_bad_input_is_one_line(smoke, tmp_path, capsys):
@@ -389,7 +496,7 @@ def test_register_gates_the_champion_and_pyfunc_tunes_each_image_once(smoke, tmp
     params = model.metadata.get_params_schema().to_dict()
     assert {p["name"] for p in params} == {"tuning_steps", "num_images", "seed", "guidance_scale",
                                            "num_inference_steps", "alpha_blend"}
-    assert model.metadata.get_input_schema().input_names() == ["image", "prompt"]
+    assert model.metadata.get_input_schema().input_names() == ["image", "prompt", "concept"]
     other = solid_png((40, 170, 70), shape_rgb=(240, 215, 40))
     import pandas as pd
 
@@ -401,8 +508,18 @@ def test_register_gates_the_champion_and_pyfunc_tunes_each_image_once(smoke, tmp
     assert all(Image.open(io.BytesIO(png)).size == (64, 64) for png in out["image"])
     cache = model.unwrap_python_model().personalizer.cache
     assert (cache.misses, cache.hits) == (2, 0)  # three rows, two distinct images, each tuned once
-    with pytest.raises(mlflow.exceptions.MlflowException, match="unknown parameter"):
-        model.predict(rows, params={"tuning_stepz": 1})
+    # a param the signature does not declare is dropped by MLflow's ParamSchema check (public rule)
+    typo = model.predict(rows.iloc[:1], params={"tuning_stepz": 1, "tuning_steps": 1, "num_images": 2,
+                                                "num_inference_steps": 1, "seed": 4})
+    assert list(typo["image"]) == list(out["image"][:2])
+    # several photos of one concept: rows with the same `concept` label, a row without a prompt only adds a photo
+    photos = pd.DataFrame({"image": [BLUE_ON_RED, other], "prompt": ["S* on a beach", ""], "concept": ["c", "c"]})
+    several = model.predict(photos, params={"tuning_steps": 1, "num_images": 1, "num_inference_steps": 1, "seed": 4})
+    assert list(several["prompt"]) == ["S* on a beach"]
+    p = model.unwrap_python_model().personalizer
+    alone = p.run([BLUE_ON_RED, other], ["S* on a beach"], p.settings(tuning_steps=1, num_images=1,
+                                                                       num_inference_steps=1, seed=4))
+    assert alone.cached and several["image"][0] == alone.images[0].png()
 
 
 @pytest.mark.slow

@@ -127,7 +127,8 @@ def test_smoke_pipeline_runs_its_stages_and_reports(smoke):
     # Prefect: the run, its stage flows and its artifacts are in the workspace's own database
     assert retrain_runs(ws)[-1][0] == "COMPLETED"
     artifacts = dict(prefect_db(ws).execute("select key, type from artifact where key is not null").fetchall())
-    assert artifacts == {"retrain-report": "markdown"}  # the metrics table comes with evaluate/ablate
+    # the metrics table and the plots come with evaluate/ablate; pre-training shows its progress
+    assert artifacts == {"retrain-report": "markdown", "pretrain-progress": "progress"}
 
     # DVC: the stages reproduced in the workspace, recorded in its dvc.lock and pushed to the local remote
     lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
@@ -269,6 +270,68 @@ def test_cron_deployment_served_and_triggered_through_a_prefect_server(smoke, tm
             assert run["deployment_id"] == deployment and run["parameters"]["workspace"] == str(smoke["ws"])
 
 
+def test_ui_keeps_the_run_server_up_with_its_report_plots_and_progress(smoke, tmp_path):
+    """`pipeline --ui`: the run's own Prefect server serves its UI and stays up after the run (a cached re-run
+    here) until Ctrl-C; the stage plots and progress published through it are artifacts there."""
+    import signal
+    import threading
+
+    import requests
+    from PIL import Image
+
+    ws = smoke["ws"]
+    run = pipeline("--workspace", ws, "--ui", wait=False)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(run.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 600
+        while not any("Prefect UI at " in line for line in lines):
+            assert run.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.5)
+        ui = next(line for line in lines if "Prefect UI at " in line).split("Prefect UI at ")[1].split()[0]
+        api = f"{ui}/api"
+        page = requests.get(ui, timeout=30)
+        assert page.ok and "<html" in page.text.lower()  # the UI itself, after the run
+        keys = {a["key"]: a["type"] for a in requests.post(f"{api}/artifacts/filter", json={}, timeout=30).json()}
+        assert keys.get("retrain-report") == "markdown"
+
+        # what evaluate publishes, through the same functions, into this server
+        out = tmp_path / "evaluate"
+        (out / "grids").mkdir(parents=True)
+        Image.new("RGB", (32, 32), (200, 30, 30)).save(out / "tradeoff.png")
+        Image.new("RGB", (64, 32), (30, 30, 200)).save(out / "grids" / "ours.png")
+        script = ("from prefect import flow\n"
+                  "from components.progress import Progress\n"
+                  "from flows.retrain import progress_artifact, publish_images\n"
+                  "@flow\n"
+                  "def show():\n"
+                  "    with progress_artifact('evaluate'):\n"
+                  "        p = Progress('ours concepts', 2)\n"
+                  "        p.update(1)\n"
+                  "        p.update(2)\n"
+                  f"    publish_images('evaluate', {{'report': {{'plot': {str(out / 'tradeoff.png')!r}}}}})\n"
+                  "show()\n")
+        env = {k: v for k, v in os.environ.items() if k not in STACK_ENV}
+        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**env, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "client")})
+        assert done.returncode == 0, done.stderr[-3000:]
+        artifacts = {a["key"]: a for a in requests.post(f"{api}/artifacts/filter", json={}, timeout=30).json()}
+        assert artifacts["evaluate-progress"]["type"] == "progress" and artifacts["evaluate-progress"]["data"] == 100
+        plots = artifacts["evaluate-plots"]
+        assert plots["type"] == "markdown" and plots["data"].count("data:image/png;base64,") == 2
+        assert "### ours" in plots["data"]
+    finally:
+        if run.poll() is None:
+            run.send_signal(signal.SIGINT)
+        run.wait(timeout=120)
+    stdout = run.stdout.read()  # (stderr is the reader thread's)
+    assert run.returncode == 0, "".join(lines)[-3000:]
+    assert json.loads(stdout.strip().splitlines()[-1])["prefect_ui"] == ui
+    with pytest.raises(requests.RequestException):
+        requests.get(f"{api}/health", timeout=5)  # Ctrl-C stopped the server too
+
+
 # --- team mode: MLflow server with a database and S3 artifacts, S3 for DVC and Ray checkpoints -----------
 SECRET = "team-secret-9c41e0d2"
 
@@ -324,7 +387,12 @@ def test_team_mode_logs_and_registers_through_an_mlflow_server_on_s3(smoke, tmp_
             markdown = Path(out["report"]).read_text()
             assert uri in markdown and "## Metrics" in markdown  # links into the team's MLflow UI
             artifacts = dict(prefect_db(ws).execute("select key, type from artifact where key is not null").fetchall())
-            assert artifacts == {"retrain-report": "markdown", "retrain-metrics": "table"}
+            assert artifacts == {"retrain-report": "markdown", "retrain-metrics": "table", "pretrain-progress": "progress",
+                                 "evaluate-progress": "progress", "ablate-progress": "progress",
+                                 "evaluate-plots": "markdown", "ablate-plots": "markdown"}
+            plots = prefect_db(ws).execute("select data from artifact where key = 'evaluate-plots'").fetchone()[0]
+            assert plots.count("data:image/png;base64,") >= 2  # the trade-off plot and the sample grids, inline
+            assert "| claim | paper | metric |" in markdown  # findings as a table
             assert not (ws / "mlflow.db").exists()
             # no secret in MLflow (params, tags), Prefect's database (logs, parameters, artifacts) or DVC config
             for run_id in (out["mlflow_parent_run_id"], out["stages"]["pretrain"]["mlflow_run_id"]):
