@@ -200,7 +200,7 @@ def main() -> int:
     from components.config import load_config
     from components.data.images import read_image, to_pixels
     from components.evaluation.baselines import train_lora, train_textual_inversion
-    from components.inference.export import EMBEDDING_FILE, LORA_FILE, export_concept
+    from components.inference.export import export_concept, export_files
     from components.serving import registry
     from components.training.pretrain import pretrain
 
@@ -260,7 +260,7 @@ def main() -> int:
                       num_images=counts["num_images"], num_inference_steps=counts["num_inference_steps"])
         extra.update(images=len(out), num_inference_steps=counts["num_inference_steps"],
                      tuning_steps=counts["tuning_steps"])
-    token = "<concept-e2e>"
+    token = "concept_e2e"
     with phases("export") as extra:
         extra.update(files=export_concept(concept, root / "export", token=token)["files"])
     with phases("stock") as extra:
@@ -269,8 +269,8 @@ def main() -> int:
         stock = StableDiffusionPipeline.from_pretrained(cfg.base.pretrained, dtype=personalizer.runtime.dtype,
                                                         safety_checker=None, requires_safety_checker=False)
         stock.to(personalizer.runtime.device).set_progress_bar_config(disable=True)
-        stock.load_lora_weights(str(root / "export"), weight_name=LORA_FILE)
-        stock.load_textual_inversion(str(root / "export" / EMBEDDING_FILE), token=token)
+        stock.load_lora_weights(str(root / "export"), weight_name=export_files(token)["diffusers"])
+        stock.load_textual_inversion(str(root / "export" / export_files(token)["embedding"]), token=token)
         images = stock(PROMPT.replace("S*", token), num_inference_steps=counts["num_inference_steps"],
                        generator=torch.Generator().manual_seed(0), output_type="np").images
         extra.update(images=len(images), finite=bool(torch.isfinite(torch.from_numpy(images)).all()))

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
-from smoke_models import seed_encoder_cache, smoke_evaluation_setup, write_smoke_encoder
+from smoke_models import seed_encoder_cache, smoke_evaluation_setup
 
 from components.config import load_config
 from components.errors import UserError

@@ -195,26 +195,31 @@ def test_concurrent_requests_do_not_leak_into_each_other(smoke, server):
 @pytest.mark.skipif(not (TOY_ENCODER / "config.json").is_file(),
                     reason="needs the trained toy encoder models/toy-encoder (issue 5's `datencoder pretrain`); "
                            "an untrained encoder does not carry colour")
-def test_concurrent_requests_each_show_their_own_colour(tmp_path):
-    from components.evaluation.check_base import read_colours
+def test_concurrent_requests_do_not_leak_into_each_other(tmp_path):
+    """Four concepts tuned and drawn at once give the same images as each alone: no state is shared between
+    requests. The concept cache is off, so the requests made one at a time tune again."""
+    from components.config import variant_config
     from components.toy import world as tw
 
-    cfg = load_config("toy")
+    cfg = variant_config(load_config("toy"), personalize={"cache_size": 0})
     server = Server(tmp_path, cfg, TOY_ENCODER)
     try:
         colours = ["red", "blue", "green", "yellow"]
         images = [png(tw.render(tw.canonical(tw.Concept("circle", c)), 64, seed=i)) for i, c in enumerate(colours)]
-        # the inputs' own caption, in the toy world's language: its base never learned "a photo of" (told "a photo
-        # of a red circle" in words it mostly draws no object). Blend 1 (plain LoRA + embedding): the default
-        # blend's hard path spells S* as its nearest real word, which is not the concept's colour
-        prompt = "S* on a gray background"
+        prompt = "S* on a gray background"  # the toy world's own caption language
+
+        def ask(image: bytes) -> tuple[int, dict]:
+            return server.post([(image, prompt)], {"seed": 0, "tuning_steps": 4})
+
         with ThreadPoolExecutor(4) as pool:
-            replies = list(pool.map(lambda img: server.post([(img, prompt)], {"seed": 0, "alpha_blend": 1.0}), images))
+            together = list(pool.map(ask, images))
+        alone = [ask(image) for image in images]
     finally:
         server.stop()
-    assert all(status == 200 for status, _ in replies), replies
-    seen = [read_colours(decode(out["predictions"][0]))[1] for _, out in replies]
-    assert seen == colours
+    assert all(status == 200 for status, _ in together + alone), together + alone
+    drawn = [out["predictions"][0]["image"] for _, out in together]
+    assert drawn == [out["predictions"][0]["image"] for _, out in alone]
+    assert len(set(drawn)) == len(colours)
 
 
 # --- limits: the same app, served by uvicorn in this process -----------------------------------------
