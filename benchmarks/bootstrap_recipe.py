@@ -55,7 +55,7 @@ from components.config import ClipConfig, load_config  # noqa: E402
 def canonical_renders() -> tuple[list[tuple[str, str, str]], list]:
     """Every shape x colour combination, centred on gray (white for gray objects), as (combos, renders)."""
     combos = [(s, c, "gray" if c != "gray" else "white") for s in tw.SHAPES for c in tw.COLOURS]
-    return combos, [tw.render(tw.Scene(tw.Concept(s, c), background_colour=bg), 64, seed=i)
+    return combos, [tw.render(tw.Scene(tw.ToyConcept(s, c), background_colour=bg), 64, seed=i)
                     for i, (s, c, bg) in enumerate(combos)]
 
 

@@ -66,7 +66,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "concept.png"
-        tw.render(tw.canonical(tw.Concept("star", "red")), 64).save(image)
+        tw.render(tw.canonical(tw.ToyConcept("star", "red")), 64).save(image)
         argv = personalize_argv(image, Path(tmp) / "out", args.model)
         wall([PYTHON, "-c", BARE])  # warm the disk cache
         wall(argv)

@@ -61,7 +61,7 @@ def measure(make_images, shapes: list[str], clip) -> dict:
     for j, shape in enumerate(shapes):
         for i, colour in enumerate(tw.COLOURS):
             background = "white" if colour == "gray" else "gray"
-            render = tw.render(tw.Scene(tw.Concept(shape, colour), background_colour=background), 64,
+            render = tw.render(tw.Scene(tw.ToyConcept(shape, colour), background_colour=background), 64,
                                seed=100 * j + i)
             for pixels in make_images(png(render), shape, colour, background):
                 out_background, seen = read_colours(pixels)

@@ -48,7 +48,7 @@ def probe(personalizer: Personalizer, seeds: int, timestep: int) -> dict:
     colours, shapes, groups, v_stars, factors = [], [], [], [], []
     for shape, colour, seed in itertools.product(SHAPES, tw.COLOURS, range(seeds)):
         background = "white" if colour == "gray" else "gray"
-        image = tw.render(tw.canonical(tw.Concept(shape, colour), background), 64, seed=seed)
+        image = tw.render(tw.canonical(tw.ToyConcept(shape, colour), background), 64, seed=seed)
         concept = predict_concept(personalizer.encoder, personalizer.pipe.vae, to_pixels(image, personalizer.side),
                                   timestep, torch.Generator().manual_seed(seed))
         colours.append(colour)

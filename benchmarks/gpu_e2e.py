@@ -90,7 +90,7 @@ def png(image) -> bytes:
 def concept_image(side: int, colour: str, shape: str):
     from components.toy import world as tw
 
-    return tw.render(tw.canonical(tw.Concept(shape, colour, "striped", "white")), side, seed=0)
+    return tw.render(tw.canonical(tw.ToyConcept(shape, colour, "striped", "white")), side, seed=0)
 
 
 def write_base(out: Path, tiny: bool, device: torch.device) -> dict:

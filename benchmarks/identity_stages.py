@@ -85,7 +85,7 @@ def rows(steps: int, sampling_guidance: float, check_base) -> dict[str, Row]:
     return {row.name: row for row in made}
 
 
-def fresh_concepts(n: int, seed: int, shapes: list[str], exclude: set[str]) -> list[tw.Concept]:
+def fresh_concepts(n: int, seed: int, shapes: list[str], exclude: set[str]) -> list[tw.ToyConcept]:
     """n distinct looks of `shapes` (colour, pattern, pattern colour at random), none with a key in `exclude`."""
     rng, found = random.Random(seed), {}
     while len(found) < n:
@@ -95,16 +95,16 @@ def fresh_concepts(n: int, seed: int, shapes: list[str], exclude: set[str]) -> l
     return list(found.values())
 
 
-def prompt_backgrounds(concept: tw.Concept) -> list[str]:
+def prompt_backgrounds(concept: tw.ToyConcept) -> list[str]:
     return [c for c in BACKGROUNDS if c not in (concept.colour, concept.pattern_colour)][:PROMPTS_PER_CONCEPT]
 
 
-def words(concept: tw.Concept) -> str:
+def words(concept: tw.ToyConcept) -> str:
     """The concept's true words without article: 'green dotted crescent'."""
     return concept.phrase().split(" ", 1)[1]
 
 
-def oracle_v_star(personalizer: Personalizer, concept: tw.Concept) -> torch.Tensor:
+def oracle_v_star(personalizer: Personalizer, concept: tw.ToyConcept) -> torch.Tensor:
     """(1, D): the mean input embedding of the concept's true words (one token cannot hold several words)."""
     prompts = personalizer.base.prompts
     ids = prompts.tokenizer(words(concept), add_special_tokens=False).input_ids
@@ -123,7 +123,7 @@ def wilson(hits: int, n: int) -> tuple[float, float]:
 READINGS = ("colour_pixel", "colour_clip", "shape_pixel", "shape_clip", "background_pixel")
 
 
-def read(clip, images: list[np.ndarray], looks: list[tuple[tw.Concept, str]]) -> dict[str, list[bool]]:
+def read(clip, images: list[np.ndarray], looks: list[tuple[tw.ToyConcept, str]]) -> dict[str, list[bool]]:
     """Per image hits of every reading; looks: (concept, prompted background colour) per image."""
     from PIL import Image
 
@@ -146,7 +146,7 @@ class Stages:
         self.settings = personalizer.settings()
         self.tuned: dict[tuple, tuple[Concept, float]] = {}
 
-    def concept(self, concept: tw.Concept, pixels: torch.Tensor, row: Row) -> tuple[Concept, float]:
+    def concept(self, concept: tw.ToyConcept, pixels: torch.Tensor, row: Row) -> tuple[Concept, float]:
         key = (concept.key, row.start, row.steps)
         if key not in self.tuned:
             generator = torch.Generator().manual_seed(self.seed)
@@ -162,7 +162,7 @@ class Stages:
             self.tuned[key] = tuned, time.perf_counter() - started
         return self.tuned[key]
 
-    def images(self, concept: tw.Concept, row: Row) -> tuple[list[np.ndarray], float]:
+    def images(self, concept: tw.ToyConcept, row: Row) -> tuple[list[np.ndarray], float]:
         """(one image per prompt background, adaptation seconds)."""
         backgrounds = prompt_backgrounds(concept)
         s = self.settings

@@ -88,7 +88,7 @@ def main() -> None:
         encoder = str(Path(scratch.name) / "encoder")
         TuningEncoder.for_base(cfg.encoder, FrozenBase.load(cfg)).save_pretrained(encoder)
     personalizer = Personalizer(cfg, encoder)
-    image = tw.render(tw.canonical(tw.Concept("star", "red", "striped", "white")), 64, seed=0)
+    image = tw.render(tw.canonical(tw.ToyConcept("star", "red", "striped", "white")), 64, seed=0)
     import io
 
     buf = io.BytesIO()

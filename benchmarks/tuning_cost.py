@@ -45,7 +45,7 @@ def child(repo: str, encoder: str, runs: int, threads: int, views: int | None, o
     # the timed tunings call `tune` directly; the cache only spares run's second blend
     cfg = load_config("toy", overrides={"personalize": {"views": views}} if views else None)
     personalizer = Personalizer(cfg, encoder)
-    image = tw.render(tw.canonical(tw.Concept("star", "red", "striped", "white")), 64, seed=0)
+    image = tw.render(tw.canonical(tw.ToyConcept("star", "red", "striped", "white")), 64, seed=0)
     pixels = to_pixels(image, personalizer.side)
     p = cfg.personalize
     start = predict_concept(personalizer.encoder, personalizer.pipe.vae, pixels, p.encoder_timestep,

@@ -283,7 +283,7 @@ class EvaluateConfig(Section):
     whole grid (every concept for every method, `full_seeds`, `full_retrain_steps`; docs/evaluation.md
     "Sizes and time")."""
 
-    # toy: concept keys colour-pattern-patterncolour-shape (components.toy.world.Concept.key), all held out
+    # toy: concept keys colour-pattern-patterncolour-shape (components.toy.world.ToyConcept.key), all held out
     # of encoder pre-training (the first eight are shapes it never saw; the rest are unseen instances)
     concepts: list[str] = [
         "green-solid-pink-crescent", "green-dotted-orange-crescent", "green-checkered-black-crescent",

@@ -51,10 +51,10 @@ def clip_accuracy(clip: Clip, images: list, combos: list[tuple[str, str, str]], 
     """Per image: does the metrics CLIP pick the right one of the captions that differ only in the `attribute`
     ("shape": the 12 shapes; "colour": the 12 palette colours), for images of (shape, colour, background) combos."""
     if attribute == "shape":
-        swaps = [[tw.Concept(k, colour) for k in tw.SHAPES] for _, colour, _ in combos]
+        swaps = [[tw.ToyConcept(k, colour) for k in tw.SHAPES] for _, colour, _ in combos]
         truth = [tw.SHAPES.index(shape) for shape, _, _ in combos]
     elif attribute == "colour":
-        swaps = [[tw.Concept(shape, c) for c in _PALETTE_NAMES] for shape, _, _ in combos]
+        swaps = [[tw.ToyConcept(shape, c) for c in _PALETTE_NAMES] for shape, _, _ in combos]
         truth = [_PALETTE_NAMES.index(colour) for _, colour, _ in combos]
     else:
         raise ValueError(f"unknown attribute {attribute!r}; choose shape or colour")
@@ -88,7 +88,7 @@ def check_base(cfg: Config, grid: str | None = None, batch: int = 16) -> dict:
     combos = tw.held_out_combos(cfg.toy_world.base_holdout_fraction)
     random.Random(c.seed).shuffle(combos)
     combos = combos[: c.prompts]
-    prompts = [tw.Scene(tw.Concept(shape, colour), background_colour=bg).caption() for shape, colour, bg in combos]
+    prompts = [tw.Scene(tw.ToyConcept(shape, colour), background_colour=bg).caption() for shape, colour, bg in combos]
     images: list[np.ndarray] = []
     progress = Progress("check-base", len(prompts))
     for i in range(0, len(prompts), batch):

@@ -50,8 +50,8 @@ class EvalSet:
     prompts: list[str]
 
 
-def parse_concept(key: str) -> tw.Concept:
-    """'colour-pattern-patterncolour-shape' (toy_world.Concept.key) -> Concept, or a UserError naming it."""
+def parse_concept(key: str) -> tw.ToyConcept:
+    """'colour-pattern-patterncolour-shape' (ToyConcept.key) -> ToyConcept, or a UserError naming it."""
     parts = key.split("-")
     if len(parts) != 4:
         raise UserError(f"evaluate.concepts: {key!r} is not colour-pattern-patterncolour-shape")
@@ -60,20 +60,20 @@ def parse_concept(key: str) -> tw.Concept:
                                (pattern_colour, tw.COLOURS, "colour"), (shape, tw.SHAPES, "shape")):
         if value not in known:
             raise UserError(f"evaluate.concepts: {key!r} has unknown {what} {value!r}; known: {', '.join(known)}")
-    return tw.Concept(shape, colour, pattern, pattern_colour)
+    return tw.ToyConcept(shape, colour, pattern, pattern_colour)
 
 
-def look(concept: tw.Concept) -> tuple[str, str, str, str]:
+def look(concept: tw.ToyConcept) -> tuple[str, str, str, str]:
     """What an image of the concept shows: the pattern colour is invisible on a solid object."""
     return (concept.shape, concept.colour, concept.pattern, concept.pattern_colour if concept.pattern != "solid" else "")
 
 
-def background_for(concept: tw.Concept) -> str:
+def background_for(concept: tw.ToyConcept) -> str:
     """A plain background colour the object stands out from."""
     return next(c for c in ("gray", "white", "black", "blue") if c not in (concept.colour, concept.pattern_colour))
 
 
-def toy_views(concept: tw.Concept, n: int, side: int = 64) -> list[Image.Image]:
+def toy_views(concept: tw.ToyConcept, n: int, side: int = 64) -> list[Image.Image]:
     background = background_for(concept)
     first = tw.canonical(concept, background)
     scenes = [first] + [replace(first, position=pos, size=size) for pos, size in FEW_SHOT_FRAMINGS[:n - 1]]
@@ -142,7 +142,7 @@ class PretrainingLooks:
     looks: set[tuple[str, str, str, str]]  # single-object (ImageNet-layout) images: exact looks
     phrases: str  # multi-object scene captions (pattern colour unrecorded: matched by phrase)
 
-    def contains(self, concept: tw.Concept) -> bool:
+    def contains(self, concept: tw.ToyConcept) -> bool:
         # no shape name is a prefix of another, so a phrase match is a whole-object match
         return concept.shape in self.labels and (look(concept) in self.looks or concept.phrase() in self.phrases)
 
@@ -158,7 +158,7 @@ def pretraining_looks(prepared: str | Path, raw: str | Path) -> PretrainingLooks
     imagenet = captions[captions.path.isin("imagenet/train/" + manifest.loc[manifest.source == "imagenet", "source_id"])]
     scenes = captions[captions.path.isin("openimages/train/" + manifest.loc[manifest.source == "openimages",
                                                                               "source_id"] + ".jpg")]
-    looks = {look(tw.Concept(r.shape, r.colour, r.pattern, r.pattern_colour)) for r in imagenet.itertuples()}
+    looks = {look(tw.ToyConcept(r.shape, r.colour, r.pattern, r.pattern_colour)) for r in imagenet.itertuples()}
     return PretrainingLooks(set(manifest["label"]), looks, " and ".join(scenes["caption"]))
 
 

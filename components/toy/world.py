@@ -56,7 +56,7 @@ SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased, still determini
 
 
 @dataclass(frozen=True)
-class Concept:
+class ToyConcept:
     """One object instance: what a user's single photo shows."""
 
     shape: str
@@ -81,7 +81,7 @@ class Concept:
 
 @dataclass(frozen=True)
 class Scene:
-    concept: Concept
+    concept: ToyConcept
     background: str = "plain"
     background_colour: str = "gray"
     position: str = "center"
@@ -119,14 +119,14 @@ def combo_held_out(shape: str, colour: str, background_colour: str, fraction: fl
     return int.from_bytes(digest[:4], "big") / 2**32 < fraction
 
 
-def sample_concept(rng: random.Random, shapes: list[str] | None = None) -> Concept:
+def sample_concept(rng: random.Random, shapes: list[str] | None = None) -> ToyConcept:
     colour = rng.choice(list(COLOURS))
     pattern = rng.choices(PATTERNS, weights=[4, 2, 2, 2])[0]
     pattern_colour = rng.choice([c for c in COLOURS if c != colour])
-    return Concept(rng.choice(shapes or SHAPES), colour, pattern, pattern_colour)
+    return ToyConcept(rng.choice(shapes or SHAPES), colour, pattern, pattern_colour)
 
 
-def sample_scene(rng: random.Random, concept: Concept | None = None,
+def sample_scene(rng: random.Random, concept: ToyConcept | None = None,
                  shapes: list[str] | None = None, edits: bool = True) -> Scene:
     """A random scene; `edits=False` gives the canonical view (centred, medium, plain style)."""
     concept = concept or sample_concept(rng, shapes)
@@ -419,6 +419,6 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def canonical(concept: Concept, background_colour: str = "gray") -> Scene:
+def canonical(concept: ToyConcept, background_colour: str = "gray") -> Scene:
     """The view a user would photograph: centred, medium, plain background."""
     return replace(Scene(concept), background_colour=background_colour)

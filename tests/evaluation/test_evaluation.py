@@ -44,12 +44,12 @@ def test_metrics_on_known_inputs():
     assert strip_placeholder("two S*") == "two"
 
     metrics = ClipMetrics(load_clip(load_config("toy").base.metrics_clip))  # the judge, not the backbone
-    star = tw.render(tw.canonical(tw.Concept("star", "red")), 64)
-    circle = tw.render(tw.canonical(tw.Concept("circle", "blue")), 64)
+    star = tw.render(tw.canonical(tw.ToyConcept("star", "red")), 64)
+    circle = tw.render(tw.canonical(tw.ToyConcept("circle", "blue")), 64)
     identity = metrics.identity([star, circle], star)
     assert identity[0] == pytest.approx(1.0, abs=1e-5) and identity[1] < identity[0] - 0.05
     # the text of the caption a render was drawn for scores higher than another object's
-    on_beach = tw.render(tw.Scene(tw.Concept("star", "red"), background="beach"), 64)
+    on_beach = tw.render(tw.Scene(tw.ToyConcept("star", "red"), background="beach"), 64)
     scores = metrics.prompt([on_beach, on_beach], ["a red star on a beach", "a blue circle at night"])
     assert scores[0] > scores[1]
     # the placeholder is removed before the text is embedded
@@ -176,7 +176,7 @@ def test_eval_set_is_held_out_of_pretraining_through_the_manifest(tmp_path):
     captions = pd.read_csv(raw / "captions.csv")
     manifest = pd.read_parquet(prepared / "manifest.parquet")
     row = captions[captions.path == "imagenet/train/" + manifest[manifest.source == "imagenet"].source_id.iloc[0]].iloc[0]
-    leaked = tw.Concept(row["shape"], row["colour"], row["pattern"], row["pattern_colour"])
+    leaked = tw.ToyConcept(row["shape"], row["colour"], row["pattern"], row["pattern_colour"])
     assert seen.contains(leaked)
     with pytest.raises(UserError, match="appear in the pre-training data"):
         check_held_out(cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"concepts": [leaked.key]})}))
@@ -193,8 +193,8 @@ def test_sd15_eval_set_needs_its_folder(tmp_path):
         load_eval_set(missing)
     (tmp_path / "dog").mkdir()
     for i in range(3):
-        tw.render(tw.canonical(tw.Concept("heart", "red")), 64, seed=i).save(tmp_path / "dog" / f"{i}.png")
-    tw.render(tw.canonical(tw.Concept("ring", "blue")), 64).save(tmp_path / "backpack.jpg")
+        tw.render(tw.canonical(tw.ToyConcept("heart", "red")), 64, seed=i).save(tmp_path / "dog" / f"{i}.png")
+    tw.render(tw.canonical(tw.ToyConcept("ring", "blue")), 64).save(tmp_path / "backpack.jpg")
     (tmp_path / "prompts.txt").write_text("a photo of S* on the beach\n\na watercolor of S*\n")
     folder = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={
         "concept_dir": str(tmp_path), "prompts_file": str(tmp_path / "prompts.txt")})})
@@ -208,7 +208,7 @@ def test_baseline_cli_json_has_the_personalize_shape(smoke, tmp_path, capsys):
     from components.cli import main
 
     config_file, _, _ = smoke
-    views = [tw.render(tw.canonical(tw.Concept("crescent", "green"), "gray"), 64, seed=i) for i in range(3)]
+    views = [tw.render(tw.canonical(tw.ToyConcept("crescent", "green"), "gray"), 64, seed=i) for i in range(3)]
     paths = []
     for i, view in enumerate(views):
         paths += ["--image", str(tmp_path / f"view{i}.png")]
@@ -234,7 +234,7 @@ def test_baseline_bad_input_is_one_line(smoke, tmp_path, capsys):
 
     config_file, _, _ = smoke
     image = tmp_path / "concept.png"
-    data = png(tw.render(tw.canonical(tw.Concept("star", "red")), 64))
+    data = png(tw.render(tw.canonical(tw.ToyConcept("star", "red")), 64))
     image.write_bytes(data)
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     common = ["--config", str(config_file), "--steps", "1"]

@@ -135,7 +135,7 @@ def test_toy_world_real_source_formats(tmp_path):
 @pytest.mark.parametrize("colour", list(tw.COLOURS))
 def test_palette_colours_are_exact(colour):
     bg = "black" if colour != "black" else "white"
-    image = np.asarray(tw.render(tw.Scene(tw.Concept("square", colour), background_colour=bg, size="large")))
+    image = np.asarray(tw.render(tw.Scene(tw.ToyConcept("square", colour), background_colour=bg, size="large")))
     assert tuple(image[32, 32]) == tw.COLOURS[colour]
     assert tuple(image[1, 1]) == tw.COLOURS[bg]
 
@@ -147,8 +147,8 @@ def test_every_shape_pattern_background_and_style_renders_distinctly():
         for b in tw.SHAPES:
             if a < b:
                 assert (masks[a] != masks[b]).sum() > 20, (a, b)
-    base = tw.Scene(tw.Concept("circle", "red", "solid", "white"), background_colour="blue", size="large")
-    variants = [base] + [tw.Scene(tw.Concept("circle", "red", p, "white"), background_colour="blue", size="large")
+    base = tw.Scene(tw.ToyConcept("circle", "red", "solid", "white"), background_colour="blue", size="large")
+    variants = [base] + [tw.Scene(tw.ToyConcept("circle", "red", p, "white"), background_colour="blue", size="large")
                          for p in tw.PATTERNS[1:]]
     variants += [tw.Scene(base.concept, background=b, background_colour="blue", size="large") for b in tw.BACKGROUNDS[1:]]
     variants += [tw.Scene(base.concept, background_colour="blue", size="large", style=s) for s in tw.STYLES[1:]]
@@ -159,7 +159,7 @@ def test_every_shape_pattern_background_and_style_renders_distinctly():
 
 
 def test_captions_follow_the_design_vocabulary():
-    scene = tw.Scene(tw.Concept("star", "red", "striped", "white"), background_colour="blue", size="large")
+    scene = tw.Scene(tw.ToyConcept("star", "red", "striped", "white"), background_colour="blue", size="large")
     assert scene.caption() == "a large red striped star on a blue background"
     assert scene.caption(subject="S*") == "S* on a blue background"
     assert tw.Scene(scene.concept, background="beach").caption(subject="S*") == "S* on a beach"
@@ -179,7 +179,7 @@ def test_plain_backgrounds_are_read_from_the_border_after_jpeg():
         image.save(buffer, "JPEG", quality=95)
         return np.asarray(Image.open(buffer).convert("RGB"))
 
-    concept = tw.Concept("star", "red", "striped", "white")
+    concept = tw.ToyConcept("star", "red", "striped", "white")
     for colour in tw.COLOURS:
         if colour not in ("red", "white"):
             assert palette.plain_background(jpeg(tw.render(tw.Scene(concept, background_colour=colour)))) == colour

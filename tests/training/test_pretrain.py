@@ -159,8 +159,8 @@ def test_held_out_images_are_scored_under_the_prompt_they_would_train_with():
     from components.toy import world as tw
     from components.training.loop import heldout_prompts, model_pixels
 
-    scenes = [tw.Scene(tw.Concept("star", "red"), background_colour="blue"),
-              tw.Scene(tw.Concept("ring", "white"), background="beach")]
+    scenes = [tw.Scene(tw.ToyConcept("star", "red"), background_colour="blue"),
+              tw.Scene(tw.ToyConcept("ring", "white"), background="beach")]
     pixels = model_pixels(tw.render_batch(scenes, 64))
     p = load_config("toy").pretrain
     names = (p.prompts + plain_background_prompts())
