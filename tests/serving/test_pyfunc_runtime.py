@@ -19,7 +19,9 @@ def test_pyfunc_takes_device_and_dtype_from_the_serving_environment(tmp_path, mo
     from components.serving import registry
 
     _, cfg, encoder = smoke_setup(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", isolated_store(tmp_path))
+    store = isolated_store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    mlflow.set_tracking_uri(store)  # the fluent API below: this test's store, whatever an earlier test set
     monkeypatch.delenv("DATENCODER_DEVICE", raising=False)
     monkeypatch.delenv("DATENCODER_DTYPE", raising=False)
     registered = variant_config(cfg, runtime={"dtype": "float16"})  # what the registering machine used
