@@ -2,9 +2,10 @@
 
 The encoder predicts v* and LoRA factors for the image; we then optimise exactly those tensors (not
 the encoder, not the base) for at most a dozen steps of the denoising loss (Eq. 1) on lightly
-augmented views of the single image, with an L2 pull toward the encoder's prediction so that a
-dozen steps of lr 2e-3 refine the concept instead of overfitting one photo. The result is a
-`Concept`: a small state applied per UNet call, never written into the base weights.
+augmented views of the single image, optionally with an L2 pull toward the encoder's prediction (the
+paper's; its weight and the learning rate are `personalize.*`, chosen per preset by the ablation in
+docs/personalize.md). The result is a `Concept`: a small state applied per UNet call, never written
+into the base weights.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """`datencoder serve`: the registered model over MLflow's scoring protocol, behind limits that keep the
-server up (docs/serving.md).
+server up (docs/personalize.md, "Serving").
 
     datencoder serve [--model URI] [--host 127.0.0.1] [--port 5000] [--workers 1] [--trust-model-code]
 
