@@ -22,7 +22,7 @@ import copy
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import numpy as np
 import torch
@@ -49,6 +49,9 @@ from components.runtime import resolve
 
 METHODS = ("ti", "lora", "dreambooth")
 IDENTIFIER = "sks"  # DreamBooth's rare-token identifier; LoRA and DreamBooth prompts say "sks <class word>"
+
+
+Snapshot = Callable[["BaselineResult"], None]
 
 
 @dataclass
@@ -85,10 +88,11 @@ def _diffusion_loss(pipe, unet, latents: Tensor, context: Tensor, generator: tor
 
 def _fit(run, unet, pixels: Tensor, context: Tensor, optimizer, steps: int, batch: int, generator: torch.Generator,
          on_step: Callable[[int, float], None] | None, prior: tuple[Tensor, Tensor, float] | None = None,
-         ) -> tuple[list[float], float]:
+         snapshot: Callable[[int, float], None] | None = None) -> tuple[list[float], float]:
     """The UNet training loop of LoRA and DreamBooth: (losses, seconds). `prior` = (class pixels, class
-    context, weight) adds DreamBooth's prior-preservation loss."""
-    losses = []
+    context, weight) adds DreamBooth's prior-preservation loss. `snapshot(step, seconds so far)` runs after every
+    step with the UNet in eval mode; its own time is not training time."""
+    losses, paused = [], 0.0
     unet.train()
     started = time.perf_counter()
     for step in range(steps):
@@ -104,8 +108,14 @@ def _fit(run, unet, pixels: Tensor, context: Tensor, optimizer, steps: int, batc
         losses.append(loss.item())
         if on_step:
             on_step(step + 1, losses[-1])
+        if snapshot:
+            t0 = time.perf_counter()
+            unet.eval()
+            snapshot(step + 1, t0 - started - paused)
+            unet.train()
+            paused += time.perf_counter() - t0
     unet.eval()
-    return losses, time.perf_counter() - started
+    return losses, time.perf_counter() - started - paused
 
 
 def _prepare(pipe):
@@ -117,8 +127,10 @@ def _prepare(pipe):
 
 def train_lora(pipe, pixels: Tensor, steps: int, prompt: str = "a photo of sks object", rank: int = 4,
                lr: float = 1e-4, batch: int = 1, seed: int = 0,
-               on_step: Callable[[int, float], None] | None = None) -> BaselineResult:
-    """LoRA from scratch on the image(s) (pixels (N, 3, H, W) in [-1, 1]) for `steps` AdamW steps."""
+               on_step: Callable[[int, float], None] | None = None, snapshots: Collection[int] = (),
+               on_snapshot: Snapshot | None = None) -> BaselineResult:
+    """LoRA from scratch on the image(s) (pixels (N, 3, H, W) in [-1, 1]) for `steps` AdamW steps;
+    `on_snapshot(result so far)` after each step count in `snapshots` (the live UNet: use it before returning)."""
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -137,15 +149,25 @@ def train_lora(pipe, pixels: Tensor, steps: int, prompt: str = "a photo of sks o
         ids = pipe.tokenizer([prompt] * batch, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         context = pipe.text_encoder(ids.to(pipe.device))[0]
-    losses, seconds = _fit(run, unet, pixels, context, optimizer, steps, batch, generator, on_step)
-    weights = {f"unet.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(unet).items()}
-    return BaselineResult("lora", steps, seconds, weights, losses=losses, unet=unet)
+
+    def result(step: int, seconds: float, losses: list[float]) -> BaselineResult:
+        weights = {f"unet.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(unet).items()}
+        return BaselineResult("lora", step, seconds, weights, losses=losses, unet=unet)
+
+    def snapshot(step: int, seconds: float) -> None:
+        if on_snapshot and step in snapshots:
+            on_snapshot(result(step, seconds, []))
+
+    losses, seconds = _fit(run, unet, pixels, context, optimizer, steps, batch, generator, on_step, snapshot=snapshot)
+    return result(steps, seconds, losses)
 
 
 def train_textual_inversion(pipe, pixels: Tensor, steps: int, token: str = "<sks>", initializer: str = "object",
                             template: str = "a photo of {}", lr: float = 5e-3, batch: int = 1, seed: int = 0,
-                            on_step: Callable[[int, float], None] | None = None) -> BaselineResult:
-    """Textual Inversion on the image(s) for `steps` AdamW steps (only the new token's embedding moves)."""
+                            on_step: Callable[[int, float], None] | None = None, snapshots: Collection[int] = (),
+                            on_snapshot: Snapshot | None = None) -> BaselineResult:
+    """Textual Inversion on the image(s) for `steps` AdamW steps (only the new token's embedding moves);
+    `on_snapshot(result so far)` after each step count in `snapshots`, its time not counted."""
     tokenizer = copy.deepcopy(pipe.tokenizer)
     if tokenizer.add_tokens([token]) != 1:
         raise ValueError(f"token {token!r} is already in the tokenizer")
@@ -166,7 +188,7 @@ def train_textual_inversion(pipe, pixels: Tensor, steps: int, token: str = "<sks
     ids = tokenizer([template.format(token)] * batch, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids.to(pipe.device)
     generator = torch.Generator().manual_seed(seed)
-    losses = []
+    losses, paused = [], 0.0
     started = time.perf_counter()
     for step in range(steps):
         latents = encode_latents(pipe.vae, augment(pixels, batch, generator))
@@ -179,7 +201,12 @@ def train_textual_inversion(pipe, pixels: Tensor, steps: int, token: str = "<sks
         losses.append(loss.item())
         if on_step:
             on_step(step + 1, losses[-1])
-    seconds = time.perf_counter() - started
+        if on_snapshot and step + 1 in snapshots:
+            t0 = time.perf_counter()
+            on_snapshot(BaselineResult("textual_inversion", step + 1, t0 - started - paused,
+                                       {token: embeddings.weight[token_id].detach().clone()[None]}, token=token))
+            paused += time.perf_counter() - t0
+    seconds = time.perf_counter() - started - paused
     learned = embeddings.weight[token_id].detach().clone()[None]
     return BaselineResult("textual_inversion", steps, seconds, {token: learned}, token=token, losses=losses)
 
@@ -217,13 +244,20 @@ def train_dreambooth(pipe, pixels: Tensor, steps: int, prompt: str = f"a photo o
 
 
 def train_baseline(method: str, pipe, pixels: Tensor, steps: int, settings: EvaluateConfig, seed: int = 0,
-                   on_step: Callable[[int, float], None] | None = None, guidance_rescale: float = 0.0) -> BaselineResult:
-    """One of METHODS with the harness's learning rates (diffusers' script defaults), on the pipeline's device."""
+                   on_step: Callable[[int, float], None] | None = None, guidance_rescale: float = 0.0,
+                   snapshots: Collection[int] = (), on_snapshot: Snapshot | None = None) -> BaselineResult:
+    """One of METHODS with the harness's learning rates (diffusers' script defaults), on the pipeline's device.
+    TI and LoRA call `on_snapshot` after each step count in `snapshots`: their lr is constant, so the snapshot at
+    k steps is what a k-step run with the same seed returns."""
     pixels = pixels.to(pipe.device)
+    if snapshots and method not in ("ti", "lora"):
+        raise UserError(f"snapshots are for ti and lora, not {method!r}")
     if method == "ti":
-        return train_textual_inversion(pipe, pixels, steps, lr=settings.ti_lr, seed=seed, on_step=on_step)
+        return train_textual_inversion(pipe, pixels, steps, lr=settings.ti_lr, seed=seed, on_step=on_step,
+                                       snapshots=snapshots, on_snapshot=on_snapshot)
     if method == "lora":
-        return train_lora(pipe, pixels, steps, lr=settings.lora_lr, seed=seed, on_step=on_step)
+        return train_lora(pipe, pixels, steps, lr=settings.lora_lr, seed=seed, on_step=on_step, snapshots=snapshots,
+                          on_snapshot=on_snapshot)
     if method == "dreambooth":
         return train_dreambooth(pipe, pixels, steps, lr=settings.dreambooth_lr, seed=seed, on_step=on_step,
                                 prior_images=settings.dreambooth_prior_images, guidance_rescale=guidance_rescale)

@@ -106,9 +106,7 @@ class Harness:
     def _run(self, name: str, concepts: list[EvalConcept], personalise, draw, prompts: list[str] | None = None,
              ) -> MethodResult:
         """personalise(concept) -> state; draw(state, prompts, seeds) -> images; scored per sample."""
-        prompts = prompts or self.eval_set.prompts
-        result = MethodResult(name)
-        rows = []
+        result, rows = MethodResult(name), []
         started = time.perf_counter()
         progress = Progress(f"{name} concepts", len(concepts))
         with PeakMemory() as memory:
@@ -116,20 +114,29 @@ class Harness:
                 t0 = time.perf_counter()
                 state = personalise(concept)
                 result.concept_seconds.append(time.perf_counter() - t0)
-                batch_prompts = [p for p in prompts for _ in self.seeds]
-                batch_seeds = [s for _ in prompts for s in self.seeds]
-                images = draw(state, batch_prompts, batch_seeds)
-                scores = self.metrics.score(images, batch_prompts, concept.image)
-                result.identity += scores.identity.tolist()
-                result.prompt += scores.prompt.tolist()
-                result.concept += [concept.name] * len(images)
-                if len(rows) < GRID_ROWS:
-                    rows.append((concept.image, images[::len(self.seeds)][:GRID_PROMPTS]))
+                identity, prompt = self._score(result, rows, concept, draw(state, *self._samples(prompts)),
+                                               prompts)
                 log.info("%s: concept %d/%d (%s) identity %.3f prompt %.3f", name, n, len(concepts), concept.name,
-                         scores.identity.mean(), scores.prompt.mean())
-                progress.update(n, identity=float(scores.identity.mean()), prompt=float(scores.prompt.mean()))
+                         identity, prompt)
+                progress.update(n, identity=identity, prompt=prompt)
         result.peak_mb, result.wall_s, result.grid = memory.peak_mb, time.perf_counter() - started, sample_grid(rows)
         return result
+
+    def _samples(self, prompts: list[str] | None = None) -> tuple[list[str], list[int]]:
+        """(prompt, seed) of every sample of one concept: each prompt with each seed."""
+        prompts = prompts or self.eval_set.prompts
+        return [p for p in prompts for _ in self.seeds], [s for _ in prompts for s in self.seeds]
+
+    def _score(self, result: MethodResult, rows: list, concept: EvalConcept, images: list[np.ndarray],
+               prompts: list[str] | None = None) -> tuple[float, float]:
+        """Scores one concept's samples into `result` (and its grid rows); returns their mean identity and prompt."""
+        scores = self.metrics.score(images, self._samples(prompts)[0], concept.image)
+        result.identity += scores.identity.tolist()
+        result.prompt += scores.prompt.tolist()
+        result.concept += [concept.name] * len(images)
+        if len(rows) < GRID_ROWS:
+            rows.append((concept.image, images[::len(self.seeds)][:GRID_PROMPTS]))
+        return float(scores.identity.mean()), float(scores.prompt.mean())
 
     def ours(self, name: str, personalizer=None, limit: int | None = None,
              prompts: list[str] | None = None) -> MethodResult:
@@ -163,6 +170,45 @@ class Harness:
             return sample(p.pipe, p.base.prompts, state, prompts, seeds, settings.sampling)
 
         return self._run(name, self.concepts(limit), personalise, draw)
+
+    def baseline_series(self, prefix: str, method: str, steps: list[int], limit: int | None) -> list[MethodResult]:
+        """One-shot `method` ("ti" or "lora") after each of `steps`, rows `<prefix>-one-shot-<k>`: one run per concept
+        to the largest count, sampled and scored at each count on the way (the lr is constant, so the snapshot at k
+        steps is the k-step run). A point's seconds: set-up plus the loop to k, without the earlier points'
+        sampling; peak memory and wall time are the whole series'."""
+        p, e = self.personalizer, self.cfg.evaluate
+        settings = p.settings()
+        steps = sorted(set(steps))
+        results = {k: MethodResult(f"{prefix}-one-shot-{k}") for k in steps}
+        rows: dict[int, list] = {k: [] for k in steps}
+        concepts = self.concepts(limit)
+
+        def train(n: int, concept: EvalConcept) -> None:
+            progress = Progress(f"{prefix} series {concept.name}", steps[-1])
+            t0, paused = time.perf_counter(), 0.0
+
+            def snapshot(state) -> None:
+                nonlocal paused
+                t = time.perf_counter()
+                result = results[state.steps]
+                result.concept_seconds.append(t - t0 - paused)
+                images = sample(p.pipe, p.base.prompts, state, *self._samples(), settings.sampling)
+                identity, prompt = self._score(result, rows[state.steps], concept, images)
+                log.info("%s: concept %d/%d (%s) identity %.3f prompt %.3f", result.name, n, len(concepts),
+                         concept.name, identity, prompt)
+                paused += time.perf_counter() - t
+
+            train_baseline(method, p.pipe, to_pixels(concept.images[0], p.side), steps[-1], e, seed=self.seeds[0],
+                           guidance_rescale=settings.guidance_rescale, snapshots=steps, on_snapshot=snapshot,
+                           on_step=lambda i, loss: progress.update(i, loss=loss))
+
+        started = time.perf_counter()
+        with PeakMemory() as memory:
+            for n, concept in enumerate(concepts, 1):
+                train(n, concept)
+        for k, result in results.items():
+            result.peak_mb, result.wall_s, result.grid = memory.peak_mb, time.perf_counter() - started, sample_grid(rows[k])
+        return list(results.values())
 
 
 def load_harness(cfg: Config) -> Harness:

@@ -267,6 +267,23 @@ def test_same_seed_and_config_give_the_same_metrics(smoke):
     np.testing.assert_allclose(first, second, atol=1e-4, rtol=0)
 
 
+def test_time_to_identity_snapshots_are_the_shorter_runs(smoke):
+    """A series' point at k steps scores exactly as a k-step run (constant lr, same seed), and takes less time than
+    the next point."""
+    from components.evaluation.harness import load_harness
+
+    _, cfg, _ = smoke
+    harness = load_harness(cfg)
+    for method in ("lora", "ti"):
+        series = harness.baseline_series(method, method, [3, 1], limit=1)
+        assert [r.name for r in series] == [f"{method}-one-shot-1", f"{method}-one-shot-3"]
+        for result, steps in zip(series, (1, 3)):
+            alone = harness.baseline(result.name, method, 1, limit=1, steps=steps)
+            np.testing.assert_allclose(result.identity + result.prompt, alone.identity + alone.prompt, atol=1e-5,
+                                       rtol=0)
+        assert 0 < series[0].summary()["seconds"] < series[1].summary()["seconds"]
+
+
 # --- evaluate and ablate --------------------------------------------------------------------------
 EVALUATE_NAMES = {"ours", "ours-no-tuning", "ours-no-dual-path", "ours-no-reg", "ours-nn-cosine", "ours-no-hypernet",
                   "lora-one-shot", "lora-few-shot", "ti-one-shot", "ti-few-shot", "dreambooth-one-shot",
@@ -325,6 +342,25 @@ def test_evaluate_and_ablate_log_nested_runs_and_reuse_cached_encoders(smoke, tm
     assert ablation["alpha_blend"]["chosen"] in cfg.ablate.alpha_blends
     # every re-trained variant came from the cache: nothing was trained, nothing rewritten
     assert not client.search_runs([client.get_run(parent).info.experiment_id], "tags.stage = 'pretrain'")
+    assert {d: (d / "model.safetensors").stat().st_mtime_ns for d in cached} == stamps
+
+
+def test_variants_stage_lists_every_retrained_encoder_and_trains_nothing_cached(smoke, capsys):
+    """`datencoder variants` (the DVC stage): the union of evaluate's and ablate's re-trained encoders, from the cache."""
+    import ray
+
+    from components.cli import main
+
+    config_file, cfg, _ = smoke
+    cached = seed_encoder_cache(cfg)
+    stamps = {d: (d / "model.safetensors").stat().st_mtime_ns for d in cached}
+    assert main(["variants", "--config", str(config_file), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["encoders"]) == {"ours-short", "ours-no-reg", "ours-nn-cosine", "ours-no-hypernet",
+                                       "reg-none", "reg-l2", "reg-nn-cosine", "reg-contrastive", "no-dual-path-train",
+                                       "no-hypernet"}
+    assert {Path(d) for d in report["encoders"].values()} == set(cached)  # six distinct encoders
+    assert report["steps"] == cfg.evaluate.retrain_steps and not ray.is_initialized()
     assert {d: (d / "model.safetensors").stat().st_mtime_ns for d in cached} == stamps
 
 
