@@ -172,7 +172,7 @@ def cmd_baseline(args: argparse.Namespace) -> dict:
 
 
 def _evaluation_overrides(args: argparse.Namespace) -> dict:
-    given = {"full": args.full or None, "retrain_steps": args.retrain_steps, "out": args.out}
+    given = {"full": args.full or None, "retrain_steps": args.retrain_steps, "out": getattr(args, "out", None)}
     return {"evaluate": {k: v for k, v in given.items() if v is not None}}
 
 
@@ -189,6 +189,12 @@ def cmd_ablate(args: argparse.Namespace) -> dict:
     if overrides["evaluate"].pop("out", None) is not None:
         overrides["ablate"] = {"out": args.out}
     return ablate(_config(args, overrides=overrides), parent_run_id=args.parent_run_id)
+
+
+def cmd_variants(args: argparse.Namespace) -> dict:
+    from components.evaluation.variants import train_variants
+
+    return train_variants(_config(args, overrides=_evaluation_overrides(args)), parent_run_id=args.parent_run_id)
 
 
 def cmd_serve(args: argparse.Namespace) -> dict:
@@ -312,13 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, what in (("evaluate", cmd_evaluate, "CLIP identity/prompt similarity of ours, its variants and "
                               "the baselines; results table, trade-off plot and findings to MLflow"),
                              ("ablate", cmd_ablate, "the ablation grid (regulariser, dual path, hypernetwork, tuning "
-                              "parts, blend sweep), each a nested MLflow run")):
+                              "parts, blend sweep), each a nested MLflow run"),
+                             ("variants", cmd_variants, ("pre-train every re-trained encoder of evaluate and ablate "
+                                                         "into evaluate.cache (cached: a re-run trains nothing)"))):
         p = sub.add_parser(name, help=what)
         _add_config_options(p)
         p.add_argument("--full", action="store_true", help="the issue's whole grid: every concept for every method, "
                                                            "evaluate.full_seeds, evaluate.full_retrain_steps")
         p.add_argument("--retrain-steps", type=_positive_int, help="pre-training steps of the re-trained variants")
-        p.add_argument("--out", help="report directory (default: evaluate.out / ablate.out)")
+        if name != "variants":
+            p.add_argument("--out", help="report directory (default: evaluate.out / ablate.out)")
         p.add_argument("--parent-run-id", help="nest the MLflow run under this run")
         _add_runtime_options(p)
         p.set_defaults(func=func)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from components.errors import UserError
 
@@ -311,17 +311,20 @@ class EvaluateConfig(Section):
     dreambooth_steps: int = Field(400, gt=0)
     dreambooth_lr: float = Field(5e-6, gt=0)  # diffusers train_dreambooth.py
     dreambooth_prior_images: int = Field(0, ge=0)  # class images for prior preservation (0: off)
-    retrain_steps: int = Field(60, gt=0)  # pre-training length of the re-training ablations (and their reference)
-    # the time-to-identity curve (docs/evaluation.md): one-shot LoRA and TI after each of these step counts, on the
-    # baselines' concepts, beside ours at 0 and tuning_steps steps, against wall time; off by default (its cost)
-    time_to_identity: bool = False
-    time_to_identity_steps: list[int] = [50, 100, 250, 500, 1000, 2000]
+    # pre-training length of the re-trained variants (and their reference, the default recipe as long): a quarter
+    # of the main encoder's 1000, long enough that a variant measures its recipe, not its warm-up; trained once by
+    # the `variants` stage and kept as its DVC output (docs/evaluation.md "Re-trained variants")
+    retrain_steps: int = Field(250, gt=0)
+    # the time-to-identity curve (docs/evaluation.md): one-shot LoRA and TI after each of these step counts (one run
+    # per concept, scored on the way), on the baselines' concepts, beside ours at 0 and tuning_steps, against time
+    time_to_identity: bool = True
+    time_to_identity_steps: list[PositiveInt] = Field([50, 100, 250, 500, 1000, 2000], min_length=1)
     full: bool = False
     full_retrain_steps: int = Field(1000, gt=0)
     full_seeds: list[int] = [0, 1, 2]
     gate_concepts: int = Field(4, gt=0)  # the registry gate: the first N concepts ...
     gate_prompts: int = Field(3, gt=0)  # ... x the first N prompts, seed 0
-    cache: str = "checkpoints/ablation-encoders"  # re-trained encoders, keyed by their config
+    cache: str = "models/ablation-encoders"  # re-trained encoders, keyed by their config (the `variants` stage's output)
     out: str = "outputs/evaluate"  # reports and sample grids (also logged to MLflow)
     experiment: str = "datencoder-evaluate"
 
@@ -398,7 +401,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "personalize": {"tuning_steps": 2, "num_inference_steps": 2, "encoder": "outputs/smoke-encoder"},
         "evaluate": {"prompts": ["S* on a beach", "two S* on grass"], "max_concepts": 2, "baseline_concepts": 1,
                      "few_shot_images": 3, "ti_steps": 2, "lora_steps": 2, "dreambooth_steps": 2, "retrain_steps": 2,
-                     "gate_concepts": 2, "gate_prompts": 1},
+                     "time_to_identity_steps": [1, 2], "gate_concepts": 2, "gate_prompts": 1},
         "ablate": {"concepts": 1, "alpha_blends": [0.0, 1.0]},
         "pipeline": {"retry_delay_s": 1.0, "timeout_s": 900},
     },

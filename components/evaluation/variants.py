@@ -1,7 +1,9 @@
 """Variants of ours for `evaluate` and `ablate`: tuning-only variants on the committed encoder, and
-re-trained encoders (short pre-training runs, components/training/pretrain.py) compared with the default
-recipe trained exactly as long, cached under `evaluate.cache` keyed by pre-training's own run name (base
-fingerprint, encoder, data version, recipe) and length, so a re-run, or `evaluate` after `ablate`, trains nothing.
+re-trained encoders (shorter pre-training runs, components/training/pretrain.py, `evaluate.retrain_steps`: a quarter
+of the main encoder's by default) compared with the default recipe trained exactly as long, cached under
+`evaluate.cache` keyed by pre-training's own run name (base fingerprint, encoder, data version, recipe) and length,
+so a re-run, or `evaluate` after `ablate`, trains nothing. `train_variants` is the `variants` stage (dvc.yaml): it
+trains them all, and DVC keeps the cache as that stage's output.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ def encoder_variant(cfg: Config, overrides: dict, steps: int) -> tuple[Config, P
         "warmup_steps": min(cfg.pretrain.warmup_steps, max(1, steps // 10))})})
     key = f"{run_name(variant, data_version(cfg.pretrain.data))}-{steps}"
     out = Path(cfg.evaluate.cache) / key
+    # Ray's checkpoints beside the main run's, not in the cache: the cache holds encoders only (a DVC output)
     variant = variant.model_copy(update={"pretrain": variant.pretrain.model_copy(update={
-        "out": str(out / "encoder"), "storage": str(out / "checkpoints"), "max_steps": steps})})
+        "out": str(out / "encoder"), "storage": str(Path(cfg.pretrain.storage) / "variants" / key),
+        "max_steps": steps})})
     return variant, out / "encoder"
 
 
@@ -96,3 +100,12 @@ def retrained_variants(cfg: Config) -> dict[str, dict]:
     return variants
 
 
+
+
+def train_variants(cfg: Config, parent_run_id: str | None = None) -> dict:
+    """The `variants` stage: every re-trained encoder of `evaluate` and `ablate` (variants sharing a recipe train
+    once) into `evaluate.cache`; returns {"steps", "cache", "encoders": {variant name: directory}}."""
+    wanted = {**EVALUATE_RETRAINED, **retrained_variants(cfg)}
+    with training_session(cfg) as train:
+        encoders = {name: str(train(name, overrides, parent_run_id)) for name, overrides in wanted.items()}
+    return {"steps": retrain_steps(cfg), "cache": cfg.evaluate.cache, "encoders": encoders}
