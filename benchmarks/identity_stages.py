@@ -19,7 +19,9 @@ Rows (stages), each on the same inputs, prompts and seeds:
 Prompts: four plain backgrounds per concept ("S* on a blue background"), none of the object's colours. Readings:
 pixel colour and background (components.evaluation.check_base.read_colours), pixel shape
 (components.toy.palette.read_shape: the best-matching shape outline), and the metrics CLIP zero-shot: colour and
-shape each chosen among the captions differing only in that word. Each cell: accuracy and its 95% Wilson interval.
+shape each chosen among the captions differing only in that word. Each cell: accuracy and its 95% Wilson interval,
+and in the JSON what a wrong pixel colour read as (`colour_read_as`: the pattern colour, the prompted background,
+the input photo's background, another colour).
 Concepts: `evaluate.concepts` (held out of pre-training) and fresh looks of the shapes pre-training never saw
 (`toy_world.encoder_holdout_shapes`), colours and pattern drawn at random (`--fresh-seed`), none an evaluation
 concept. Writes identity_stages.json and identity_stages.md under --out (default outputs/identity_stages).
@@ -32,6 +34,7 @@ import math
 import random
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,14 +126,26 @@ def wilson(hits: int, n: int) -> tuple[float, float]:
 READINGS = ("colour_pixel", "colour_clip", "shape_pixel", "shape_clip", "background_pixel")
 
 
-def read(clip, images: list[np.ndarray], looks: list[tuple[tw.ToyConcept, str]]) -> dict[str, list[bool]]:
-    """Per image hits of every reading; looks: (concept, prompted background colour) per image."""
+def colour_read_as(seen: str | None, concept: tw.ToyConcept, background: str) -> str:
+    """What the pixel reading of the object's colour matched: the concept's colour ("right"), its pattern colour,
+    the prompted background, the input photo's background (the tuning caption's), another colour, or none."""
+    for name, colour in (("right", concept.colour), ("pattern", concept.pattern_colour),
+                         ("prompted background", background), ("input background", background_for(concept))):
+        if seen == colour:
+            return name
+    return "other" if seen else "none"
+
+
+def read(clip, images: list[np.ndarray], looks: list[tuple[tw.ToyConcept, str]]) -> dict[str, list]:
+    """Per image hits of every reading, and what the pixel colour read as; looks: (concept, prompted background
+    colour) per image."""
     from PIL import Image
 
     colours = [read_colours(image) for image in images]
     combos = [(c.shape, c.colour, bg) for c, bg in looks]
     pil = [Image.fromarray(image) for image in images]
-    return {"colour_pixel": [seen == c.colour for (_, seen), (c, _) in zip(colours, looks)],
+    return {"colour_read_as": [colour_read_as(seen, c, bg) for (_, seen), (c, bg) in zip(colours, looks)],
+            "colour_pixel": [seen == c.colour for (_, seen), (c, _) in zip(colours, looks)],
             "background_pixel": [seen == bg for (seen, _), (_, bg) in zip(colours, looks)],
             "shape_pixel": [palette.read_shape(image) == c.shape for image, (c, _) in zip(images, looks)],
             "shape_clip": clip_accuracy(clip, pil, combos, "shape"),
@@ -194,6 +209,7 @@ def summarise(hits: dict[str, list[bool]]) -> dict:
         out[reading] = round(float(np.mean(values)), 3) if values else math.nan
         out[reading + "_ci"] = wilson(int(np.sum(values)), len(values))
     out["images"] = len(hits[READINGS[0]])
+    out["colour_read_as"] = dict(sorted(Counter(hits["colour_read_as"]).items()))
     return out
 
 
