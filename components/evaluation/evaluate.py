@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from components import tracking
 from components.config import Config, variant_config
 from components.evaluation import report
 from components.evaluation.eval_set import check_held_out
@@ -43,14 +42,16 @@ def evaluate(cfg: Config, parent_run_id: str | None = None) -> dict:
                 run.add(harness.baseline(f"{prefix}-{label}", method, shots, baseline_concepts),
                         {"steps": getattr(e, f"{method}_steps"), "shots": shots})
         curve = time_to_identity(run, harness, baseline_concepts) if e.time_to_identity else None
-        result = run.report("Evaluation", e.out, report.evaluation_findings(run.results))
+        extra = report.time_to_identity_markdown(curve, Path(curve["plot"]).name) if curve else ""
+        result = run.report("Evaluation", e.out, report.evaluation_findings(run.results), extra,
+                            report.time_to_identity_metrics(curve) if curve else None)
     return {**result, "held_out": held_out, **({"time_to_identity": curve} if curve else {})}
 
 
 def time_to_identity(run: StageRun, harness, concepts: int | None) -> dict:
     """One-shot LoRA and TI after each of `evaluate.time_to_identity_steps` (rows `<prefix>-one-shot-<steps>`, on the
     baselines' concepts) beside ours at 0 and the default tuning steps on the same concepts; the plot and the
-    quality-matched speed-ups are logged to the stage's MLflow run (report/time_to_identity.png, metrics)."""
+    quality-matched speed-ups go to the stage's MLflow run (report/time_to_identity.png), results.md and metrics.json."""
     e = run.cfg.evaluate
     series = {}
     for prefix in ("lora", "ti"):
@@ -68,9 +69,6 @@ def time_to_identity(run: StageRun, harness, concepts: int | None) -> dict:
     for name in ("ours-no-tuning@baselines", "ours@baselines"):
         del run.results[name]  # plotted, not rows of the table
     run.client.log_artifact(run.run_id, curve["plot"], "report")
-    tracking.log_metrics(run.client, run.run_id, {f"quality_matched_speedup_{p}": v["speedup"]
-                                                  for p, v in curve["quality_matched"].items()
-                                                  if v["speedup"] is not None}, step=0)
     return curve
 
 

@@ -246,12 +246,14 @@ class StageRun:
             if result.grid is not None:
                 client.log_image(run_id, result.grid, artifact_file=f"samples/{result.name}.png")
 
-    def report(self, title: str, out: str, findings: list[dict], extra: str = "") -> dict:
-        """Write and log the report; returns the stage's result (what the CLI prints)."""
-        files = report.write_report(Path(out), title, self.results, findings, self.cfg, extra)
+    def report(self, title: str, out: str, findings: list[dict], extra: str = "",
+               metrics: dict[str, float] | None = None) -> dict:
+        """Write and log the report (`metrics`: the stage's own, beside every method's); returns the stage's result
+        (what the CLI prints)."""
+        files = report.write_report(Path(out), title, self.results, findings, self.cfg, extra, metrics)
         report.log_report(self.client, self.run_id, files)
         methods = {name: r.summary() for name, r in self.results.items()}
-        tracking.log_metrics(self.client, self.run_id, report.method_metrics(methods), step=0)
+        tracking.log_metrics(self.client, self.run_id, {**report.method_metrics(methods), **(metrics or {})}, step=0)
         return {"methods": methods, "findings": findings,
                 "mlflow_run_id": self.run_id, "report": {k: str(v) for k, v in files.items() if k != "grids"},
                 "seconds": round(time.perf_counter() - self.started, 1)}

@@ -95,6 +95,12 @@ def evaluation_findings(results: dict) -> list[dict]:
                             ours_same, lora, "identity"))
     # a tie within the noise stays "inconclusive": it is no evidence that ours matches LoRA
     findings.append(faster("... at a fraction of its time", "seconds vs minutes", r["ours"], lora))
+    # the product's bar: TI's identity (the highest baseline's) at LoRA's prompt similarity, on the same samples
+    ti = r["ti-one-shot"]
+    findings.append(compare("ours at least matches one-shot TI on identity", "matches or beats it",
+                            r["ours"].subset(set(ti.concept)), ti, "identity"))
+    findings.append(compare("ours keeps one-shot LoRA's prompt similarity", "matches or beats it", ours_same, lora,
+                            "prompt"))
     return findings
 
 
@@ -184,6 +190,27 @@ def time_to_identity(results: dict, baselines: dict[str, list[str]], ours: list[
                      for n, s in zip(ours, mine)}, "quality_matched": speedups, "plot": str(path)}
 
 
+def time_to_identity_markdown(curve: dict, plot_name: str) -> str:
+    """The curve's section of results.md: ours' points and each baseline's quality-matched speed-up."""
+    lines = ["## Time to identity", "", f"![time to identity]({plot_name})", "",
+             "| point | identity | prompt | seconds |", "|---|---|---|---|"]
+    lines += [f"| {name} | {p['identity']:.4f} | {p['prompt']:.4f} | {p['seconds']:.3f} |"
+              for name, p in curve["ours"].items()]
+    lines += ["", "| baseline | first point reaching ours' identity (s) | quality-matched speed-up | best identity "
+              "| longest run (s) |", "|---|---|---|---|---|"]
+    for prefix, q in curve["quality_matched"].items():
+        reached = "never" if q["reached_at_s"] is None else f"{q['reached_at_s']:.2f}"
+        speedup = "-" if q["speedup"] is None else f"{q['speedup']:.1f}x"
+        lines.append(f"| {prefix} | {reached} | {speedup} | {q['best_identity']:.4f} | {q['longest_s']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def time_to_identity_metrics(curve: dict) -> dict[str, float]:
+    """`quality_matched_speedup_<baseline>` where the baseline reached ours' identity."""
+    return {f"quality_matched_speedup_{prefix}": q["speedup"] for prefix, q in curve["quality_matched"].items()
+            if q["speedup"] is not None}
+
+
 def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub markdown table (pandas' to_markdown needs tabulate, not a dependency)."""
     # counts (concepts, samples) arrive as floats after aggregation: a column of whole numbers prints as ints
@@ -224,16 +251,18 @@ def findings_table(findings: list[dict]) -> list[str]:
     return lines
 
 
-def write_report(out: Path, title: str, results: dict, findings: list[dict], cfg: Config, extra: str = "") -> dict:
-    """results.csv (one row per method: the trade-off data), metrics.json (method_metrics: DVC's metrics
-    file), results.md, tradeoff.png and grids/<method>.png under `out`; returns their paths."""
+def write_report(out: Path, title: str, results: dict, findings: list[dict], cfg: Config, extra: str = "",
+                 metrics: dict[str, float] | None = None) -> dict:
+    """results.csv (one row per method: the trade-off data), metrics.json (method_metrics and the stage's own
+    `metrics`: DVC's metrics file), results.md, tradeoff.png and grids/<method>.png under `out`; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     frame = table(results)
     files = {"csv": out / "results.csv", "metrics": out / "metrics.json", "markdown": out / "results.md",
              "plot": out / "tradeoff.png", "grids": out / "grids"}
     frame.to_csv(files["csv"])
     summaries = {name: r.summary() for name, r in results.items()}
-    files["metrics"].write_text(json.dumps(method_metrics(summaries), indent=1, sort_keys=True) + "\n")
+    files["metrics"].write_text(json.dumps({**method_metrics(summaries), **(metrics or {})}, indent=1,
+                                           sort_keys=True) + "\n")
     files["markdown"].write_text(markdown(title, frame, findings, cfg, extra))
     tradeoff_plot(results, files["plot"], f"{title}: identity vs prompt similarity ({cfg.preset})")
     files["grids"].mkdir(exist_ok=True)

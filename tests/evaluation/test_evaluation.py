@@ -334,6 +334,14 @@ def test_evaluate_and_ablate_log_nested_runs_and_reuse_cached_encoders(smoke, tm
     assert result["held_out"]["checked"]
     table = Path(result["report"]["csv"]).read_text()
     assert all(name in table for name in EVALUATE_NAMES)
+    # the time-to-identity curve (smoke: 1 and 2 steps): its rows, its section of results.md, its speed-ups
+    curve = result["time_to_identity"]
+    assert {"lora-one-shot-1", "lora-one-shot-2", "ti-one-shot-1", "ti-one-shot-2"} <= set(result["methods"])
+    assert set(curve["quality_matched"]) == {"lora", "ti"} and Path(curve["plot"]).is_file()
+    assert "## Time to identity" in Path(result["report"]["markdown"]).read_text()
+    metrics = json.loads(Path(result["report"]["metrics"]).read_text())
+    assert {k for k in metrics if k.startswith("quality_matched")} == {
+        f"quality_matched_speedup_{p}" for p, q in curve["quality_matched"].items() if q["speedup"] is not None}
 
     ablation = ablate(cfg, parent_run_id=parent)
     names = {"ours", "no-tuning", "no-dual-path-tune", "no-dual-path-no-tuning", "no-dual-path-train", "no-hypernet", "tune-embedding-only",
