@@ -421,6 +421,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pretrain": {"out": "models/encoder-sd15", "max_steps": 150_000, "batch_size": 64, "grad_accum": 1,
                      "warmup_steps": 1000, "checkpoint_every": 1000, "log_every": 50, "eval_every": 2000,
                      "caption_plain_backgrounds": False},  # the paper's prompts: real photos name no palette
+        # re-trained variants at a quarter of the main encoder's length (--full: all of it), as on the toy preset
+        "evaluate": {"retrain_steps": 37_500, "full_retrain_steps": 150_000},
         # the paper's (E4T's) tuning batch of 16 views (benchmarks/gpu_check.py measures its memory); guidance 4:
         # the toy's 1.5 was chosen on the toy base and says nothing about SD; the paper's tuning recipe (lr 2e-3
         # and the L2 pull): the toy's lr 1e-2 without the pull answers its weak toy encoder (docs/personalize.md
