@@ -540,6 +540,9 @@ def test_identity_stages_writes_one_table_per_stage_and_concept_set(root, tmp_pa
             for reading in ("colour_pixel", "colour_clip", "shape_pixel", "shape_clip", "background_pixel"):
                 low, high = cell[reading + "_ci"]
                 assert 0 <= low <= cell[reading] <= high <= 1
+            # every image's pixel colour is accounted for, the right ones as the colour reading counts them
+            read_as = cell["colour_read_as"]
+            assert sum(read_as.values()) == 8 and read_as.get("right", 0) == round(8 * cell["colour_pixel"])
     renders = result["rows"]["renders"]
     assert all(renders[s]["shape_pixel"] == 1 and renders[s]["background_pixel"] == 1 for s in renders)
     from components.config import load_config
