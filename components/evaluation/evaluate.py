@@ -56,8 +56,9 @@ def time_to_identity(run: StageRun, harness, concepts: int | None) -> dict:
     series = {}
     for prefix in ("lora", "ti"):
         series[prefix] = []
-        for result in harness.baseline_series(prefix, BASELINES[prefix], e.time_to_identity_steps, concepts):
-            run.add(result, {"steps": int(result.name.rsplit("-", 1)[1]), "shots": 1})
+        for steps, result in harness.baseline_series(prefix, BASELINES[prefix], e.time_to_identity_steps,
+                                                     concepts).items():
+            run.add(result, {"steps": steps, "shots": 1})
             series[prefix].append(result.name)
     shared = set(run.results[series["lora"][0]].concept)
     for name in ("ours-no-tuning", "ours"):  # ours on the baselines' concepts

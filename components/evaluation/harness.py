@@ -171,8 +171,10 @@ class Harness:
 
         return self._run(name, self.concepts(limit), personalise, draw)
 
-    def baseline_series(self, prefix: str, method: str, steps: list[int], limit: int | None) -> list[MethodResult]:
-        """One-shot `method` ("ti" or "lora") after each of `steps`, rows `<prefix>-one-shot-<k>`: one run per concept
+    def baseline_series(self, prefix: str, method: str, steps: list[int], limit: int | None,
+                        ) -> dict[int, MethodResult]:
+        """One-shot `method` ("ti" or "lora") after each of `steps` (step count -> its row `<prefix>-one-shot-<k>`,
+        fewest steps first): one run per concept
         to the largest count, sampled and scored at each count on the way (the lr is constant, so the snapshot at k
         steps is the k-step run). A point's seconds: set-up plus the loop to k, without the earlier points'
         sampling; peak memory and wall time are the whole series'."""
@@ -208,7 +210,7 @@ class Harness:
                 train(n, concept)
         for k, result in results.items():
             result.peak_mb, result.wall_s, result.grid = memory.peak_mb, time.perf_counter() - started, sample_grid(rows[k])
-        return list(results.values())
+        return results
 
 
 def load_harness(cfg: Config) -> Harness:

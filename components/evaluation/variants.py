@@ -100,8 +100,6 @@ def retrained_variants(cfg: Config) -> dict[str, dict]:
     return variants
 
 
-
-
 def train_variants(cfg: Config, parent_run_id: str | None = None) -> dict:
     """The `variants` stage: every re-trained encoder of `evaluate` and `ablate` (variants sharing a recipe train
     once) into `evaluate.cache`; returns {"steps", "cache", "encoders": {variant name: directory}}."""

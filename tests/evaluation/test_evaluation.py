@@ -276,12 +276,13 @@ def test_time_to_identity_snapshots_are_the_shorter_runs(smoke):
     harness = load_harness(cfg)
     for method in ("lora", "ti"):
         series = harness.baseline_series(method, method, [3, 1], limit=1)
-        assert [r.name for r in series] == [f"{method}-one-shot-1", f"{method}-one-shot-3"]
-        for result, steps in zip(series, (1, 3)):
+        assert {k: r.name for k, r in series.items()} == {1: f"{method}-one-shot-1", 3: f"{method}-one-shot-3"}
+        assert list(series) == [1, 3]
+        for steps, result in series.items():
             alone = harness.baseline(result.name, method, 1, limit=1, steps=steps)
             np.testing.assert_allclose(result.identity + result.prompt, alone.identity + alone.prompt, atol=1e-5,
                                        rtol=0)
-        assert 0 < series[0].summary()["seconds"] < series[1].summary()["seconds"]
+        assert 0 < series[1].summary()["seconds"] < series[3].summary()["seconds"]
 
 
 # --- evaluate and ablate --------------------------------------------------------------------------
