@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
+from components import home
 from components.errors import UserError
 
 
@@ -485,9 +486,39 @@ def _renamed_keys(values: dict, source: str) -> dict:
     return values
 
 
+# fields naming a read-only input: a default (the schema's or a preset's) that names a committed input is read
+# from the project home wherever the command runs (components/home.py); a config file's or an override's value
+# keeps its meaning, relative to the working directory
+HOME_INPUTS = (("base", "pretrained"), ("base", "backbone_clip", "pretrained"), ("base", "backbone_clip", "config_path"),
+               ("base", "metrics_clip", "pretrained"), ("base", "metrics_clip", "config_path"), ("personalize", "encoder"))
+
+
+def _given(values: dict, keys: tuple[str, ...]) -> bool:
+    for key in keys:
+        if not isinstance(values, dict) or key not in values:
+            return False
+        values = values[key]
+    return True
+
+
+def _inputs_from_home(cfg: Config, sources: list[dict]) -> Config:
+    """`cfg` with each default of HOME_INPUTS that names a committed input read from the project home."""
+    values, changed = cfg.model_dump(), False
+    for keys in HOME_INPUTS:
+        if any(_given(source, keys) for source in sources):
+            continue
+        holder = values
+        for key in keys[:-1]:
+            holder = holder[key]
+        found = home.committed(holder[keys[-1]])
+        changed, holder[keys[-1]] = changed or found != holder[keys[-1]], found
+    return Config.model_validate(values) if changed else cfg
+
+
 def load_config(preset: str | None = None, path: str | Path | None = None,
                 overrides: dict | None = None) -> Config:
-    """Resolve a config. `preset` (if given) wins over the file's `preset:` key."""
+    """Resolve a config. `preset` (if given) wins over the file's `preset:` key. Defaults that name a committed
+    input (HOME_INPUTS) are read from the project home."""
     file_values: dict = {}
     source = "defaults"
     if path is not None:
@@ -507,9 +538,10 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
     values = deep_merge(values, _renamed_keys(overrides or {}, "overrides"))
     values["preset"] = name
     try:
-        return Config.model_validate(values)
+        cfg = Config.model_validate(values)
     except ValidationError as e:
         raise UserError(_format_validation(e, source)) from None
+    return _inputs_from_home(cfg, [file_values, overrides or {}])
 
 
 def resolved(config: Config) -> dict:

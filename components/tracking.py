@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from components.errors import UserError
+from components.home import ROOT
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tracking_uri() -> str:

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # components/<layer>/ packages and the root modules, bottom to top
 LAYERS = [
-    ("components", "errors", "config", "progress", "memory", "tracking", "runtime"),  # cross-cutting, no project logic
+    ("components", "errors", "home", "config", "progress", "memory", "tracking", "runtime"),  # cross-cutting, no project logic
     ("components.toy",),            # the synthetic world and the toy base's recipe
     ("components.data",),           # image reading, dataset preparation
     ("components.model",),          # the encoder and the parts of the paper's Figure 2

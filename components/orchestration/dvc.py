@@ -13,7 +13,6 @@ from pathlib import Path
 
 import yaml
 
-from components import tracking
 from components.config import Config
 from components.data.prepare import data_version
 from components.orchestration.locks import workspace_lock
@@ -21,9 +20,6 @@ from components.orchestration.stages import TransientError
 from components.training.pretrain import pretrain, run_name
 
 log = logging.getLogger(__name__)
-
-ROOT = tracking.ROOT  # the project checkout (where the installed code lives)
-
 
 BIN = Path(sys.executable).parent  # dvc and datencoder of this environment
 

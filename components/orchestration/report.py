@@ -15,9 +15,6 @@ from components.evaluation.report import METRICS, findings_table
 
 log = logging.getLogger(__name__)
 
-ROOT = tracking.ROOT  # the project checkout (where the installed code lives)
-
-
 def run_link(run_id: str | None) -> str:
     if not run_id:
         return "-"

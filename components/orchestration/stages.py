@@ -13,10 +13,9 @@ import yaml
 from components import tracking
 from components.config import Config
 from components.errors import UserError
+from components.home import ROOT
 
 log = logging.getLogger(__name__)
-
-ROOT = tracking.ROOT  # the project checkout (where the installed code lives)
 
 
 class StageFailed(UserError):

@@ -12,17 +12,13 @@ from pathlib import Path
 
 import yaml
 
-from components import tracking
 from components.config import Config, load_config
 from components.errors import UserError
+from components.home import ROOT
 from components.orchestration.dvc import run_dvc
 from components.orchestration.stages import dvc_view
 
 log = logging.getLogger(__name__)
-
-ROOT = tracking.ROOT  # the project checkout (where the installed code lives)
-
-
 
 
 def workspace_config(workspace: str | Path, preset: str | None = None, config: str | Path | None = None) -> Config:
@@ -65,14 +61,15 @@ def init_workspace(workspace: Path, cfg: Config) -> None:
 
 
 def workspace_params(cfg: Config) -> dict:
-    """params.yaml of a workspace elsewhere: `cfg` with the project's read-only inputs (base model, CLIPs)
-    made absolute."""
+    """params.yaml of a workspace elsewhere: `cfg` with its read-only inputs (base model, CLIPs) made absolute.
+    Defaults are read from the project home already (components/home.py); a config file's relative paths
+    mean the working directory's."""
     values = cfg.model_dump()
     base = values["base"]
     for holder, key in [(base, "pretrained"), *((base[c], k) for c in ("backbone_clip", "metrics_clip")
                                                   for k in ("pretrained", "config_path"))]:
-        if holder.get(key) and not Path(holder[key]).is_absolute() and (ROOT / holder[key]).exists():
-            holder[key] = str(ROOT / holder[key])
+        if holder.get(key) and not Path(holder[key]).is_absolute() and Path(holder[key]).exists():
+            holder[key] = str(Path(holder[key]).resolve())
     return values
 
 
