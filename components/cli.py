@@ -8,17 +8,56 @@ stage command and the Prefect task call. Reports go to stdout as one JSON object
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from components.errors import UserError
 from components.progress import show_bars
 
 log = logging.getLogger("datencoder")
 
-# subcommand -> the issue that delivers it; these exit 2 with a clear line until they land
+
+def fail(prog: str, message: str, as_json: bool, code: int = 2) -> int:
+    """A command's error: one line on stderr and, with --json, `{"error": ...}` on stdout. Returns `code`."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": message}))
+    return code
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix matching (`--num-image` is not `--num-images`), whose errors are one line that
+    names what it did not know (and, with --json, a JSON object on stdout)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+        self._given: list[str] = []
+        self.commands: dict[str, Parser] = {}  # the subcommands' parsers
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def unknown_options(self, given: list[str]) -> list[str]:
+        return [a for a in given if a.startswith("--") and a != "--" and a.split("=", 1)[0] not in self._option_string_actions]
+
+    def unrecognized(self, extras: list[str]) -> str:
+        """The message for arguments this parser does not take, with the nearest option for a misspelt one."""
+        message = f"unrecognized arguments: {' '.join(extras)}"
+        hints = [f"{a.split('=', 1)[0]} -> {match[0]}" for a in self.unknown_options(extras)
+                 if (match := difflib.get_close_matches(a.split("=", 1)[0], self._option_string_actions, n=1))]
+        return message + (f" (did you mean: {', '.join(hints)}?)" if hints else "")
+
+    def error(self, message: str) -> NoReturn:
+        unknown = self.unknown_options(self._given)
+        if unknown and message.startswith("the following arguments are required"):
+            message = f"{self.unrecognized(unknown)}; {message}"  # a misspelt option is why one is missing
+        sys.exit(fail(self.prog, f"{message} (see `{self.prog} --help`)", "--json" in self._given))
+
+
 class _Renamed(argparse.Action):
     """An option's old name: still accepted, with a line naming the new one (one name per knob)."""
 
@@ -38,11 +77,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+VERBOSE = "debug logging on stderr"
+
+
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="config preset: toy (default), smoke, sd15")
     p.add_argument("--config", default=None,
                    help="YAML config with a `preset:` key and section overrides (e.g. params.yaml)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE)
 
 
 def _add_trust_option(p: argparse.ArgumentParser) -> None:
@@ -205,9 +248,10 @@ def cmd_serve(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="datencoder", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    parser = Parser(prog="datencoder", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub.choices
 
     p = sub.add_parser("toy-world", help="render the synthetic toy world in ImageNet/Open Images formats")
     _add_config_options(p)
@@ -354,33 +398,45 @@ def emit(result: dict[str, Any], as_json: bool) -> None:
             print(f"{key}: {json.dumps(value, default=str) if isinstance(value, (dict, list)) else value}")
 
 
+def parse(parser: Parser, argv: list[str] | None = None) -> argparse.Namespace:
+    """The command's options; anything its parser does not take is an error naming it (exit 2)."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        command = parser.commands[args.command]
+        command.error(command.unrecognized(extras))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(build_parser(), argv)
     # our own loggers at INFO; third-party chatter (open_clip logs INFO on the root) at WARNING
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("datencoder", "components", "flows"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    as_json = getattr(args, "json", False)
+    prog = f"datencoder {args.command}"
     # bars only for people at a terminal: --json output is for programs
-    show_bars(not getattr(args, "json", False))
+    show_bars(not as_json)
     try:
         result = args.func(args)
     except UserError as e:
-        print(f"datencoder {args.command}: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return fail(prog, str(e), as_json, e.exit_code)
     except KeyboardInterrupt:
-        print(f"datencoder {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
+        if as_json:
+            print(json.dumps({"error": "interrupted"}))
         return 130
     except Exception as e:
         torch = sys.modules.get("torch")  # not imported at start-up: only a stage that ran it can run out of memory
-        if torch is None or not isinstance(e, torch.OutOfMemoryError):
-            raise
-        from components.runtime import out_of_memory
+        if torch is not None and isinstance(e, torch.OutOfMemoryError):
+            from components.runtime import out_of_memory
 
-        print(f"datencoder {args.command}: error: {out_of_memory(e)}", file=sys.stderr)
-        return 2
-    emit(result, getattr(args, "json", False))
+            return fail(prog, out_of_memory(e), as_json)
+        if as_json:  # a bug: its traceback on stderr, and still one JSON object on stdout
+            print(json.dumps({"error": f"internal error: {type(e).__name__}: {e}"}))
+        raise
+    emit(result, as_json)
     return 0
 
 

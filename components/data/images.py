@@ -103,6 +103,17 @@ def read_bytes(path: str | Path) -> bytes:
         raise UserError(f"cannot read image {path}: {e.strerror}") from None
 
 
+def read_file(path: str | Path, max_pixels: int) -> bytes:
+    """A local image file's bytes, checked to decode as `read_image` decodes them: a command checks its
+    photos before it loads any model. Every error names the file."""
+    data = read_bytes(path)
+    try:
+        read_image(data, max_pixels)
+    except BadImage as e:
+        raise BadImage(e.reason, f"{path}: {e}") from None
+    return data
+
+
 def to_pixels(image: Image.Image, side: int) -> torch.Tensor:
     """Centre square crop, resized to the base's resolution: (1, 3, side, side) in [-1, 1]."""
     square = ImageOps.fit(image, (side, side), method=Image.Resampling.BICUBIC)

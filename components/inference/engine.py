@@ -36,6 +36,7 @@ from components.inference.tuning import Concept, TuningRecipe, predict_concept, 
 from components.model.base import load_pipeline
 from components.model.encoder import FrozenBase, TuningEncoder
 from components.model.placeholder import (
+    PromptEncoder,
     plain_background_index,
     plain_background_prompts,
 )
@@ -192,15 +193,7 @@ class Personalizer:
         return Settings(**values, scheduler=scheduler, guidance_rescale=p.guidance_rescale)
 
     def check_prompts(self, prompts: list[str]) -> None:
-        """Bad prompts fail before any work: no S*, or longer than the text encoder takes (stock pipelines
-        would silently cut the end off)."""
-        tokenizer = self.base.prompts.tokenizer
-        for prompt in prompts:
-            length = len(tokenizer(prompt).input_ids)
-            if length > tokenizer.model_max_length:
-                raise UserError(f"prompt {prompt[:60]!r}... is too long: {length} tokens, the text encoder takes "
-                                f"{tokenizer.model_max_length} (start and end included)")
-        self.base.prompts.tokenize(prompts)
+        check_prompts(prompts, self.base.prompts)
 
     def tuning_prompt_ids(self, pixels: torch.Tensor) -> torch.Tensor:
         """The configured tuning prompts or, with caption_plain_backgrounds and a plain background, its caption."""
@@ -237,8 +230,6 @@ class Personalizer:
     def run(self, image_bytes: bytes | list[bytes], prompts: list[str], settings: Settings) -> Result:
         """Personalise one concept from one photo (the paper's setting) or several photos of it."""
         started = time.perf_counter()
-        if not prompts:
-            raise UserError("give at least one prompt containing S*")
         self.check_prompts(prompts)
         photos = [image_bytes] if isinstance(image_bytes, (bytes, bytearray)) else list(image_bytes)
         if not photos:
@@ -258,6 +249,20 @@ class Personalizer:
         timings["sample_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - started
         return Result(images, concept, digest, cached, {k: round(v, 3) for k, v in timings.items()})
+
+
+def check_prompts(prompts: list[str], prompt_encoder: PromptEncoder) -> None:
+    """Bad prompts fail before any work: none, no S*, or longer than the text encoder takes (stock pipelines
+    would silently cut the end off). Needs only the base's tokenizer (`PromptEncoder(tokenizer, None)`)."""
+    if not prompts:
+        raise UserError("give at least one prompt containing S*")
+    tokenizer = prompt_encoder.tokenizer
+    for prompt in prompts:
+        length = len(tokenizer(prompt).input_ids)
+        if length > tokenizer.model_max_length:
+            raise UserError(f"prompt {prompt[:60]!r}... is too long: {length} tokens, the text encoder takes "
+                            f"{tokenizer.model_max_length} (start and end included)")
+    prompt_encoder.tokenize(prompts)
 
 
 def images_digest(photos: list[bytes]) -> str:
