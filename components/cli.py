@@ -11,6 +11,8 @@ import argparse
 import difflib
 import json
 import logging
+import os
+import signal
 import sys
 from typing import Any, NoReturn
 
@@ -77,7 +79,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-VERBOSE = "debug logging on stderr"
+VERBOSE = "debug logging on stderr, and Ray's, Prefect's and MLflow's info lines (default: their warnings only)"
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
@@ -407,13 +409,30 @@ def parse(parser: Parser, argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops a command as Ctrl-C does: what it started is cleaned up on the way out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(build_parser(), argv)
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        return run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed command: its report on stdout, or its error (one line; exit 2 for what the user can fix)."""
     # our own loggers at INFO; third-party chatter (open_clip logs INFO on the root) at WARNING
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("datencoder", "components", "flows"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # Prefect and MLflow set up their own loggers when imported (and so do the processes a command starts):
+    # their info lines only with --verbose, unless the user set their levels
+    for variable in ("PREFECT_LOGGING_LEVEL", "MLFLOW_LOGGING_LEVEL"):
+        os.environ.setdefault(variable, "INFO" if args.verbose else "WARNING")
     as_json = getattr(args, "json", False)
     prog = f"datencoder {args.command}"
     # bars only for people at a terminal: --json output is for programs
@@ -422,7 +441,10 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
     except UserError as e:
         return fail(prog, str(e), as_json, e.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as e:
+        # SIGTERM is KeyboardInterrupt here, or SystemExit(SIGTERM) once ray.init has replaced our handler with its own
+        if isinstance(e, SystemExit) and e.code != signal.SIGTERM:
+            raise
         print(f"{prog}: interrupted", file=sys.stderr)
         if as_json:
             print(json.dumps({"error": "interrupted"}))

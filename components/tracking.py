@@ -11,6 +11,7 @@ import contextlib
 import os
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -111,6 +112,8 @@ def log_dataset(client, run_id: str, frame, source: str, name: str, digest: str,
     import mlflow.data
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
+    with warnings.catch_warnings():  # the hint is about enforcing a model's input schema: a data set has none
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
     client.log_inputs(run_id, datasets=[DatasetInput(Dataset(**dataset.to_dict()),
                                                      tags=[InputTag("mlflow.data.context", context)])])

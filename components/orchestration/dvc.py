@@ -16,6 +16,7 @@ import yaml
 from components.config import Config
 from components.data.prepare import data_version
 from components.orchestration.locks import workspace_lock
+from components.orchestration.processes import stop_session
 from components.orchestration.stages import TransientError
 from components.training.pretrain import pretrain, run_name
 
@@ -28,13 +29,17 @@ def run_dvc(workspace: str | Path, *args: str, timeout: float | None = None) -> 
     """One `dvc` command in `workspace`, its output lines on our log (and so in the Prefect logs)."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen([str(BIN / "dvc"), *args], cwd=workspace, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
-    for line in proc.stdout:
-        lines.append(line.rstrip())
-        if line.strip():
-            log.info("dvc %s: %s", args[0], line.rstrip()[:300])
-    code = proc.wait(timeout=timeout)
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if line.strip():
+                log.info("dvc %s: %s", args[0], line.rstrip()[:300])
+        code = proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:  # interrupted (Ctrl-C, SIGTERM) or timed out: dvc and its stage command stop too
+            stop_session(proc)
     if code:
         tail = " | ".join(l for l in lines[-5:] if l.strip())
         raise (TransientError if args[0] in ("push", "pull") else RuntimeError)(

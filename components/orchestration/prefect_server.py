@@ -14,9 +14,9 @@ from typing import Iterator
 
 from components.errors import UserError
 from components.orchestration.dvc import BIN
+from components.orchestration.processes import stop_session
 
 log = logging.getLogger(__name__)
-
 
 
 def prefect_environment(workspace: Path) -> dict[str, str]:
@@ -70,19 +70,9 @@ def local_prefect_server(workspace: Path, startup_timeout_s: float, ui: bool = F
         log.info("local Prefect server for this run at %s (database in %s)", api, home)
         yield api
     finally:
+        if handlers := sys.modules.get("prefect.logging.handlers"):  # the run's logs reach the server before it stops
+            handlers.APILogWorker.drain_all(timeout=30)
         stop_session(server)
-
-
-def stop_session(proc: subprocess.Popen, grace_s: float = 30) -> None:
-    """Stop a process started with start_new_session=True and everything in its session."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, 15)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)
-        proc.wait()
 
 
 def wait_for_interrupt(ui_url: str) -> None:

@@ -255,7 +255,10 @@ def connect(address: str | None) -> bool:
         os.environ.setdefault("RAY_worker_niceness", "0")
     for attempt in (1, 2):
         try:
-            ray.init(address=address or None, logging_level=logging.WARNING)
+            if address:
+                ray.init(address=address, logging_level=logging.WARNING)
+            else:
+                start_own_cluster()
             return True
         except Exception as e:  # noqa: BLE001 - Ray raises bare Exceptions for start-up timeouts
             if address:
@@ -264,6 +267,27 @@ def connect(address: str | None) -> bool:
                 raise UserError(f"cannot start a local Ray cluster: {str(e).splitlines()[0]}") from None
             log.warning("starting a local Ray cluster failed (%s); retrying", str(e).splitlines()[0])
     return True
+
+
+def start_own_cluster() -> None:
+    """A new local Ray cluster for this command (`address="local"`: never one that `ray start` left on the
+    machine) whose processes know its dashboard. Ray Train's placement-group cleaner asks the state API for
+    "the" cluster: RAY_API_SERVER_ADDRESS, else the latest `ray start` cluster, else any on the machine, which
+    on a shared machine with several is an error."""
+    import ray
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    before = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited as the cluster's processes start
+    try:
+        ray.init(address="local", dashboard_port=port, logging_level=logging.WARNING)
+    finally:
+        if before is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS")
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = before
 
 
 def user_error_in(error: BaseException) -> UserError | None:

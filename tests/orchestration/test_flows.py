@@ -26,7 +26,7 @@ import pytest
 import yaml
 from smoke_models import free_port, write_smoke_models
 
-from components.orchestration.prefect_server import stop_session
+from components.orchestration.processes import stop_session
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -330,6 +330,73 @@ def test_ui_keeps_the_run_server_up_with_its_report_plots_and_progress(smoke, tm
     assert json.loads(stdout.strip().splitlines()[-1])["prefect_ui"] == ui
     with pytest.raises(requests.RequestException):
         requests.get(f"{api}/health", timeout=5)  # Ctrl-C stopped the server too
+
+
+# --- a clean stop ---------------------------------------------------------------------------------------
+def descendants(pid: int) -> dict[tuple[int, int], str]:
+    """(pid, start time) -> command line of every process below `pid` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+    found, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            with contextlib.suppress(OSError, IndexError):
+                started = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[19])
+                found[(child, started)] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                todo.append(child)
+    return found
+
+
+def alive(process: tuple[int, int]) -> bool:
+    """Whether the process (pid, start time) still runs (not a zombie, not a new process with its pid)."""
+    with contextlib.suppress(OSError, IndexError):
+        fields = Path(f"/proc/{process[0]}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0] != "Z" and int(fields[19]) == process[1]
+    return False
+
+
+@pytest.mark.slow  # a pipeline run up to its training workers (minutes on 2 cores)
+def test_sigterm_mid_run_stops_everything_the_run_started(smoke, tmp_path):
+    """SIGTERM while pre-training runs on the run's Ray cluster: the run ends, and its Prefect server, Ray
+    cluster and workers end with it (no orphan)."""
+    import signal
+
+    import requests
+
+    ws = smoke["ws"]
+    params = ws / "params.yaml"
+    original = params.read_text()
+    values = yaml.safe_load(original)
+    # a longer run in storage of its own: pre-training is not taken from the cache and trains while we stop it
+    values["pretrain"].update(max_steps=1000, storage=str(tmp_path / "checkpoints"))
+    params.write_text(yaml.safe_dump(values, sort_keys=False))
+    run = pipeline("--workspace", ws, wait=False)
+    seen: dict[tuple[int, int], str] = {}
+    try:
+        deadline = time.monotonic() + 600
+        while not any("RayTrainWorker" in c for c in seen.values()):  # the training workers run
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()[1][-3000:]
+            seen.update(descendants(run.pid))
+            time.sleep(0.5)
+        seen.update(descendants(run.pid))
+        assert any("prefect server start" in c for c in seen.values()) and any("raylet" in c for c in seen.values())
+        api = next(c.split("--port ")[1].split()[0] for c in seen.values() if "prefect server start" in c)
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=300)
+    finally:
+        params.write_text(original)
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode != 0 and "datencoder pipeline: interrupted" in err, err[-3000:]
+    deadline = time.monotonic() + 60  # Ray's processes notice their driver is gone within seconds
+    while (left := {p: c for p, c in seen.items() if alive(p)}) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, left
+    with pytest.raises(requests.RequestException):
+        requests.get(f"http://127.0.0.1:{api}/api/health", timeout=5)
+    assert not lock_is_held(ws / ".datencoder" / "pipeline.lock")
 
 
 # --- team mode: MLflow server with a database and S3 artifacts, S3 for DVC and Ray checkpoints -----------
