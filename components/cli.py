@@ -194,7 +194,15 @@ def cmd_ablate(args: argparse.Namespace) -> dict:
 def cmd_variants(args: argparse.Namespace) -> dict:
     from components.evaluation.variants import train_variants
 
-    return train_variants(_config(args, overrides=_evaluation_overrides(args)), parent_run_id=args.parent_run_id)
+    return train_variants(_config(args, overrides=_evaluation_overrides(args)), parent_run_id=args.parent_run_id,
+                          force=args.force)
+
+
+def cmd_baselines(args: argparse.Namespace) -> dict:
+    from components.evaluation.evaluate import baselines
+
+    return baselines(_config(args, overrides=_evaluation_overrides(args)), parent_run_id=args.parent_run_id,
+                     force=args.force)
 
 
 def cmd_serve(args: argparse.Namespace) -> dict:
@@ -219,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bootstrap", help="train the tiny toy base model and CLIPs from the toy world")
     _add_config_options(p)
     p.add_argument("--out", help="models directory (default: bootstrap.out_dir)")
-    p.add_argument("--part", action="append", choices=["vae", "unet", "clips"],
-                   help="train only this part (repeatable; default all three; unet needs the vae in --out)")
+    p.add_argument("--part", action="append", choices=["vae", "unet", "backbone", "metrics", "clips"],
+                   help="train only this part (repeatable; default all; clips: backbone and metrics; "
+                        "unet needs the vae in --out)")
     p.set_defaults(func=cmd_bootstrap)
 
     p = sub.add_parser("check-base", help="measure the base model on held-out combinations")
@@ -319,15 +328,21 @@ def build_parser() -> argparse.ArgumentParser:
                               "the baselines; results table, trade-off plot and findings to MLflow"),
                              ("ablate", cmd_ablate, "the ablation grid (regulariser, dual path, hypernetwork, tuning "
                               "parts, blend sweep), each a nested MLflow run"),
-                             ("variants", cmd_variants, ("pre-train every re-trained encoder of evaluate and ablate "
-                                                         "into evaluate.cache (cached: a re-run trains nothing)"))):
+                             ("variants", cmd_variants, "pre-train every re-trained encoder of evaluate and ablate "
+                              "into evaluate.cache and store their scores in evaluate.variant_results (up to date: "
+                              "nothing to do)"),
+                             ("baselines", cmd_baselines, "train and score the optimisation baselines (and their "
+                              "time-to-identity series) into evaluate.baseline_results (up to date: nothing to do)")):
         p = sub.add_parser(name, help=what)
         _add_config_options(p)
         p.add_argument("--full", action="store_true", help="the issue's whole grid: every concept for every method, "
                                                            "evaluate.full_seeds, evaluate.full_retrain_steps")
         p.add_argument("--retrain-steps", type=_positive_int, help="pre-training steps of the re-trained variants")
-        if name != "variants":
+        if name in ("evaluate", "ablate"):
             p.add_argument("--out", help="report directory (default: evaluate.out / ablate.out)")
+        else:
+            p.add_argument("--force", action="store_true", help="compute them again even when the stored ones are "
+                                                                "current")
         p.add_argument("--parent-run-id", help="nest the MLflow run under this run")
         _add_runtime_options(p)
         p.set_defaults(func=func)

@@ -124,11 +124,12 @@ def smoke_evaluation_setup(tmp: Path) -> Path:
         "out": str(tmp / "prepared"), "imagenet": str(raw / "imagenet"), "workers": 2,
         "openimages_boxes": str(raw / "openimages/oidv6-train-annotations-bbox.csv"),
         "openimages_classes": str(raw / "openimages/oidv7-class-descriptions.csv"),
-        "openimages_images": str(raw / "openimages/train")}))
+        "openimages_images": str(raw / "openimages/train"), "captions": str(raw / "captions.csv")}))
     values = yaml.safe_load(config_file.read_text())
     values.update({"toy_world": {"out": str(raw)}, "pretrain": {"data": str(tmp / "prepared"), "workers": 1},
                    "personalize": {"encoder": str(encoder)},
-                   "evaluate": {"cache": str(tmp / "cache"), "out": str(tmp / "evaluate")},
+                   "evaluate": {"cache": str(tmp / "cache"), "out": str(tmp / "evaluate"),
+                                "baseline_results": str(tmp / "baselines"), "variant_results": str(tmp / "variants")},
                    "ablate": {"out": str(tmp / "ablate")}})
     config_file.write_text(yaml.safe_dump(values))
     return config_file
