@@ -150,3 +150,24 @@ def seed_encoder_cache(cfg: Config) -> list[Path]:
             write_smoke_encoder(variant, encoder_dir)
         dirs.append(encoder_dir)
     return dirs
+
+
+def wait_for_ping(process, port: int, log_path: Path, what: str, timeout_s: float = 600) -> None:
+    """Wait until the server `process` started answers GET /ping on 127.0.0.1:`port` with 200; its log's end
+    in the error if it exits first."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited: {log_path.read_text()[-3000:]}")
+        if time.time() > deadline:
+            raise RuntimeError(f"{what} did not start in {timeout_s:g} s")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
