@@ -6,6 +6,7 @@ budget arithmetic, slots, nested deadlines, the limits from the environment."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pandas as pd
@@ -216,9 +218,6 @@ def mlflow_server(registered, tmp_path_factory):
 
 def post(port: int, rows: list[tuple[bytes, str]], params: dict) -> tuple[int, dict | str]:
     """POST /invocations as MLflow's dataframe_split -> (status, JSON reply, or the text where it is not JSON)."""
-    import base64
-    import urllib.error
-
     data = json.dumps({"dataframe_split": {"columns": ["image", "prompt"], "data": [
         [base64.b64encode(image).decode(), prompt] for image, prompt in rows]}, "params": params}).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=data,
