@@ -60,8 +60,8 @@ class PersonalizeModel(PythonModel):
         except limits.Busy as e:
             raise MlflowException(str(e), error_code=TEMPORARILY_UNAVAILABLE) from None
         except limits.RequestCancelled:
-            raise MlflowException(f"the request ran past its deadline ({limits.timeout_s(self.limits):g} s at most, "
-                                  f"serve.request_timeout_s); ask for fewer images or steps",
+            raise MlflowException("the request ran past its deadline (serve.request_timeout_s, or the server's own "
+                                  "timeout where that is shorter); ask for fewer images or steps",
                                   error_code=DEADLINE_EXCEEDED) from None
         except torch.OutOfMemoryError as e:
             raise MlflowException.invalid_parameter_value(str(out_of_memory(e))) from None

@@ -18,8 +18,8 @@ Two deployments (docs/personalize.md "Serving"):
   least 1 (Ray's smallest queue). Ray Serve's controller replaces a replica whose process dies or whose
   health check fails.
 
-`serve` starts a Ray cluster of its own on 127.0.0.1 (RAY_ADDRESS unset; no dashboard) with the HTTP proxy on
---host/--port, loads the checked model from its local copy, and serves until interrupted. With RAY_ADDRESS it
+`serve` starts a Ray cluster of its own (RAY_ADDRESS unset; no dashboard) with the HTTP proxy on --host/--port
+(127.0.0.1 by default), loads the checked model from its local copy, and serves until interrupted. With RAY_ADDRESS it
 deploys onto that cluster and each replica loads the model by its pinned version URI. KubeRay:
 infra/kuberay/rayservice-serve.yaml runs `app_builder` (import path
 `components.serving.ray_serve:app_builder`) with the same settings as arguments.
@@ -228,8 +228,7 @@ def serve(cfg: Config, model: str, host: str, port: int, trust_model_code: bool)
         # a cluster of our own: its replicas are the work, so they do not get Ray's default niceness (15)
         os.environ.setdefault("RAY_worker_niceness", "0")
     try:
-        ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
-                 **({} if address else {"_node_ip_address": "127.0.0.1"}))
+        ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING)
     except Exception as e:  # noqa: BLE001 - Ray raises bare Exceptions for start-up failures
         raise UserError(f"cannot start or reach the Ray cluster ({address or 'local'}): {str(e).splitlines()[0]}") from None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the finally below shuts Ray Serve down

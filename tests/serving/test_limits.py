@@ -10,7 +10,6 @@ import base64
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ import urllib.request
 import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
-from smoke_models import free_port, isolated_store, smoke_setup, solid_png, wait_for_ping
+from smoke_models import free_port, isolated_store, smoke_setup, solid_png, stop_server, wait_for_ping
 
 from components.config import ServeConfig
 from components.errors import UserError
@@ -211,8 +210,7 @@ def mlflow_server(registered, tmp_path_factory):
         wait_for_ping(process, port, log_path, "mlflow models serve")
         yield port
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
+        stop_server(process)
         log.close()
 
 

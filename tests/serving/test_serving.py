@@ -13,7 +13,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import psutil
 import pytest
 import yaml
 from PIL import Image
-from smoke_models import free_port, isolated_store, smoke_setup, solid_png, wait_for_ping
+from smoke_models import free_port, isolated_store, smoke_setup, solid_png, stop_server, wait_for_ping
 
 from components.errors import UserError
 
@@ -73,14 +72,9 @@ class Server:
         return {str(p.relative_to(self.tmpdir)) for p in self.tmpdir.rglob("*")}
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)  # the server shuts its Ray cluster down itself
         try:
-            self.process.wait(timeout=60)
+            stop_server(self.process)  # the server shuts its Ray cluster down itself
         finally:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)  # whatever of our own process group is left
-            except ProcessLookupError:
-                pass
             self.log.close()
             if self.backend == "ray":
                 shutil.rmtree(self.ray_tmp, ignore_errors=True)
