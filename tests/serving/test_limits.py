@@ -28,9 +28,13 @@ from components.serving import limits
 
 RED = solid_png((128, 128, 128), shape_rgb=(220, 40, 40))
 FAST = {"tuning_steps": 1, "num_inference_steps": 2}
+TINY = {"tuning_steps": 0, "num_inference_steps": 1}  # answered well within MLflow's timeout on a loaded machine
 HEAVY = {"tuning_steps": 100, "num_images": 4, "num_inference_steps": 225}  # minutes of work on any CPU
 SMALL = {"max_images": 4, "max_steps": 1000, "max_input_images": 2, "max_image_mb": 0.5, "max_concurrent": 1,
          "max_queue": 0}
+# the stock server's: room for a request of 16 x 1000 sampling steps, minutes of work on any CPU
+SERVER_LIMITS = {**SMALL, "max_images": 16, "max_steps": 20000}
+SERVER_HEAVY = {"tuning_steps": 100, "num_images": 16, "num_inference_steps": 1000}
 
 
 # --- the rules ---------------------------------------------------------------------------------------
@@ -161,15 +165,13 @@ def test_the_pyfunc_refuses_over_budget_busy_and_late_requests_itself(registered
              ([(solid_png((i, 0, 0)), "S*") for i in range(3)], FAST, "3 distinct input images"),
              ([(b"\x89PNG" + b"0" * 2**19 + b"0", "S*")], FAST, "max_image_mb")]
     for rows, params, words in cases:
-        started = time.monotonic()
         with pytest.raises(MlflowException, match=re.escape(words)) as refused:
             model.predict(frame(rows), params=params)
-        assert refused.value.get_http_status_code() == 400 and time.monotonic() - started < 2
+        assert refused.value.get_http_status_code() == 400
     assert work() == 0  # nothing was decoded, encoded or tuned
 
     errors: list = []
     heavy = threading.Thread(target=lambda: errors.append(_predict_error(model, [(RED, "S*")], HEAVY)))
-    started = time.monotonic()
     heavy.start()
     while model.unwrap_python_model().slots.active == 0:
         time.sleep(0.05)
@@ -177,9 +179,10 @@ def test_the_pyfunc_refuses_over_budget_busy_and_late_requests_itself(registered
     assert busy.get_http_status_code() == 503 and "computing" in busy.message
     heavy.join()
     late = errors[0]
+    # 504 comes only from the UNet's pre-hook: the work stopped part-way at a UNet call, it did not finish
     assert late.get_http_status_code() == 504 and "deadline" in late.message
-    assert time.monotonic() - started < 8  # stopped at the next UNet call after 2 s, not minutes later
-    assert len(model.predict(frame([(RED, "S* on grass")]), params=FAST)) == 1  # the slot is free again
+    monkeypatch.setenv(limits.MLFLOW_TIMEOUT_ENV, "900")  # read per request: the next one has time on a busy CPU
+    assert len(model.predict(frame([(RED, "S* on grass")]), params=TINY)) == 1  # the slot is free again
 
 
 def _predict_error(model, rows, params) -> MlflowException | None:
@@ -193,18 +196,18 @@ def _predict_error(model, rows, params) -> MlflowException | None:
 # --- the stock scoring server -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mlflow_server(registered, tmp_path_factory):
-    """`mlflow models serve` (MLflow's own scoring server, --env-manager local) of the champion, with SMALL limits
-    given through the environment and MLflow's timeout at 3 s."""
+    """`mlflow models serve` (MLflow's own scoring server, --env-manager local) of the champion, with SERVER_LIMITS
+    given through the environment and MLflow's timeout at 10 s."""
     store, _ = registered
     port = free_port()
     log_path = tmp_path_factory.mktemp("mlflow-serve") / "server.log"
     log = open(log_path, "w")
     venv = os.path.dirname(sys.executable)  # mlflow runs `uvicorn` from PATH, as in an activated environment
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, limits.LIMITS_ENV: json.dumps(SMALL),
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, limits.LIMITS_ENV: json.dumps(SERVER_LIMITS),
            "PATH": venv + os.pathsep + os.environ.get("PATH", "")}
     process = subprocess.Popen([os.path.join(venv, "mlflow"), "models", "serve", "-m",
                                 "models:/datencoder@champion", "--env-manager", "local", "--host", "127.0.0.1",
-                                "--port", str(port), "--timeout", "3"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                "--port", str(port), "--timeout", "10"], env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
     try:
         wait_for_ping(process, port, log_path, "mlflow models serve")
@@ -239,23 +242,24 @@ def test_under_mlflow_models_serve_the_model_refuses_an_oversized_request_in_und
     assert status == 400 and elapsed < 2, (status, elapsed)
     assert reply["error_code"] == "INVALID_PARAMETER_VALUE" and "serve.max_images" in reply["message"]
     assert "Traceback" not in json.dumps(reply)
-    status, reply = post(mlflow_server, [(RED, "S* on grass")], FAST)
+    status, reply = post(mlflow_server, [(RED, "S* on grass")], TINY)
     assert status == 200 and len(reply["predictions"]) == 1  # and it keeps serving
 
 
 def test_under_mlflow_models_serve_a_busy_model_answers_503_and_stops_late_work(mlflow_server):
     replies: dict = {}
-    heavy = threading.Thread(target=lambda: replies.update(heavy=post(mlflow_server, [(RED, "S*")], HEAVY)))
+    heavy = threading.Thread(target=lambda: replies.update(heavy=post(mlflow_server, [(RED, "S*")], SERVER_HEAVY)))
     started = time.monotonic()
     heavy.start()
-    time.sleep(1.0)
+    time.sleep(3.0)  # the heavy request is in predict (MLflow has parsed it) and computes for minutes
     status, reply = post(mlflow_server, [(RED, "S* on grass")], FAST)
     assert status == 503 and reply["error_code"] == "TEMPORARILY_UNAVAILABLE", (status, reply)
     heavy.join()
-    assert replies["heavy"][0] == 504  # MLflow's own answer at --timeout 3
+    assert replies["heavy"][0] == 504  # MLflow's own answer at --timeout 10
     answered = time.monotonic()
-    # the model stopped its work at MLflow's timeout too: its one slot is free within seconds, not minutes
-    while (status := post(mlflow_server, [(RED, "S* on grass")], FAST)[0]) == 503:
-        assert time.monotonic() - answered < 10, "the model kept computing after MLflow gave up"
+    # the model stopped its work at MLflow's timeout too: its one slot is free within seconds, not the minutes
+    # the heavy request asks for
+    while (status := post(mlflow_server, [(RED, "S* on grass")], TINY)[0]) == 503:
+        assert time.monotonic() - answered < 30, "the model kept computing after MLflow gave up"
         time.sleep(0.3)
-    assert status == 200 and answered - started < 10
+    assert status == 200 and answered - started < 40
