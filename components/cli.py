@@ -208,8 +208,11 @@ def cmd_baselines(args: argparse.Namespace) -> dict:
 def cmd_serve(args: argparse.Namespace) -> dict:
     from components.serving.serve import serve
 
-    return serve(_config(args), model=args.model, host=args.host, port=args.port, workers=args.workers,
-                 trust_model_code=args.trust_model_code)
+    chosen = {"backend": args.backend, "replicas": args.replicas, "max_replicas": args.max_replicas,
+              "replica_cpus": args.replica_cpus, "replica_gpus": args.replica_gpus}
+    chosen = {k: v for k, v in chosen.items() if v is not None}
+    return serve(_config(args, overrides={"serve": chosen} if chosen else None), model=args.model, host=args.host,
+                 port=args.port, workers=args.workers, trust_model_code=args.trust_model_code)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,7 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="MLflow model URI (default: models:/datencoder@champion)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_positive_int, default=5000)
-    p.add_argument("--workers", type=_positive_int, default=1, help="server processes (each loads the model)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="uvicorn: server processes (each loads the model)")
+    p.add_argument("--backend", choices=("uvicorn", "ray"), help="uvicorn (one process per worker) or Ray Serve "
+                                                                  "replicas (default: serve.backend)")
+    p.add_argument("--replicas", type=_positive_int, help="ray: model replicas (default: serve.replicas)")
+    p.add_argument("--max-replicas", type=_positive_int, help="ray: autoscale from --replicas up to this many")
+    p.add_argument("--replica-cpus", type=float, help="ray: CPUs per replica (default: serve.replica_cpus)")
+    p.add_argument("--replica-gpus", type=float, help="ray: GPUs per replica, e.g. 1 (default: serve.replica_gpus)")
     _add_trust_option(p)
     _add_runtime_options(p)
     p.set_defaults(func=cmd_serve)

@@ -298,19 +298,28 @@ class PersonalizeConfig(Section):
 
 
 class ServeConfig(Section):
-    """`datencoder serve` (docs/personalize.md "Serving"): what one request may ask for and how much work runs
-    at once. Every limit is checked before any work; a request over one is answered 4xx."""
+    """Serving (docs/personalize.md "Serving"): what one request may ask for and how much work runs at once. The
+    model applies the budget, the compute slots and the deadline itself wherever it is served
+    (components/serving/limits.py); `datencoder serve` adds the body cap and a queue answered with Retry-After."""
 
-    max_body_mb: float = Field(32.0, gt=0)  # request body; larger is refused 413 before it is read
-    max_images: int = Field(32, gt=0)  # generated images per request: rows x num_images
-    # tuning + sampling steps per request: distinct images x tuning_steps + generated images x num_inference_steps
+    max_body_mb: float = Field(32.0, gt=0)  # request body; larger is refused 413 before it is read (servers only)
+    max_images: int = Field(32, gt=0)  # generated images per request: rows with a prompt x num_images
+    # tuning + sampling steps per request: concepts x tuning_steps + generated images x num_inference_steps
     max_steps: int = Field(1200, gt=0)
-    max_concurrent: int = Field(1, gt=0)  # requests computing at once (one uses every core on a CPU)
-    max_queue: int = Field(8, ge=0)  # requests waiting for a slot; beyond it: 503 with Retry-After
+    max_input_images: int = Field(16, gt=0)  # distinct input images per request (each is read and encoded)
+    max_image_mb: float = Field(10.0, gt=0)  # one input image's bytes
+    max_concurrent: int = Field(1, gt=0)  # requests computing at once, per model copy (one uses every core on a CPU)
+    max_queue: int = Field(8, ge=0)  # requests waiting for a slot; beyond it: 503 (with Retry-After from a server)
     retry_after_s: int = Field(10, gt=0)
     # from arrival to answer; a request over it is answered 504 and its work stops at the next UNet call.
     # CPU generation of 16 images takes minutes
     request_timeout_s: int = Field(900, gt=0)
+    # where `datencoder serve` runs the model: uvicorn (one process, --workers copies) or Ray Serve replicas
+    backend: Literal["uvicorn", "ray"] = "uvicorn"
+    replicas: int = Field(1, gt=0)  # ray: model replicas (the autoscaler's minimum when max_replicas is set)
+    max_replicas: int | None = Field(None, gt=0)  # ray: autoscale between replicas and this; None: fixed
+    replica_cpus: float = Field(1.0, gt=0)  # ray: CPUs per replica (its torch threads)
+    replica_gpus: float = Field(0.0, ge=0)  # ray: GPUs per replica (1: the replica runs on its own GPU)
 
 
 class EvaluateConfig(Section):

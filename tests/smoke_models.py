@@ -151,3 +151,43 @@ def seed_encoder_cache(cfg: Config) -> list[Path]:
             write_smoke_encoder(variant, encoder_dir)
         dirs.append(encoder_dir)
     return dirs
+
+
+def wait_for_ping(process, port: int, log_path: Path, what: str, timeout_s: float = 600) -> None:
+    """Wait until the server `process` started answers GET /ping on 127.0.0.1:`port` with 200; its log's end
+    in the error if it exits first."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited: {log_path.read_text()[-3000:]}")
+        if time.time() > deadline:
+            raise RuntimeError(f"{what} did not start in {timeout_s:g} s")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+
+
+def stop_server(process, sig: int | None = None, timeout_s: float = 90) -> None:
+    """Stop a server started with start_new_session: `sig` (default SIGTERM) to the server itself, so that it
+    shuts down what it started (a Ray cluster), then SIGKILL to whatever is left of its process group."""
+    import os
+    import signal
+    import subprocess
+
+    process.send_signal(signal.SIGTERM if sig is None else sig)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
