@@ -16,7 +16,7 @@ palette colour; `--images` seeds per concept. Prints one JSON line per variant: 
 accuracy, per-colour accuracy, the confusions (input colour -> colour read) and which real words are
 nearest to the tuned v* (as the dual path's hard prompt picks them). `--words` adds the reference: the
 base told the concept in words where S* was ("a red circle"), no personalisation. The concurrency test of
-tests/test_serving.py asks this of four concepts; here it is measured over the whole palette.
+tests/test_serving.py asks this of four concepts; here it is measured over the whole reader.
 """
 from __future__ import annotations
 

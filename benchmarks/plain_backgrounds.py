@@ -1,9 +1,9 @@
-"""How often `palette.plain_background` names a prepared toy-world image's background, by the background the
+"""How often `reader.plain_background` names a prepared toy-world image's background, by the background the
 toy world actually rendered (its captions.csv), and which share of pre-training prompts become captions.
 
     .venv/bin/python benchmarks/plain_backgrounds.py [--sample 1500]
 
-The thresholds in components/toy/palette.py were chosen from this table: keep plain backgrounds, refuse textured
+The thresholds in components/toy/reader.py were chosen from this table: keep plain backgrounds, refuse textured
 ones. "none" rows are multi-object scenes (the OpenImages-style source), whose captions name no background.
 """
 
@@ -21,7 +21,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components.toy import palette  # noqa: E402
+from components.toy import reader  # noqa: E402
 from components.config import load_config  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     rows = rows.sample(min(args.sample, len(rows)), random_state=0)
     named, right = [], []
     for path, colour in zip(rows["path"], rows["background_colour"]):
-        read = palette.plain_background(np.asarray(Image.open(prepared / path).convert("RGB")))
+        read = reader.plain_background(np.asarray(Image.open(prepared / path).convert("RGB")))
         named.append(read is not None)
         right.append(read == colour)
     rows["named"], rows["right"] = named, right

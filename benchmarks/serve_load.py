@@ -1,6 +1,14 @@
 """Load test of `datencoder serve`: N concurrent clients for M minutes against a real server on 127.0.0.1.
 
     .venv/bin/python benchmarks/serve_load.py [--preset toy] [--clients 2] [--minutes 2] [--out outputs/serve_load.json]
+    .venv/bin/python benchmarks/serve_load.py --backend ray [--clients 4] [--minutes 2]
+
+With `--backend ray` it runs the same load three times, each against a fresh `datencoder serve --backend ray` on
+a local Ray cluster: 1 replica, 2 replicas, and 2 replicas of which one is killed (SIGKILL) a third of the way
+in. It reports each run and the scaling ratio (good + cached answers per second, 2 replicas / 1 replica); in
+the killed run a 503 REPLICA_LOST is expected for a request that was computing on the killed replica (goal:
+no more than max_concurrent of them), any other failure is unexpected, and no request may hang (none waits
+more than --hang-s).
 
 The encoder (`personalize.encoder` of the preset, default the committed toy encoder) is logged and registered
 as the champion of a fresh MLflow store in a temporary folder (no gate: this measures the server, not the
@@ -12,7 +20,7 @@ model), then `datencoder serve` runs it with serve.max_body_mb 1. Each client se
 - oversized: 3 rows x 16 images (over serve.max_images): 400; or a 1.5 MiB body (over max_body_mb): 413.
 
 503 (queue full, with Retry-After) is expected under load and counted as `busy`. Anything else (5xx, a
-dropped connection, a 200 for a bad request) is an unexpected error. A cross-request leak is a 200 whose
+dropped connection, a 200 for a bad request, no answer within --hang-s) is an unexpected error. A cross-request leak is a 200 whose
 rows are not the request's (prompt and seed of every row), or a cached reply that differs from the first.
 The server's RSS (its process tree) is sampled every 2 s; growth is the last quarter's peak over the
 median of the second quarter (after warm-up). Goals: 0 unexpected errors, 0 leaks, RSS growth <= 10%.
@@ -26,6 +34,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -37,6 +46,8 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -79,21 +90,24 @@ def body(rows: list[tuple[bytes, str]], params: dict) -> bytes:
                        "params": params}).encode()
 
 
-def post(port: int, data: bytes) -> tuple[int, dict | None]:
+def post(port: int, data: bytes, timeout_s: float) -> tuple[int, dict | None]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=data,
                                      headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=900) as reply:
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"null")
+    except TimeoutError:
+        return -2, None  # no answer in time: hung
     except (OSError, ValueError):
         return -1, None  # dropped connection or a reply that is not JSON
 
 
 class Load:
-    def __init__(self, port: int, deadline: float, max_requests: int):
-        self.port, self.deadline, self.max_requests = port, deadline, max_requests
+    def __init__(self, port: int, deadline: float, max_requests: int, hang_s: float):
+        self.port, self.deadline, self.max_requests, self.hang_s = port, deadline, max_requests, hang_s
+        self.lost = 0  # 503 REPLICA_LOST: the request was computing on a replica that died
         self.lock = threading.Lock()
         self.sent = 0
         self.latency: dict[str, list[float]] = {k: [] for k in KINDS}
@@ -132,10 +146,13 @@ class Load:
             kind, data, expect = self.next_request(n)
             n += 1
             started = time.monotonic()
-            status, reply = post(self.port, data)
+            status, reply = post(self.port, data, self.hang_s)
             elapsed = time.monotonic() - started
             with self.lock:
                 self.outcomes[f"{kind} {status}"] += 1
+                if status == 503 and (reply or {}).get("error_code") == "REPLICA_LOST":
+                    self.lost += 1
+                    continue
                 if status == 503:
                     continue  # busy: expected under load
                 self.latency[kind].append(elapsed)
@@ -169,19 +186,122 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(values[min(len(values) - 1, int(q * len(values)))], 3)
 
 
+def wait_for_ping(server: subprocess.Popen, port: int, log_path: Path) -> float:
+    """Seconds until the server answers GET /ping with 200; its log's end in the error if it exits first."""
+    started = time.monotonic()
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as r:
+                if r.status == 200:
+                    return time.monotonic() - started
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() - started > 600:
+            raise RuntimeError(log_path.read_text()[-2000:])
+        time.sleep(1)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM (a Ray backend shuts its own cluster down), then whatever is left of its process group."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.wait(timeout=60)
+
+
+def run(args, scratch: str, store: str, backend: str, replicas: int, kill: bool) -> dict:
+    """One server, one load: the report of one run."""
+    import socket
+
+    from components.serving.ray_serve import replica_processes
+
+    config = Path(scratch, f"config-{backend}-{replicas}{'-kill' if kill else ''}.yaml")
+    config.write_text(yaml.safe_dump({"preset": args.preset, "serve": {"max_body_mb": 1}}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = Path(scratch, f"{config.stem}.log")
+    log = open(log_path, "w")
+    extra = ["--backend", "ray", "--replicas", str(replicas)] if backend == "ray" else []
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    if backend == "ray":
+        env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short paths for Ray's sockets
+    server = subprocess.Popen([sys.executable, "-m", "components.cli", "serve", "--config", str(config),
+                               "--host", "127.0.0.1", "--port", str(port), *extra], cwd=ROOT, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    killed = None
+    try:
+        startup_s = wait_for_ping(server, port, log_path)
+        run_s = args.minutes * 60
+        load = Load(port, time.monotonic() + run_s, args.max_requests, args.hang_s)
+        rss: list[tuple[float, float]] = []
+        threads = [threading.Thread(target=load.client, args=(i,)) for i in range(args.clients)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            rss.append((round(time.monotonic() - t0, 1), round(tree_rss_mb(server.pid), 1)))
+            if kill and killed is None and time.monotonic() - t0 > run_s / 3:
+                victim = replica_processes(server.pid)[0]
+                victim.kill()
+                killed = {"at_s": round(time.monotonic() - t0, 1), "pid": victim.pid}
+            time.sleep(2)
+        wall = time.monotonic() - t0
+        if killed:  # replaced: a new replica process, as many as before
+            waited = time.monotonic()
+            while len(now := replica_processes(server.pid)) < replicas or killed["pid"] in {p.pid for p in now}:
+                if time.monotonic() - waited > 300:
+                    break
+                time.sleep(2)
+            killed["replaced"] = len(now) == replicas and killed["pid"] not in {p.pid for p in now}
+    finally:
+        stop_server(server)
+        log.close()
+        if backend == "ray":
+            shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+
+    quarter = max(len(rss) // 4, 1)
+    warm = statistics.median(m for _, m in rss[quarter:2 * quarter] or rss)
+    last = max(m for _, m in rss[-quarter:])
+    served = {k: len(v) for k, v in load.latency.items()}
+    ok = served["good"] + served["cached"]
+    report = {
+        "backend": backend, "replicas": replicas if backend == "ray" else None, "clients": args.clients,
+        "minutes": args.minutes, "wall_s": round(wall, 1), "server_startup_s": round(startup_s, 1),
+        "requests": sum(load.outcomes.values()), "answered_by_kind": served,
+        "throughput_per_s": {"all": round(sum(load.outcomes.values()) / wall, 3), "good_and_cached": round(ok / wall, 3)},
+        "busy_503": sum(n for k, n in load.outcomes.items() if k.endswith(" 503")) - load.lost,
+        "outcomes": dict(sorted(load.outcomes.items())),
+        "latency_s": {k: {"p50": percentile(v, 0.5), "p95": percentile(v, 0.95)} for k, v in load.latency.items()},
+        "unexpected_errors": dict(load.unexpected), "cross_request_leaks": load.leaks,
+        "rss_mb": {"after_warmup": round(warm, 1), "last_quarter_peak": round(last, 1),
+                   "growth": round(last / warm - 1, 4) if warm else None, "series": rss},
+    }
+    if kill:
+        report["killed_replica"] = {**killed, "requests_lost_503": load.lost}
+    report["goals_met"] = (not load.unexpected and load.leaks == 0 and
+                           (load.lost <= 1 and killed["replaced"] if kill else load.lost == 0) and
+                           (kill or (report["rss_mb"]["growth"] is not None and report["rss_mb"]["growth"] <= 0.10)))
+    return report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="toy")
+    parser.add_argument("--backend", choices=("uvicorn", "ray"), default="uvicorn")
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--minutes", type=float, default=2.0)
     parser.add_argument("--max-requests", type=int, default=5000)
+    parser.add_argument("--hang-s", type=float, default=300.0, help="a request unanswered this long counts as hung")
     parser.add_argument("--out", default="outputs/serve_load.json")
     args = parser.parse_args()
-    clients, minutes = min(max(args.clients, 1), 8), min(max(args.minutes, 0.1), 10.0)
-
-    import socket
-
-    import yaml
+    args.clients, args.minutes = min(max(args.clients, 1), 8), min(max(args.minutes, 0.1), 10.0)
 
     from components.config import load_config
 
@@ -195,64 +315,25 @@ def main() -> int:
 
         MlflowClient(store).create_experiment(registry.EXPERIMENT, artifact_location=Path(scratch, "artifacts").as_uri())
         register_champion(cfg, cfg.personalize.encoder)
-        config = Path(scratch, "config.yaml")
-        config.write_text(yaml.safe_dump({"preset": args.preset, "serve": {"max_body_mb": 1}}))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        log = open(Path(scratch, "server.log"), "w")
-        server = subprocess.Popen([sys.executable, "-m", "components.cli", "serve", "--config", str(config),
-                                   "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True,
-                                  env={**os.environ, "MLFLOW_TRACKING_URI": store})
-        try:
-            started = time.monotonic()
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5)
-                    break
-                except OSError:
-                    if server.poll() is not None or time.monotonic() - started > 600:
-                        raise RuntimeError(Path(scratch, "server.log").read_text()[-2000:]) from None
-                    time.sleep(1)
-            startup_s = time.monotonic() - started
-            run_s = minutes * 60
-            load = Load(port, time.monotonic() + run_s, args.max_requests)
-            rss: list[tuple[float, float]] = []
-            threads = [threading.Thread(target=load.client, args=(i,)) for i in range(clients)]
-            t0 = time.monotonic()
-            for t in threads:
-                t.start()
-            while any(t.is_alive() for t in threads):
-                rss.append((round(time.monotonic() - t0, 1), round(tree_rss_mb(server.pid), 1)))
-                time.sleep(2)
-            wall = time.monotonic() - t0
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=60)
-            log.close()
-
-    quarter = max(len(rss) // 4, 1)
-    warm = statistics.median(m for _, m in rss[quarter:2 * quarter] or rss)
-    last = max(m for _, m in rss[-quarter:])
-    served = {k: len(v) for k, v in load.latency.items()}
-    report = {
-        "preset": args.preset, "clients": clients, "minutes": minutes, "wall_s": round(wall, 1),
-        "server_startup_s": round(startup_s, 1),
-        "requests": sum(load.outcomes.values()), "answered_by_kind": served,
-        "busy_503": sum(n for k, n in load.outcomes.items() if k.endswith(" 503")),
-        "outcomes": dict(sorted(load.outcomes.items())),
-        "latency_s": {k: {"p50": percentile(v, 0.5), "p95": percentile(v, 0.95)} for k, v in load.latency.items()},
-        "unexpected_errors": dict(load.unexpected), "cross_request_leaks": load.leaks,
-        "rss_mb": {"after_warmup": round(warm, 1), "last_quarter_peak": round(last, 1),
-                   "growth": round(last / warm - 1, 4) if warm else None, "series": rss},
-    }
-    report["goals_met"] = (not load.unexpected and load.leaks == 0 and report["rss_mb"]["growth"] is not None
-                           and report["rss_mb"]["growth"] <= 0.10)
+        if args.backend == "uvicorn":
+            report = run(args, scratch, store, "uvicorn", 1, kill=False)
+            report["preset"] = args.preset
+        else:
+            runs = {f"ray_{n}": run(args, scratch, store, "ray", n, kill=False) for n in (1, 2)}
+            runs["ray_2_killed"] = run(args, scratch, store, "ray", 2, kill=True)
+            one, two = (runs[f"ray_{n}"]["throughput_per_s"]["good_and_cached"] for n in (1, 2))
+            report = {"preset": args.preset, "backend": "ray", "clients": args.clients, "minutes": args.minutes,
+                      "cpu_cores": os.cpu_count(), "scaling_2_over_1": round(two / one, 3) if one else None,
+                      "runs": runs, "goals_met": all(r["goals_met"] for r in runs.values())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "rss_mb"} | {"rss_mb": {
-        k: v for k, v in report["rss_mb"].items() if k != "series"}}, indent=1))
+
+    def brief(r: dict) -> dict:
+        return {k: v for k, v in r.items() if k != "rss_mb"} | {"rss_mb": {
+            k: v for k, v in r["rss_mb"].items() if k != "series"}}
+
+    print(json.dumps(brief(report) if "runs" not in report else
+                     {**report, "runs": {k: brief(v) for k, v in report["runs"].items()}}, indent=1))
     return 0 if report["goals_met"] else 1
 
 

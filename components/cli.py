@@ -239,14 +239,25 @@ def cmd_ablate(args: argparse.Namespace) -> dict:
 def cmd_variants(args: argparse.Namespace) -> dict:
     from components.evaluation.variants import train_variants
 
-    return train_variants(_config(args, overrides=_evaluation_overrides(args)), parent_run_id=args.parent_run_id)
+    return train_variants(_config(args, overrides=_evaluation_overrides(args)), parent_run_id=args.parent_run_id,
+                          force=args.force)
+
+
+def cmd_baselines(args: argparse.Namespace) -> dict:
+    from components.evaluation.evaluate import baselines
+
+    return baselines(_config(args, overrides=_evaluation_overrides(args)), parent_run_id=args.parent_run_id,
+                     force=args.force)
 
 
 def cmd_serve(args: argparse.Namespace) -> dict:
     from components.serving.serve import serve
 
-    return serve(_config(args), model=args.model, host=args.host, port=args.port, workers=args.workers,
-                 trust_model_code=args.trust_model_code)
+    chosen = {"backend": args.backend, "replicas": args.replicas, "max_replicas": args.max_replicas,
+              "replica_cpus": args.replica_cpus, "replica_gpus": args.replica_gpus}
+    chosen = {k: v for k, v in chosen.items() if v is not None}
+    return serve(_config(args, overrides={"serve": chosen} if chosen else None), model=args.model, host=args.host,
+                 port=args.port, workers=args.workers, trust_model_code=args.trust_model_code)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bootstrap", help="train the tiny toy base model and CLIPs from the toy world")
     _add_config_options(p)
     p.add_argument("--out", help="models directory (default: bootstrap.out_dir)")
-    p.add_argument("--part", action="append", choices=["vae", "unet", "clips"],
-                   help="train only this part (repeatable; default all three; unet needs the vae in --out)")
+    p.add_argument("--part", action="append", choices=["vae", "unet", "backbone", "metrics", "clips"],
+                   help="train only this part (repeatable; default all; clips: backbone and metrics; "
+                        "unet needs the vae in --out)")
     p.set_defaults(func=cmd_bootstrap)
 
     p = sub.add_parser("check-base", help="measure the base model on held-out combinations")
@@ -365,15 +377,21 @@ def build_parser() -> argparse.ArgumentParser:
                               "the baselines; results table, trade-off plot and findings to MLflow"),
                              ("ablate", cmd_ablate, "the ablation grid (regulariser, dual path, hypernetwork, tuning "
                               "parts, blend sweep), each a nested MLflow run"),
-                             ("variants", cmd_variants, ("pre-train every re-trained encoder of evaluate and ablate "
-                                                         "into evaluate.cache (cached: a re-run trains nothing)"))):
+                             ("variants", cmd_variants, "pre-train every re-trained encoder of evaluate and ablate "
+                              "into evaluate.cache and store their scores in evaluate.variant_results (up to date: "
+                              "nothing to do)"),
+                             ("baselines", cmd_baselines, "train and score the optimisation baselines (and their "
+                              "time-to-identity series) into evaluate.baseline_results (up to date: nothing to do)")):
         p = sub.add_parser(name, help=what)
         _add_config_options(p)
         p.add_argument("--full", action="store_true", help="the issue's whole grid: every concept for every method, "
                                                            "evaluate.full_seeds, evaluate.full_retrain_steps")
         p.add_argument("--retrain-steps", type=_positive_int, help="pre-training steps of the re-trained variants")
-        if name != "variants":
+        if name in ("evaluate", "ablate"):
             p.add_argument("--out", help="report directory (default: evaluate.out / ablate.out)")
+        else:
+            p.add_argument("--force", action="store_true", help="compute them again even when the stored ones are "
+                                                                "current")
         p.add_argument("--parent-run-id", help="nest the MLflow run under this run")
         _add_runtime_options(p)
         p.set_defaults(func=func)
@@ -384,7 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="MLflow model URI (default: models:/datencoder@champion)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_positive_int, default=5000)
-    p.add_argument("--workers", type=_positive_int, default=1, help="server processes (each loads the model)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="uvicorn: server processes (each loads the model)")
+    p.add_argument("--backend", choices=("uvicorn", "ray"), help="uvicorn (one process per worker) or Ray Serve "
+                                                                  "replicas (default: serve.backend)")
+    p.add_argument("--replicas", type=_positive_int, help="ray: model replicas (default: serve.replicas)")
+    p.add_argument("--max-replicas", type=_positive_int, help="ray: autoscale from --replicas up to this many")
+    p.add_argument("--replica-cpus", type=float, help="ray: CPUs per replica (default: serve.replica_cpus)")
+    p.add_argument("--replica-gpus", type=float, help="ray: GPUs per replica, e.g. 1 (default: serve.replica_gpus)")
     _add_trust_option(p)
     _add_runtime_options(p)
     p.set_defaults(func=cmd_serve)

@@ -31,10 +31,24 @@ class ClipConfig(Section):
     config_path: str | None = None  # open_clip config JSON to register first (toy CLIPs)
 
 
+# the words of the toy base's training captions: the only rows of its text encoder that training moved (the others
+# are byte and BPE rows at their random initialisation, "object" and "photo" among them)
+TOY_VOCABULARY = [
+    "a", "an", "on", "at", "the", "of", "two", "small", "large", "striped", "dotted", "checkered", "sketch", "pixel",
+    "art", "top", "bottom", "left", "right", "background", "beach", "grass", "night",
+    "red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "white", "black", "gray", "brown",
+    "circle", "square", "triangle", "star", "heart", "cross", "ring", "diamond", "hexagon", "crescent", "arrow",
+    "pentagon", "circles", "squares", "triangles", "stars", "hearts", "crosses", "rings", "diamonds", "hexagons",
+    "crescents", "arrows", "pentagons"]
+
+
 class BaseConfig(Section):
     kind: Literal["toy", "sd15"] = "toy"
     pretrained: str = "models/toy-base"  # diffusers pipeline directory or hub id
     revision: str | None = None
+    # the real words of the base's text encoder: the nearest-word candidates of the embedding regulariser and of the
+    # dual path's hard prompt; None: every row but the special tokens (SD 1.5's CLIP was trained on all of them)
+    vocabulary: list[str] | None = Field(default_factory=lambda: list(TOY_VOCABULARY))
     # recompute the frozen UNet's activations in backward: less GPU memory for more time a tuning step
     # (the sd15 default; docs/personalize.md "Speed and memory")
     gradient_checkpointing: bool = False
@@ -99,7 +113,13 @@ class BootstrapConfig(Section):
     beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     zero_terminal_snr: bool = True
     # open_clip CLIPs (backbone and metrics: separate seeds and data so the judge is not the student)
-    clip_steps: int = Field(800, ge=0)  # backbone CLIP
+    clip_steps: int = Field(4000, ge=0)  # backbone CLIP
+    # the backbone's vision tower: open_clip's ModifiedResNet (its last stage is the encoder's feature map) or a ViT
+    # (its patch tokens); attribute-swap groups of 4 in its batches make it see shape: without them colour alone
+    # solves a toy batch (docs/bootstrap.md "The CLIPs" has the probes behind the choice)
+    backbone_vision: Literal["resnet", "vit"] = "resnet"
+    backbone_width: int = Field(16, gt=0)  # ModifiedResNet stem width
+    backbone_hard_groups: int = Field(4000, ge=0)
     metrics_clip_steps: int = Field(7000, ge=0)
     clip_hard_groups: int = Field(4000, gt=0)  # attribute-swap groups of 4 for the metrics CLIP
     metrics_clip_width: int = Field(16, gt=0)  # ModifiedResNet stem width of the judge
@@ -136,6 +156,9 @@ class PrepareConfig(Section):
     openimages_boxes: str | None = "data/raw/toy-world/openimages/oidv6-train-annotations-bbox.csv"
     openimages_classes: str | None = "data/raw/toy-world/openimages/oidv7-class-descriptions.csv"
     openimages_images: str | None = "data/raw/toy-world/openimages/train"  # folder, s3://bucket/prefix, or a {ImageID} template
+    # caption templates, a CSV with columns source, source_id, template ('a large {} on grass': `{}` where the
+    # object goes): each prepared image's template becomes its pre-training prompt with S* there (docs/prepare.md)
+    captions: str | None = "data/raw/toy-world/captions.csv"
     resolution: int = Field(64, gt=0)
     val_fraction: float = Field(0.05, ge=0, lt=1)
     max_pixels: int = Field(50_000_000, gt=0)  # larger is a decompression bomb, not a photo
@@ -198,15 +221,28 @@ class PretrainConfig(Section):
     max_steps: int = Field(1000, gt=0)  # optimiser steps; the cosine decay ends here
     batch_size: int = Field(32, gt=0)  # samples per optimiser step, split over workers and micro-batches
     grad_accum: int = Field(1, gt=0)  # micro-batches per optimiser step
-    lr: float = Field(1e-4, gt=0)  # AdamW, linear warm-up then cosine decay to 0 (paper)
+    # AdamW, linear warm-up then cosine decay to 0; the paper's 1e-4 (sd15) leaves the toy encoder at chance after
+    # 1000 steps, 5e-4 does not (docs/pretrain.md "Recipe")
+    lr: float = Field(5e-4, gt=0)
     warmup_steps: int = Field(50, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, gt=0)  # max global gradient norm
     seed: int = 0
-    prompts: list[str] = ["a photo of S*"]  # one per image, drawn at random; each must contain S*
-    # images whose border is one plain palette colour get "S* on a <colour> background" instead: naming the
-    # background keeps it out of S* (toy: the base's own captions; docs/personalize.md "Concept fidelity")
-    caption_plain_backgrounds: bool = True
+    # an image with a caption template in the manifest (prepare.captions) is prompted with it, S* where the object
+    # goes and everything else named (size, count, position, style, background), so S* carries the object alone
+    templates: bool = True
+    # an image without one: the toy world's reading of its scene where it can (components/toy/scene_reader.py), else
+    # one of `prompts` at random, or with `label_prompts` the prepared label after S* ("a photo of S* tench")
+    describe_scene: bool = True
+    prompts: list[str] = ["a photo of S*"]  # each must contain S*
+    label_prompts: bool = False
+    # diffusion timesteps of a training sample: uniform, or high-noise (density rising linearly with t, where the
+    # object's colour and shape are decided); docs/pretrain.md "What a step is"
+    timestep_sampling: Literal["uniform", "high-noise"] = "uniform"
+    # what the encoder reads: the latent noised at the loss's timestep (matched, the paper's), or at
+    # personalize.encoder_timestep with noise of its own (fixed: what personalisation does, one prediction for every
+    # sampling step); docs/pretrain.md "What a step is"
+    encoder_noise: Literal["matched", "fixed"] = "fixed"
     checkpoint_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     max_failures: int = Field(3, ge=-1)  # worker-group restarts from the last checkpoint (-1: unlimited)
@@ -243,8 +279,11 @@ class PersonalizeConfig(Section):
     # and the run over the noise range, uniform draws each independently (docs/personalize.md "Concept fidelity")
     timestep_sampling: Literal["stratified", "uniform"] = "stratified"
     prompts: list[str] = ["a photo of S*"]  # tuning prompts (the pre-training prompts), each with S*
-    caption_plain_backgrounds: bool = True  # as pretrain's: a plain-background image tunes on its caption
+    describe_scene: bool = True  # as pretrain's: an input whose scene the toy reader reads tunes on that template
     encoder_timestep: int = Field(500, ge=0)  # noise level of the latent the encoder sees
+    # the hypernetwork's predicted offsets in tuning's start, scaled (B x this): 1 is the paper's, 0 starts from v*
+    # alone with B = 0 (LoRA's own start) and tuning learns the offsets; chosen by identity_stages' ablation
+    predicted_offsets: float = Field(1.0, ge=0, le=1)
     alpha_blend: float | None = Field(None, ge=0, le=1)  # generation blend; None: encoder.alpha_blend_tune
     num_images: int = Field(1, ge=1, le=16)
     seed: int = 0
@@ -262,19 +301,28 @@ class PersonalizeConfig(Section):
 
 
 class ServeConfig(Section):
-    """`datencoder serve` (docs/personalize.md "Serving"): what one request may ask for and how much work runs
-    at once. Every limit is checked before any work; a request over one is answered 4xx."""
+    """Serving (docs/personalize.md "Serving"): what one request may ask for and how much work runs at once. The
+    model applies the budget, the compute slots and the deadline itself wherever it is served
+    (components/serving/limits.py); `datencoder serve` adds the body cap and a queue answered with Retry-After."""
 
-    max_body_mb: float = Field(32.0, gt=0)  # request body; larger is refused 413 before it is read
-    max_images: int = Field(32, gt=0)  # generated images per request: rows x num_images
-    # tuning + sampling steps per request: distinct images x tuning_steps + generated images x num_inference_steps
+    max_body_mb: float = Field(32.0, gt=0)  # request body; larger is refused 413 before it is read (servers only)
+    max_images: int = Field(32, gt=0)  # generated images per request: rows with a prompt x num_images
+    # tuning + sampling steps per request: concepts x tuning_steps + generated images x num_inference_steps
     max_steps: int = Field(1200, gt=0)
-    max_concurrent: int = Field(1, gt=0)  # requests computing at once (one uses every core on a CPU)
-    max_queue: int = Field(8, ge=0)  # requests waiting for a slot; beyond it: 503 with Retry-After
+    max_input_images: int = Field(16, gt=0)  # distinct input images per request (each is read and encoded)
+    max_image_mb: float = Field(10.0, gt=0)  # one input image's bytes
+    max_concurrent: int = Field(1, gt=0)  # requests computing at once, per model copy (one uses every core on a CPU)
+    max_queue: int = Field(8, ge=0)  # requests waiting for a slot; beyond it: 503 (with Retry-After from a server)
     retry_after_s: int = Field(10, gt=0)
     # from arrival to answer; a request over it is answered 504 and its work stops at the next UNet call.
     # CPU generation of 16 images takes minutes
     request_timeout_s: int = Field(900, gt=0)
+    # where `datencoder serve` runs the model: uvicorn (one process, --workers copies) or Ray Serve replicas
+    backend: Literal["uvicorn", "ray"] = "uvicorn"
+    replicas: int = Field(1, gt=0)  # ray: model replicas (the autoscaler's minimum when max_replicas is set)
+    max_replicas: int | None = Field(None, gt=0)  # ray: autoscale between replicas and this; None: fixed
+    replica_cpus: float = Field(1.0, gt=0)  # ray: CPUs per replica (its torch threads)
+    replica_gpus: float = Field(0.0, ge=0)  # ray: GPUs per replica (1: the replica runs on its own GPU)
 
 
 class EvaluateConfig(Section):
@@ -326,6 +374,10 @@ class EvaluateConfig(Section):
     gate_concepts: int = Field(4, gt=0)  # the registry gate: the first N concepts ...
     gate_prompts: int = Field(3, gt=0)  # ... x the first N prompts, seed 0
     cache: str = "models/ablation-encoders"  # re-trained encoders, keyed by their config (the `variants` stage's output)
+    # stored scores of what does not depend on the encoder under test (committed; docs/evaluation.md "Stored results"):
+    # the `baselines` stage's and the `variants` stage's
+    baseline_results: str = "outputs/baselines"
+    variant_results: str = "outputs/variants"
     out: str = "outputs/evaluate"  # reports and sample grids (also logged to MLflow)
     experiment: str = "datencoder-evaluate"
 
@@ -340,13 +392,14 @@ class AblateConfig(Section):
     experiment: str = "datencoder-ablate"
 
 
-STAGES = ("prepare_data", "pretrain", "evaluate", "ablate", "register")
+STAGES = ("prepare_data", "pretrain", "baselines", "variants", "evaluate", "ablate", "register")
 
 
 class PipelineConfig(Section):
     """Orchestration (docs/orchestration.md): the Prefect `retrain` flow, its schedule, retries and locks."""
 
-    stages: list[Literal["prepare_data", "pretrain", "evaluate", "ablate", "register"]] = list(STAGES)
+    stages: list[Literal["prepare_data", "pretrain", "baselines", "variants", "evaluate", "ablate", "register"]] = \
+        list(STAGES)
     dvc_stages: list[str] = ["prepare"]  # what prepare_data reproduces (`dvc repro`; upstream stages come along)
     dvc_push: bool = True  # push the DVC outputs after repro (teammates `dvc pull` them)
     dvc_remote: str | None = None  # the remote to push to; None: the workspace's default (core.remote)
@@ -391,6 +444,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "bootstrap": {"train_images": 256, "vae_steps": 4, "vae_decoder_steps": 2, "vae_batch": 8, "unet_steps": 4,
                       "unet_batch": 8, "unet_channels": [16, 32, 32], "text_width": 32, "text_layers": 1,
                       "warmup_steps": 1, "clip_steps": 4, "metrics_clip_steps": 4, "clip_hard_groups": 8,
+                      "backbone_hard_groups": 8,
                       "clip_batch": 16},
         "check_base": {"prompts": 4, "fresh_renders": 24, "num_inference_steps": 4},
         "encoder": {"trunk_channels": 32, "trunk_blocks": 1, "token_hidden": 32, "hyper_hidden": 32,
@@ -412,23 +466,25 @@ PRESETS: dict[str, dict[str, Any]] = {
             "pretrained": "stable-diffusion-v1-5/stable-diffusion-v1-5",
             "gradient_checkpointing": True,
             "backbone_clip": {"model_name": "ViT-H-14", "pretrained": "laion2b_s32b_b79k", "config_path": None},
+            "vocabulary": None,
             "metrics_clip": {"model_name": "ViT-B-16", "pretrained": "openai", "config_path": None},
         },
         # real sources have no toy defaults: pass them on the command line or in the config
-        "prepare": {"resolution": 512, "exclude_labels": [], "imagenet": None, "openimages_boxes": None,
+        "prepare": {"resolution": 512, "exclude_labels": [], "imagenet": None, "openimages_boxes": None, "captions": None,
                     "openimages_classes": None, "openimages_images": None},
         "encoder": {"trunk_channels": 512, "token_hidden": 512, "hyper_hidden": 512, "hyper_basis": 64},
         # paper: 150k steps for the final model; bf16 on GPUs, so 8 per micro-batch
         "pretrain": {"out": "models/encoder-sd15", "max_steps": 150_000, "batch_size": 64, "grad_accum": 1,
                      "warmup_steps": 1000, "checkpoint_every": 1000, "log_every": 50, "eval_every": 2000,
-                     "caption_plain_backgrounds": False},  # the paper's prompts: real photos name no palette
+                     "describe_scene": False,  # the paper's prompts: the toy reader knows no real photo
+                     "lr": 1e-4, "encoder_noise": "matched"},  # the paper's; the toy's were chosen on the toy
         # re-trained variants at a quarter of the main encoder's length (--full: all of it), as on the toy preset
         "evaluate": {"retrain_steps": 37_500, "full_retrain_steps": 150_000},
         # the paper's (E4T's) tuning batch of 16 views (benchmarks/gpu_check.py measures its memory); guidance 4:
         # the toy's 1.5 was chosen on the toy base and says nothing about SD; the paper's tuning recipe (lr 2e-3
         # and the L2 pull): the toy's lr 1e-2 without the pull answers its weak toy encoder (docs/personalize.md
         # "Concept fidelity") and is not measured on SD
-        "personalize": {"caption_plain_backgrounds": False, "views": 16, "guidance_scale": 4.0, "lr": 2e-3,
+        "personalize": {"describe_scene": False, "views": 16, "guidance_scale": 4.0, "lr": 2e-3,
                         "l2_weight": 1.0,
                         "encoder": "models/encoder-sd15"},  # what its pretrain writes, never the toy encoder
     },
@@ -470,7 +526,9 @@ def _format_validation(err: ValidationError, source: str) -> str:
 
 
 # old name -> current name of a knob (one name each in config, CLI and request params); still read, with a warning
-RENAMED: dict[tuple[str, str], str] = {("personalize", "steps"): "tuning_steps"}
+RENAMED: dict[tuple[str, str], str] = {("personalize", "steps"): "tuning_steps",
+                                       ("pretrain", "caption_plain_backgrounds"): "describe_scene",
+                                       ("personalize", "caption_plain_backgrounds"): "describe_scene"}
 
 
 def _renamed_keys(values: dict, source: str) -> dict:
@@ -534,7 +592,8 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
     name = preset or file_values.get("preset") or "toy"
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    values = deep_merge(PRESETS[name], _renamed_keys(file_values, source))
+    # over the defaults, so a file may give part of a nested section (base.backbone_clip.pretrained alone)
+    values = deep_merge(deep_merge(Config().model_dump(), PRESETS[name]), _renamed_keys(file_values, source))
     values = deep_merge(values, _renamed_keys(overrides or {}, "overrides"))
     values["preset"] = name
     try:

@@ -64,6 +64,12 @@ def resolve(settings: RuntimeConfig) -> Runtime:
     return Runtime(device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
 
+def runtime_environment(runtime: RuntimeConfig) -> dict[str, str]:
+    """DATENCODER_DEVICE / DATENCODER_DTYPE for a served model (`serving_config` reads them): `runtime`'s settings
+    other than auto; auto keeps the environment's, else the serving machine decides."""
+    return {name: value for name, value in ((DEVICE_ENV, runtime.device), (DTYPE_ENV, runtime.dtype)) if value != "auto"}
+
+
 def serving_config(cfg: Config, given: dict | None = None) -> Config:
     """`cfg` with the runtime of the machine that serves it: DATENCODER_DEVICE / DATENCODER_DTYPE, else auto;
     `given` ({"device": ..., "dtype": ...}, e.g. a pyfunc's model_config) wins over the environment where it

@@ -1,6 +1,6 @@
 """The `retrain` flow and its stage flows: orchestration only (docs/orchestration.md).
 
-    prepare_data -> pretrain -> evaluate -> ablate -> register -> report
+    prepare_data -> pretrain -> baselines -> variants -> evaluate -> ablate -> register -> report
 
 Each stage flow runs one task that calls the same stage function as the CLI and DVC. Tasks are
 cached on what decides their result (config, data version, code, upstream encoder; never a run id,
@@ -32,7 +32,9 @@ from components.config import Config, resolved
 from components.data.prepare import data_version
 from components.errors import UserError
 from components.evaluation.ablate import ablate as ablate_stage
+from components.evaluation.evaluate import baselines as baselines_stage
 from components.evaluation.evaluate import evaluate as evaluate_stage
+from components.evaluation.variants import train_variants as variants_stage
 from components.evaluation.report import method_metrics
 from components.orchestration.dvc import dvc_repro, pretrain_stage
 from components.orchestration.locks import workspace_lock
@@ -100,6 +102,19 @@ def publish_images(stage: str, result: dict) -> None:
                                  description=f"{stage}: trade-off plot and sample grids")
 
 
+# the stored results know the settings they were computed under: the stage itself says whether it is up to date
+@task(name="baselines", cache_policy=NO_CACHE)
+def baselines_task(cfg: Config, parent_run_id: str | None, force: bool) -> dict:
+    with progress_artifact("baselines"):
+        return baselines_stage(cfg, parent_run_id=parent_run_id, force=force)
+
+
+@task(name="variants", cache_policy=NO_CACHE)
+def variants_task(cfg: Config, parent_run_id: str | None, force: bool) -> dict:
+    with progress_artifact("variants"):
+        return variants_stage(cfg, parent_run_id=parent_run_id, force=force)
+
+
 @task(name="evaluate", cache_policy=CACHED, persist_result=True)
 def evaluate_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
     with progress_artifact("evaluate"):
@@ -141,6 +156,16 @@ def prepare_data(cfg: Config, refresh: bool = False) -> dict:
 def pretrain(cfg: Config, data_version: str, parent_run_id: str | None = None, refresh: bool = False) -> dict:
     return _configured(pretrain_task, cfg, refresh)(cfg, stage_key(cfg, "pretrain", data_version),
                                                     parent_run_id)
+
+
+@flow(name="baselines")
+def baselines(cfg: Config, parent_run_id: str | None = None, refresh: bool = False) -> dict:
+    return _configured(baselines_task, cfg, refresh)(cfg, parent_run_id, refresh)
+
+
+@flow(name="variants")
+def variants(cfg: Config, parent_run_id: str | None = None, refresh: bool = False) -> dict:
+    return _configured(variants_task, cfg, refresh)(cfg, parent_run_id, refresh)
 
 
 def _after_pretrain(t, cfg: Config, stage: str, data_version: str, encoder: str, parent_run_id, refresh) -> dict:
@@ -198,6 +223,8 @@ def _stage(stage: str, cfg: Config, results: dict, parent: str, refresh: bool) -
     encoder = f"{done.get('run_name')}@{done.get('end_step')}" if done else encoder_version(cfg)
     calls = {"prepare_data": lambda: prepare_data(cfg, refresh),
              "pretrain": lambda: pretrain(cfg, data, parent, refresh),
+             "baselines": lambda: baselines(cfg, parent, refresh),
+             "variants": lambda: variants(cfg, parent, refresh),
              "evaluate": lambda: evaluate(cfg, data, encoder, parent, refresh),
              "ablate": lambda: ablate(cfg, data, encoder, parent, refresh),
              "register": lambda: register(cfg, data, encoder, parent, refresh)}

@@ -124,11 +124,12 @@ def smoke_evaluation_setup(tmp: Path) -> Path:
         "out": str(tmp / "prepared"), "imagenet": str(raw / "imagenet"), "workers": 2,
         "openimages_boxes": str(raw / "openimages/oidv6-train-annotations-bbox.csv"),
         "openimages_classes": str(raw / "openimages/oidv7-class-descriptions.csv"),
-        "openimages_images": str(raw / "openimages/train")}))
+        "openimages_images": str(raw / "openimages/train"), "captions": str(raw / "captions.csv")}))
     values = yaml.safe_load(config_file.read_text())
     values.update({"toy_world": {"out": str(raw)}, "pretrain": {"data": str(tmp / "prepared"), "workers": 1},
                    "personalize": {"encoder": str(encoder)},
-                   "evaluate": {"cache": str(tmp / "cache"), "out": str(tmp / "evaluate")},
+                   "evaluate": {"cache": str(tmp / "cache"), "out": str(tmp / "evaluate"),
+                                "baseline_results": str(tmp / "baselines"), "variant_results": str(tmp / "variants")},
                    "ablate": {"out": str(tmp / "ablate")}})
     config_file.write_text(yaml.safe_dump(values))
     return config_file
@@ -150,3 +151,43 @@ def seed_encoder_cache(cfg: Config) -> list[Path]:
             write_smoke_encoder(variant, encoder_dir)
         dirs.append(encoder_dir)
     return dirs
+
+
+def wait_for_ping(process, port: int, log_path: Path, what: str, timeout_s: float = 600) -> None:
+    """Wait until the server `process` started answers GET /ping on 127.0.0.1:`port` with 200; its log's end
+    in the error if it exits first."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited: {log_path.read_text()[-3000:]}")
+        if time.time() > deadline:
+            raise RuntimeError(f"{what} did not start in {timeout_s:g} s")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+
+
+def stop_server(process, sig: int | None = None, timeout_s: float = 90) -> None:
+    """Stop a server started with start_new_session: `sig` (default SIGTERM) to the server itself, so that it
+    shuts down what it started (a Ray cluster), then SIGKILL to whatever is left of its process group."""
+    import os
+    import signal
+    import subprocess
+
+    process.send_signal(signal.SIGTERM if sig is None else sig)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)

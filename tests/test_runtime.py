@@ -85,7 +85,7 @@ def test_serving_runtime_comes_from_the_environment_not_the_registered_config(mo
 
 
 def test_serve_passes_the_runtime_to_the_served_model_environment():
-    from components.serving.serve import runtime_environment
+    from components.runtime import runtime_environment
 
     assert runtime_environment(RuntimeConfig(device="cpu")) == {DEVICE_ENV: "cpu"}  # auto keeps the environment's
     assert runtime_environment(RuntimeConfig(device="cuda:1", dtype="float16")) == {DEVICE_ENV: "cuda:1",

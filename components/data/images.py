@@ -119,3 +119,8 @@ def to_pixels(image: Image.Image, side: int) -> torch.Tensor:
     square = ImageOps.fit(image, (side, side), method=Image.Resampling.BICUBIC)
     array = np.asarray(square, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def to_arrays(pixels: torch.Tensor) -> np.ndarray:
+    """Model pixels (N, 3, H, W) in [-1, 1] back to uint8 images (N, H, W, 3), for readers of pixel values."""
+    return ((pixels.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()

@@ -53,7 +53,8 @@ JPEG_QUALITY = 95  # prepared images: near-lossless, and fast to encode and deco
 RETRY_BACKOFF_S = 0.25  # S3 retries wait 0.25 s, 0.5 s, 1 s, ...
 IMAGE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\Z")  # a file name, never a path or '..'
 BOX_COLUMNS = ["ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax", "IsGroupOf", "IsDepiction"]
-MANIFEST_COLUMNS = ["path", "source", "source_id", "label", "label_id", "sha256", "width", "height", "split"]
+MANIFEST_COLUMNS = ["path", "source", "source_id", "label", "label_id", "sha256", "width", "height", "split", "template"]
+TEMPLATE_COLUMNS = ["source", "source_id", "template"]
 REJECTED_COLUMNS = ["source", "source_id", "file", "reason", "detail"]
 HELD_OUT = "excluded label (held out)"
 
@@ -106,6 +107,7 @@ class Prepared:
 def prepare(config: PrepareConfig) -> dict:
     """Prepare the configured sources into `config.out`; returns the summary (also summary.json)."""
     candidates, rejected = collect_candidates(config)
+    templates = read_templates(config.captions)
     excluded = set(config.exclude_labels)
     rejected += [c.rejection(HELD_OUT, ", ".join(sorted(c.shows & excluded))) for c in candidates if c.shows & excluded]
     candidates = [c for c in candidates if not c.shows & excluded]
@@ -155,7 +157,8 @@ def prepare(config: PrepareConfig) -> dict:
     manifest_rows = []
     for group in by_content.values():
         first, *others = sorted(group, key=lambda p: (p.candidate.source, p.candidate.source_id))
-        manifest_rows.append(manifest_row(first, config.val_fraction))
+        c = first.candidate
+        manifest_rows.append(manifest_row(first, config.val_fraction) | {"template": templates.get((c.source, c.source_id), "")})
         rejected += [p.candidate.rejection("duplicate image", f"same content as {first.candidate.source}:"
                                            f"{first.candidate.source_id}") for p in others]
 
@@ -176,6 +179,22 @@ def prepare(config: PrepareConfig) -> dict:
     replace_dir(partial, out)
     log.info("prepared %d images into %s (%d rejected)", summary["accepted"], out, summary["rejected"])
     return summary
+
+
+def read_templates(path: str | None) -> dict[tuple[str, str], str]:
+    """{(source, source_id): caption template} from the captions CSV (none: {}). A template must hold one `{}`."""
+    if not path:
+        return {}
+    try:
+        table = pd.read_csv(path, usecols=TEMPLATE_COLUMNS, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read caption templates {path}: {str(e).splitlines()[0]} "
+                        f"(a CSV with columns {', '.join(TEMPLATE_COLUMNS)})") from None
+    bad = table[(table.template != "") & (table.template.str.count(r"\{\}") != 1)]
+    if len(bad):
+        raise UserError(f"{path}: template {bad.template.iloc[0]!r} ({bad.source.iloc[0]}:{bad.source_id.iloc[0]}) "
+                        f"must contain exactly one {{}} where the object goes")
+    return {(r.source, r.source_id): r.template for r in table.itertuples() if r.template}
 
 
 def check_reads(requested: Counter, unread: Counter, reasons: Counter, min_fraction: float) -> None:

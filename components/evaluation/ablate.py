@@ -4,11 +4,10 @@
 
 Variants that change what the encoder learns (the regulariser, dual path in training, no hypernetwork)
 are short pre-training runs (components/training/pretrain.py, `evaluate.retrain_steps` steps) compared with the
-default recipe trained exactly as long (`reg-contrastive`), since a 100-step encoder against the committed
-1000-step one would measure training length, not the ablation. Trained encoders are cached under
-`evaluate.cache`, keyed by pre-training's own run name (the base weights' fingerprint, encoder, data version, recipe)
-and length, so a re-run, or `evaluate` after `ablate`, skips the training. Variants that change only the tuning
-(no tuning, no dual path in tuning, embedding only, hyper-weights only, the blend sweep) reuse the
+default recipe trained exactly as long (`reg-contrastive`), since a short encoder against the committed
+1000-step one would measure training length, not the ablation. The `variants` stage trains and scores them once
+(components/evaluation/variants.py); ablate reads their scores on its concepts. Variants that change only the
+tuning (no tuning, no dual path in tuning, embedding only, hyper-weights only, the blend sweep) run here, on the
 committed encoder (`personalize.encoder`).
 
 The blend sweep picks the alpha with the highest combined score (the mean of identity and prompt
@@ -28,12 +27,7 @@ from components.config import Config
 from components.evaluation import report
 from components.evaluation.harness import StageRun, load_harness
 from components.evaluation.report import COMBINED, compare, metric_values
-from components.evaluation.variants import (
-    retrain_steps,
-    retrained_variants,
-    training_session,
-    tuning_variants,
-)
+from components.evaluation.variants import retrained_variants, tuning_variants, variant_results
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +73,7 @@ ABLATION_CLAIMS = [
 def ablate(cfg: Config, parent_run_id: str | None = None) -> dict:
     """Run the ablation grid (module docstring); returns the report the CLI prints."""
     a = cfg.ablate
+    retrained = variant_results(cfg)
     harness = load_harness(cfg)
     with StageRun(cfg, a.experiment, "ablate", parent_run_id) as run:
         p = harness.personalizer
@@ -91,11 +86,10 @@ def ablate(cfg: Config, parent_run_id: str | None = None) -> dict:
                 run.add(replace(run.results["ours"], name=name), {"same_as": "ours"})
                 continue
             run.add(harness.ours(name, p.variant(variant), a.concepts), {"encoder": cfg.personalize.encoder})
-        with training_session(cfg) as train:
-            for name, overrides in retrained_variants(cfg).items():
-                encoder_dir = train(name, overrides, run.run_id)
-                run.add(harness.ours(name, p.variant(cfg, encoder_dir), a.concepts),
-                        {"encoder": str(encoder_dir), "retrain_steps": retrain_steps(cfg), **overrides})
+        concepts = {c.name for c in harness.concepts(a.concepts)}
+        for name, overrides in retrained_variants(cfg).items():
+            run.add(replace(retrained[name].subset(concepts), grid=retrained[name].grid),
+                    {"stored": cfg.evaluate.variant_results, **overrides})
         alpha = choose_alpha(cfg, run.results)
         tracking.log_metrics(run.client, run.run_id, {"alpha_blend_chosen": alpha["chosen"]}, step=0)
         extra = (f"## Blend sweep\n\nchosen alpha_blend = {alpha['chosen']:g} (config: {alpha['config_default']:g}; "

@@ -32,7 +32,7 @@ from torch import Tensor
 from components.config import Config, EvaluateConfig
 from components.data.images import read_bytes, read_image, to_pixels
 from components.errors import UserError
-from components.inference.engine import check_value, slug
+from components.inference.engine import check_value, photo_templates, slug
 from components.inference.generate import (
     SCHEDULERS,
     Sampling,
@@ -48,6 +48,7 @@ from components.progress import Progress
 from components.runtime import resolve
 
 METHODS = ("ti", "lora", "dreambooth")
+GENERIC_TEMPLATE = "a photo of {}"  # the training scripts' prompt, where nothing says what the photo shows
 IDENTIFIER = "sks"  # DreamBooth's rare-token identifier; LoRA and DreamBooth prompts say "sks <class word>"
 
 
@@ -245,23 +246,33 @@ def train_dreambooth(pipe, pixels: Tensor, steps: int, prompt: str = f"a photo o
 
 def train_baseline(method: str, pipe, pixels: Tensor, steps: int, settings: EvaluateConfig, seed: int = 0,
                    on_step: Callable[[int, float], None] | None = None, guidance_rescale: float = 0.0,
-                   snapshots: Collection[int] = (), on_snapshot: Snapshot | None = None) -> BaselineResult:
-    """One of METHODS with the harness's learning rates (diffusers' script defaults), on the pipeline's device.
-    TI and LoRA call `on_snapshot` after each step count in `snapshots`: their lr is constant, so the snapshot at
-    k steps is what a k-step run with the same seed returns."""
+                   snapshots: Collection[int] = (), on_snapshot: Snapshot | None = None,
+                   template: str = GENERIC_TEMPLATE) -> BaselineResult:
+    """One of METHODS with the harness's learning rates (diffusers' script defaults), on the pipeline's device,
+    trained on `template` ("{} on a gray background": what the photo shows, `{}` where the concept goes; the scripts'
+    "a photo of {}" by default). TI and LoRA call `on_snapshot` after each step count in `snapshots`: their lr is
+    constant, so the snapshot at k steps is what a k-step run with the same seed returns."""
     pixels = pixels.to(pipe.device)
     if snapshots and method not in ("ti", "lora"):
         raise UserError(f"snapshots are for ti and lora, not {method!r}")
     if method == "ti":
-        return train_textual_inversion(pipe, pixels, steps, lr=settings.ti_lr, seed=seed, on_step=on_step,
-                                       snapshots=snapshots, on_snapshot=on_snapshot)
+        return train_textual_inversion(pipe, pixels, steps, template=template, lr=settings.ti_lr, seed=seed,
+                                       on_step=on_step, snapshots=snapshots, on_snapshot=on_snapshot)
+    instance = template.format(f"{IDENTIFIER} object")
     if method == "lora":
-        return train_lora(pipe, pixels, steps, lr=settings.lora_lr, seed=seed, on_step=on_step, snapshots=snapshots,
-                          on_snapshot=on_snapshot)
+        return train_lora(pipe, pixels, steps, prompt=instance, lr=settings.lora_lr, seed=seed, on_step=on_step,
+                          snapshots=snapshots, on_snapshot=on_snapshot)
     if method == "dreambooth":
-        return train_dreambooth(pipe, pixels, steps, lr=settings.dreambooth_lr, seed=seed, on_step=on_step,
+        return train_dreambooth(pipe, pixels, steps, prompt=instance, class_prompt=template.format("object"),
+                                lr=settings.dreambooth_lr, seed=seed, on_step=on_step,
                                 prior_images=settings.dreambooth_prior_images, guidance_rescale=guidance_rescale)
     raise UserError(f"unknown baseline method {method!r}; choose one of: {', '.join(METHODS)}")
+
+
+def photo_template(pixels: Tensor, settings) -> str:
+    """The baselines' training template for a concept's photo(s) (P, 3, H, W): what the first one shows besides the
+    object (personalize.describe_scene, as ours tunes), else the scripts' generic prompt."""
+    return photo_templates(pixels[:1], settings.describe_scene)[0] or GENERIC_TEMPLATE
 
 
 @torch.no_grad()
@@ -332,7 +343,8 @@ def baseline(cfg: Config, method: str, images: list[str], prompts: list[str], st
 
     progress = Progress(method, steps, every_s=5.0)
     result = train_baseline(method, pipe, pixels, steps, e, seed=settings["seed"],
-                            guidance_rescale=settings["guidance_rescale"], on_step=lambda i, loss: progress.update(i, loss=loss))
+                            guidance_rescale=settings["guidance_rescale"], template=photo_template(pixels, p),
+                            on_step=lambda i, loss: progress.update(i, loss=loss))
     t0 = time.perf_counter()
     seeds = [settings["seed"] + i for i in range(settings["num_images"])]
     out_dir = Path(out or Path(p.out).with_name(f"baseline-{method}"))

@@ -21,7 +21,7 @@ from components.config import Config
 from components.model.base import Clip, load_clip, load_pipeline
 from components.progress import Progress
 from components.runtime import resolve
-from components.toy import palette
+from components.toy import reader
 from components.toy import world as tw
 
 TARGETS = {"background_colour": 0.80, "object_colour": 0.70, "shape": 0.60,
@@ -33,13 +33,13 @@ def read_colours(image: np.ndarray) -> tuple[str, str | None]:
     """(background colour, object colour) of a uint8 HxWx3 render of a centred object."""
     h, w, _ = image.shape
     pixels = image.astype(np.float32)
-    background = np.median(palette.border_ring(image), axis=0)
+    background = np.median(reader.border_ring(image), axis=0)
     yy, xx = np.mgrid[0:h, 0:w]
     near_centre = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (0.3 * h) ** 2
     differs = np.sqrt(((pixels - background) ** 2).sum(-1)) > 60
     obj = pixels[near_centre & differs]
-    obj_colour = palette.nearest_colour(np.median(obj, axis=0)) if len(obj) >= 12 else None
-    return palette.nearest_colour(background), obj_colour
+    obj_colour = reader.nearest_colour(np.median(obj, axis=0)) if len(obj) >= 12 else None
+    return reader.nearest_colour(background), obj_colour
 
 
 def _classify(clip: Clip, images: list, candidates: list[list[str]]) -> list[int]:
@@ -109,6 +109,7 @@ def check_base(cfg: Config, grid: str | None = None, batch: int = 16) -> dict:
     measured = {"background_colour": float(np.mean(bg_hits)), "object_colour": float(np.mean(obj_hits)),
                 "shape": shape_accuracy(clip, pil, combos), "zero_shot_colour": zero_shot["colour"],
                 "zero_shot_shape": zero_shot["shape"]}
+    probe = backbone_probe(cfg) if cfg.base.kind == "toy" else None
     if grid:
         _save_grid(pil, grid)
     return {
@@ -116,12 +117,65 @@ def check_base(cfg: Config, grid: str | None = None, batch: int = 16) -> dict:
         "fresh_renders": len(fresh),
         "measured": measured,
         "targets": TARGETS,
-        "passed": all(measured[k] >= v for k, v in TARGETS.items()),
+        "backbone_probe": probe,
+        "passed": all(measured[k] >= v for k, v in TARGETS.items()) and (probe is None or probe["passed"]),
         "generation": {"num_inference_steps": c.num_inference_steps, "guidance_scale": c.guidance_scale,
                        "guidance_rescale": c.guidance_rescale, "scheduler": type(pipe.scheduler).__name__},
         "examples": [{"prompt": p, "read": {"background": r[0], "object": r[1]}} for p, r in zip(prompts[:8], read)],
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+# the backbone's features must let a linear read-out tell every colour and shape apart (gated by a test)
+PROBE_TARGETS = {"colour": 0.95, "shape": 0.90}
+
+
+@torch.no_grad()
+def backbone_features(visual, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """What the encoder's trunk reads from the backbone CLIP (components/model/backbone.py ClipImageTower): its
+    last layer's patch features, mean-pooled (N, C)."""
+    from components.model.backbone import ClipImageTower
+
+    tower = ClipImageTower(visual)
+    return torch.cat([tower(pixels[i:i + batch]).mean(dim=(2, 3)) for i in range(0, len(pixels), batch)])
+
+
+def linear_probe(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
+                 steps: int = 500) -> float:
+    """Test accuracy of a multinomial logistic regression (standardised features, small L2) fit on `train`."""
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    x, x_test = (train - mean) / std, (test - mean) / std
+    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    with torch.enable_grad():
+        head = torch.nn.Linear(x.shape[1], classes)
+        optimizer = torch.optim.LBFGS(head.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+        def loss():
+            optimizer.zero_grad()
+            value = torch.nn.functional.cross_entropy(head(x), train_labels) + 1e-3 * head.weight.square().sum()
+            value.backward()
+            return value
+
+        optimizer.step(loss)
+    return float((head(x_test).argmax(-1) == test_labels).float().mean())
+
+
+def backbone_probe(cfg: Config, train_images: int = 2400, test_images: int = 600, seed: int = 123) -> dict:
+    """Linear probes of colour and shape on the backbone CLIP's features of fresh renders of one object as a user
+    photographs it (centred, any look and background; a seed no bootstrap stage uses), against PROBE_TARGETS."""
+    torch.set_num_threads(cfg.bootstrap.threads)
+    visual = load_clip(cfg.base.backbone_clip).model.visual
+    rng = random.Random(seed)
+    scenes = [tw.sample_scene(rng, edits=False) for _ in range(train_images + test_images)]
+    pixels = torch.from_numpy(tw.render_batch(scenes, 64, seed)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    features = backbone_features(visual, pixels)
+    measured = {}
+    for attribute, names in (("colour", list(tw.COLOURS)), ("shape", tw.SHAPES)):
+        labels = torch.tensor([names.index(getattr(s.concept, attribute)) for s in scenes])
+        measured[attribute] = round(linear_probe(features[:train_images], labels[:train_images],
+                                                 features[train_images:], labels[train_images:]), 4)
+    return {"measured": measured, "targets": PROBE_TARGETS, "train_images": train_images, "test_images": test_images,
+            "passed": all(measured[k] >= v for k, v in PROBE_TARGETS.items())}
 
 
 def _save_grid(images: list, path: str, cols: int = 8) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,9 +30,10 @@ from PIL import Image
 
 from components import tracking
 from components.config import Config, resolved
+from components.errors import UserError
 from components.data.images import to_pixels
 from components.evaluation import report
-from components.evaluation.baselines import sample, train_baseline
+from components.evaluation.baselines import photo_template, sample, train_baseline
 from components.evaluation.eval_set import (
     EvalConcept,
     EvalSet,
@@ -64,6 +66,15 @@ class MethodResult:
         keep = [i for i, c in enumerate(self.concept) if c in concepts]
         return MethodResult(self.name, [self.identity[i] for i in keep], [self.prompt[i] for i in keep],
                             [self.concept[i] for i in keep], self.concept_seconds, self.peak_mb, self.wall_s)
+
+    def to_dict(self) -> dict:
+        """The per-sample scores and timings (not the grid): what a stored result keeps."""
+        return {"name": self.name, "identity": self.identity, "prompt": self.prompt, "concept": self.concept,
+                "concept_seconds": self.concept_seconds, "peak_mb": self.peak_mb, "wall_s": self.wall_s}
+
+    @classmethod
+    def from_dict(cls, values: dict, grid: Image.Image | None = None) -> MethodResult:
+        return cls(**values, grid=grid)
 
     def summary(self) -> dict:
         identity, identity_ci = mean_ci(self.identity)
@@ -164,6 +175,7 @@ class Harness:
             progress = Progress(f"{name} {concept.name}", steps)
             return train_baseline(method, p.pipe, pixels, steps, e, seed=self.seeds[0],
                                   guidance_rescale=settings.guidance_rescale,
+                                  template=photo_template(pixels, self.cfg.personalize),
                                   on_step=lambda i, loss: progress.update(i, loss=loss))
 
         def draw(state, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
@@ -200,8 +212,10 @@ class Harness:
                          concept.name, identity, prompt)
                 paused += time.perf_counter() - t
 
-            train_baseline(method, p.pipe, to_pixels(concept.images[0], p.side), steps[-1], e, seed=self.seeds[0],
+            pixels = to_pixels(concept.images[0], p.side)
+            train_baseline(method, p.pipe, pixels, steps[-1], e, seed=self.seeds[0],
                            guidance_rescale=settings.guidance_rescale, snapshots=steps, on_snapshot=snapshot,
+                           template=photo_template(pixels, self.cfg.personalize),
                            on_step=lambda i, loss: progress.update(i, loss=loss))
 
         started = time.perf_counter()
@@ -213,9 +227,68 @@ class Harness:
         return results
 
 
-def load_harness(cfg: Config) -> Harness:
+# --- stored results: work that does not depend on the encoder under test, done once -------------------------
+RESULTS_FILE = "results.json"
+
+
+def save_results(out: str | Path, stage: str, key: dict, results: dict[str, MethodResult], extra: dict | None = None,
+                 ) -> Path:
+    """`results` with the `key` they were computed under (settings and model fingerprints) into out/results.json, and
+    each method's sample grid into out/grids/<method>.png: small files, committed like models/."""
+    out = Path(out)
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    for name, result in results.items():
+        if result.grid is not None:
+            result.grid.save(out / "grids" / f"{name}.png")
+    path = out / RESULTS_FILE
+    path.write_text(json.dumps({"stage": stage, "key": key, "methods": {n: r.to_dict() for n, r in results.items()},
+                                **(extra or {})}, indent=1) + "\n")
+    return path
+
+
+def stored_key(out: str | Path) -> dict | None:
+    """The key stored results were computed under, or None when there are none (or they cannot be read)."""
+    try:
+        return json.loads((Path(out) / RESULTS_FILE).read_text())["key"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def load_results(out: str | Path, stage: str, key: dict) -> tuple[dict[str, MethodResult], dict]:
+    """The results `save_results` stored in `out` under `key`, and the file's other entries; a UserError that names
+    what changed and the command that brings them up to date when they are missing or were computed otherwise."""
+    path = Path(out) / RESULTS_FILE
+    command = f"`datencoder {stage}` (or `dvc repro {stage}`)"
+    try:
+        stored = json.loads(path.read_text())
+    except OSError:
+        raise UserError(f"no {stage} results in {path}: run {command}") from None
+    except ValueError as e:
+        raise UserError(f"{path} is not readable JSON ({e}): run {command} again") from None
+    changed = sorted(k for k in set(key) | set(stored.get("key", {})) if key.get(k) != stored.get("key", {}).get(k))
+    if changed:
+        raise UserError(f"the {stage} results in {path} were computed under other settings ({', '.join(changed[:6])}"
+                        f"{', ...' if len(changed) > 6 else ''}): run {command}")
+    grids = Path(out) / "grids"
+    methods = {name: MethodResult.from_dict(values, _image(grids / f"{name}.png"))
+               for name, values in stored["methods"].items()}
+    return methods, {k: v for k, v in stored.items() if k not in ("key", "methods")}
+
+
+def _image(path: Path) -> Image.Image | None:
+    return Image.open(path).convert("RGB") if path.is_file() else None
+
+
+def settings_key(cfg: Config, fields: dict[str, tuple[str, ...]]) -> dict:
+    """{"section.key": value} of the given config fields (what a stored result depends on)."""
+    return {f"{section}.{name}": getattr(getattr(cfg, section), name) for section, names in fields.items()
+            for name in names}
+
+
+def load_harness(cfg: Config, encoder: bool = True) -> Harness:
+    """The base, the metrics CLIP, the evaluation set and (with `encoder`) ours' encoder, loaded once."""
     eval_set = load_eval_set(cfg)
-    personalizer = Personalizer(cfg, cfg.personalize.encoder)
+    personalizer = Personalizer(cfg, cfg.personalize.encoder if encoder else None)
     return Harness(cfg, personalizer, ClipMetrics(load_clip(cfg.base.metrics_clip, personalizer.runtime.device)),
                    eval_set)
 

@@ -1,9 +1,12 @@
 """Variants of ours for `evaluate` and `ablate`: tuning-only variants on the committed encoder, and
 re-trained encoders (shorter pre-training runs, components/training/pretrain.py, `evaluate.retrain_steps`: a quarter
 of the main encoder's by default) compared with the default recipe trained exactly as long, cached under
-`evaluate.cache` keyed by pre-training's own run name (base fingerprint, encoder, data version, recipe) and length,
-so a re-run, or `evaluate` after `ablate`, trains nothing. `train_variants` is the `variants` stage (dvc.yaml): it
-trains them all, and DVC keeps the cache as that stage's output.
+`evaluate.cache` keyed by pre-training's own run name (base fingerprint, encoder, data version, recipe) and length.
+
+`train_variants` is the `variants` stage (dvc.yaml): it trains them all (DVC keeps the encoders as an output in its
+cache) and scores each on the evaluation concepts into `evaluate.variant_results` (small files, committed), with the
+settings and recipes they were scored under: `evaluate` and `ablate` read those scores (`variant_results`), so
+neither trains nor scores a re-trained encoder, and a fresh clone needs none of their weights.
 """
 
 from __future__ import annotations
@@ -17,6 +20,16 @@ import ray
 
 from components.config import Config, variant_config
 from components.data.prepare import data_version
+from components.evaluation.harness import (
+    MethodResult,
+    StageRun,
+    load_harness,
+    load_results,
+    save_results,
+    settings_key,
+    stored_key,
+)
+from components.model.base import files_fingerprint
 from components.training.pretrain import connect, pretrain, run_name
 
 log = logging.getLogger(__name__)
@@ -100,10 +113,56 @@ def retrained_variants(cfg: Config) -> dict[str, dict]:
     return variants
 
 
-def train_variants(cfg: Config, parent_run_id: str | None = None) -> dict:
+# what the variants' scores depend on besides their encoders' recipes and the metrics CLIP (dvc.yaml's `variants`)
+SCORING_SETTINGS = {
+    "personalize": ("tuning_steps", "lr", "l2_weight", "l2_reduction", "views", "tune_parts", "timestep_sampling",
+                    "prompts", "describe_scene", "encoder_timestep", "predicted_offsets", "alpha_blend",
+                    "guidance_scale", "guidance_rescale", "num_inference_steps", "scheduler"),
+    "evaluate": ("concepts", "concept_dir", "prompts", "prompts_file", "seeds", "max_concepts", "full", "full_seeds"),
+    "ablate": ("concepts",),
+}
+
+
+def wanted_variants(cfg: Config) -> dict[str, dict]:
+    """Every re-trained variant of `evaluate` and `ablate`: name -> encoder overrides (several names may share one)."""
+    return {**EVALUATE_RETRAINED, **retrained_variants(cfg)}
+
+
+def variants_key(cfg: Config) -> dict:
+    steps = retrain_steps(cfg)
+    recipes = {name: encoder_variant(cfg, overrides, steps)[1].parent.name for name, overrides in wanted_variants(cfg).items()}
+    return {**settings_key(cfg, SCORING_SETTINGS), "encoder.alpha_blend_tune": cfg.encoder.alpha_blend_tune,
+            "recipes": recipes, "metrics_clip": files_fingerprint(cfg.base.metrics_clip.pretrained)}
+
+
+def variant_results(cfg: Config) -> dict[str, MethodResult]:
+    """The stored scores of every re-trained variant (name -> result), current for `cfg` or a UserError."""
+    return load_results(cfg.evaluate.variant_results, "variants", variants_key(cfg))[0]
+
+
+def train_variants(cfg: Config, parent_run_id: str | None = None, force: bool = False) -> dict:
     """The `variants` stage: every re-trained encoder of `evaluate` and `ablate` (variants sharing a recipe train
-    once) into `evaluate.cache`; returns {"steps", "cache", "encoders": {variant name: directory}}."""
-    wanted = {**EVALUATE_RETRAINED, **retrained_variants(cfg)}
+    once) into `evaluate.cache`, each scored on the evaluation concepts (as many as `evaluate` or `ablate` uses) into
+    `evaluate.variant_results`; with the same key stored, nothing is trained or scored unless `force`. Returns
+    {"steps", "cache", "out", "encoders": {variant name: directory}, "up_to_date"}."""
+    e, wanted = cfg.evaluate, wanted_variants(cfg)
+    key = variants_key(cfg)
+    report = {"steps": retrain_steps(cfg), "cache": e.cache, "out": e.variant_results}
+    if not force and stored_key(e.variant_results) == key:
+        log.info("variants: %s is up to date", e.variant_results)
+        return {**report, "up_to_date": True}
     with training_session(cfg) as train:
-        encoders = {name: str(train(name, overrides, parent_run_id)) for name, overrides in wanted.items()}
-    return {"steps": retrain_steps(cfg), "cache": cfg.evaluate.cache, "encoders": encoders}
+        encoders = {name: train(name, overrides, parent_run_id) for name, overrides in wanted.items()}
+    harness = load_harness(cfg)
+    limit = None if e.max_concepts is None else max(e.max_concepts, cfg.ablate.concepts)
+    scored: dict[Path, MethodResult] = {}
+    with StageRun(cfg, e.experiment, "variants", parent_run_id) as run:
+        for name, encoder_dir in encoders.items():
+            if encoder_dir not in scored:  # one scoring per distinct encoder
+                scored[encoder_dir] = harness.ours(name, harness.personalizer.variant(cfg, encoder_dir), limit)
+            result = scored[encoder_dir]
+            run.add(MethodResult(**{**result.to_dict(), "name": name}, grid=result.grid),
+                    {"encoder": str(encoder_dir), "retrain_steps": retrain_steps(cfg), **wanted[name]})
+        path = save_results(e.variant_results, "variants", key, run.results)
+        run.client.log_artifact(run.run_id, str(path), "results")
+    return {**report, "up_to_date": False, "encoders": {n: str(d) for n, d in encoders.items()}}

@@ -29,19 +29,16 @@ import numpy as np
 import torch
 
 from components.config import Config
-from components.data.images import read_image, to_pixels
+from components.data.images import read_image, to_arrays, to_pixels
 from components.errors import UserError
 from components.inference.generate import SCHEDULERS, Sampling, generate
 from components.inference.tuning import Concept, TuningRecipe, predict_concept, tune
 from components.model.base import load_pipeline
 from components.model.encoder import FrozenBase, TuningEncoder
-from components.model.placeholder import (
-    PromptEncoder,
-    plain_background_index,
-    plain_background_prompts,
-)
+from components.model.placeholder import PLACEHOLDER, PromptEncoder
 from components.progress import Progress
 from components.runtime import resolve
+from components.toy import reader
 
 log = logging.getLogger(__name__)
 
@@ -150,17 +147,17 @@ class ConceptCache:
 class Personalizer:
     """A loaded base + encoder that personalises images on request (thread-safe)."""
 
-    def __init__(self, cfg: Config, encoder_dir: str | Path):
+    def __init__(self, cfg: Config, encoder_dir: str | Path | None):
+        """`encoder_dir` None: the base alone (what the optimisation baselines need), no personalisation."""
         self.cfg = cfg
         self.runtime = resolve(cfg.runtime)  # the base in its dtype on its device; the encoder float32 beside it
         self.pipe = load_pipeline(cfg.base, self.runtime)
         self.base = FrozenBase.load(cfg, self.pipe)  # shares the pipeline's UNet and text encoder
-        self.encoder = self._load_encoder(encoder_dir)
+        self.encoder = None if encoder_dir is None else self._load_encoder(encoder_dir)
         self.side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.cache = ConceptCache(cfg.personalize.cache_size)
         tuning_prompts = cfg.personalize.prompts
         self.tuning_ids = self.base.prompts.tokenize(tuning_prompts)  # fails early on a prompt without S*
-        self.background_ids = self.base.prompts.tokenize(plain_background_prompts())
 
     def variant(self, cfg: Config, encoder_dir: str | Path | None = None) -> Personalizer:
         """A Personalizer over the same loaded base with another config (tuning settings, blend) and
@@ -195,10 +192,18 @@ class Personalizer:
     def check_prompts(self, prompts: list[str]) -> None:
         check_prompts(prompts, self.base.prompts)
 
-    def tuning_prompt_ids(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The configured tuning prompts or, with caption_plain_backgrounds and a plain background, its caption."""
-        row = plain_background_index(pixels)[0] if self.cfg.personalize.caption_plain_backgrounds else None
-        return self.tuning_ids if row is None else self.background_ids[row:row + 1]
+    def tuning_prompt_ids(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """Each photo's tuning prompts (pixels (P, 3, H, W) in [-1, 1]): its `photo_templates` with S* in the
+        object's place, or the configured ones where there is none."""
+        return [self.tuning_ids if t is None else self.base.prompts.tokenize([t.replace("{}", PLACEHOLDER)])
+                for t in photo_templates(pixels, self.cfg.personalize.describe_scene)]
+
+    def predict(self, pixels: torch.Tensor, generator: torch.Generator) -> Concept:
+        """The encoder's prediction for one photo (1, 3, H, W) in [-1, 1]: tuning's start."""
+        if self.encoder is None:
+            raise ValueError("this Personalizer was loaded without an encoder")
+        p = self.cfg.personalize
+        return predict_concept(self.encoder, self.pipe.vae, pixels, p.encoder_timestep, generator, p.predicted_offsets)
 
     def concept(self, images, digest: str, steps: int) -> tuple[Concept, bool, dict[str, float]]:
         """The tuned concept for checked PIL image(s) of one concept with digest `digest` (cached).
@@ -208,15 +213,14 @@ class Personalizer:
         p = self.cfg.personalize
         images = images if isinstance(images, (list, tuple)) else [images]
         recipe = TuningRecipe.from_config(self.cfg, steps)
-        key = (digest, recipe, tuple(p.prompts), p.caption_plain_backgrounds, p.encoder_timestep)
+        key = (digest, recipe, tuple(p.prompts), p.describe_scene, p.encoder_timestep, p.predicted_offsets)
         timings = {"encoder_s": 0.0, "tune_s": 0.0}
 
         def make() -> Concept:
             pixels = torch.cat([to_pixels(image, self.side) for image in images]).to(self.runtime.device)
             generator = torch.Generator().manual_seed(int(digest[:15], 16))
             t0 = time.perf_counter()
-            start = mean_concept([predict_concept(self.encoder, self.pipe.vae, pixels[i:i + 1], p.encoder_timestep,
-                                                  generator) for i in range(len(pixels))])
+            start = mean_concept([self.predict(pixels[i:i + 1], generator) for i in range(len(pixels))])
             t1 = time.perf_counter()
             progress = Progress("tune", steps, every_s=2.0)
             tuned = tune(self.base, self.pipe.vae, start, pixels, self.tuning_prompt_ids(pixels), recipe, generator,
@@ -263,6 +267,12 @@ def check_prompts(prompts: list[str], prompt_encoder: PromptEncoder) -> None:
             raise UserError(f"prompt {prompt[:60]!r}... is too long: {length} tokens, the text encoder takes "
                             f"{tokenizer.model_max_length} (start and end included)")
     prompt_encoder.tokenize(prompts)
+
+
+def photo_templates(pixels: torch.Tensor, describe: bool) -> list[str | None]:
+    """What each photo (P, 3, H, W) in [-1, 1] shows besides the object, as a caption template ('a large {} on
+    grass'): with `describe` (personalize.describe_scene) the toy reader's, None where it cannot tell or without."""
+    return [reader.describe(image) if describe else None for image in to_arrays(pixels)]
 
 
 def images_digest(photos: list[bytes]) -> str:

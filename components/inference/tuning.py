@@ -59,30 +59,44 @@ def encode_latents(vae, pixels: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def predict_concept(encoder, vae, pixels: Tensor, timestep: int, generator: torch.Generator) -> Concept:
-    """The encoder's concept for one image (pixels (1, 3, H, W) in [-1, 1]) from its latent noised to `timestep`."""
+def predict_concept(encoder, vae, pixels: Tensor, timestep: int, generator: torch.Generator,
+                    offsets: float = 1.0) -> Concept:
+    """The encoder's concept for one image (pixels (1, 3, H, W) in [-1, 1]) from its latent noised to `timestep`;
+    `offsets` scales the predicted LoRA offsets (B x offsets; 0: v* alone, B = 0 as a fresh LoRA starts)."""
     latents = encode_latents(vae, pixels)
     t = torch.tensor([timestep], device=latents.device)
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     noisy, _ = encoder.base.noised(latents, noise, t)
     v_star, factors = encoder.predict(pixels, noisy, t)
+    if factors is not None and offsets != 1.0:
+        factors = {name: (a, b * offsets) for name, (a, b) in factors.items()}
     return Concept(v_star, factors, encoder.config.lora_scale)
 
 
 def augment(pixels: Tensor, n: int, generator: torch.Generator, min_crop: float = 0.85) -> Tensor:
     """n light views of the concept's photo(s) (pixels (P, 3, H, W)): a random square crop of 85-100% of the
     side, resized back. Several photos take turns from a random first one, so every call spreads its views
-    across them. No flips or colour changes: orientation and colour are part of a concept's identity."""
+    across them (view k shows photo `view_photos(...)[k]`). No flips or colour changes: orientation and colour
+    are part of a concept's identity."""
+    return crops(pixels, view_photos(len(pixels), n, generator), generator, min_crop)
+
+
+def crops(pixels: Tensor, photos: list[int], generator: torch.Generator, min_crop: float = 0.85) -> Tensor:
+    """One random square crop of 85-100% of the side of photo `photos[k]` for each k, resized back."""
     side = pixels.shape[-1]
-    first = int(torch.randint(0, len(pixels), (), generator=generator)) if len(pixels) > 1 else 0
     views = []
-    for k in range(n):
+    for photo in photos:
         crop = int(round(side * (min_crop + (1 - min_crop) * torch.rand((), generator=generator).item())))
         top, left = (int(torch.randint(0, side - crop + 1, (), generator=generator)) for _ in range(2))
-        photo = (first + k) % len(pixels)
         view = pixels[photo:photo + 1, :, top:top + crop, left:left + crop]
         views.append(F.interpolate(view, size=(side, side), mode="bilinear", align_corners=False, antialias=True))
     return torch.cat(views)
+
+
+def view_photos(photos: int, n: int, generator: torch.Generator) -> list[int]:
+    """Which photo each of n views shows: they take turns from a random first one."""
+    first = int(torch.randint(0, photos, (), generator=generator)) if photos > 1 else 0
+    return [(first + k) % photos for k in range(n)]
 
 
 TUNE_PARTS = ("all", "embedding", "weights")
@@ -128,12 +142,13 @@ class TuningRecipe:
                    p.tune_parts, p.timestep_sampling, p.l2_reduction)
 
 
-def tune(base, vae, start: Concept, pixels: Tensor, prompt_ids: Tensor, recipe: TuningRecipe,
+def tune(base, vae, start: Concept, pixels: Tensor, prompt_ids: Tensor | list[Tensor], recipe: TuningRecipe,
          generator: torch.Generator, on_step: Callable[[int, float], None] | None = None) -> Concept:
     """`recipe.steps` Adam steps on v* and the factors from `start` (see the module docstring).
 
     Each step: `recipe.views` augmented views, timesteps from `draw_timesteps`, random noise, one of
-    `prompt_ids`' rows (each with S*) per view; loss = denoising MSE + l2_weight * drift from `start`.
+    `prompt_ids`' rows (each with S*) per view, or of `prompt_ids[p]`'s for a view of photo p when it is a list
+    (each photo's own caption); loss = denoising MSE + l2_weight * drift from `start`.
     `recipe.l2_reduction` "sum": the squared L2 distance ||theta - theta_0||^2 over every tuned entry (the
     paper's L2 term; its gradient 2 l2_weight (theta - theta_0) per entry is comparable to the denoising
     gradient); "mean": the mean over tensors of each one's mean squared drift, whatever its size (a gradient
@@ -164,11 +179,14 @@ def tune(base, vae, start: Concept, pixels: Tensor, prompt_ids: Tensor, recipe: 
         return start.with_tensors([views.get(i, t) for i, t in enumerate(fixed)])
 
     plan = draw_timesteps(steps, views, base.noise_scheduler.config.num_train_timesteps, generator, timesteps)
+    per_photo = prompt_ids if isinstance(prompt_ids, list) else [prompt_ids] * len(pixels)
     for step in range(steps):
-        latents = encode_latents(vae, augment(pixels, views, generator))
+        photos = view_photos(len(pixels), views, generator)
+        latents = encode_latents(vae, crops(pixels, photos, generator))
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         t = plan[step].to(latents.device)
-        ids = prompt_ids[torch.randint(0, len(prompt_ids), (views,), generator=generator)]
+        ids = torch.cat([per_photo[p][torch.randint(0, len(per_photo[p]), (1,), generator=generator)]
+                         for p in photos])
         noisy, target = base.noised(latents, noise, t)
         concept = current()
         v_star, factors = concept.repeat(views)

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 
 class ClipImageTower(nn.Module):
-    """A frozen open_clip vision tower: images in [-1, 1] -> last-layer patch features (N, C, g, g)."""
+    """A frozen open_clip vision tower: images in [-1, 1] -> last-layer features (N, C, g, g): a ViT's patch tokens,
+    a ModifiedResNet's last stage."""
 
     def __init__(self, visual: nn.Module):
         super().__init__()
@@ -26,9 +27,13 @@ class ClipImageTower(nn.Module):
         preprocess = getattr(visual, "preprocess_cfg", {}) or {}
         self.register_buffer("mean", torch.tensor(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(preprocess.get("std", open_clip.OPENAI_DATASET_STD)).view(1, 3, 1, 1))
-        self.image_size = tuple(visual.image_size)
-        self.grid = tuple(visual.grid_size)
-        self.channels = visual.transformer.width
+        size = visual.image_size
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        if hasattr(visual, "transformer"):  # a ViT: its patch grid, at the transformer's width
+            self.grid, self.channels = tuple(visual.grid_size), visual.transformer.width
+        else:  # open_clip's ModifiedResNet: the last stage's map, 32x smaller than the input
+            self.grid = (self.image_size[0] // 32, self.image_size[1] // 32)
+            self.channels = visual.layer4[-1].conv3.out_channels
 
     @torch.no_grad()
     def forward(self, pixels: Tensor) -> Tensor:

@@ -25,14 +25,20 @@ from components.runtime import CPU, Runtime
 log = logging.getLogger(__name__)
 
 
-def base_fingerprint(base: BaseConfig, whole_below: int = 256 * 2**20) -> str:
+def base_fingerprint(base: BaseConfig) -> str:
     """What the base weights are, not only where: a base re-bootstrapped at the same path must not reuse
-    encoders pre-trained on the old one. Local files are hashed whole while they total at most
-    `whole_below` bytes (the toy base), else by name, size and mtime (SD-size directories)."""
-    paths = [Path(base.pretrained), Path(base.backbone_clip.pretrained)]
+    encoders pre-trained on the old one (the pipeline and the backbone CLIP; files_fingerprint)."""
+    return files_fingerprint(base.pretrained, base.backbone_clip.pretrained, extra=base.revision)
+
+
+def files_fingerprint(*locations: str, extra: str | None = None, whole_below: int = 256 * 2**20) -> str:
+    """A hash of what the files at `locations` (files or directories; hub ids count by name) hold. Local files are
+    hashed whole while they total at most `whole_below` bytes (the toy models), else by name, size and mtime
+    (SD-size directories)."""
+    paths = [Path(location) for location in locations]
     files = sorted(f for p in paths for f in ([p] if p.is_file() else p.rglob("*") if p.is_dir() else []) if f.is_file())
     whole = sum(f.stat().st_size for f in files) <= whole_below
-    h = hashlib.sha256(json.dumps([base.pretrained, base.revision, base.backbone_clip.pretrained]).encode())
+    h = hashlib.sha256(json.dumps([*locations, extra] if extra is not None else list(locations)).encode())
     for f in files:
         h.update(str(f).encode())
         h.update(f.read_bytes() if whole else f"{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())

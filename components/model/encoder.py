@@ -47,12 +47,13 @@ class FrozenBase:
     """The base model's frozen parts. Construction freezes them and installs the concept processors
     (vanilla behaviour unless a UNet call passes a ConceptBatch)."""
 
-    def __init__(self, unet, text_encoder, tokenizer, noise_scheduler, clip: ClipImageTower):
+    def __init__(self, unet, text_encoder, tokenizer, noise_scheduler, clip: ClipImageTower,
+                 vocabulary: list[str] | None = None):
         for module in (unet, text_encoder, clip):
             module.eval().requires_grad_(False)
         install_processors(unet)
         self.unet, self.text_encoder, self.noise_scheduler, self.clip = unet, text_encoder, noise_scheduler, clip
-        self.prompts = PromptEncoder(tokenizer, text_encoder)
+        self.prompts = PromptEncoder(tokenizer, text_encoder, vocabulary)
 
     @classmethod
     def load(cls, cfg: Config, pipe=None) -> FrozenBase:
@@ -67,7 +68,7 @@ class FrozenBase:
         clip = ClipImageTower(load_clip(cfg.base.backbone_clip, pipe.device).model.visual)
         if cfg.base.gradient_checkpointing:  # only acts while gradients flow (tuning, pre-training)
             pipe.unet.enable_gradient_checkpointing()
-        return cls(pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, clip)
+        return cls(pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, clip, cfg.base.vocabulary)
 
     def to(self, *args, **kwargs) -> FrozenBase:
         for module in (self.unet, self.text_encoder, self.clip):
@@ -145,12 +146,9 @@ class TuningEncoder(nn.Module):
         word = prompts.tokenizer(config.token_init_word, add_special_tokens=False).input_ids
         if not word or max(word) >= prompts.token_table.shape[0]:
             raise UserError(f"encoder.token_init_word {config.token_init_word!r} is not in the base's vocabulary")
-        table = prompts.token_table.detach().float()
-        origin = table[word].mean(0)
-        real = torch.ones(table.shape[0], dtype=torch.bool)
-        real[prompts.special_ids] = False
+        origin = prompts.token_table.detach().float()[word].mean(0)
         shape = EncoderShape.of(base.unet, base.text_encoder, base.clip.channels, base.clip.grid)
-        encoder = cls(config, shape, origin, table[real].norm(dim=-1).mean().item())
+        encoder = cls(config, shape, origin, prompts.word_table.detach().float().norm(dim=-1).mean().item())
         return encoder.attach(base)
 
     def attach(self, base: FrozenBase) -> TuningEncoder:
@@ -169,10 +167,16 @@ class TuningEncoder(nn.Module):
         return Prediction(self.token_embedder(h), self.hypernetwork(h) if self.hypernetwork else None)
 
     def forward(self, pixels: Tensor, latents: Tensor, prompts: list[str] | Tensor, noise: Tensor | None = None,
-                timesteps: Tensor | None = None) -> dict[str, Tensor]:
+                timesteps: Tensor | None = None, gradient_norms: bool = False,
+                encoder_timesteps: Tensor | None = None) -> dict[str, Tensor]:
         """One pre-training step's losses for N images: pixels (N, 3, H, W) in [-1, 1], their clean scaled
-        VAE latents (N, 4, h, w), one prompt with S* each (strings or PromptEncoder ids).
-        Returns {"diffusion", "contrastive", "l2_embedding", "l2_offsets", "total"}."""
+        VAE latents (N, 4, h, w), one prompt with S* each (strings or PromptEncoder ids); timesteps uniform
+        unless given. The prediction reads the latent at the loss's timesteps (the paper's) or, given
+        `encoder_timesteps`, the latent noised there with noise of its own (as personalisation predicts once, from
+        one noise level, for every step). Returns {"diffusion", "contrastive", "l2_embedding", "l2_offsets",
+        "total"} and, with
+        `gradient_norms`, the mean per-image norm of the gradient on v* of the denoising loss
+        ("grad_v_star/diffusion") and of the weighted embedding regulariser ("grad_v_star/regulariser")."""
         base, cfg = self._base(), self.config
         ids = prompts if isinstance(prompts, Tensor) else base.prompts.tokenize(prompts)
         ids = ids.to(latents.device)
@@ -181,16 +185,25 @@ class TuningEncoder(nn.Module):
             timesteps = torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (len(latents),),
                                       device=latents.device)
         noisy, target = base.noised(latents, noise, timesteps)
-        v_star, factors = self.predict(pixels, noisy, timesteps)
+        if encoder_timesteps is None:
+            v_star, factors = self.predict(pixels, noisy, timesteps)
+        else:
+            seen = base.noised(latents, torch.randn_like(latents), encoder_timesteps)[0]
+            v_star, factors = self.predict(pixels, seen, encoder_timesteps)
         alpha = cfg.alpha("train")
         prediction = base.denoise(noisy, timesteps, ids, v_star, factors, cfg.lora_scale, alpha)
         losses = {"diffusion": F.mse_loss(prediction.float(), target.float()),
-                  **embedding_regulariser(cfg.regulariser, v_star, base.prompts.token_table, cfg.neighbours,
-                                          cfg.temperature, base.prompts.special_ids),
+                  **embedding_regulariser(cfg.regulariser, v_star, base.prompts.word_table, cfg.neighbours,
+                                          cfg.temperature),
                   "l2_offsets": v_star.new_zeros(()) + offsets_l2(factors, cfg.lora_scale)}
-        losses["total"] = (losses["diffusion"] + cfg.contrastive_weight * losses["contrastive"]
-                           + cfg.l2_embedding_weight * losses["l2_embedding"]
-                           + cfg.l2_offsets_weight * losses["l2_offsets"])
+        regulariser = cfg.contrastive_weight * losses["contrastive"] + cfg.l2_embedding_weight * losses["l2_embedding"]
+        losses["total"] = losses["diffusion"] + regulariser + cfg.l2_offsets_weight * losses["l2_offsets"]
+        if gradient_norms:  # the two pulls on v*: does the regulariser drown the denoising signal?
+            for name, term in (("diffusion", losses["diffusion"]), ("regulariser", regulariser)):
+                grad = torch.autograd.grad(term, v_star, retain_graph=True, allow_unused=True)[0] \
+                    if term.requires_grad else None
+                losses[f"grad_v_star/{name}"] = (grad.norm(dim=-1).mean() * len(v_star) if grad is not None
+                                                 else v_star.new_zeros(())).detach()
         return losses
 
     def _base(self) -> FrozenBase:

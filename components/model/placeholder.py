@@ -16,41 +16,50 @@ from torch import Tensor
 
 from components.errors import UserError
 from components.model.token_embedder import nearest_tokens
-from components.toy import palette
-from components.toy import world as tw
 
 PLACEHOLDER = "S*"
 
 
-def plain_background_prompts() -> list[str]:
-    """The toy world's caption of an object on each palette colour with S* as the object, in palette order:
-    "S* on a red background", ... (what `caption_plain_backgrounds` prompts with)."""
-    return [f"{PLACEHOLDER} {tw.background_phrase('plain', colour)}" for colour in tw.COLOURS]
-
-
-def plain_background_index(pixels: Tensor) -> list[int | None]:
-    """For each image (N, 3, H, W) in [-1, 1]: its row of plain_background_prompts() when its border is one
-    plain palette colour, else None."""
-    images = ((pixels.detach().float().cpu() + 1.0) * 127.5).permute(0, 2, 3, 1).numpy()
-    colours = list(tw.COLOURS)
-    return [None if (c := palette.plain_background(image)) is None else colours.index(c) for image in images]
-
-
 class PromptEncoder:
-    def __init__(self, tokenizer, text_encoder):
+    """`vocabulary`: the real words a concept may be near (BaseConfig.vocabulary); None: every token but the
+    special ones (bos/eos/pad)."""
+
+    def __init__(self, tokenizer, text_encoder, vocabulary: list[str] | None = None):
         from tokenizers import AddedToken
 
         self.tokenizer = copy.deepcopy(tokenizer)
         self.tokenizer.add_tokens([AddedToken(PLACEHOLDER, normalized=False, single_word=False)])
         self.placeholder_id = self.tokenizer.convert_tokens_to_ids(PLACEHOLDER)
         self.text_encoder = text_encoder
-        # special tokens (bos/eos/pad) are not words a concept could be near
-        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+        self.word_ids = self._word_ids(tokenizer, vocabulary)
+
+    @staticmethod
+    def _word_ids(tokenizer, vocabulary: list[str] | None) -> Tensor:
+        size = text_rows = tokenizer.vocab_size
+        if vocabulary is None:
+            keep = torch.ones(size, dtype=torch.bool)
+            keep[sorted(set(tokenizer.all_special_ids))] = False
+            return keep.nonzero()[:, 0]
+        ids = []
+        for word in dict.fromkeys(vocabulary):
+            pieces = tokenizer(word, add_special_tokens=False).input_ids
+            if len(pieces) != 1 or pieces[0] >= text_rows:
+                raise UserError(f"base.vocabulary: {word!r} is not one token of the base's tokenizer "
+                                f"({len(pieces)} tokens); list single words the text encoder was trained on")
+            ids.append(pieces[0])
+        if not ids:
+            raise UserError("base.vocabulary is empty: list the words the text encoder was trained on, or null for all")
+        return torch.tensor(ids, dtype=torch.long)
 
     @property
     def token_table(self) -> Tensor:
         """The real tokens' input embeddings (vocab, D)."""
         return self.text_encoder.get_input_embeddings().weight
+
+    @property
+    def word_table(self) -> Tensor:
+        """The vocabulary's rows of token_table (len(word_ids), D), in word_ids order."""
+        return self.token_table[self.word_ids.to(self.token_table.device)]
 
     def tokenize(self, prompts: list[str], require_placeholder: bool = True) -> Tensor:
         if require_placeholder:
@@ -79,8 +88,8 @@ class PromptEncoder:
         return self._transformer(embeds)
 
     def nearest_tokens(self, v_star: Tensor, k: int = 1) -> Tensor:
-        """Ids of the real token nearest to each v* by cosine similarity (N,), or (N, k) for k > 1."""
-        ids = nearest_tokens(v_star, self.token_table, k, self.special_ids)[1]
+        """Ids of the vocabulary's word nearest to each v* by cosine similarity (N,), or (N, k) for k > 1."""
+        ids = self.word_ids.to(v_star.device)[nearest_tokens(v_star, self.word_table, k)[1]]
         return ids[:, 0] if k == 1 else ids
 
     def hard_ids(self, ids: Tensor, token_ids: Tensor) -> Tensor:

@@ -4,8 +4,10 @@ Embedding variants (config `encoder.regulariser`, for the ablation):
   none         nothing
   l2           ||v*||^2 (Eq. 4)
   nn-cosine    ||v*||^2 + (1 - cos(v*, nearest real token)): a VQ-codebook pull, no negatives
-  contrastive  ||v*||^2 + Eq. 3: the K nearest real tokens (cosine) are positives, the other images'
+  contrastive  ||v*||^2 + Eq. 3: the K nearest real words (cosine) are positives, the other images'
                v' in the global batch are negatives, temperature tau
+"Real" words are the base's trained vocabulary (BaseConfig.vocabulary): on a base whose text encoder saw only some
+of its rows, a pull toward the others would pull toward random vectors.
 Similarities are cosine (the translation's dot product between unnormalised vectors would let the
 loss be lowered by growing ||v*||, which Eq. 4 then fights). Offsets get their own L2 penalty.
 """
@@ -37,9 +39,9 @@ def gather_batch(v: Tensor) -> tuple[Tensor, int]:
     return torch.cat(parts), rank * v.shape[0]
 
 
-def contrastive_loss(v: Tensor, table: Tensor, k: int, tau: float, exclude: Tensor | None = None) -> Tensor:
-    """Eq. 3, averaged over the local batch."""
-    positives = nearest_tokens(v, table, k, exclude)[0] / tau  # (N, K)
+def contrastive_loss(v: Tensor, table: Tensor, k: int, tau: float) -> Tensor:
+    """Eq. 3, averaged over the local batch; `table`: the candidate words' embeddings."""
+    positives = nearest_tokens(v, table, k)[0] / tau  # (N, K)
     everyone, offset = gather_batch(F.normalize(v, dim=-1))
     negatives = F.normalize(v, dim=-1) @ everyone.T / tau  # (N, G)
     own = torch.arange(v.shape[0], device=v.device) + offset
@@ -49,8 +51,8 @@ def contrastive_loss(v: Tensor, table: Tensor, k: int, tau: float, exclude: Tens
     return (torch.cat([positives, negatives], dim=-1).logsumexp(-1) - numerator).mean()
 
 
-def nn_cosine_loss(v: Tensor, table: Tensor, exclude: Tensor | None = None) -> Tensor:
-    return (1 - nearest_tokens(v, table, 1, exclude)[0][:, 0]).mean()
+def nn_cosine_loss(v: Tensor, table: Tensor) -> Tensor:
+    return (1 - nearest_tokens(v, table, 1)[0][:, 0]).mean()
 
 
 def embedding_l2(v: Tensor) -> Tensor:
@@ -67,13 +69,13 @@ def offsets_l2(factors: Factors | None, scale: float) -> Tensor | float:
     return scale ** 2 * torch.stack(norms).mean()
 
 
-def embedding_regulariser(variant: Variant, v: Tensor, table: Tensor, k: int, tau: float,
-                          exclude: Tensor | None = None) -> dict[str, Tensor]:
-    """{"contrastive": the variant's nearest-neighbour term, "l2_embedding": ||v*||^2 (0 for `none`)}."""
+def embedding_regulariser(variant: Variant, v: Tensor, table: Tensor, k: int, tau: float) -> dict[str, Tensor]:
+    """{"contrastive": the variant's nearest-neighbour term, "l2_embedding": ||v*||^2 (0 for `none`)}; `table`: the
+    embeddings of the real words v* may be pulled toward (PromptEncoder.word_table)."""
     zero = v.new_zeros(())
     if variant == "none":
         return {"contrastive": zero, "l2_embedding": zero}
     pull = {"l2": lambda: zero,
-            "nn-cosine": lambda: nn_cosine_loss(v, table, exclude),
-            "contrastive": lambda: contrastive_loss(v, table, k, tau, exclude)}[variant]()
+            "nn-cosine": lambda: nn_cosine_loss(v, table),
+            "contrastive": lambda: contrastive_loss(v, table, k, tau)}[variant]()
     return {"contrastive": pull, "l2_embedding": embedding_l2(v)}

@@ -15,15 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def nearest_tokens(v: Tensor, table: Tensor, k: int = 1, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Cosine similarities (N, k) and ids (N, k) of the k rows of `table` nearest to each v.
+def nearest_tokens(v: Tensor, table: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
+    """Cosine similarities (N, k) and row indices (N, k) of the k rows of `table` nearest to each v.
 
-    Similarities stay differentiable in v (the regularisers pull along them); `exclude` ids never win.
-    """
+    Similarities stay differentiable in v (the regularisers pull along them)."""
     sims = F.normalize(v, dim=-1) @ F.normalize(table.to(v.dtype), dim=-1).T
-    if exclude is not None and exclude.numel():
-        sims = sims.index_fill(1, exclude.to(sims.device), float("-inf"))
-    return sims.topk(k, dim=-1)
+    return sims.topk(min(k, table.shape[0]), dim=-1)
 
 
 class TokenEmbedder(nn.Module):

@@ -14,6 +14,12 @@ declare is dropped with a warning, MLflow's rule) and here against their ranges.
 MlflowException INVALID_PARAMETER_VALUE (running out of GPU memory too), which the scoring server answers
 with HTTP 400 and the message.
 
+The model guards itself wherever it is served (components/serving/limits.py): a request over the budget
+(input images, their size, generated images, steps) is refused before any work (INVALID_PARAMETER_VALUE:
+400); beyond `serve.max_concurrent` computing and `serve.max_queue` waiting it is refused at once
+(TEMPORARILY_UNAVAILABLE: 503); past its deadline its work stops at the next UNet call (DEADLINE_EXCEEDED:
+504).
+
 The model runs on the machine that serves it: device and dtype come from DATENCODER_DEVICE /
 DATENCODER_DTYPE, else auto (components/runtime.py), never from the registering machine's config;
 `mlflow.pyfunc.load_model(uri, model_config={"device": ..., "dtype": ...})` overrides both.
@@ -22,29 +28,41 @@ DATENCODER_DTYPE, else auto (components/runtime.py), never from the registering 
 from __future__ import annotations
 
 import hashlib
+import time
 
 import mlflow
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, TEMPORARILY_UNAVAILABLE
 from mlflow.pyfunc import PythonModel
 
 from components.errors import UserError
 from components.inference.engine import Personalizer
 from components.runtime import out_of_memory, serving_config
+from components.serving import limits
 from components.serving.registry import config_from_artifacts
 
 
 class PersonalizeModel(PythonModel):
     def load_context(self, context) -> None:
         cfg = serving_config(config_from_artifacts(context.artifacts), context.model_config)
+        self.limits = limits.serving_limits(cfg.serve)
+        self.slots = limits.Slots(self.limits.max_concurrent, self.limits.max_queue)
         self.personalizer = Personalizer(cfg, context.artifacts["encoder"])
+        limits.watch(self.personalizer.pipe.unet)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         try:
             return self._predict(model_input, params or {})
         except UserError as e:
             raise MlflowException.invalid_parameter_value(str(e)) from None
+        except limits.Busy as e:
+            raise MlflowException(str(e), error_code=TEMPORARILY_UNAVAILABLE) from None
+        except limits.RequestCancelled:
+            raise MlflowException("the request ran past its deadline (serve.request_timeout_s, or the server's own "
+                                  "timeout where that is shorter); ask for fewer images or steps",
+                                  error_code=DEADLINE_EXCEEDED) from None
         except torch.OutOfMemoryError as e:
             raise MlflowException.invalid_parameter_value(str(out_of_memory(e))) from None
 
@@ -57,6 +75,12 @@ class PersonalizeModel(PythonModel):
         prompts = ["" if p is None else str(p) for p in rows["prompt"]]
         labels = [c if isinstance(c, str) and c else None
                   for c in (rows["concept"] if "concept" in rows.columns else [None] * len(rows))]
+        limits.check_budget(self.limits, [limits.row(*values) for values in zip(images, prompts, labels)],
+                            settings.num_images, settings.tuning_steps, settings.num_inference_steps)
+        with limits.deadline(time.monotonic() + limits.timeout_s(self.limits)) as until, self.slots.hold(until):
+            return self._run(images, prompts, labels, settings)
+
+    def _run(self, images: list[bytes], prompts: list[str], labels: list[str | None], settings) -> pd.DataFrame:
         # one run per concept, with all of its rows' prompts: the concept is tuned once. A concept is the
         # rows with the same `concept` label (its photos: their distinct images, in row order), or without
         # a label the rows with the same image
@@ -72,7 +96,7 @@ class PersonalizeModel(PythonModel):
             per_prompt = settings.num_images
             for k, i in enumerate(asked):
                 outputs[i] = result.images[k * per_prompt:(k + 1) * per_prompt]
-        generated = [g for i in range(len(rows)) for g in outputs.get(i, [])]
+        generated = [g for i in range(len(images)) for g in outputs.get(i, [])]
         return pd.DataFrame({"image": [g.png() for g in generated], "prompt": [g.prompt for g in generated],
                              "seed": [g.seed for g in generated]})
 

@@ -252,7 +252,7 @@ def clip_model_config(width: int = 96, layers: int = 3, vision: str = "vit", res
 
 def train_clip(name: str, out: Path, scenes: list[tw.Scene], images: torch.Tensor, b: BootstrapConfig,
                seed: int, steps: int, hard: tuple[list[tw.Scene], torch.Tensor] | None = None,
-               vision: str = "vit") -> dict:
+               vision: str = "vit", width: int = 16) -> dict:
     """Train one open_clip CLIP contrastively on (render, caption) pairs and save config + weights.
     `hard`: scenes in consecutive groups of 4 attribute swaps (see attribute_swaps) with their renders;
     each batch then gives half its rows to whole groups, captioned in full."""
@@ -261,7 +261,7 @@ def train_clip(name: str, out: Path, scenes: list[tw.Scene], images: torch.Tenso
 
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / f"{name}.json"
-    config_path.write_text(json.dumps(clip_model_config(vision=vision, resnet_width=b.metrics_clip_width), indent=1) + "\n")
+    config_path.write_text(json.dumps(clip_model_config(vision=vision, resnet_width=width), indent=1) + "\n")
     open_clip.add_model_config(config_path)
     torch.manual_seed(seed)
     model = open_clip.create_model(name).to(b.device)
@@ -306,19 +306,35 @@ def train_clip(name: str, out: Path, scenes: list[tw.Scene], images: torch.Tenso
     return {"params": sum(p.numel() for p in model.parameters()), "final_loss": loss.item()}
 
 
+def hard_groups(groups: int, seed: int, swap_seed: int) -> tuple[list[tw.Scene], torch.Tensor]:
+    """`groups` scenes of the base's distribution, each followed by its three attribute swaps, and their renders."""
+    rng = random.Random(swap_seed)
+    scenes = [v for s in tw.scenes_for_training(groups, seed) for v in attribute_swaps(s, rng)]
+    return scenes, render_dataset(scenes, seed)
+
+
+def train_backbone_clip(out: Path, scenes: list[tw.Scene], images: torch.Tensor, b: BootstrapConfig) -> dict:
+    """The encoder's backbone: half the base's renders, plus attribute-swap groups so its features see shape."""
+    seed = b.seed + 1
+    hard = hard_groups(b.backbone_hard_groups, b.seed + 4, b.seed + 4) if b.backbone_hard_groups else None
+    return train_clip("datencoder-toy-backbone", out, scenes, images, b, seed, b.clip_steps, hard=hard,
+                      vision=b.backbone_vision, width=b.backbone_width)
+
+
 def train_metrics_clip(out: Path, n: int, b: BootstrapConfig) -> dict:
     """The judge: fresh renders and its own seed (never the base's data or generated images), plus
     attribute-swap groups so it separates shapes, not just colours."""
     seed = b.seed + 2
     scenes = tw.scenes_for_training(n, seed)
-    rng = random.Random(seed)
-    hard = [v for s in tw.scenes_for_training(b.clip_hard_groups, seed + 1) for v in attribute_swaps(s, rng)]
     return train_clip("datencoder-toy-metrics", out, scenes, render_dataset(scenes, seed), b, seed,
-                      b.metrics_clip_steps, hard=(hard, render_dataset(hard, seed + 1)), vision="resnet")
+                      b.metrics_clip_steps, hard=hard_groups(b.clip_hard_groups, seed + 1, seed), vision="resnet",
+                      width=b.metrics_clip_width)
 
 
 # --- the stages -----------------------------------------------------------------------------------
-PARTS = ("vae", "unet", "clips")  # one DVC stage each, so a changed UNet recipe does not retrain the VAE
+# one DVC stage each, so a changed UNet recipe does not retrain the VAE, nor a new backbone recipe the judge
+PARTS = ("vae", "unet", "backbone", "metrics")
+ALIASES = {"clips": ("backbone", "metrics")}
 
 
 class _Staged:
@@ -387,24 +403,31 @@ def bootstrap_unet(out: Path, scenes: list[tw.Scene], images: torch.Tensor, b: B
             "final_loss": {"unet": losses["unet_final_loss"]}}
 
 
-def bootstrap_clips(out: Path, scenes: list[tw.Scene], images: torch.Tensor, b: BootstrapConfig) -> dict:
-    """models/toy-clip/{backbone,metrics}: the encoder's backbone on half the base's renders, the judge on its own."""
-    staged = _Staged(out, "clips")
+def bootstrap_backbone(out: Path, scenes: list[tw.Scene], images: torch.Tensor, b: BootstrapConfig) -> dict:
+    """models/toy-clip/backbone: the encoder's backbone, on the first half of the base's renders."""
+    staged = _Staged(out, "backbone")
     half = len(scenes) // 2
-    reports = {"backbone": train_clip("datencoder-toy-backbone", staged.dir / "toy-clip" / "backbone",
-                                      scenes[:half], images[:half], b, b.seed + 1, b.clip_steps),
-               "metrics": train_metrics_clip(staged.dir / "toy-clip" / "metrics", half, b)}
-    staged.commit("toy-clip")
-    return {"params": {f"clip_{k}": v["params"] for k, v in reports.items()},
-            "final_loss": {f"clip_{k}": v["final_loss"] for k, v in reports.items()}}
+    report = train_backbone_clip(staged.dir / "toy-clip" / "backbone", scenes[:half], images[:half], b)
+    staged.commit("toy-clip/backbone")
+    return {"params": {"clip_backbone": report["params"]}, "final_loss": {"clip_backbone": report["final_loss"]}}
+
+
+def bootstrap_metrics(out: Path, scenes: list[tw.Scene], images: torch.Tensor, b: BootstrapConfig) -> dict:
+    """models/toy-clip/metrics: the judge, on renders of its own."""
+    staged = _Staged(out, "metrics")
+    report = train_metrics_clip(staged.dir / "toy-clip" / "metrics", len(scenes) // 2, b)
+    staged.commit("toy-clip/metrics")
+    return {"params": {"clip_metrics": report["params"]}, "final_loss": {"clip_metrics": report["final_loss"]}}
 
 
 def bootstrap(cfg: Config, out_dir: str | None = None, parts: tuple[str, ...] = PARTS) -> dict:
     """Train and save the given parts of models/toy-base and models/toy-clip; return a report."""
     b = cfg.bootstrap
+    parts = tuple(dict.fromkeys(q for p in parts for q in ALIASES.get(p, (p,))))
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
-        raise UserError(f"bootstrap parts must be some of {', '.join(PARTS)}; got {', '.join(parts) or 'none'}")
+        raise UserError(f"bootstrap parts must be some of {', '.join(PARTS + tuple(ALIASES))}; "
+                        f"got {', '.join(parts) or 'none'}")
     if b.device != "cpu" and not torch.cuda.is_available():
         raise UserError(f"bootstrap.device is {b.device!r} but this machine has no CUDA device; use cpu")
     out = Path(out_dir or b.out_dir)
@@ -415,7 +438,8 @@ def bootstrap(cfg: Config, out_dir: str | None = None, parts: tuple[str, ...] = 
     log.info("rendered %d training scenes (held-out combos excluded)", len(scenes))
     timings = {"render_s": round(time.perf_counter() - started, 1)}
     report: dict = {"out": str(out), "parts": list(parts), "params": {}, "final_loss": {}}
-    for part, train in (("vae", bootstrap_vae), ("unet", bootstrap_unet), ("clips", bootstrap_clips)):
+    for part, train in (("vae", bootstrap_vae), ("unet", bootstrap_unet), ("backbone", bootstrap_backbone),
+                        ("metrics", bootstrap_metrics)):
         if part in parts:
             t = time.perf_counter()
             result = train(out, scenes, images, b)

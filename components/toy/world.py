@@ -94,6 +94,21 @@ class Scene:
         text = subject if subject is not None else self.concept.phrase(self.size, self.count)
         if subject is not None and self.count > 1:
             text = f"two {subject}"
+        return self._framed(text)
+
+    def template(self) -> str:
+        """The caption with `{}` where the object's look (colour, pattern, shape) goes and everything else still
+        named: count, size, style, position and background ('a large {} at the top left on a blue background').
+        A placeholder put there in pre-training or tuning prompts has only the object to carry."""
+        size = "" if self.size == "medium" else f"{self.size} "
+        if self.count > 1:
+            subject = f"two {size}{{}}"
+        else:
+            subject = f"{article(size)} {size}{{}}" if size else "{}"
+        return self._framed(subject)
+
+    def _framed(self, text: str) -> str:
+        """`text` (the object phrase) with the scene's style, position and background."""
         if self.style == "sketch":
             text = f"a sketch of {text}"
         elif self.style == "pixel art":
@@ -356,7 +371,8 @@ def write_toy_world(out: str | os.PathLike, n: int, seed: int = 0, scene_fractio
         rel = Path("imagenet/train") / wnid / f"{wnid}_{i:06d}.JPEG"
         (tmp / rel).parent.mkdir(exist_ok=True)
         (tmp / rel).write_bytes(_jpeg_bytes(render(scene, 64, seed * 1_000_003 + i)))
-        captions.append({"path": str(rel), "caption": scene.caption(), **_scene_columns(scene)})
+        captions.append({"path": str(rel), "source": "imagenet", "source_id": f"{wnid}/{rel.name}",
+                         "caption": scene.caption(), "template": scene.template(), **_scene_columns(scene)})
 
     oi = tmp / "openimages"
     (oi / "train").mkdir(parents=True)
@@ -383,8 +399,10 @@ def write_toy_world(out: str | os.PathLike, n: int, seed: int = 0, scene_fractio
         bg = objects[0][0]
         image = render_group(objects, width, height, bg.background, bg.background_colour, seed * 7 + j)
         (oi / "train" / f"{image_id}.jpg").write_bytes(_jpeg_bytes(image))
-        captions.append({"path": f"openimages/train/{image_id}.jpg",
-                         "caption": " and ".join(s.concept.phrase() for s, _ in objects), **_scene_columns(None)})
+        # no template: prepare crops the largest object, whose surroundings this caption does not describe
+        captions.append({"path": f"openimages/train/{image_id}.jpg", "source": "openimages", "source_id": image_id,
+                         "caption": " and ".join(s.concept.phrase() for s, _ in objects), "template": "",
+                         **_scene_columns(None)})
     with open(oi / "oidv6-train-annotations-bbox.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax",

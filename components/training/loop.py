@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +45,14 @@ from torch import Tensor, nn
 from components import tracking
 from components.config import Config, PretrainConfig
 from components.errors import UserError
+from components.data.images import to_arrays
 from components.memory import peak_mb
 from components.model.base import load_pipeline
 from components.model.dual_path import condition
 from components.model.encoder import FrozenBase, TuningEncoder
-from components.model.placeholder import (
-    plain_background_index,
-    plain_background_prompts,
-)
+from components.model.placeholder import PLACEHOLDER
 from components.progress import Progress
+from components.toy import reader
 from components.toy import world as tw
 
 log = logging.getLogger(__name__)
@@ -78,47 +77,65 @@ def load_pixels(paths: list[Path]) -> Tensor:
     return model_pixels(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]))
 
 
-def with_captions(pixels: Tensor, prompt: Tensor, configured: int) -> Tensor:
-    """`prompt` (indices into the configured prompts, then plain_background_prompts()) with each plain-background
-    image's entry replaced by its caption's, `configured + row`."""
-    prompt = prompt.clone()
-    for i, row in enumerate(plain_background_index(pixels)):
-        if row is not None:
-            prompt[i] = configured + row
-    return prompt
+class Prompts:
+    """Each training image's prompt (PretrainConfig): its caption template from the manifest with S* where the object
+    goes; else, with `describe_scene`, the toy reader's template of its pixels; else one of the generic prompts, drawn
+    by `g` (with `label_prompts`: "S* <label>" in their place)."""
+
+    def __init__(self, p: PretrainConfig):
+        self.p = p
+
+    def __call__(self, pixels: Tensor, rows: pd.DataFrame, g: torch.Generator) -> list[str]:
+        images = to_arrays(pixels)
+        drawn = torch.randint(len(self.p.prompts), (len(rows),), generator=g).tolist()
+        return [self.one(image, row, k) for image, row, k in zip(images, rows.itertuples(), drawn)]
+
+    def one(self, image: np.ndarray, row, k: int = 0) -> str:
+        template = getattr(row, "template", "") if self.p.templates else ""
+        template = template if isinstance(template, str) else ""  # a manifest prepared without caption templates
+        if not template and self.p.describe_scene:
+            template = reader.describe(image) or ""
+        if template:
+            return template.replace("{}", PLACEHOLDER)
+        prompt = self.p.prompts[k]
+        return prompt.replace(PLACEHOLDER, f"{PLACEHOLDER} {row.label}") if self.p.label_prompts else prompt
 
 
 class Shard:
     """This worker's rows of the train split (row i goes to worker i % world), read as an endless
     stream: epoch e visits the rows in a permutation seeded by (seed, rank, e). `batch(position, n)` is
-    a pure function of its arguments, so resuming at a step needs no data-loader state.
+    a pure function of its arguments, so resuming at a step needs no data-loader state."""
 
-    Each image gets one of the first `prompts` prompts at random or, with `caption_backgrounds`, when its
-    border is a plain palette colour, prompt `prompts + i` for row i of plain_background_prompts()."""
-
-    def __init__(self, root: Path, manifest: pd.DataFrame, rank: int, world: int, prompts: int, seed: int,
-                 caption_backgrounds: bool = False):
-        self.paths = [root / p for p in train_rows(manifest)["path"].iloc[rank::world]]
-        self.prompts, self.seed, self.rank = prompts, seed, rank
-        self.caption_backgrounds = caption_backgrounds
+    def __init__(self, root: Path, manifest: pd.DataFrame, rank: int, world: int, prompts: Prompts, seed: int):
+        self.rows = train_rows(manifest).iloc[rank::world].reset_index(drop=True)
+        self.root, self.prompts, self.seed, self.rank = root, prompts, seed, rank
         self._epoch, self._order = -1, None
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.rows)
 
     def _row(self, position: int) -> int:
-        epoch, i = divmod(position, len(self.paths))
+        epoch, i = divmod(position, len(self.rows))
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(hash((self.seed, self.rank, epoch)) % 2**63)
-            self._epoch, self._order = epoch, torch.randperm(len(self.paths), generator=g)
+            self._epoch, self._order = epoch, torch.randperm(len(self.rows), generator=g)
         return int(self._order[i])
 
-    def batch(self, position: int, n: int) -> tuple[Tensor, Tensor]:
-        """Pixels of stream positions [position, position + n) and the index of each one's prompt."""
-        pixels = load_pixels([self.paths[self._row(p)] for p in range(position, position + n)])
+    def batch(self, position: int, n: int) -> tuple[Tensor, list[str]]:
+        """Pixels of stream positions [position, position + n) and each one's prompt."""
+        rows = self.rows.iloc[[self._row(p) for p in range(position, position + n)]]
+        pixels = load_pixels([self.root / path for path in rows["path"]])
         g = torch.Generator().manual_seed(hash((self.seed, self.rank, position)) % 2**63)
-        prompt = torch.randint(self.prompts, (n,), generator=g)
-        return pixels, with_captions(pixels, prompt, self.prompts) if self.caption_backgrounds else prompt
+        return pixels, self.prompts(pixels, rows, g)
+
+
+def training_timesteps(n: int, steps: int, sampling: str, device) -> Tensor:
+    """n diffusion timesteps in [0, steps): uniform, or high-noise (density rising linearly with t: t = steps * sqrt(u))."""
+    if sampling == "uniform":
+        return torch.randint(0, steps, (n,), device=device)
+    if sampling == "high-noise":
+        return (torch.rand(n, device=device).sqrt() * steps).long().clamp(max=steps - 1)
+    raise ValueError(f"unknown timestep sampling {sampling!r}; choose uniform or high-noise")
 
 
 # --- optimisation ---------------------------------------------------------------------------------
@@ -153,7 +170,6 @@ class Training:
     model: nn.Module  # the encoder, DDP-wrapped when there are several workers
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
-    prompt_ids: Tensor  # the configured prompts, tokenised
     shard: Shard
     device: torch.device
     micro_batch: int
@@ -176,10 +192,16 @@ class Training:
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, p.warmup_steps, p.max_steps))
         torch.manual_seed(p.seed * 1000 + rank)  # noise and timesteps differ between workers
-        shard = Shard(Path(p.data), manifest, rank, world, len(p.prompts), p.seed, p.caption_plain_backgrounds)
-        prompts = p.prompts + (plain_background_prompts() if p.caption_plain_backgrounds else [])
-        return cls(cfg, pipe, base, encoder, model, optimizer, schedule, base.prompts.tokenize(prompts), shard,
-                   device, p.batch_size // (world * p.grad_accum))
+        base.prompts.tokenize(p.prompts)  # a generic prompt without S* fails before the first step
+        shard = Shard(Path(p.data), manifest, rank, world, Prompts(p), p.seed)
+        return cls(cfg, pipe, base, encoder, model, optimizer, schedule, shard, device,
+                   p.batch_size // (world * p.grad_accum))
+
+    def encoder_timesteps(self, n: int) -> Tensor | None:
+        """What the encoder's input is noised to (PretrainConfig.encoder_noise): None, the loss's own timesteps."""
+        if self.cfg.pretrain.encoder_noise == "matched":
+            return None
+        return torch.full((n,), self.cfg.personalize.encoder_timestep, device=self.device)
 
     @torch.no_grad()
     def latents(self, pixels: Tensor) -> Tensor:
@@ -187,21 +209,27 @@ class Training:
         vae = self.pipe.vae
         return vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
 
-    def step(self, step: int) -> tuple[dict[str, Tensor], dict[str, float]]:
-        """One optimiser step (0-based `step`): this worker's loss terms (means over its micro-batches),
-        and the learning rate and global gradient norm (before clipping) of the step."""
-        accum = self.cfg.pretrain.grad_accum
+    def step(self, step: int, gradient_norms: bool = False) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """One optimiser step (0-based `step`): this worker's loss terms (means over its micro-batches; with
+        `gradient_norms` also the two pulls on v*, see TuningEncoder.forward), and the learning rate and global
+        gradient norm (before clipping) of the step."""
+        p = self.cfg.pretrain
+        accum = p.grad_accum
         totals: dict[str, Tensor] = {}
         for micro in range(accum):
             pixels, prompt = self.shard.batch((step * accum + micro) * self.micro_batch, self.micro_batch)
             pixels = pixels.to(self.device)
             latents = self.latents(pixels)
+            timesteps = training_timesteps(len(latents), self.base.noise_scheduler.config.num_train_timesteps,
+                                           p.timestep_sampling, latents.device)
+            seen_at = self.encoder_timesteps(len(latents))
             last = micro == accum - 1
             # gradients are all-reduced once per optimiser step, on the last micro-batch
             no_sync = self.model.no_sync() if isinstance(self.model, nn.parallel.DistributedDataParallel) and not last \
                 else nullcontext()
             with no_sync, autocast(self.device):
-                losses = self.model(pixels, latents, self.prompt_ids[prompt])
+                losses = self.model(pixels, latents, prompt, timesteps=timesteps, gradient_norms=gradient_norms,
+                                    encoder_timesteps=seen_at)
                 (losses["total"] / accum).backward()
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0) + value.detach().float() / accum
@@ -256,58 +284,125 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # --- held-out evaluation and sample grids (rank 0) -----------------------------------------------
-def heldout_prompts(pixels: Tensor, p: PretrainConfig) -> Tensor:
-    """Each held-out image's prompt, as training would give it: the first configured one, or its caption."""
-    prompt = torch.zeros(len(pixels), dtype=torch.long)
-    return with_captions(pixels, prompt, len(p.prompts)) if p.caption_plain_backgrounds else prompt
+# the identity signal's noise levels (fractions of the schedule): where the object's colour and shape are decided
+IDENTITY_LEVELS = (0.725, 0.8, 0.875, 0.95)
+IDENTITY_CONDITIONS = ("encoder", "caption", "wrong_colour", "wrong_shape", "object")
+
+
+@dataclass
+class HeldOutSet:
+    pixels: Tensor  # (N, 3, H, W) in [-1, 1]
+    prompts: list[str]  # each image's prompt with S*, as training would give it
+    scenes: list[tw.Scene] | None = None  # toy renders: what they show, for the identity signal
+
+
+def _swapped(scene: tw.Scene, attribute: str) -> tw.Scene:
+    """The scene with the object's colour or shape replaced by the next one in the vocabulary that stays visible."""
+    c = scene.concept
+    if attribute == "shape":
+        return replace(scene, concept=replace(c, shape=tw.SHAPES[(tw.SHAPES.index(c.shape) + 1) % len(tw.SHAPES)]))
+    colours = list(tw.COLOURS)
+    taken = {c.colour, c.pattern_colour, scene.background_colour}
+    other = next(colours[(colours.index(c.colour) + k) % len(colours)] for k in range(1, len(colours) + 1)
+                 if colours[(colours.index(c.colour) + k) % len(colours)] not in taken)
+    return replace(scene, concept=replace(c, colour=other))
 
 
 class HeldOut:
-    """Concepts the encoder never trains on, with fixed noise and timesteps: the val split of the
-    manifest and, for the toy world, renders of the held-out shapes (the paper's unseen domains)."""
+    """Images the encoder never trains on, with fixed noise and timesteps: the val split of the manifest and, for
+    the toy world, renders of the shapes pre-training saw and of those it never saw (the paper's unseen domains)."""
 
     def __init__(self, cfg: Config, manifest: pd.DataFrame):
         p = cfg.pretrain
-        val = manifest[manifest["split"] == "val"].sort_values("path")["path"].head(p.heldout_images)
-        self.sets: dict[str, Tensor] = {}
+        prompts = Prompts(p)
+        val = manifest[manifest["split"] == "val"].sort_values("path").head(p.heldout_images)
+        self.sets: dict[str, HeldOutSet] = {}
         if len(val):
-            self.sets["val"] = load_pixels([Path(p.data) / path for path in val])
-        if cfg.base.kind == "toy" and cfg.toy_world.encoder_holdout_shapes:
+            pixels = load_pixels([Path(p.data) / path for path in val["path"]])
+            images = to_arrays(pixels)
+            self.sets["val"] = HeldOutSet(pixels, [prompts.one(image, row) for image, row in zip(images, val.itertuples())])
+        held_out = cfg.toy_world.encoder_holdout_shapes
+        if cfg.base.kind == "toy" and held_out:
             rng = random.Random(p.seed)
-            scenes = [tw.sample_scene(rng, shapes=cfg.toy_world.encoder_holdout_shapes, edits=False)
-                      for _ in range(p.heldout_images)]
-            rendered = tw.render_batch(scenes, cfg.prepare.resolution, p.seed)
-            self.sets["unseen_shapes"] = model_pixels(rendered)
+            for name, shapes in (("seen_shapes", [s for s in tw.SHAPES if s not in held_out]),
+                                 ("unseen_shapes", held_out)):
+                scenes = [tw.sample_scene(rng, shapes=shapes, edits=False) for _ in range(p.heldout_images)]
+                pixels = model_pixels(tw.render_batch(scenes, cfg.prepare.resolution, p.seed))
+                self.sets[name] = HeldOutSet(pixels, [s.template().replace("{}", PLACEHOLDER) for s in scenes], scenes)
         self.seed = p.seed
 
+    def _noised(self, training: Training, pixels: Tensor, fractions: list[float], chunk: int, seed: int | None = None):
+        """Each image at each noise level (image-major): pixels, timesteps, noisy latents and targets, fixed noise."""
+        steps = training.base.noise_scheduler.config.num_train_timesteps
+        levels = torch.tensor([min(steps - 1, int(f * steps)) for f in fractions])
+        pixels = pixels.repeat_interleave(len(levels), 0)
+        timesteps = levels.repeat(len(pixels) // len(levels)).to(training.device)
+        latents = torch.cat([training.latents(pixels[i:i + chunk]) for i in range(0, len(pixels), chunk)])
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(
+            self.seed if seed is None else seed)).to(latents)
+        noisy, target = training.base.noised(latents, noise, timesteps)
+        return pixels, timesteps, noisy, target
+
     @torch.no_grad()
-    def losses(self, training: Training, encoder: TuningEncoder, chunk: int = 32) -> dict[str, float]:
-        """Mean denoising loss (Eq. 1) per held-out set: each image at HELDOUT_TIMESTEPS noise levels."""
+    def losses(self, training: Training, encoder: TuningEncoder, chunk: int = 32,
+               fractions: list[float] | None = None) -> dict[str, float]:
+        """Mean denoising loss (Eq. 1) per held-out set under the encoder's prediction: each image at
+        HELDOUT_TIMESTEPS evenly spaced noise levels (or at `fractions` of the schedule)."""
         base, cfg = training.base, encoder.config
-        alpha = cfg.alpha("train")
         steps = base.noise_scheduler.config.num_train_timesteps
-        levels = torch.tensor([int((k + 0.5) * steps / HELDOUT_TIMESTEPS) for k in range(HELDOUT_TIMESTEPS)])
-        p = training.cfg.pretrain
+        fractions = fractions or [(k + 0.5) / HELDOUT_TIMESTEPS for k in range(HELDOUT_TIMESTEPS)]
         encoder.eval()
         out = {}
-        for name, pixels in self.sets.items():
-            prompt = heldout_prompts(pixels, p).repeat_interleave(HELDOUT_TIMESTEPS)
-            pixels = pixels.repeat_interleave(HELDOUT_TIMESTEPS, 0)
-            timesteps = levels.repeat(len(pixels) // HELDOUT_TIMESTEPS)
-            latents = torch.cat([training.latents(pixels[i:i + chunk]) for i in range(0, len(pixels), chunk)])
-            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(self.seed)).to(latents)
+        for name, held in self.sets.items():
+            pixels, timesteps, noisy, target = self._noised(training, held.pixels, fractions, chunk)
+            seen_at, seen = timesteps, noisy  # what the encoder reads: as training does (encoder_noise)
+            fixed = training.encoder_timesteps(len(pixels))
+            if fixed is not None:
+                seen = self._noised(training, held.pixels, [fixed[0].item() / steps], chunk, self.seed + 1)[2]
+                seen_at, seen = fixed, seen.repeat_interleave(len(fractions), 0)
+            prompts = [prompt for prompt in held.prompts for _ in fractions]
             total = 0.0
             for i in range(0, len(pixels), chunk):
                 rows = slice(i, i + chunk)
-                t = timesteps[rows].to(training.device)
                 with autocast(training.device):
-                    noisy, target = base.noised(latents[rows], noise[rows], t)
-                    v_star, factors = encoder.predict(pixels[rows].to(training.device), noisy, t)
-                    ids = training.prompt_ids[prompt[rows]]
-                    pred = base.denoise(noisy, t, ids, v_star, factors, cfg.lora_scale, alpha)
-                total += F.mse_loss(pred.float(), target.float(), reduction="sum").item()
-            out[name] = total / latents.numel()
+                    v_star, factors = encoder.predict(pixels[rows].to(training.device), seen[rows], seen_at[rows])
+                    ids = base.prompts.tokenize(prompts[rows])
+                    pred = base.denoise(noisy[rows], timesteps[rows], ids, v_star, factors, cfg.lora_scale,
+                                        cfg.alpha("train"))
+                total += F.mse_loss(pred.float(), target[rows].float(), reduction="sum").item()
+            out[name] = total / target.numel()
         encoder.train()
+        return out
+
+    @torch.no_grad()
+    def identity(self, training: Training, encoder: TuningEncoder, chunk: int = 32) -> dict[str, float]:
+        """The cheap identity signal: held-out denoising loss at high noise (IDENTITY_LEVELS) of each toy render set
+        under the encoder's prediction and, with the vanilla base, under the true caption, a caption with the wrong
+        colour, one with the wrong shape and the prompt with the word "object" for S*. Where colour and shape are
+        decided, an encoder that carries the object scores below the wrong-colour caption."""
+        out = {}
+        fractions = list(IDENTITY_LEVELS)
+        encoder_losses = self.losses(training, encoder, chunk, fractions)
+        base = training.base
+        for name, held in self.sets.items():
+            if held.scenes is None:
+                continue
+            _, timesteps, noisy, target = self._noised(training, held.pixels, fractions, chunk)
+            texts = {"caption": [s.caption() for s in held.scenes],
+                     "wrong_colour": [_swapped(s, "colour").caption() for s in held.scenes],
+                     "wrong_shape": [_swapped(s, "shape").caption() for s in held.scenes],
+                     "object": [s.template().replace("{}", "object") for s in held.scenes]}
+            out[f"{name}/encoder"] = encoder_losses[name]
+            for condition, captions in texts.items():
+                captions = [c for c in captions for _ in fractions]
+                total = 0.0
+                for i in range(0, len(captions), chunk):
+                    rows = slice(i, i + chunk)
+                    context = base.prompts.encode(base.prompts.tokenize(captions[rows], require_placeholder=False))
+                    with autocast(training.device):
+                        pred = base.unet(noisy[rows], timesteps[rows], encoder_hidden_states=context).sample
+                    total += F.mse_loss(pred.float(), target[rows].float(), reduction="sum").item()
+                out[f"{name}/{condition}"] = total / target.numel()
         return out
 
     @torch.no_grad()
@@ -317,7 +412,7 @@ class HeldOut:
         p, base, encoder = training.cfg.pretrain, training.base, training.encoder
         cfg = encoder.config
         per_set = max(1, p.sample_concepts // max(1, len(self.sets)))
-        pixels = torch.cat([images[:per_set] for images in self.sets.values()])[: p.sample_concepts].to(training.device)
+        pixels = torch.cat([held.pixels[:per_set] for held in self.sets.values()])[: p.sample_concepts].to(training.device)
         n = len(pixels)
         g = torch.Generator().manual_seed(self.seed)
         latents = training.latents(pixels)
@@ -453,22 +548,26 @@ def worker_loop(job: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=f"step-{step:08d}")
 
-    train_seconds, timed_steps, trained = 0.0, 0, {}
+    train_seconds, timed_steps, trained, identity = 0.0, 0, {}, {}
     for step in range(start, p.max_steps):
         t0 = time.perf_counter()
-        losses, stats = training.step(step)
         done = step + 1
-        if done % p.log_every == 0 or done == p.max_steps:
-            metrics = {f"loss/{k}": v for k, v in mean_over_workers(losses).items()} | stats
+        logged = done % p.log_every == 0 or done == p.max_steps
+        losses, stats = training.step(step, gradient_norms=logged)  # the gradient norms cost a backward: logged steps only
+        if logged:
+            metrics = {k if k.startswith("grad_") else f"loss/{k}": v for k, v in mean_over_workers(losses).items()}
+            metrics |= stats
             if rank == 0:
                 tracking.log_metrics(mlflow, job["run_id"], metrics, step=done)
                 progress.update(done, loss=metrics["loss/total"])
-        if step > start:  # the first step of an attempt pays for warm-up, not for training
+        if step > start and not logged:  # the first step pays for warm-up, a logged one for its gradient norms
             train_seconds += time.perf_counter() - t0
             timed_steps += 1
         if rank == 0 and (done % p.eval_every == 0 or done == p.max_steps):
             trained = heldout.losses(training, training.encoder)
-            tracking.log_metrics(mlflow, job["run_id"], {f"heldout/{k}": v for k, v in trained.items()}, step=done)
+            identity = heldout.identity(training, training.encoder)
+            tracking.log_metrics(mlflow, job["run_id"], {f"heldout/{k}": v for k, v in trained.items()}
+                                 | {f"identity/{k}": v for k, v in identity.items()}, step=done)
             mlflow.log_image(job["run_id"], heldout.grid(training), key="samples", step=done)
         if done % p.checkpoint_every == 0 and done < p.max_steps:
             report(done, {"step": done}, save=True)
@@ -482,6 +581,7 @@ def worker_loop(job: dict) -> None:
         if rank == 0:
             untrained = heldout.losses(training, initial_encoder(cfg, training.base).to(device))
             final["heldout"] = {name: {"untrained": untrained[name], "trained": trained[name]} for name in trained}
+            final["identity"] = identity
             tracking.log_metrics(mlflow, job["run_id"], {f"heldout_untrained/{k}": v for k, v in untrained.items()},
                                  step=p.max_steps)
         report(p.max_steps, final, save=True)

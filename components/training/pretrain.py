@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 RECIPE_FILE = "recipe.json"  # in pretrain.out: the run name of the recipe that trained the encoder there
 
 # pretrain fields that change what is learned; the others (duration, placement, logging) may change on resume
-RECIPE = ("batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "seed", "prompts",
-          "caption_plain_backgrounds")
+RECIPE = ("batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "seed", "templates", "describe_scene",
+          "prompts", "label_prompts", "timestep_sampling", "encoder_noise")
 
 
 def pretrain(cfg: Config, workers: int | None = None, max_steps: int | None = None,
@@ -145,6 +145,7 @@ def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, f
         "wall_s": round(wall, 1),
         "peak_memory_mb": summary["peak_memory_mb"],
         "heldout_loss": summary["heldout"],
+        "identity_loss": summary.get("identity", {}),
     }
 
 

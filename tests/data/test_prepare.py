@@ -60,7 +60,8 @@ def config(tmp_path: Path, **values) -> PrepareConfig:
     """A config with no sources (tests name theirs), writing to tmp_path/out."""
     # min_read_fraction 0.5: these tests quarantine a missing file or a failing read among a handful on purpose
     base = {"out": str(tmp_path / "out"), "imagenet": None, "openimages_boxes": None, "openimages_classes": None,
-            "openimages_images": None, "resolution": 16, "workers": 2, "exclude_labels": [], "min_read_fraction": 0.5}
+            "openimages_images": None, "captions": None, "resolution": 16, "workers": 2, "exclude_labels": [],
+            "min_read_fraction": 0.5}
     return PrepareConfig(**{**base, **values})
 
 
@@ -265,6 +266,19 @@ def test_open_images_boxes_largest_crop_and_bad_rows(tmp_path):
     assert "group" in set(outputs(summary)[0]["source_id"])
 
 
+def test_caption_templates_must_name_where_the_object_goes(toy_world, tmp_path):
+    bad = tmp_path / "captions.csv"
+    bad.write_text("source,source_id,template\nimagenet,x/y.JPEG,a red star on grass\n")
+    cfg = toy_config(toy_world, tmp_path / "prepared")
+    cfg.captions = str(bad)
+    with pytest.raises(UserError, match=r"exactly one \{\}"):
+        prepare(cfg)
+    cfg.captions = str(tmp_path / "missing.csv")
+    with pytest.raises(UserError, match="cannot read caption templates"):
+        prepare(cfg)
+    assert not (tmp_path / "prepared").exists()
+
+
 def test_missing_sources_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="nothing to prepare"):
         prepare(config(tmp_path))
@@ -289,7 +303,7 @@ def toy_world(tmp_path_factory) -> Path:
 def toy_config(toy_world: Path, out: Path) -> PrepareConfig:
     """The toy preset's prepare section, pointed at this test's toy world."""
     section = load_config(preset="toy").prepare.model_dump()
-    for key in ("imagenet", "openimages_boxes", "openimages_classes", "openimages_images"):
+    for key in ("imagenet", "openimages_boxes", "openimages_classes", "openimages_images", "captions"):
         section[key] = section[key].replace("data/raw/toy-world", str(toy_world))
     return PrepareConfig(**{**section, "out": str(out), "workers": 2})
 
@@ -301,6 +315,12 @@ def test_toy_preset_holds_out_shapes_is_deterministic_and_atomic(toy_world, tmp_
     manifest, rejected = outputs(first)
     assert first["accepted"] > 20 and set(manifest["source"]) == {"imagenet", "openimages"}
     assert not set(manifest["label"]) & {"crescent", "arrow"}
+    # each single-object image carries its caption template (S* goes where the object is); crops carry none
+    captions = pd.read_csv(toy_world / "captions.csv", keep_default_na=False)
+    expected = dict(zip(zip(captions.source, captions.source_id), captions.template))
+    assert [expected[(r.source, r.source_id)] for r in manifest.itertuples()] == manifest["template"].tolist()
+    assert (manifest[manifest.source == "imagenet"]["template"].str.count(r"\{\}") == 1).all()
+    assert (manifest[manifest.source == "openimages"]["template"] == "").all()
     held = rejected[rejected.reason == "excluded label (held out)"]
     assert len(held) and set(held["detail"].str.split(", ").explode()) <= {"crescent", "arrow"}
     assert first["accepted"] + first["rejected"] == 48 + len(set(

@@ -1,6 +1,6 @@
-"""The evaluation harness (issue 7): CLIP metrics, the held-out evaluation set, baselines, evaluate and
-ablate on smoke-sized random-weight models with real MLflow stores. The committed toy metrics CLIP
-scores (it is small); the run that re-trains every ablation encoder on Ray is marked slow."""
+"""The evaluation harness: CLIP metrics, the held-out evaluation set, the baselines and variants stages and their
+stored results, evaluate and ablate on smoke-sized random-weight models with real MLflow stores. The committed toy
+metrics CLIP scores (it is small); the run that re-trains every ablation encoder on Ray is marked slow."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def test_findings_are_computed_from_the_numbers_and_pair_shared_samples():
 
 def test_time_to_identity_plots_the_curves_and_matches_quality(tmp_path):
     """report.time_to_identity: the speed-up is the first baseline point reaching ours' identity over ours' seconds;
-    a baseline that never reaches it has none."""
+    for a baseline that never reaches it, its longest run over ours' seconds, flagged as a lower bound."""
     from components.evaluation.harness import MethodResult
     from components.evaluation.report import time_to_identity
 
@@ -97,8 +97,9 @@ def test_time_to_identity_plots_the_curves_and_matches_quality(tmp_path):
                "lora-250": method("lora-250", 0.45, 15.0), "ti-50": method("ti-50", 0.2, 4.0)}
     curve = time_to_identity(results, {"lora": ["lora-50", "lora-100", "lora-250"], "ti": ["ti-50"]},
                              ["ours-0", "ours-12"], tmp_path / "t.png")
-    assert curve["quality_matched"]["lora"]["speedup"] == 6.0 and curve["quality_matched"]["lora"]["reached_at_s"] == 6.0
-    assert curve["quality_matched"]["ti"]["speedup"] is None and curve["quality_matched"]["ti"]["longest_s"] == 4.0
+    lora, ti = curve["quality_matched"]["lora"], curve["quality_matched"]["ti"]
+    assert lora["speedup"] == 6.0 and lora["reached_at_s"] == 6.0 and not lora["lower_bound"]
+    assert ti["speedup"] == 4.0 and ti["reached_at_s"] is None and ti["lower_bound"] and ti["longest_s"] == 4.0
     assert (tmp_path / "t.png").stat().st_size > 10_000
 
 
@@ -138,7 +139,7 @@ def toy_pretraining_data(tmp_path: Path):
     w = cfg.toy_world
     write_toy_world(raw, n=w.n, seed=w.seed, scene_fraction=w.scene_fraction)
     moved = lambda path: str(raw / Path(path).relative_to(w.out))
-    sources = ("imagenet", "openimages_boxes", "openimages_classes", "openimages_images")
+    sources = ("imagenet", "openimages_boxes", "openimages_classes", "openimages_images", "captions")
     cfg = load_config("toy", overrides={"toy_world": {"out": str(raw)}, "pretrain": {"data": str(prepared)},
                                         "prepare": {"out": str(prepared),
                                                     **{k: moved(getattr(cfg.prepare, k)) for k in sources}}})
@@ -311,11 +312,15 @@ def check_logged(client, result: dict, names: set[str]) -> list:
     return children
 
 
-def test_evaluate_and_ablate_log_nested_runs_and_reuse_cached_encoders(smoke, tmp_path, monkeypatch):
+def test_evaluate_and_ablate_read_the_stored_baselines_and_variants(smoke, tmp_path, monkeypatch):
+    """The baselines and variants stages store their scores with the settings behind them; evaluate and ablate read
+    them (nothing re-trained, nothing re-scored), and refuse them with the command to run once a setting differs."""
     from mlflow import MlflowClient
 
+    from components.config import variant_config
     from components.evaluation.ablate import ablate
-    from components.evaluation.evaluate import evaluate
+    from components.evaluation.evaluate import baselines, evaluate
+    from components.evaluation.variants import train_variants
 
     _, cfg, _ = smoke
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -326,6 +331,15 @@ def test_evaluate_and_ablate_log_nested_runs_and_reuse_cached_encoders(smoke, tm
     parent = client.create_run(client.create_experiment("pipeline", artifact_location=(tmp_path / "a").as_uri())
                                ).info.run_id
 
+    stored = baselines(cfg, parent_run_id=parent)
+    assert not stored["up_to_date"] and (Path(cfg.evaluate.baseline_results) / "results.json").is_file()
+    assert {"lora-one-shot", "ti-few-shot", "dreambooth-one-shot", "lora-one-shot-1", "ti-one-shot-2"} <= set(
+        stored["methods"])
+    assert baselines(cfg)["up_to_date"]  # stored under the same settings: nothing to do
+    scored = train_variants(cfg, parent_run_id=parent)
+    assert not scored["up_to_date"] and train_variants(cfg)["up_to_date"]
+    assert {d: (d / "model.safetensors").stat().st_mtime_ns for d in cached} == stamps  # scored, not re-trained
+
     result = evaluate(cfg, parent_run_id=parent)
     check_logged(client, result, EVALUATE_NAMES)
     assert client.get_run(result["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == parent
@@ -335,23 +349,32 @@ def test_evaluate_and_ablate_log_nested_runs_and_reuse_cached_encoders(smoke, tm
     assert result["held_out"]["checked"]
     table = Path(result["report"]["csv"]).read_text()
     assert all(name in table for name in EVALUATE_NAMES)
+    assert result["methods"]["lora-one-shot"] == stored["methods"]["lora-one-shot"]  # read, not recomputed
     # the time-to-identity curve (smoke: 1 and 2 steps): its rows, its section of results.md, its speed-ups
     curve = result["time_to_identity"]
     assert {"lora-one-shot-1", "lora-one-shot-2", "ti-one-shot-1", "ti-one-shot-2"} <= set(result["methods"])
     assert set(curve["quality_matched"]) == {"lora", "ti"} and Path(curve["plot"]).is_file()
     assert "## Time to identity" in Path(result["report"]["markdown"]).read_text()
     metrics = json.loads(Path(result["report"]["metrics"]).read_text())
-    assert {k for k in metrics if k.startswith("quality_matched")} == {
+    assert {k for k in metrics if k.startswith("quality_matched") and not k.endswith("lower_bound")} == {
         f"quality_matched_speedup_{p}" for p, q in curve["quality_matched"].items() if q["speedup"] is not None}
 
     ablation = ablate(cfg, parent_run_id=parent)
-    names = {"ours", "no-tuning", "no-dual-path-tune", "no-dual-path-no-tuning", "no-dual-path-train", "no-hypernet", "tune-embedding-only",
-             "tune-weights-only", "reg-none", "reg-l2", "reg-nn-cosine", "reg-contrastive", "alpha-0", "alpha-1"}
+    names = {"ours", "no-tuning", "no-dual-path-tune", "no-dual-path-no-tuning", "no-dual-path-train", "no-hypernet",
+             "tune-embedding-only", "tune-weights-only", "reg-none", "reg-l2", "reg-nn-cosine", "reg-contrastive",
+             "alpha-0", "alpha-1"}
     check_logged(client, ablation, names)
     assert ablation["alpha_blend"]["chosen"] in cfg.ablate.alpha_blends
-    # every re-trained variant came from the cache: nothing was trained, nothing rewritten
+    assert ablation["methods"]["reg-none"]["concepts"] == cfg.ablate.concepts  # its concepts of the stored scores
+    # nothing was pre-trained: every re-trained variant's scores came from the variants stage
     assert not client.search_runs([client.get_run(parent).info.experiment_id], "tags.stage = 'pretrain'")
-    assert {d: (d / "model.safetensors").stat().st_mtime_ns for d in cached} == stamps
+
+    # another baseline setting: evaluate refuses the stored baselines and says what to run
+    changed = variant_config(cfg, evaluate={"ti_steps": cfg.evaluate.ti_steps + 1})
+    with pytest.raises(UserError, match=r"evaluate.ti_steps.*datencoder baselines"):
+        evaluate(changed)
+    with pytest.raises(UserError, match=r"personalize.views.*datencoder variants"):
+        ablate(variant_config(cfg, personalize={"views": cfg.personalize.views + 1}))
 
 
 def test_variants_stage_lists_every_retrained_encoder_and_trains_nothing_cached(smoke, capsys):
@@ -363,7 +386,7 @@ def test_variants_stage_lists_every_retrained_encoder_and_trains_nothing_cached(
     config_file, cfg, _ = smoke
     cached = seed_encoder_cache(cfg)
     stamps = {d: (d / "model.safetensors").stat().st_mtime_ns for d in cached}
-    assert main(["variants", "--config", str(config_file), "--json"]) == 0
+    assert main(["variants", "--config", str(config_file), "--force", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["encoders"]) == {"ours-short", "ours-no-reg", "ours-nn-cosine", "ours-no-hypernet",
                                        "reg-none", "reg-l2", "reg-nn-cosine", "reg-contrastive", "no-dual-path-train",
@@ -371,33 +394,49 @@ def test_variants_stage_lists_every_retrained_encoder_and_trains_nothing_cached(
     assert {Path(d) for d in report["encoders"].values()} == set(cached)  # six distinct encoders
     assert report["steps"] == cfg.evaluate.retrain_steps and not ray.is_initialized()
     assert {d: (d / "model.safetensors").stat().st_mtime_ns for d in cached} == stamps
+    assert main(["variants", "--config", str(config_file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["up_to_date"]
+
+
+def test_dvc_stages_depend_on_what_the_stored_results_are_keyed_on():
+    """dvc.yaml's `baselines` params are the settings its stored results are keyed on (one list, two readers)."""
+    import yaml
+
+    from components.evaluation.evaluate import BASELINE_SETTINGS
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(stages["baselines"]["params"]) == {f"{section}.{key}" for section, keys in BASELINE_SETTINGS.items()
+                                                  for key in keys}
 
 
 @pytest.mark.slow
-def test_smoke_evaluate_and_ablate_train_their_variants_on_ray(smoke, tmp_path, monkeypatch):
-    """The whole smoke grid from an empty cache: every re-trained variant is a real pretrain() run."""
+def test_smoke_variants_stage_trains_its_encoders_on_ray(smoke, tmp_path, monkeypatch):
+    """The variants stage from an empty cache: every distinct re-trained encoder is a real pretrain() run, then
+    evaluate and ablate read their scores."""
     from mlflow import MlflowClient
 
     from components.evaluation.ablate import ablate
-    from components.evaluation.evaluate import evaluate
+    from components.evaluation.evaluate import baselines, evaluate
+    from components.evaluation.variants import train_variants
 
     _, cfg, _ = smoke
-    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"cache": str(tmp_path / "cache")})})
+    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={
+        "cache": str(tmp_path / "cache"), "variant_results": str(tmp_path / "variants"),
+        "baseline_results": str(tmp_path / "baselines")})})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = MlflowClient(uri)
     for experiment in (cfg.evaluate.experiment, cfg.ablate.experiment):  # artifacts under tmp, not ./mlruns
         client.create_experiment(experiment, artifact_location=(tmp_path / experiment).as_uri())
-    result = evaluate(cfg)
-    check_logged(client, result, EVALUATE_NAMES)
-    ablation = ablate(cfg)
-    check_logged(client, ablation, {"reg-none", "reg-contrastive", "no-dual-path-train", "no-hypernet"})
-    pretrain_runs = client.search_runs([client.get_run(result["mlflow_run_id"]).info.experiment_id,
-                                        client.get_run(ablation["mlflow_run_id"]).info.experiment_id],
+    baselines(cfg)
+    report = train_variants(cfg)
+    pretrain_runs = client.search_runs([client.get_experiment_by_name(cfg.evaluate.experiment).experiment_id],
                                        "tags.stage = 'pretrain'")
-    # 4 for evaluate; ablate adds l2, no dual path in training (contrastive, none, nn, no-hypernet are cached)
-    assert len(pretrain_runs) == 6
-    assert len(list((tmp_path / "cache").iterdir())) == 6
+    # six distinct recipes: the default, none, nn-cosine, no hypernetwork, l2, no dual path in training
+    assert len(pretrain_runs) == 6 and len(list((tmp_path / "cache").iterdir())) == 6
+    assert len(set(report["encoders"].values())) == 6
+    check_logged(client, evaluate(cfg), EVALUATE_NAMES)
+    check_logged(client, ablate(cfg), {"reg-none", "reg-contrastive", "no-dual-path-train", "no-hypernet"})
 
 
 def test_markdown_table_prints_counts_as_integers():

@@ -146,18 +146,25 @@ def test_stratified_timesteps_cover_every_range_once():
         draw_timesteps(steps, views, train_steps, torch.Generator(), "sobol")
 
 
-def test_a_plain_background_image_tunes_on_its_caption(personalizer):
+def test_a_photo_tunes_on_what_it_shows_besides_the_object(personalizer):
+    """describe_scene: the toy reader's template of the photo, S* in the object's place; a photo it cannot read
+    (and every photo with the option off) tunes on the configured prompts."""
     from components.data.images import to_pixels
+    from components.toy import world as tw
 
-    on_red = to_pixels(read_image(BLUE_ON_RED, 10**8), personalizer.side)
-    caption = personalizer.base.prompts.tokenize(["S* on a red background"])
-    assert torch.equal(personalizer.tuning_prompt_ids(on_red), caption)
+    on_red = to_pixels(read_image(BLUE_ON_RED, 10**8), personalizer.side)  # a large blue square on red
+    caption = personalizer.base.prompts.tokenize(["a large S* on a red background"])
+    assert torch.equal(personalizer.tuning_prompt_ids(on_red)[0], caption)
+    scene = tw.Scene(tw.ToyConcept("star", "yellow"), background="beach", position="top right", size="small")
+    beach = to_pixels(tw.render(scene, personalizer.side), personalizer.side)
     noise = torch.rand(on_red.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    assert torch.equal(personalizer.tuning_prompt_ids(noise), personalizer.tuning_ids)  # "a photo of S*"
+    described = personalizer.tuning_prompt_ids(torch.cat([beach, noise]))
+    assert torch.equal(described[0], personalizer.base.prompts.tokenize(["a small S* at the top right on a beach"]))
+    assert torch.equal(described[1], personalizer.tuning_ids)  # "a photo of S*"
     cfg = personalizer.cfg
     off = personalizer.variant(cfg.model_copy(update={
-        "personalize": cfg.personalize.model_copy(update={"caption_plain_backgrounds": False})}))
-    assert torch.equal(off.tuning_prompt_ids(on_red), off.tuning_ids)
+        "personalize": cfg.personalize.model_copy(update={"describe_scene": False})}))
+    assert torch.equal(off.tuning_prompt_ids(on_red)[0], off.tuning_ids)
 
 
 def test_gradient_checkpointing_saves_memory_without_changing_the_result(smoke, personalizer):

@@ -274,8 +274,33 @@ def test_placeholder_handling(base):
     assert torch.equal(prompts.encode(plain), base.text_encoder(plain)[0])  # same path as the text encoder
     v = torch.randn(1, base.text_encoder.config.hidden_size)
     hard_ids = prompts.hard_ids(ids, prompts.nearest_tokens(v))
-    assert (hard_ids != ids).sum() == 1 and int(hard_ids[ids == prompts.placeholder_id]) not in prompts.special_ids
+    assert (hard_ids != ids).sum() == 1 and int(hard_ids[ids == prompts.placeholder_id]) in prompts.word_ids
     assert not torch.allclose(prompts.encode(ids, v), prompts.encode(ids, v + 1))
+
+
+def test_nearest_words_come_from_the_trained_vocabulary_only(base):
+    """The regulariser's positives and the dual path's hard word are real words of the base (BaseConfig.vocabulary):
+    on the toy base most rows are byte and BPE pieces at their random initialisation."""
+    from components.model.placeholder import PromptEncoder
+    from components.model.regularisers import contrastive_loss
+
+    tokenizer, text_encoder = base.prompts.tokenizer, base.text_encoder
+    words = PromptEncoder(tokenizer, text_encoder, ["red", "star", "beach"])
+    table = text_encoder.get_input_embeddings().weight
+    ids = [tokenizer.convert_tokens_to_ids(f"{w}</w>") for w in ("red", "star", "beach")]
+    assert words.word_ids.tolist() == ids
+    v = torch.randn(64, table.shape[1])
+    assert set(words.nearest_tokens(v).tolist()) <= set(ids)
+    assert words.nearest_tokens(table[ids]).tolist() == ids  # each word is its own nearest
+    everything = PromptEncoder(tokenizer, text_encoder, None)
+    assert len(everything.word_ids) == table.shape[0] - len(set(tokenizer.all_special_ids))
+    # the contrastive positives move v* toward the vocabulary's rows, not toward rows outside it
+    v = table[[tokenizer.convert_tokens_to_ids("q</w>")]].clone().requires_grad_()
+    contrastive_loss(v, words.word_table, k=2, tau=0.07).backward()
+    step = -v.grad[0]
+    assert max(torch.cosine_similarity(step, table[i] - v[0].detach(), dim=0) for i in ids) > 0
+    with pytest.raises(UserError, match="not one token"):
+        PromptEncoder(tokenizer, text_encoder, ["red", "quixotic"])
 
 
 def test_save_and_load_roundtrip(encoder, base, tmp_path):

@@ -1,8 +1,10 @@
 """Serving: a real `datencoder serve` process on 127.0.0.1, real HTTP requests: good requests, bad ones
 (400 + JSON message, server keeps serving, no temp files left), and concurrent requests that must not leak
-concepts into each other. The limits (budget, body size, queue, timeout) run against the same app served
-by uvicorn in this process, so a test can see the model's own work counters. Trust: a champion whose
-logged code is not this project's is refused."""
+concepts into each other. Each runs against both backends: uvicorn (the default) and Ray Serve with two
+replicas on a local Ray cluster the server starts (slow). The limits (budget, body size, queue, timeout) run
+against the uvicorn app served in this process, so a test can see the model's own work counters, and against
+a Ray Serve server with the same limits (slow); a Ray Serve replica killed under load is replaced while the
+service keeps answering (slow). Trust: a champion whose logged code is not this project's is refused."""
 
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ import base64
 import io
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -21,56 +24,60 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
+import yaml
 from PIL import Image
-from smoke_models import free_port, isolated_store, smoke_setup, solid_png
+from smoke_models import free_port, isolated_store, smoke_setup, solid_png, stop_server, wait_for_ping
 
 from components.errors import UserError
 
 
 
 class Server:
-    """`datencoder serve` for the champion of a fresh tracking store, in its own process group."""
+    """`datencoder serve` for the champion of `store` (backend uvicorn or ray), in its own process group."""
 
-    def __init__(self, tmp: Path, cfg, encoder: Path, config_file: Path | None = None):
-        from components.serving import registry
-
-        self.store = isolated_store(tmp)
-        self.tmpdir = tmp / "server-tmp"
-        self.tmpdir.mkdir()
-        env = {**os.environ, "MLFLOW_TRACKING_URI": self.store, "TMPDIR": str(self.tmpdir)}
-        old = os.environ.get("MLFLOW_TRACKING_URI")
-        os.environ["MLFLOW_TRACKING_URI"] = self.store
-        try:
-            registry.register(cfg, str(encoder))
-        finally:
-            os.environ.pop("MLFLOW_TRACKING_URI") if old is None else os.environ.__setitem__("MLFLOW_TRACKING_URI", old)
+    def __init__(self, tmp: Path, store: str, config: dict, backend: str = "uvicorn"):
+        self.store, self.backend = store, backend
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="server-tmp-", dir=tmp))
+        env = {**os.environ, "MLFLOW_TRACKING_URI": store, "TMPDIR": str(self.tmpdir)}
+        args = []
+        if backend == "ray":  # Ray keeps its session under RAY_TMPDIR: short paths (its sockets), not TMPDIR
+            self.ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+            env.update(RAY_TMPDIR=self.ray_tmp)
+            args = ["--backend", "ray", "--replicas", str(RAY_REPLICAS)]
+        config_file = self.tmpdir.parent / f"{self.tmpdir.name}.yaml"
+        config_file.write_text(yaml.safe_dump(config))
         self.port = free_port()
-        config = ["--config", str(config_file)] if config_file else []
-        self.log = open(tmp / "server.log", "w")
-        self.process = subprocess.Popen([sys.executable, "-m", "components.cli", "serve", *config, "--port",
-                                         str(self.port)], env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {(tmp / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ping", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(1)
-        raise RuntimeError("server did not start in 600 s")
+        self.log_path = self.tmpdir.parent / f"{self.tmpdir.name}.log"
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen([sys.executable, "-m", "components.cli", "serve", "--config", str(config_file),
+                                         "--port", str(self.port), *args], env=env, stdout=self.log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for_ping(self.process, self.port, self.log_path, f"datencoder serve --backend {backend}")
+        except RuntimeError:
+            self.stop()
+            raise
 
     def post(self, rows: list[tuple[bytes, str]] | dict, params: dict | None = None) -> tuple[int, dict]:
         status, _, body = post(self.port, rows, params)
         return status, body
 
+    def work_done(self) -> None:
+        """The model's work counters live in the replicas: not visible from here."""
+        return None
+
+    def listing(self) -> set[str]:
+        return {str(p.relative_to(self.tmpdir)) for p in self.tmpdir.rglob("*")}
+
     def stop(self) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)  # the CLI, mlflow and uvicorn: our own process group
-        self.process.wait(timeout=60)
-        self.log.close()
+        try:
+            stop_server(self.process)  # the server shuts its Ray cluster down itself
+        finally:
+            self.log.close()
+            if self.backend == "ray":
+                shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
 
 def post(port: int, rows: list[tuple[bytes, str]] | dict | bytes, params: dict | None = None,
@@ -99,6 +106,10 @@ def decode(prediction: dict) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(prediction["image"]))).convert("RGB"))
 
 
+RAY_REPLICAS = 2
+BACKENDS = ["uvicorn", pytest.param("ray", marks=pytest.mark.slow)]
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serving")
@@ -106,9 +117,28 @@ def smoke(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(smoke):
-    tmp, config_file, cfg, encoder = smoke
-    s = Server(tmp, cfg, encoder, config_file)
+def store(smoke) -> str:
+    """A tracking store whose champion is the smoke encoder."""
+    from components.serving import registry
+
+    tmp, _, cfg, encoder = smoke
+    uri = isolated_store(tmp)
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        registry.register(cfg, str(encoder))
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI") if old is None else os.environ.__setitem__("MLFLOW_TRACKING_URI", old)
+    return uri
+
+
+def smoke_config(smoke, **serve) -> dict:
+    return {**yaml.safe_load(smoke[1].read_text()), **({"serve": serve} if serve else {})}
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request, smoke, store):
+    s = Server(smoke[0], store, smoke_config(smoke), request.param)
     yield s
     s.stop()
 
@@ -134,10 +164,7 @@ def png(image: Image.Image) -> bytes:
 
 
 def test_bad_requests_get_400_with_a_message_and_the_server_keeps_serving(server):
-    def listing() -> set[str]:
-        return {str(p.relative_to(server.tmpdir)) for p in server.tmpdir.rglob("*")}
-
-    before = listing()
+    before = server.listing()
     good = (RED_CONCEPT, "S* on grass")
     jpeg = io.BytesIO()
     Image.new("RGB", (32, 32), (1, 2, 3)).save(jpeg, format="JPEG")
@@ -165,7 +192,7 @@ def test_bad_requests_get_400_with_a_message_and_the_server_keeps_serving(server
     # a param the signature does not declare: MLflow's ParamSchema drops it, the request runs as without it
     status, typo = server.post([good], {**FAST, "tuning_stepz": 3})
     assert status == 200 and typo["predictions"][0]["image"] == out["predictions"][0]["image"]
-    assert listing() == before  # no temp files left behind
+    assert server.listing() == before  # no temp files left behind
 
 
 def test_concurrent_requests_do_not_leak_into_each_other(smoke, server):
@@ -216,6 +243,8 @@ class InProcess:
             assert time.time() < deadline and self.thread.is_alive(), "in-process server did not start"
             time.sleep(0.05)
 
+    fill = 1  # requests that take every compute slot and queue place (max_concurrent 1, max_queue 0)
+
     def work_done(self) -> int:
         """Concepts the model has looked up (tuned or from its cache): any request that did work counts."""
         return self.personalizer.cache.hits + self.personalizer.cache.misses
@@ -229,9 +258,15 @@ LIMITS = {"max_images": 4, "max_steps": 1000, "max_body_mb": 0.25, "max_concurre
           "request_timeout_s": 2, "retry_after_s": 7}
 
 
-@pytest.fixture(scope="module")
-def guarded(server):
-    s = InProcess(server.store, LIMITS)
+@pytest.fixture(scope="module", params=BACKENDS)
+def guarded(request, smoke, store):
+    """The uvicorn app in this process, or a Ray Serve server (two replicas), with LIMITS."""
+    if request.param == "uvicorn":
+        s = InProcess(store, LIMITS)
+    else:
+        s = Server(smoke[0], store, smoke_config(smoke, **LIMITS), "ray")
+        # every replica computing one request and Ray's smallest queue (1) full
+        s.fill = RAY_REPLICAS * LIMITS["max_concurrent"] + max(LIMITS["max_queue"], 1)
     yield s
     s.stop()
 
@@ -260,7 +295,7 @@ def test_requests_over_a_limit_are_refused_before_any_work(guarded):
         assert (got, words in reply["message"]) == (status, True), (words, got, reply)
         assert time.monotonic() - started < 5
         assert_no_trace_nor_echo(reply, marker)
-    assert guarded.work_done() == before  # nothing was tuned nor looked up
+    assert guarded.work_done() == before  # nothing was tuned nor looked up (uvicorn: counted; ray: None both times)
 
     # a bad image reaches the model: its own one-line message, not MLflow's echo of the whole input
     bad = {"dataframe_split": {"columns": ["image", "prompt"], "data": [["!!not base64 " + marker, "S*"]]}}
@@ -275,22 +310,69 @@ def test_requests_over_a_limit_are_refused_before_any_work(guarded):
 def test_a_busy_server_answers_503_and_a_timed_out_request_stops_its_work(guarded):
     # 100 tuning + 4 x 225 sampling steps: far more than the 2 s timeout on any machine
     heavy = {"tuning_steps": 100, "num_images": 4, "num_inference_steps": 225}
-    replies: dict = {}
-    first = threading.Thread(target=lambda: replies.update(heavy=post(guarded.port, [(RED_CONCEPT, "S*")], heavy)))
+    replies: list = []
+    fillers = [threading.Thread(target=lambda i=i: replies.append(post(guarded.port, [(solid_png((i, 9, 9)), "S*")], heavy)))
+               for i in range(guarded.fill)]  # every slot and queue place taken
     started = time.monotonic()
-    first.start()
-    time.sleep(0.5)
+    for t in fillers:
+        t.start()
+    time.sleep(0.5 + 0.2 * guarded.fill)
     status, headers, reply = post(guarded.port, [(RED_CONCEPT, "S* on grass")], FAST)
     assert status == 503 and headers["retry-after"] == "7" and reply["error_code"] == "SERVER_BUSY", reply
-    first.join()
-    status, _, reply = replies["heavy"]
+    for t in fillers:
+        t.join()
     answered = time.monotonic()
-    assert status == 504 and reply["error_code"] == "TIMEOUT" and answered - started < 6, (status, reply)
-    # the heavy work stopped at its next UNet call: the single slot is free again within seconds
+    assert len(replies) == guarded.fill
+    for status, _, reply in replies:
+        assert status == 504 and reply["error_code"] == "TIMEOUT", (status, reply)
+    assert answered - started < 6 + guarded.fill
+    # the heavy work stopped at its next UNet call: a slot is free again within seconds
     while (status := post(guarded.port, [(RED_CONCEPT, "S* on grass")], FAST)[0]) == 503:
         assert time.monotonic() - answered < 8, "the timed-out request kept computing"
         time.sleep(0.2)
     assert status == 200
+
+
+def model_replicas(server: Server) -> list[psutil.Process]:
+    from components.serving.ray_serve import replica_processes
+
+    return replica_processes(server.process.pid)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["ray"], indirect=True)
+def test_a_killed_ray_replica_is_replaced_and_the_service_keeps_answering(server):
+    replicas = model_replicas(server)
+    assert len(replicas) == RAY_REPLICAS
+    outcomes: list = []
+    stop = time.monotonic() + 20
+
+    def client(k: int) -> None:
+        n = 0
+        while time.monotonic() < stop:
+            n += 1
+            started = time.monotonic()
+            status, _, reply = post(server.port, [(solid_png((k * 50 + n % 50, 40, 40)), "S* on grass")],
+                                    {**FAST, "seed": n})
+            outcomes.append((status, reply.get("error_code"), time.monotonic() - started))
+
+    clients = [threading.Thread(target=client, args=(k,)) for k in range(3)]
+    for t in clients:
+        t.start()
+    time.sleep(4)
+    replicas[0].kill()
+    for t in clients:
+        t.join()
+    assert outcomes and all(seconds < 60 for _, _, seconds in outcomes)  # nothing hung
+    lost = [(status, code) for status, code, _ in outcomes if status != 200]
+    # at most the one request computing on the killed replica (max_concurrent 1) is lost, answered 503
+    assert len(lost) <= 1 and all(o == (503, "REPLICA_LOST") for o in lost), lost
+    assert sum(status == 200 for status, _, _ in outcomes) >= 5
+    deadline = time.monotonic() + 180
+    while len(alive := model_replicas(server)) < RAY_REPLICAS or replicas[0].pid in {p.pid for p in alive}:
+        assert time.monotonic() < deadline, "the killed replica was not replaced"
+        time.sleep(2)
+    assert server.post([(RED_CONCEPT, "S* on grass")], FAST)[0] == 200
 
 
 # --- trust: only this project's model code is loaded -------------------------------------------------

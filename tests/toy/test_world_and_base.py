@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import yaml
 
 from components.config import load_config
 from components.errors import UserError
-from components.toy import palette
+from components.toy import reader
 from components.toy import world as tw
 
 CLI = [sys.executable, "-m", "components.cli"]
@@ -167,8 +168,62 @@ def test_captions_follow_the_design_vocabulary():
     assert tw.Scene(scene.concept, count=2, background="grass").caption(subject="S*") == "two S* on grass"
 
 
+def test_caption_templates_leave_only_the_object_out():
+    """The pre-training and tuning prompt: everything the caption says but the object's look (colour, pattern, shape)."""
+    concept = tw.ToyConcept("star", "red", "striped", "white")
+    assert tw.Scene(concept, background_colour="blue", size="large").template() == "a large {} on a blue background"
+    assert tw.Scene(concept, background="beach").template() == "{} on a beach"
+    assert tw.Scene(concept, background="grass", size="small", position="top left",
+                    style="sketch").template() == "a sketch of a small {} at the top left on grass"
+    assert tw.Scene(concept, background="night", count=2, size="small").template() == "two small {} at night"
+    rng = random.Random(0)
+    for _ in range(500):
+        scene = tw.sample_scene(rng)
+        template, c = scene.template(), scene.concept
+        said = set(template.replace("{}", " ").split())
+        assert template.count("{}") == 1 and template.endswith(tw.background_phrase(scene.background,
+                                                                                   scene.background_colour))
+        assert not said & {c.colour, c.shape, tw.PLURALS.get(c.shape, c.shape + "s"), c.pattern}
+        assert (scene.size in said) == (scene.size != "medium") and ("two" in said) == (scene.count == 2)
+
+
+def test_the_toy_vocabulary_is_every_word_of_the_base_captions():
+    """base.vocabulary (the regulariser's real words) is what the toy base was trained on: the captions' words."""
+    from components.config import TOY_VOCABULARY
+
+    rng = random.Random(1)
+    words = {w for _ in range(20000) for w in tw.sample_scene(rng).caption().split()}
+    assert words == set(TOY_VOCABULARY)
+
+
+def test_scenes_are_read_back_from_photos():
+    """The toy reader's template of a photo (describe_scene): every canonical view exactly, and nearly every scene of
+    the world's own distribution through JPEG (background, count, size, position, style)."""
+    import io
+
+    from PIL import Image
+
+    from components.evaluation.eval_set import background_for
+
+    rng = random.Random(3)
+    for _ in range(120):
+        concept = tw.sample_concept(rng)
+        scene = tw.canonical(concept, background_for(concept))
+        assert reader.describe(np.asarray(tw.render(scene, 64))) == scene.template() == "{} on a " \
+            f"{scene.background_colour} background"
+    hits = []
+    for i in range(300):
+        scene = tw.sample_scene(rng)
+        buffer = io.BytesIO()
+        tw.render(scene, 64, seed=i).save(buffer, "JPEG", quality=95)
+        hits.append(reader.describe(np.asarray(Image.open(buffer).convert("RGB"))) == scene.template())
+    assert np.mean(hits) >= 0.85
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert reader.describe(noise) is None and reader.describe(np.full((64, 64, 3), 128, np.uint8)) is None
+
+
 def test_plain_backgrounds_are_read_from_the_border_after_jpeg():
-    """What caption_plain_backgrounds names: each palette colour through a JPEG round trip; textured, off-palette
+    """check-base's background reading: each palette colour through a JPEG round trip; textured, off-palette
     and noisy borders name nothing."""
     import io
 
@@ -182,12 +237,12 @@ def test_plain_backgrounds_are_read_from_the_border_after_jpeg():
     concept = tw.ToyConcept("star", "red", "striped", "white")
     for colour in tw.COLOURS:
         if colour not in ("red", "white"):
-            assert palette.plain_background(jpeg(tw.render(tw.Scene(concept, background_colour=colour)))) == colour
+            assert reader.plain_background(jpeg(tw.render(tw.Scene(concept, background_colour=colour)))) == colour
     for kind in ("beach", "night"):
-        assert palette.plain_background(jpeg(tw.render(tw.Scene(concept, background=kind)))) is None
+        assert reader.plain_background(jpeg(tw.render(tw.Scene(concept, background=kind)))) is None
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    assert palette.plain_background(noise) is None
-    assert palette.plain_background(np.full((64, 64, 3), (90, 200, 90), np.uint8)) is None  # plain, not a palette colour
+    assert reader.plain_background(noise) is None
+    assert reader.plain_background(np.full((64, 64, 3), (90, 200, 90), np.uint8)) is None  # plain, not a palette colour
 
 
 def test_shapes_are_read_back_from_renders():
@@ -201,9 +256,9 @@ def test_shapes_are_read_back_from_renders():
         concept = tw.sample_concept(rng, [tw.SHAPES[i % len(tw.SHAPES)]])
         background = next(c for c in ("gray", "white", "black", "blue") if c not in (concept.colour, concept.pattern_colour))
         scene = tw.Scene(concept, background_colour=background, size=rng.choice(list(tw.SIZES)))
-        hits.append(palette.read_shape(np.asarray(tw.render(scene, 64, seed=i))) == concept.shape)
+        hits.append(reader.read_shape(np.asarray(tw.render(scene, 64, seed=i))) == concept.shape)
     assert np.mean(hits) >= 0.9
-    assert palette.read_shape(np.full((64, 64, 3), 128, np.uint8)) is None
+    assert reader.read_shape(np.full((64, 64, 3), 128, np.uint8)) is None
 
 
 def test_base_holdout_combos_never_sampled_for_training():
@@ -287,6 +342,15 @@ def test_metrics_clip_tells_colours_and_shapes_zero_shot():
     clip = load_clip(load_config("toy").base.metrics_clip)
     acc = zero_shot_accuracy(clip, tw.scenes_for_training(96, seed=12345), seed=12345)
     assert acc["colour"] >= 0.85 and acc["shape"] >= 0.85, acc
+
+
+def test_backbone_clip_sees_colour_and_shape():
+    """The gate on the committed backbone CLIP: linear probes of what the encoder's trunk reads from it (its last-stage
+    features, mean-pooled) tell colour and shape apart on fresh renders (check_base.PROBE_TARGETS: 95%, 90%)."""
+    from components.evaluation.check_base import backbone_probe
+
+    probe = backbone_probe(load_config("toy"))
+    assert probe["passed"], probe
 
 
 def test_models_dir_within_budget(root):

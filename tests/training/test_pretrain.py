@@ -1,4 +1,4 @@
-"""Distributed encoder pre-training (issue 5): real Ray workers, real checkpoints, real MLflow records.
+"""Distributed encoder pre-training: real Ray workers, real checkpoints, real MLflow records.
 
 The fast tests share one local Ray cluster and one smoke-sized base model and data set (built by the
 project's own bootstrap and prepare stages); the multi-node cluster, job kill and S3 storage tests
@@ -49,7 +49,7 @@ def assets(tmp_path_factory) -> dict:
         "out": str(tmp / "prepared"), "imagenet": str(raw / "imagenet"), "workers": 2,
         "openimages_boxes": str(raw / "openimages/oidv6-train-annotations-bbox.csv"),
         "openimages_classes": str(raw / "openimages/oidv7-class-descriptions.csv"),
-        "openimages_images": str(raw / "openimages/train")}))
+        "openimages_images": str(raw / "openimages/train"), "captions": str(raw / "captions.csv")}))
     return {"base": overrides["base"], "data": tmp / "prepared"}
 
 
@@ -108,65 +108,84 @@ def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
 def test_shards_partition_the_train_split_and_batches_are_pure(tmp_path):
     from PIL import Image
 
-    from components.training.loop import Shard
+    from components.training.loop import Prompts, Shard
 
     rows = []
     for i in range(10):
         Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(tmp_path / f"{i}.jpg", quality=100)
-        rows.append({"path": f"{i}.jpg", "split": "val" if i == 9 else "train"})
+        rows.append({"path": f"{i}.jpg", "split": "val" if i == 9 else "train", "label": "thing", "template": ""})
     manifest = pd.DataFrame(rows)
-    shards = [Shard(tmp_path, manifest, rank, 2, prompts=3, seed=0) for rank in range(2)]
+    p = load_config("toy").pretrain.model_copy(update={"prompts": ["a S*", "b S*", "c S*"], "describe_scene": False})
+    shards = [Shard(tmp_path, manifest, rank, 2, Prompts(p), seed=0) for rank in range(2)]
     assert [len(s) for s in shards] == [5, 4]
-    assert not {p.name for p in shards[0].paths} & {p.name for p in shards[1].paths}
-    assert {p.name for s in shards for p in s.paths} == {f"{i}.jpg" for i in range(9)}
+    assert not set(shards[0].rows["path"]) & set(shards[1].rows["path"])
+    assert set(shards[0].rows["path"]) | set(shards[1].rows["path"]) == {f"{i}.jpg" for i in range(9)}
     pixels, prompts = shards[0].batch(0, 5)  # one epoch of a shard: each of its rows once
     assert sorted((pixels[:, 0, 0, 0] + 1).mul(127.5).round().int().tolist()) == [0, 40, 80, 120, 160]
-    assert pixels.min() >= -1 and pixels.max() <= 1 and prompts.min() >= 0 and prompts.max() < 3
-    again, again_prompts = Shard(tmp_path, manifest, 0, 2, prompts=3, seed=0).batch(3, 4)  # fresh reader, mid-stream
+    assert pixels.min() >= -1 and pixels.max() <= 1 and set(prompts) <= {"a S*", "b S*", "c S*"}
+    again, again_prompts = Shard(tmp_path, manifest, 0, 2, Prompts(p), seed=0).batch(3, 4)  # fresh reader, mid-stream
     assert torch.equal(again, torch.cat([shards[0].batch(3, 2)[0], shards[0].batch(5, 2)[0]]))
-    assert torch.equal(again_prompts, shards[0].batch(3, 4)[1])
+    assert again_prompts == shards[0].batch(3, 4)[1]
     assert not torch.equal(shards[0].batch(5, 5)[0], pixels)  # the next epoch is another permutation
 
 
-def test_plain_backgrounds_get_their_caption_and_the_rest_a_configured_prompt(tmp_path):
+def test_each_image_is_prompted_with_its_template_else_its_read_scene_else_a_generic_prompt(tmp_path):
+    """S* carries the object alone: the manifest's caption template names the rest; without one the toy reader
+    describes the scene; an image it cannot read gets a generic prompt (or its label after S*)."""
     from PIL import Image
 
-    from components.model.placeholder import plain_background_prompts
     from components.toy import world as tw
-    from components.training.loop import Shard
+    from components.training.loop import Prompts, Shard
 
-    colours = ["red", "gray", "white"]
-    for i, colour in enumerate(colours):
-        Image.new("RGB", (16, 16), tw.COLOURS[colour]).save(tmp_path / f"{i}.jpg", quality=95)
-    noise = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(tmp_path / "3.jpg", quality=95)
-    manifest = pd.DataFrame({"path": [f"{i}.jpg" for i in range(4)], "split": "train"})
-    pixels, prompts = Shard(tmp_path, manifest, 0, 1, prompts=2, seed=0, caption_backgrounds=True).batch(0, 4)
-    names = [(["a", "b"] + plain_background_prompts())[i] for i in prompts]
-    seen = {}
-    for corner, name in zip((pixels[:, :, 0, 0] + 1).mul(127.5).round().tolist(), names):  # which file a row is
-        colour = next((c for c in colours if np.abs(np.subtract(tw.COLOURS[c], corner)).max() < 4), "noise")
-        seen[colour] = name
-    assert seen == {"red": "S* on a red background", "gray": "S* on a gray background",
-                    "white": "S* on a white background", "noise": seen["noise"]}
-    assert seen["noise"] in ("a", "b")  # not plain: one of the configured prompts
-    plain = Shard(tmp_path, manifest, 0, 1, prompts=2, seed=0).batch(0, 4)[1]
-    assert plain.max() < 2  # off: the configured prompts only
+    scene = tw.Scene(tw.ToyConcept("star", "red"), background_colour="blue", position="top left", size="large")
+    tw.render(scene, 64).save(tmp_path / "0.jpg", quality=95)
+    tw.render(tw.Scene(tw.ToyConcept("ring", "white"), background="grass", size="small"), 64).save(tmp_path / "1.jpg")
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "2.jpg", quality=95)
+    manifest = pd.DataFrame({"path": ["0.jpg", "1.jpg", "2.jpg"], "split": "train", "label": ["star", "ring", "x"],
+                             "template": ["two {} at night", "", ""]})  # a template wins over what the pixels show
+    p = load_config("toy").pretrain.model_copy(update={"prompts": ["a photo of S*"]})
+
+    def prompts(p) -> dict[str, str]:
+        rows = Shard(tmp_path, manifest, 0, 1, Prompts(p), seed=0)
+        pixels, texts = rows.batch(0, 3)
+        order = [rows.rows["path"].iloc[rows._row(i)] for i in range(3)]
+        return dict(zip(order, texts))
+
+    assert prompts(p) == {"0.jpg": "two S* at night", "1.jpg": "a small S* on grass", "2.jpg": "a photo of S*"}
+    unread = p.model_copy(update={"templates": False, "describe_scene": False, "label_prompts": True})
+    assert prompts(unread) == {"0.jpg": "a photo of S* star", "1.jpg": "a photo of S* ring", "2.jpg": "a photo of S* x"}
+    described = p.model_copy(update={"templates": False})
+    assert prompts(described)["0.jpg"] == "a large S* at the top left on a blue background"
 
 
-def test_held_out_images_are_scored_under_the_prompt_they_would_train_with():
-    from components.model.placeholder import plain_background_prompts
+def test_training_timesteps_uniform_or_biased_to_high_noise():
+    from components.training.loop import training_timesteps
+
+    torch.manual_seed(0)
+    uniform, high = (training_timesteps(20000, 1000, kind, "cpu") for kind in ("uniform", "high-noise"))
+    assert 0 <= int(uniform.min()) and int(uniform.max()) < 1000 and int(high.max()) < 1000
+    assert abs(uniform.float().mean().item() - 500) < 15 and abs(high.float().mean().item() - 667) < 15
+    assert (high >= 700).float().mean() > 0.45 > (uniform >= 700).float().mean()
+
+
+def test_held_out_images_are_scored_under_the_prompt_they_would_train_with(tmp_path):
     from components.toy import world as tw
-    from components.training.loop import heldout_prompts, model_pixels
+    from components.training.loop import HeldOut
 
-    scenes = [tw.Scene(tw.ToyConcept("star", "red"), background_colour="blue"),
-              tw.Scene(tw.ToyConcept("ring", "white"), background="beach")]
-    pixels = model_pixels(tw.render_batch(scenes, 64))
-    p = load_config("toy").pretrain
-    names = (p.prompts + plain_background_prompts())
-    assert [names[i] for i in heldout_prompts(pixels, p)] == ["S* on a blue background", p.prompts[0]]
-    off = p.model_copy(update={"caption_plain_backgrounds": False})
-    assert heldout_prompts(pixels, off).tolist() == [0, 0]
+    scene = tw.Scene(tw.ToyConcept("star", "red"), background_colour="blue")
+    tw.render(scene, 64).save(tmp_path / "a.jpg", quality=95)
+    tw.render(tw.Scene(tw.ToyConcept("ring", "white"), background="beach"), 64).save(tmp_path / "b.jpg", quality=95)
+    manifest = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "split": "val", "label": ["star", "ring"],
+                             "template": ["", "a small {} on a beach"]})
+    cfg = load_config("toy", overrides={"pretrain": {"data": str(tmp_path), "heldout_images": 3}})
+    held = HeldOut(cfg, manifest)
+    assert held.sets["val"].prompts == ["S* on a blue background", "a small S* on a beach"]
+    assert [len(s.prompts) for s in held.sets.values()] == [2, 3, 3]
+    assert not {s.concept.shape for s in held.sets["seen_shapes"].scenes} & set(cfg.toy_world.encoder_holdout_shapes)
+    assert {s.concept.shape for s in held.sets["unseen_shapes"].scenes} <= set(cfg.toy_world.encoder_holdout_shapes)
+    assert all(p == s.template().replace("{}", "S*") for p, s in zip(held.sets["unseen_shapes"].prompts,
+                                                                      held.sets["unseen_shapes"].scenes))
 
 
 def test_run_name_keys_the_recipe_not_the_duration():
@@ -175,7 +194,7 @@ def test_run_name_keys_the_recipe_not_the_duration():
     cfg = load_config("smoke")
     same = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"max_steps": 99, "workers": 2})})
     other = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"lr": 3e-4})})
-    uncaptioned = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"caption_plain_backgrounds": False})})
+    uncaptioned = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"templates": False})})
     assert run_name(cfg, "v1") == run_name(same, "v1")
     assert run_name(cfg, "v1") != run_name(other, "v1") and run_name(cfg, "v1") != run_name(cfg, "v2")
     assert run_name(cfg, "v1") != run_name(uncaptioned, "v1")  # evaluate/ablate must not reuse a cached variant
@@ -248,8 +267,12 @@ def test_two_workers_train_checkpoint_log_and_resume(assets, ray_cluster, mlflow
     assert all(torch.equal(v, load_file(str(checkpoint / "encoder/model.safetensors"))[k]) for k, v in weights.items())
     TuningEncoder.from_pretrained(first["out"])  # loadable without the base (config + shapes are saved)
     heldout = first["heldout_loss"]
-    assert set(heldout) <= {"val", "unseen_shapes"} and "unseen_shapes" in heldout
+    assert set(heldout) <= {"val", "seen_shapes", "unseen_shapes"} and "unseen_shapes" in heldout
     assert all(0 < v["trained"] < 10 and 0 < v["untrained"] < 10 for v in heldout.values())
+    identity = first["identity_loss"]  # the high-noise identity signal, each condition on each render set
+    assert set(identity) == {f"{s}/{c}" for s in ("seen_shapes", "unseen_shapes")
+                             for c in ("encoder", "caption", "wrong_colour", "wrong_shape", "object")}
+    assert all(0 < v < 10 for v in identity.values())
 
     client = mlflow_client(mlflow_uri)
     run = client.get_run(first["mlflow_run_id"])
@@ -260,13 +283,15 @@ def test_two_workers_train_checkpoint_log_and_resume(assets, ray_cluster, mlflow
     assert run.data.tags["git_commit"] and run.data.tags["mlflow.source.git.commit"] == run.data.tags["git_commit"]
     dataset = run.inputs.dataset_inputs[0]
     assert dataset.dataset.digest == first["data_version"] and dataset.tags[0].value == "train"
-    for key in ("loss/diffusion", "loss/contrastive", "loss/l2_embedding", "loss/l2_offsets", "loss/total", "lr"):
+    for key in ("loss/diffusion", "loss/contrastive", "loss/l2_embedding", "loss/l2_offsets", "loss/total", "lr",
+                "grad_v_star/diffusion", "grad_v_star/regulariser"):
         history = client.get_metric_history(run.info.run_id, key)
         assert sorted(m.step for m in history) == [1, 2, 3, 4], key
     lrs = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)]
     assert lrs == pytest.approx([0.5e-4, 1e-4, 1e-4, 0.5e-4])  # warm-up over 2 steps, cosine towards 0 at step 4
     assert any(key.startswith("system/") for key in run.data.metrics)
-    assert {"heldout/unseen_shapes", "heldout_untrained/unseen_shapes"} <= set(run.data.metrics)
+    assert {"heldout/unseen_shapes", "heldout_untrained/unseen_shapes", "identity/unseen_shapes/encoder",
+            "identity/seen_shapes/wrong_colour"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "encoder")}
     assert artifacts == {"encoder/config.json", "encoder/model.safetensors", "encoder/recipe.json"}
     assert [a.path for a in client.list_artifacts(run.info.run_id)].count("images") == 1
