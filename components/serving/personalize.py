@@ -28,9 +28,9 @@ def load_personalizer(cfg: Config, model: str | None = None, trust: bool = False
     champion when the tracking store has one, else `personalize.encoder`. Returns it and what was loaded.
     A logged model's code must be this project's unless `trust` (registry.trusted_model_dir)."""
     if model is None:
-        model = registry.champion_uri() or cfg.personalize.encoder
+        model = registry.champion_uri(cfg) or cfg.personalize.encoder
         if not registry.is_model_uri(model) and not Path(model).is_dir():
-            raise UserError(f"no encoder to personalise with: the MLflow store has no {registry.MODEL_NAME}@"
+            raise UserError(f"no encoder to personalise with: the MLflow store has no {registry.model_name(cfg)}@"
                             f"{registry.ALIAS} and {model} does not exist; run the pipeline first "
                             f"(`datencoder pretrain`, then `datencoder register`), or pass --model")
     if registry.is_model_uri(model):

@@ -281,9 +281,9 @@ def serve(cfg: Config, model: str | None = None, host: str = "127.0.0.1", port: 
     """Serve until interrupted."""
     import uvicorn
 
-    model = model or registry.champion_uri()
+    model = model or registry.champion_uri(cfg)
     if model is None:
-        raise UserError(f"no {registry.MODEL_NAME}@{registry.ALIAS} in {tracking.tracking_uri()}: run "
+        raise UserError(f"no {registry.model_name(cfg)}@{registry.ALIAS} in {tracking.tracking_uri()}: run "
                         f"`datencoder register` first, or pass --model")
     resolve(cfg.runtime)  # CUDA asked for on a machine without it: one line now, not a dead server later
     local = registry.trusted_model_dir(model, trust_model_code)
