@@ -10,7 +10,8 @@ tuned once (its tuning noise is seeded from its image, so the seed changes the s
 c x p is the mean combined score ((identity + prompt) / 2) of the first c concepts x the first p prompts of
 that run, so every size is measured on the same images. For each size it reports the score's mean and its
 standard deviation over seeds (sd), and `margin95` = 1.96 * sqrt(2) * sd: two scorings of equally good
-encoders differ by more than that one time in twenty. Prints one JSON object (also written to --out).
+encoders differ by more than that one time in twenty. Prints one JSON object; --out gets it after every seed,
+with the per-sample scores.
 """
 
 from __future__ import annotations
@@ -66,24 +67,27 @@ def main() -> None:
     for seed in range(args.seeds):
         result = gate_run(personalizer, args.concepts, args.prompts, seed)
         combined = (np.asarray(result.identity) + np.asarray(result.prompt)) / 2
-        concepts = len(combined) // args.prompts
-        runs.append(combined.reshape(concepts, args.prompts))
+        runs.append(combined.reshape(len(combined) // args.prompts, args.prompts))
         print(f"seed {seed}: {combined.mean():.4f} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
-    scores = np.stack(runs)
+        summary = summarize(np.stack(runs), args, cfg.preset, encoder, time.perf_counter() - started)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")  # after every seed: a long run keeps what it has
+    print(json.dumps({k: v for k, v in summary.items() if k != "scores"}))
+
+
+def summarize(scores: np.ndarray, args, preset: str, encoder: str, seconds: float) -> dict:
+    """The gate's mean and spread over seeds at each size, from the per-sample scores [seed, concept, prompt]."""
     concepts = scores.shape[1]
     table = []
     for c, p in sizes_up_to(concepts, args.prompts, args.sizes):
         gate = scores[:, :c, :p].mean(axis=(1, 2))  # one gate score per seed
-        sd = float(gate.std(ddof=1)) if len(gate) > 1 else float("nan")
+        sd = float(gate.std(ddof=1)) if len(gate) > 1 else None
         table.append({"size": f"{c}x{p}", "samples": c * p, "mean": round(float(gate.mean()), 4),
-                      "sd": round(sd, 5), "margin95": round(Z95 * np.sqrt(2) * sd, 5),
+                      "sd": sd and round(sd, 5), "margin95": sd and round(Z95 * np.sqrt(2) * sd, 5),
                       "per_seed": [round(float(g), 4) for g in gate]})
-    result = {"preset": cfg.preset, "encoder": str(encoder), "seeds": args.seeds, "concepts": concepts,
-              "prompts": args.prompts, "sample_sd": round(float(scores.std(ddof=1)), 5),
-              "seconds": round(time.perf_counter() - started, 1), "sizes": table}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
+    return {"preset": preset, "encoder": str(encoder), "seeds": len(scores), "concepts": concepts,
+            "prompts": args.prompts, "sample_sd": round(float(scores.std(ddof=1)), 5),
+            "seconds": round(seconds, 1), "sizes": table, "scores": np.round(scores, 5).tolist()}
 
 
 if __name__ == "__main__":

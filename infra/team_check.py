@@ -160,15 +160,20 @@ class Stack:
         (self.logs / f"{name}.log").write_text(done.stdout + done.stderr)
         return done
 
+    def alive(self) -> None:
+        """Every long-running service started so far is still running (one that died fails the rehearsal now, not
+        at the deadline)."""
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}: {self.tail(name)}")
+
     def healthy(self, service: str, deadline: float) -> float:
         """Wait for the compose healthcheck of `service` to pass; returns the seconds it took."""
         test = self.services[service]["healthcheck"]["test"]
         argv = [self.localize(a, service) for a in test[1:]]
         started = time.monotonic()
         while True:
-            proc = self.procs[service]
-            if proc.poll() is not None:
-                raise RuntimeError(f"{service} exited with {proc.returncode}: {self.tail(service)}")
+            self.alive()
             if subprocess.run(argv, cwd=ROOT, env=self.environment(service), capture_output=True,
                               timeout=60).returncode == 0:
                 return round(time.monotonic() - started, 1)
@@ -183,8 +188,7 @@ class Stack:
         prefect = api(env["PREFECT_API_URL"], (user, password))
         started = time.monotonic()
         while True:
-            if self.procs["prefect-worker"].poll() is not None:
-                raise RuntimeError(f"prefect-worker exited: {self.tail('prefect-worker')}")
+            self.alive()
             reply = prefect("POST", f"/work_pools/{pool}/workers/filter", json={})
             if reply.ok and reply.json():
                 return round(time.monotonic() - started, 1)
@@ -312,6 +316,7 @@ def rehearse(s: Stack, summary: dict, deadline: float) -> None:
     run_id = run.json()["id"]
     log(f"triggered {SMOKE} (flow run {run_id}); the worker runs it")
     while True:
+        s.alive()
         state = prefect("GET", f"/flow_runs/{run_id}").json()["state"]
         if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             break
