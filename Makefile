@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-all check-base
+.PHONY: setup run test test-all check-base team-check
 
 setup:  ## create .venv and install the project with pinned dependencies (about 4 minutes)
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -19,3 +19,6 @@ test:  ## the default suite (fast; heavier tests are marked slow)
 
 test-all:
 	$(BIN)/pytest -q -m "slow or not slow"
+
+team-check:  ## the team stack (infra/compose.yaml) rehearsed as local processes on loopback; one JSON line (docs/team.md)
+	$(BIN)/python infra/team_check.py

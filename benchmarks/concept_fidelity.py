@@ -138,7 +138,7 @@ def main() -> int:
         personalizer = Personalizer(cfg, encoder) if first is None else first.variant(cfg, encoder)
         first = first or personalizer
         if args.gate:
-            gated = personalizer.variant(variant_config(cfg, evaluate={"gate_concepts": args.gate,
+            gated = personalizer.variant(variant_config(cfg, registry={"gate_concepts": args.gate,
                                                                        "gate_prompts": args.gate}), encoder)
             print(json.dumps({"encoder": encoder, "set": overrides, "gate": gate_scores(gated)}), flush=True)
         for steps, blend, prompt in itertools.product(args.steps or [cfg.personalize.tuning_steps], args.blend or [1.0],

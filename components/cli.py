@@ -8,13 +8,14 @@ stage command and the Prefect task call. Reports go to stdout as one JSON object
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import logging
 import os
 import signal
 import sys
-from typing import Any, NoReturn
+from typing import Any, Iterator, NoReturn
 
 from components.errors import UserError
 from components.progress import show_bars
@@ -169,10 +170,20 @@ def cmd_prepare(args: argparse.Namespace) -> dict:
     return prepare(cfg.prepare)
 
 
+def _tracking_server() -> None:
+    """A command that logs to MLflow: an unreachable server or refused credentials is one line now, not a
+    traceback after Ray or a model has started."""
+    from components.tracking import check_server
+
+    check_server()
+
+
 def cmd_pretrain(args: argparse.Namespace) -> dict:
     from components.training.pretrain import pretrain
 
-    return pretrain(_config(args), workers=args.workers, max_steps=args.max_steps,
+    cfg = _config(args)
+    _tracking_server()
+    return pretrain(cfg, workers=args.workers, max_steps=args.max_steps,
                     checkpoint_every=args.checkpoint_every, storage=args.storage, address=args.address,
                     parent_run_id=args.parent_run_id, restart=args.restart, force=args.force)
 
@@ -198,7 +209,17 @@ def cmd_personalize(args: argparse.Namespace) -> dict:
 def cmd_register(args: argparse.Namespace) -> dict:
     from components.serving.registry import register
 
-    return register(_config(args), encoder=args.encoder)
+    cfg = _config(args)
+    _tracking_server()
+    return register(cfg, encoder=args.encoder)
+
+
+def cmd_promote(args: argparse.Namespace) -> dict:
+    from components.serving.registry import promote
+
+    cfg = _config(args)
+    _tracking_server()
+    return promote(cfg, version=args.version)
 
 
 def cmd_pipeline(args: argparse.Namespace) -> dict:
@@ -334,17 +355,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(p)
     p.add_argument("--out", help="image directory (default: personalize.out)")
     p.add_argument("--export", help="also write the concept here as a diffusers LoRA + embedding + kohya keys")
-    p.add_argument("--model", help="MLflow model URI or encoder directory (default: datencoder@champion if "
-                                   "registered, else personalize.encoder)")
+    p.add_argument("--model", help="MLflow model URI or encoder directory (default: datencoder-PRESET@champion "
+                                   "if registered, else personalize.encoder)")
     _add_trust_option(p)
     _add_runtime_options(p)
     p.set_defaults(func=cmd_personalize)
 
-    p = sub.add_parser("register", help="log the encoder as an MLflow pyfunc, register it, promote it if it wins the gate")
+    p = sub.add_parser("register", help="log the encoder as an MLflow pyfunc, register it as a version of "
+                                        "datencoder-PRESET; @challenger if it beats @champion on the gate")
     _add_config_options(p)
     p.add_argument("--encoder", help="encoder directory (default: personalize.encoder)")
     _add_runtime_options(p)
     p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("promote", help="move @champion of datencoder-PRESET to its @challenger (or --version N); "
+                                       "the one way the champion changes")
+    _add_config_options(p)
+    p.add_argument("--version", type=_positive_int, help="the version to promote (default: the @challenger)")
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("pipeline", help="the main job: the Prefect retrain flow (prepare_data, pretrain, evaluate, "
                                         "ablate, register) and its report")
@@ -396,10 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_runtime_options(p)
         p.set_defaults(func=func)
 
-    p = sub.add_parser("serve", help="serve models:/datencoder@champion: MLflow's scoring protocol behind request "
-                                     "limits (serve.*)")
+    p = sub.add_parser("serve", help="serve models:/datencoder-PRESET@champion: MLflow's scoring protocol behind "
+                                     "request limits (serve.*)")
     _add_config_options(p)
-    p.add_argument("--model", help="MLflow model URI (default: models:/datencoder@champion)")
+    p.add_argument("--model", help="MLflow model URI (default: models:/datencoder-PRESET@champion, registry.model_name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_positive_int, default=5000)
     p.add_argument("--workers", type=_positive_int, default=1, help="uvicorn: server processes (each loads the model)")
@@ -414,6 +442,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     return parser
+
+
+@contextlib.contextmanager
+def stdout_to_stderr(active: bool) -> Iterator[None]:
+    """With --json, stdout carries the one JSON object only: while the command runs, whatever is written to stdout
+    (MLflow prints "View run" lines there when it talks to a server; subprocesses inherit file descriptor 1) goes
+    to stderr."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def emit(result: dict[str, Any], as_json: bool) -> None:
@@ -462,7 +510,8 @@ def run(args: argparse.Namespace) -> int:
     # bars only for people at a terminal: --json output is for programs
     show_bars(not as_json)
     try:
-        result = args.func(args)
+        with stdout_to_stderr(getattr(args, "json", False)):
+            result = args.func(args)
     except UserError as e:
         return fail(prog, str(e), as_json, e.exit_code)
     except (KeyboardInterrupt, SystemExit) as e:

@@ -1,13 +1,15 @@
 """One typed configuration schema with presets.
 
-A config is built as: defaults <- preset overrides <- config file (params.yaml) <- explicit overrides,
-then validated. Unknown keys and wrong types fail at load with a message naming the key, because a
-typo in params.yaml silently training with defaults is the worst kind of wrong.
+A config is built as: defaults <- preset overrides <- config file (params.yaml) <- environment
+(DATENCODER_<SECTION>__<KEY>) <- explicit overrides, then validated. Unknown keys and wrong types fail at
+load with a message naming the key, because a typo in params.yaml silently training with defaults is the
+worst kind of wrong.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -371,8 +373,6 @@ class EvaluateConfig(Section):
     full: bool = False
     full_retrain_steps: int = Field(1000, gt=0)
     full_seeds: list[int] = [0, 1, 2]
-    gate_concepts: int = Field(4, gt=0)  # the registry gate: the first N concepts ...
-    gate_prompts: int = Field(3, gt=0)  # ... x the first N prompts, seed 0
     cache: str = "models/ablation-encoders"  # re-trained encoders, keyed by their config (the `variants` stage's output)
     # stored scores of what does not depend on the encoder under test (committed; docs/evaluation.md "Stored results"):
     # the `baselines` stage's and the `variants` stage's
@@ -390,6 +390,19 @@ class AblateConfig(Section):
     alpha_blends: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]  # the tuning/generation blend sweep
     out: str = "outputs/ablate"
     experiment: str = "datencoder-ablate"
+
+
+class RegistryConfig(Section):
+    """The MLflow model registry (docs/personalize.md "MLflow model and registry"): the model's name, the gate a
+    new version is scored on and the margin it must beat the champion by to become `@challenger`. `@champion`
+    moves only by `datencoder promote`. Size and margin come from the gate's measured noise
+    (benchmarks/gate_noise.py, docs/personalize.md "The gate")."""
+
+    model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # None: datencoder-<preset>
+    gate_concepts: int = Field(8, gt=0)  # the gate: the first N held-out evaluation concepts ...
+    gate_prompts: int = Field(5, gt=0)  # ... x the first N evaluation prompts, seed 0
+    margin: float = Field(0.01, ge=0)  # a challenger's gate score must exceed the champion's by more than this
+    lock_timeout_s: float = Field(120.0, gt=0)  # wait for another registration's alias lock at most this long
 
 
 STAGES = ("prepare_data", "pretrain", "baselines", "variants", "evaluate", "ablate", "register")
@@ -428,6 +441,7 @@ class Config(Section):
     serve: ServeConfig = ServeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     ablate: AblateConfig = AblateConfig()
+    registry: RegistryConfig = RegistryConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
     @property
@@ -456,8 +470,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "personalize": {"tuning_steps": 2, "num_inference_steps": 2, "encoder": "outputs/smoke-encoder"},
         "evaluate": {"prompts": ["S* on a beach", "two S* on grass"], "max_concepts": 2, "baseline_concepts": 1,
                      "few_shot_images": 3, "ti_steps": 2, "lora_steps": 2, "dreambooth_steps": 2, "retrain_steps": 2,
-                     "time_to_identity_steps": [1, 2], "gate_concepts": 2, "gate_prompts": 1},
+                     "time_to_identity_steps": [1, 2]},
         "ablate": {"concepts": 1, "alpha_blends": [0.0, 1.0]},
+        "registry": {"gate_concepts": 2, "gate_prompts": 1},
         "pipeline": {"retry_delay_s": 1.0, "timeout_s": 900},
     },
     "sd15": {
@@ -526,21 +541,30 @@ def _format_validation(err: ValidationError, source: str) -> str:
 
 
 # old name -> current name of a knob (one name each in config, CLI and request params); still read, with a warning
-RENAMED: dict[tuple[str, str], str] = {("personalize", "steps"): "tuning_steps",
-                                       ("pretrain", "caption_plain_backgrounds"): "describe_scene",
-                                       ("personalize", "caption_plain_backgrounds"): "describe_scene"}
+RENAMED: dict[tuple[str, str], tuple[str, str]] = {
+    ("personalize", "steps"): ("personalize", "tuning_steps"),
+    ("pretrain", "caption_plain_backgrounds"): ("pretrain", "describe_scene"),
+    ("personalize", "caption_plain_backgrounds"): ("personalize", "describe_scene"),
+    # the gate belongs to the registry: its size no longer touches the evaluate stage's params (DVC)
+    ("evaluate", "gate_concepts"): ("registry", "gate_concepts"),
+    ("evaluate", "gate_prompts"): ("registry", "gate_prompts"),
+}
 
 
 def _renamed_keys(values: dict, source: str) -> dict:
     """`values` with each old key under its current name; both names given is an error."""
     values = copy.deepcopy(values)
-    for (section, old), new in RENAMED.items():
+    for (section, old), (new_section, new) in RENAMED.items():
         part = values.get(section)
         if isinstance(part, dict) and old in part:
-            if new in part:
-                raise UserError(f"config {source}: give {section}.{new} only ({section}.{old} is its old name)")
-            warnings.warn(f"{source}: {section}.{old} is deprecated; use {section}.{new}", FutureWarning, stacklevel=3)
-            part[new] = part.pop(old)
+            target = values.setdefault(new_section, {})
+            if not isinstance(target, dict):
+                continue  # a wrong type: validation names it
+            if new in target:
+                raise UserError(f"config {source}: give {new_section}.{new} only ({section}.{old} is its old name)")
+            warnings.warn(f"{source}: {section}.{old} is deprecated; use {new_section}.{new}", FutureWarning,
+                          stacklevel=3)
+            target[new] = part.pop(old)
     return values
 
 
@@ -573,6 +597,28 @@ def _inputs_from_home(cfg: Config, sources: list[dict]) -> Config:
     return Config.model_validate(values) if changed else cfg
 
 
+ENV_PREFIX = "DATENCODER_"  # DATENCODER_<SECTION>__<KEY>=<YAML value> sets section.key (docs/team.md)
+
+
+def environment_overrides(environ: dict[str, str] | None = None) -> dict:
+    """Config values from the environment: `DATENCODER_PRETRAIN__STORAGE=s3://checkpoints/runs` is
+    pretrain.storage, so a deployment changes a setting without editing an image's params.yaml. The value is
+    YAML (numbers, booleans, lists); only names with `__` count (DATENCODER_DEVICE and the like are not config)."""
+    overrides: dict = {}
+    for name, text in sorted((os.environ if environ is None else environ).items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        if not section or not key or "__" in key:
+            raise UserError(f"environment variable {name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(f"environment variable {name}: cannot parse {text!r} ({str(e).splitlines()[0]})") from None
+        overrides.setdefault(section, {})[key] = value
+    return overrides
+
+
 def load_config(preset: str | None = None, path: str | Path | None = None,
                 overrides: dict | None = None) -> Config:
     """Resolve a config. `preset` (if given) wins over the file's `preset:` key. Defaults that name a committed
@@ -594,13 +640,18 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
         raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     # over the defaults, so a file may give part of a nested section (base.backbone_clip.pretrained alone)
     values = deep_merge(deep_merge(Config().model_dump(), PRESETS[name]), _renamed_keys(file_values, source))
+    environment = environment_overrides()
+    if environment:
+        source += " + environment (" + ", ".join(f"{ENV_PREFIX}{s.upper()}__{k.upper()}" for s in environment
+                                                for k in environment[s]) + ")"
+        values = deep_merge(values, environment)
     values = deep_merge(values, _renamed_keys(overrides or {}, "overrides"))
     values["preset"] = name
     try:
         cfg = Config.model_validate(values)
     except ValidationError as e:
         raise UserError(_format_validation(e, source)) from None
-    return _inputs_from_home(cfg, [file_values, overrides or {}])
+    return _inputs_from_home(cfg, [file_values, environment, overrides or {}])
 
 
 def resolved(config: Config) -> dict:

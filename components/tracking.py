@@ -30,12 +30,18 @@ def tracking_uri() -> str:
     return uri
 
 
+COMMIT_ENV = "GIT_COMMIT"  # the commit of code that has no .git with it (the image: docker build --build-arg GIT_COMMIT)
+
+
 def git_commit() -> str:
+    """The code's commit: `git rev-parse HEAD` in the checkout, else GIT_COMMIT, else "unknown"."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+        out = None
+    if out is not None and out.returncode == 0 and out.stdout.strip():
+        return out.stdout.strip()
+    return os.environ.get(COMMIT_ENV, "").strip() or "unknown"
 
 
 def start_run(client, experiment: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
@@ -75,17 +81,29 @@ def run(experiment: str, name: str, tags: dict[str, str], parent_run_id: str | N
 
 
 def check_server() -> str:
-    """The tracking URI, after checking an MLflow server answers (one line, before any training)."""
+    """The tracking URI, after checking an MLflow server answers and takes this process's credentials
+    (MLFLOW_TRACKING_USERNAME / _PASSWORD, or _TOKEN): one line, before any training."""
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         import requests
 
+        base = uri.rstrip("/")
         try:
-            requests.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
+            requests.get(base + "/health", timeout=10).raise_for_status()
+            user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+            token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+            reply = requests.get(base + "/api/2.0/mlflow/experiments/get-by-name",
+                                 params={"experiment_name": "Default"}, timeout=10,
+                                 auth=(user, password) if user and password else None,
+                                 headers={"Authorization": f"Bearer {token}"} if token else None)
         except requests.RequestException as e:
             reason = type(e).__name__ if isinstance(e, requests.ConnectionError) else str(e).splitlines()[0]
             raise UserError(f"MLflow tracking server {uri} is unreachable ({reason}); start it or fix "
                             f"MLFLOW_TRACKING_URI") from None
+        if reply.status_code in (401, 403):
+            given = "no credentials" if not (user or token) else f"the credentials of {user or 'the token'}"
+            raise UserError(f"MLflow tracking server {uri} refused {given} (HTTP {reply.status_code}): set "
+                            f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that server") from None
     return uri
 
 

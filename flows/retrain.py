@@ -28,7 +28,7 @@ from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from components import tracking
-from components.config import Config, resolved
+from components.config import STAGES, Config, resolved, variant_config
 from components.data.prepare import data_version
 from components.errors import UserError
 from components.evaluation.ablate import ablate as ablate_stage
@@ -45,7 +45,7 @@ from components.orchestration.stages import (
     is_transient,
     stage_key,
 )
-from components.orchestration.workspace import workspace_config
+from components.orchestration.workspace import resolve
 from components.progress import following
 from components.serving.registry import register as register_stage
 
@@ -192,10 +192,17 @@ def register(cfg: Config, data_version: str, encoder: str, parent_run_id: str | 
 
 # --- the parent flow --------------------------------------------------------------------------------
 @flow(name="retrain", log_prints=True)
-def retrain(workspace: str = ".", preset: str | None = None, refresh: bool = False) -> dict[str, Any]:
-    """The whole pipeline in `workspace` (its params.yaml; `preset` must agree with it)."""
-    os.chdir(workspace)
-    cfg = workspace_config(".", preset)
+def retrain(workspace: str = ".", preset: str | None = None, refresh: bool = False,
+            stages: list[str] | None = None) -> dict[str, Any]:
+    """The whole pipeline in `workspace` (its params.yaml; `preset` must agree with it; a new directory becomes a
+    workspace of `preset`), or only `stages` of it (default pipeline.stages)."""
+    path, cfg = resolve(preset, None, workspace)
+    os.chdir(path)
+    if stages is not None:
+        unknown = sorted(set(stages) - set(STAGES))
+        if unknown:
+            raise UserError(f"unknown stage {', '.join(unknown)}; the stages are {', '.join(STAGES)}")
+        cfg = variant_config(cfg, pipeline={"stages": list(stages)})
     with workspace_lock(".", "pipeline", wait_s=cfg.pipeline.lock_wait_s, what="a pipeline run"):
         tracking.check_server()
         results: dict[str, dict] = {}
@@ -213,7 +220,7 @@ def retrain(workspace: str = ".", preset: str | None = None, refresh: bool = Fal
     return {"workspace": os.getcwd(), "report": report["report"], "metrics_csv": report["csv"],
             "mlflow_parent_run_id": parent, "tracking_uri": tracking.tracking_uri(),
             "stages": {s: {k: v for k, v in r.items() if not isinstance(v, (dict, list))} for s, r in results.items()},
-            "serve": serve_commands()}
+            "serve": serve_commands(cfg)}
 
 
 def _stage(stage: str, cfg: Config, results: dict, parent: str, refresh: bool) -> dict:

@@ -1,25 +1,52 @@
-"""The registry gate (docs/personalize.md): one score that decides whether a new encoder becomes the champion."""
+"""The registry gate (docs/personalize.md "The gate"): one score that decides whether a new encoder may
+challenge the champion, and the margin it must win by.
+
+The gate is the evaluation's own measure on a fixed subset: ours (encoder + tuning + sampling) on the first
+`registry.gate_concepts` held-out evaluation concepts x the first `registry.gate_prompts` prompts at seed 0,
+scored by the metrics CLIP; score = mean of identity and prompt similarity (higher is better). Its size and
+margin come from its measured noise (benchmarks/gate_noise.py; the figures are in docs/personalize.md).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from components.config import variant_config
+from components.config import Config, RegistryConfig, variant_config
 from components.evaluation.eval_set import load_eval_set
 from components.evaluation.harness import Harness
 from components.evaluation.metrics import ClipMetrics
 from components.model.base import load_clip
 
+GATE = "gate_identity_prompt_v2"  # the gate's name: scores are compared only under the same name and size
 
-def gate_scores(personalizer) -> dict:
-    """The registry gate (docs/personalize.md): ours on the first `gate_concepts` evaluation concepts x the
-    first `gate_prompts` prompts, seed 0; score = mean of identity and prompt similarity (higher is better)."""
+
+def gate_size(cfg: Config, registry: RegistryConfig | None = None) -> str:
+    """`<concepts>x<prompts>`: part of a score's identity, since two sizes score different samples."""
+    r = registry or cfg.registry
+    return f"{r.gate_concepts}x{r.gate_prompts}"
+
+
+def gate_run(personalizer, concepts: int, prompts: int, seed: int = 0):
+    """The harness's MethodResult of ours on the first `concepts` evaluation concepts x the first `prompts`
+    prompts at `seed` (one sample per concept and prompt, concept-major)."""
     cfg = personalizer.cfg
-    e = cfg.evaluate
-    gate_cfg = variant_config(cfg, evaluate={"full": False, "seeds": [0]})
+    gate_cfg = variant_config(cfg, evaluate={"full": False, "seeds": [seed]})
     eval_set = load_eval_set(gate_cfg)
     clip = load_clip(cfg.base.metrics_clip, personalizer.runtime.device)
     harness = Harness(gate_cfg, personalizer, ClipMetrics(clip), eval_set)
-    result = harness.ours("gate", limit=e.gate_concepts, prompts=eval_set.prompts[:e.gate_prompts])
+    return harness.ours("gate", limit=concepts, prompts=eval_set.prompts[:prompts])
+
+
+def gate_scores(personalizer, registry: RegistryConfig | None = None, seed: int = 0) -> dict:
+    """The registry gate of a loaded Personalizer at `registry`'s size (default: its own config's):
+    {"identity", "prompt", "score", "samples", "size"}; a `seed` other than 0 only to measure the gate's noise."""
+    r = registry or personalizer.cfg.registry
+    result = gate_run(personalizer, r.gate_concepts, r.gate_prompts, seed)
     identity, prompt = float(np.mean(result.identity)), float(np.mean(result.prompt))
-    return {"identity": identity, "prompt": prompt, "score": (identity + prompt) / 2}
+    return {"identity": identity, "prompt": prompt, "score": (identity + prompt) / 2,
+            "samples": len(result.identity), "size": gate_size(personalizer.cfg, r)}
+
+
+def beats(score: float, other: float | None, margin: float) -> bool:
+    """Whether `score` wins over `other` on the gate: by more than `margin` (a tie or less keeps `other`)."""
+    return other is None or score > other + margin

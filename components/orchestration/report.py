@@ -12,6 +12,7 @@ from pathlib import Path
 from components import tracking
 from components.config import Config
 from components.evaluation.report import METRICS, findings_table
+from components.serving.registry import model_name
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,11 @@ def stage_images(stage: str, result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def serve_commands() -> list[str]:
-    uri = tracking.tracking_uri()
-    return [f"MLFLOW_TRACKING_URI={uri} datencoder serve",
-            f"MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/datencoder@champion --env-manager local"]
+def serve_commands(cfg: Config) -> list[str]:
+    uri, name = tracking.tracking_uri(), model_name(cfg)
+    preset = "" if cfg.preset == "toy" else f" --preset {cfg.preset}"
+    return [f"MLFLOW_TRACKING_URI={uri} datencoder serve{preset}",
+            f"MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{name}@champion --env-manager local"]
 
 
 def write_report(cfg: Config, results: dict[str, dict], parent_run_id: str, flow_run: str) -> dict:
@@ -84,7 +86,7 @@ def write_report(cfg: Config, results: dict[str, dict], parent_run_id: str, flow
         summary = r.get("skipped") or {"prepare_data": lambda: f"data {r.get('data_version', '-')[:12]}",
                                        "pretrain": lambda: f"step {r.get('end_step')}, encoder `{r.get('out')}`",
                                        "register": lambda: f"version {r.get('version')}" + (
-                                           " (now champion)" if r.get("promoted") else ""),
+                                           f" (now {r['alias']})" if r.get("alias") else ""),
                                        }.get(stage, lambda: f"{len(r.get('methods', {}))} methods")()
         lines.append(f"| {stage} | {summary} | {run_link(r.get('mlflow_run_id') or r.get('run_id'))} |")
     if rows:
@@ -105,9 +107,15 @@ def write_report(cfg: Config, results: dict[str, dict], parent_run_id: str, flow
         uri = tracking.tracking_uri()
         link = (f"{uri.rstrip('/')}/#/models/{reg['model']}/versions/{reg['version']}" if uri.startswith("http")
                 else f"models:/{reg['model']}/{reg['version']}")
-        lines += ["", "## Registered model", "", f"`{reg['model']}` version {reg['version']}: {link}; "
-                  f"{'promoted to' if reg.get('promoted') else 'not promoted to'} `@{reg.get('alias', 'champion')}`."]
-    lines += ["", "## Serve the champion", "", *(f"    {c}" for c in serve_commands())]
+        gate = reg.get("gate") or {}
+        alias = (f"now `@{reg['alias']}`" if reg.get("alias") else
+                 f"no alias: it does not beat `@champion` (version {gate.get('champion_version')}) by more than "
+                 f"{gate.get('margin')} on the gate")
+        lines += ["", "## Registered model", "", f"`{reg['model']}` version {reg['version']}: {link}; {alias}."]
+        if reg.get("alias") == "challenger":
+            lines += ["", f"Make it the champion with `datencoder promote{'' if cfg.preset == 'toy' else ' --preset ' + cfg.preset}"
+                          f" --version {reg['version']}`."]
+    lines += ["", "## Serve the champion", "", *(f"    {c}" for c in serve_commands(cfg))]
     markdown = "\n".join(lines) + "\n"
     (out / "report.md").write_text(markdown)
     return {"markdown": markdown, "rows": rows, "report": str(out / "report.md"), "csv": str(out / "metrics.csv")}

@@ -31,12 +31,19 @@ class TransientError(RuntimeError):
 THROTTLING = ("Throttling", "ThrottlingException", "SlowDown", "RequestTimeout", "RequestLimitExceeded")
 
 
+def is_stage_timeout(error: BaseException) -> bool:
+    """Prefect's TaskRunTimeoutError: the stage ran out its `pipeline.timeout_s`. A TimeoutError too, but a retry
+    would run as long again (6 h), so it is final; a network timeout inside the stage stays transient."""
+    return type(error).__name__ == "TaskRunTimeoutError" and type(error).__module__.startswith("prefect")
+
+
 def is_transient(error: BaseException | None) -> bool:
-    """Worth retrying: network and S3 errors, MLflow HTTP 5xx/429; never a UserError or a bug."""
+    """Worth retrying: network and S3 errors, MLflow HTTP 5xx/429; never a UserError, a bug or the stage's own
+    timeout."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, UserError):
+        if isinstance(error, UserError) or is_stage_timeout(error):
             return False
         if isinstance(error, (TransientError, ConnectionError, TimeoutError)):
             return True

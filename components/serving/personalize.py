@@ -55,12 +55,12 @@ def resolve_model(cfg: Config, model: str | None = None) -> str:
     champion when the tracking store has one, else `personalize.encoder`. A missing default encoder is reported
     after a missing base, whose message says how to provide the weights."""
     if model is None:
-        model = registry.champion_uri() or cfg.personalize.encoder
+        model = registry.champion_uri(cfg) or cfg.personalize.encoder
         if not registry.is_model_uri(model) and not Path(model).is_dir():
             base_tokenizer(cfg.base)
             if home.holds(model):
                 raise UserError(home.missing("the committed toy encoder", model))
-            raise UserError(f"no encoder to personalise with: the MLflow store has no {registry.MODEL_NAME}@"
+            raise UserError(f"no encoder to personalise with: the MLflow store has no {registry.model_name(cfg)}@"
                             f"{registry.ALIAS} and {model} does not exist; run the pipeline first "
                             f"(`datencoder pretrain`, then `datencoder register`), or pass --model")
     if not registry.is_model_uri(model) and not (Path(model) / "config.json").is_file():

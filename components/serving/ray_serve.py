@@ -210,7 +210,7 @@ def app_builder(args: dict[str, Any]):
     the champion), `config` (a params.yaml; default the toy preset's), `trust_model_code`. The model is pinned
     to its version and checked here; each replica downloads it."""
     cfg = load_config(path=args["config"]) if args.get("config") else load_config()
-    model = pinned(args.get("model") or f"models:/{registry.MODEL_NAME}@{registry.ALIAS}")
+    model = pinned(args.get("model") or f"models:/{registry.model_name(cfg)}@{registry.ALIAS}")
     trust = str(args.get("trust_model_code", "")).lower() in ("1", "true", "yes")
     local = registry.trusted_model_dir(model, trust)
     return application(cfg, model, trust, model_defaults(local))

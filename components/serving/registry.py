@@ -1,15 +1,25 @@
-"""The MLflow model registry: log the encoder as a pyfunc model, register it, gate the `champion` alias.
+"""The MLflow model registry: log the encoder as a pyfunc model, register it, gate the aliases.
 
-`datencoder register` evaluates the candidate encoder on the gate, logs it as a models-from-code pyfunc
-(components/serving/pyfunc_model.py) with the encoder weights and the resolved config as artifacts, registers
-a version of model `datencoder` tagged with the data version, git commit and gate metric, and moves
-the `champion` alias to it only when it beats the current champion on the gate.
+`datencoder register` scores the candidate encoder on the gate (components/evaluation/gate.py), logs it as a
+models-from-code pyfunc (components/serving/pyfunc_model.py) with the encoder weights and the resolved config
+as artifacts, and registers a version of the preset's model, `datencoder-<preset>` (or `registry.model_name`),
+tagged with the preset, data version, git commit and its gate score. Then, under the model's alias lock:
 
-The gate is the evaluation's own measure on a small fixed subset (components/evaluation/harness.py
-`gate_scores`): ours (encoder + tuning + sampling) on the first `evaluate.gate_concepts` held-out
-evaluation concepts x the first `evaluate.gate_prompts` prompts, seed 0, scored by the metrics CLIP;
-the score is the mean of identity and prompt similarity, higher is better. Its name is versioned
-(`GATE`) so scores from different gates are never compared.
+- a model without a champion takes the new version as `@champion` (there is nothing to protect yet);
+- otherwise the new version becomes `@challenger` when its gate score beats the champion's by more than
+  `registry.margin` (and the current challenger's, if any); the champion never moves here.
+
+`datencoder promote [--version N]` moves `@champion` to the challenger (or version N): the one way a champion
+changes, and never onto a version of another preset. A registered model holds one preset (its `preset` tag);
+registering another preset under its name is refused.
+
+Concurrent registrations and promotions of one model take turns on its alias lock: a registered model named
+`<model>.alias-lock`, created by the holder and deleted on release. Creating a registered model is atomic in
+every MLflow store (the name is unique), so two registrations cannot both see "no champion" and both win; a
+lock left by a dead process expires after its lease.
+
+The gate's score is tagged `<GATE>.<size>` (e.g. gate_identity_prompt_v2.8x5): scores are compared only under
+the same gate and size; a champion without one is re-scored from its logged model and the score recorded on it.
 
 Trust: the logged model is Python that MLflow runs at load, so whoever can move `@champion` could run code
 in `serve` and `personalize`. `register` records the sha256 of the logged code file as the version tag
@@ -24,9 +34,16 @@ its backbone CLIP) is logged as an artifact, so a toy model is self-contained. S
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import logging
+import os
+import socket
 import tempfile
+import time
+import uuid
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -37,13 +54,21 @@ from components.inference.engine import Personalizer
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "datencoder"
+LEGACY_MODEL_NAME = "datencoder"  # the one name every preset shared before names carried the preset
+MODEL_NAME = LEGACY_MODEL_NAME  # deprecated: use model_name(cfg)
 ALIAS = "champion"
+CHALLENGER = "challenger"
 EXPERIMENT = "datencoder-register"
-GATE = "gate_identity_prompt_v1"  # mean of identity and prompt similarity on the gate subset: higher is better
+LOCK_SUFFIX = ".alias-lock"
+LOCK_LEASE_S = 300.0  # a lock older than this is a dead holder's: the next one may break it
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 CODE_TAG = "code_sha256"  # model-version tag: sha256 of the logged model code file
 TRUST_ENV = "DATENCODER_TRUST_MODEL_CODE"  # =1: load models whose code is not this checkout's
+
+
+def model_name(cfg: Config) -> str:
+    """The registered model of a config: `registry.model_name`, else `datencoder-<preset>`."""
+    return cfg.registry.model_name or f"{LEGACY_MODEL_NAME}-{cfg.preset}"
 
 
 def is_model_uri(model: str) -> bool:
@@ -59,19 +84,95 @@ def _client():
     return MlflowClient(uri)
 
 
-def champion_uri() -> str | None:
-    """`models:/datencoder@champion` when the configured tracking store has it (an absent sqlite file is
-    not created just to look)."""
-    uri = tracking.tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        return None  # before importing mlflow: a one-shot personalize without a store pays nothing for it
+def _aliased(client, name: str, alias: str):
+    """The ModelVersion `name@alias`, or None (no such model or alias)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        _client().get_model_version_by_alias(MODEL_NAME, ALIAS)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
-    return f"models:/{MODEL_NAME}@{ALIAS}"
+
+
+def champion_uri(cfg: Config) -> str | None:
+    """`models:/<model_name(cfg)>@champion` when the configured tracking store has it (an absent sqlite file is
+    not created just to look). A store that has only the old single name's champion (`datencoder@champion`,
+    same preset) still serves it, with a deprecation line."""
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None  # before importing mlflow: a one-shot personalize without a store pays nothing for it
+    client, name = _client(), model_name(cfg)
+    if _aliased(client, name, ALIAS) is not None:
+        return f"models:/{name}@{ALIAS}"
+    legacy = None if cfg.registry.model_name else _aliased(client, LEGACY_MODEL_NAME, ALIAS)
+    if legacy is not None and legacy.tags.get("preset", cfg.preset) == cfg.preset:
+        log.warning("models:/%s@%s is the old single model name of every preset (deprecated): using it; register "
+                    "again (`datencoder register`) to make models:/%s@%s", LEGACY_MODEL_NAME, ALIAS, name, ALIAS)
+        return f"models:/{LEGACY_MODEL_NAME}@{ALIAS}"
+    return None
+
+
+# --- the alias lock ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def alias_lock(client, name: str, timeout_s: float, lease_s: float = LOCK_LEASE_S) -> Iterator[None]:
+    """Hold `name`'s alias lock (module docstring) while the block runs: read the aliases, decide, set them."""
+    from mlflow.exceptions import MlflowException
+
+    lock = name + LOCK_SUFFIX
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline, waiting = time.monotonic() + timeout_s, False
+    while True:
+        try:
+            client.create_registered_model(lock, tags={"holder": holder, "expires": f"{time.time() + lease_s:.0f}"},
+                                           description=f"alias lock of {name} (datencoder register/promote)")
+            break
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            other = client.get_registered_model(lock)
+        except MlflowException:
+            continue  # released meanwhile: try again at once
+        if not waiting:
+            waiting = True
+            log.info("waiting for the alias lock of %s (held by %s)", name, other.tags.get("holder"))
+        if float(other.tags.get("expires", 0)) < time.time():
+            log.warning("breaking the expired alias lock of %s (held by %s)", name, other.tags.get("holder"))
+            with contextlib.suppress(MlflowException):
+                if client.get_registered_model(lock).tags.get("holder") == other.tags.get("holder"):
+                    client.delete_registered_model(lock)
+            continue
+        if time.monotonic() > deadline:
+            raise UserError(f"the aliases of {name} are locked by {other.tags.get('holder')} (another register or "
+                            f"promote); try again, or wait longer (registry.lock_timeout_s = {timeout_s:g} s)")
+        time.sleep(0.5)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            if client.get_registered_model(lock).tags.get("holder") == holder:
+                client.delete_registered_model(lock)
+
+
+def _model_of_preset(client, name: str, preset: str) -> None:
+    """Create `name` for `preset`, or check it holds `preset` (one preset per registered model)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        with contextlib.suppress(MlflowException):  # created by a concurrent registration meanwhile: checked below
+            client.create_registered_model(name, tags={"preset": preset},
+                                           description=f"datencoder encoder, preset {preset} (datencoder register)")
+        model = client.get_registered_model(name)
+    held = model.tags.get("preset")
+    if held is None:  # made before models carried their preset: its champion's preset, if any, decides
+        champion = _aliased(client, name, ALIAS)
+        held = champion.tags.get("preset", preset) if champion is not None else preset
+        client.set_registered_model_tag(name, "preset", held)
+    if held != preset:
+        raise UserError(f"registered model {name} holds preset {held!r} versions; a {preset!r} encoder is registered "
+                        f"under its own name (registry.model_name, default {LEGACY_MODEL_NAME}-{preset})")
 
 
 # --- the logged model's artifacts ----------------------------------------------------------------
@@ -152,31 +253,63 @@ def log_model(cfg: Config, encoder_dir: str | Path):
 
 
 # --- the gate --------------------------------------------------------------------------------------
-def gate_score(personalizer) -> dict:
-    """The gate (module docstring) of a loaded Personalizer: {"identity", "prompt", "score"}."""
+def gate_score(personalizer, registry=None) -> dict:
+    """The gate (components/evaluation/gate.py) of a loaded Personalizer, at `registry`'s size (default its own
+    config's): {"identity", "prompt", "score", "samples", "size"}."""
     from components.evaluation.gate import gate_scores  # registering only: `personalize` starts without it
 
-    return gate_scores(personalizer)
+    return gate_scores(personalizer, registry=registry)
 
 
-def _champion_score(client, runtime: RuntimeConfig) -> tuple[int | None, float | None]:
-    """(version, gate score) of the current champion; re-scored from the logged model when its score
-    is from another gate (or missing)."""
-    from mlflow.exceptions import MlflowException
+def score_tag(cfg: Config) -> str:
+    """The version tag holding a score on `cfg`'s gate: `<GATE>.<concepts>x<prompts>`."""
+    from components.evaluation.gate import GATE, gate_size
 
-    try:
-        champion = client.get_model_version_by_alias(MODEL_NAME, ALIAS)
-    except MlflowException:
-        return None, None
-    version = int(champion.version)
-    if champion.tags.get("gate") == GATE and GATE in champion.tags:
-        return version, float(champion.tags[GATE])
-    champion_model = load_pyfunc_personalizer(f"models:/{MODEL_NAME}/{champion.version}", runtime=runtime)
-    return version, gate_score(champion_model)["score"]
+    return f"{GATE}.{gate_size(cfg)}"
+
+
+def logged_personalizer(model_uri: str, runtime: RuntimeConfig) -> Personalizer:
+    """A Personalizer over a registered version's logged encoder and config, built by this checkout's code (the
+    logged pyfunc code is not run: only its weights and config are read), to score it on the gate."""
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    flavor = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {}).get("python_function", {})
+    artifacts = {name: str(local / info["path"]) for name, info in (flavor.get("artifacts") or {}).items()}
+    if not {"encoder", "config"} <= set(artifacts):
+        raise UserError(f"{model_uri} is not a datencoder model (no encoder/config artifacts): cannot score it")
+    cfg = config_from_artifacts(artifacts).model_copy(update={"runtime": runtime})
+    return Personalizer(cfg, artifacts["encoder"])
+
+
+def _score_of(client, cfg: Config, name: str, version) -> float | None:
+    """A version's score on `cfg`'s gate: its tag, else scored now from its logged model and recorded."""
+    if version is None:
+        return None
+    tag = score_tag(cfg)
+    if tag in version.tags:
+        return float(version.tags[tag])
+    log.info("scoring %s version %s on the gate %s (its score there was never recorded)", name, version.version, tag)
+    score = gate_score(logged_personalizer(f"models:/{name}/{version.version}", cfg.runtime), cfg.registry)["score"]
+    client.set_model_version_tag(name, version.version, tag, f"{score:.6g}")
+    return float(f"{score:.6g}")
+
+
+def decide(score: float, champion: float | None, challenger: float | None, margin: float) -> str | None:
+    """Which alias a new version's gate score earns: `champion` when there is none yet, `challenger` when it
+    beats the champion by more than `margin` and the current challenger (if any), else none."""
+    from components.evaluation.gate import beats
+
+    if champion is None:
+        return ALIAS
+    if beats(score, champion, margin) and beats(score, challenger, 0.0):
+        return CHALLENGER
+    return None
 
 
 def register(cfg: Config, encoder: str | None = None) -> dict:
-    """Log, register and (if it wins the gate) promote the encoder at `encoder` (default personalize.encoder)."""
+    """Log and register the encoder at `encoder` (default personalize.encoder) as a version of model_name(cfg);
+    give it the alias its gate score earns (`decide`), under the model's alias lock."""
     import mlflow
 
     encoder_dir = Path(encoder or cfg.personalize.encoder)
@@ -184,9 +317,13 @@ def register(cfg: Config, encoder: str | None = None) -> dict:
         raise UserError(f"no encoder at {encoder_dir} (config.json missing): run `datencoder pretrain` first, "
                         f"or pass --encoder")
 
-    client = _client()
+    from components.evaluation.gate import GATE
+
+    client, name, r = _client(), model_name(cfg), cfg.registry
+    _model_of_preset(client, name, cfg.preset)
     gate = gate_score(Personalizer(cfg, encoder_dir))
-    score = gate["score"]
+    score = float(f"{gate['score']:.6g}")  # as recorded in the tag: what every later comparison reads
+    _score_of(client, cfg, name, _aliased(client, name, ALIAS))  # a champion from another gate: scored before the lock
     from components.data.prepare import data_version  # registering only (pandas): `personalize` starts without it
 
     tags = {"data_version": data_version(cfg.pretrain.data, missing="unknown"), "preset": cfg.preset, "stage": "register"}
@@ -195,21 +332,72 @@ def register(cfg: Config, encoder: str | None = None) -> dict:
                                                   "gate_prompt": gate["prompt"]}, step=0)
         with mlflow.start_run(run_id=run_id):
             info = log_model(cfg, encoder_dir)
-        version = mlflow.register_model(info.model_uri, MODEL_NAME).version
-        for key, value in {**tags, "git_commit": tracking.git_commit(), "gate": GATE, GATE: f"{score:.6g}",
-                           "encoder": str(encoder_dir), CODE_TAG: code_sha256(PYFUNC_CODE)}.items():
-            client.set_model_version_tag(MODEL_NAME, version, key, str(value))
-        champion, champion_score = _champion_score(client, cfg.runtime)
-        promoted = champion is None or score > champion_score  # a tie keeps the champion
-        if promoted:
-            client.set_registered_model_alias(MODEL_NAME, ALIAS, version)
-    log.info("registered %s version %s (%s = %.5g); %s", MODEL_NAME, version, GATE, score,
-             f"now {ALIAS}" if promoted else f"{ALIAS} stays version {champion} ({champion_score:.5g})")
-    return {"model": MODEL_NAME, "version": int(version), "run_id": run_id, "model_uri": info.model_uri,
-            "tracking_uri": client.tracking_uri, "gate": {"name": GATE, "score": score, "identity": gate["identity"],
-                                                          "prompt": gate["prompt"], "higher_is_better": True,
-                                                          "champion_version": champion, "champion_score": champion_score},
-            "promoted": promoted, "alias": ALIAS, "tags": tags}
+        version = mlflow.register_model(info.model_uri, name).version
+        for key, value in {**tags, "git_commit": tracking.git_commit(), "gate": GATE, "gate_size": gate["size"],
+                           score_tag(cfg): f"{score:.6g}", "encoder": str(encoder_dir),
+                           CODE_TAG: code_sha256(PYFUNC_CODE)}.items():
+            client.set_model_version_tag(name, version, key, str(value))
+        with alias_lock(client, name, r.lock_timeout_s):
+            champion, challenger = _aliased(client, name, ALIAS), _aliased(client, name, CHALLENGER)
+            champion_score = _score_of(client, cfg, name, champion)
+            challenger_score = _score_of(client, cfg, name, challenger)
+            alias = decide(score, champion_score, challenger_score, r.margin)
+            if alias:
+                client.set_registered_model_alias(name, alias, version)
+    said = {ALIAS: "now @champion (the model had none)",
+            CHALLENGER: f"now @challenger (champion v{champion and champion.version} {champion_score}; promote it with "
+                        f"`datencoder promote`)",
+            None: f"no alias: it does not beat the champion v{champion and champion.version} ({champion_score}) by more "
+                  f"than {r.margin:g}" + (f" and the challenger v{challenger.version} ({challenger_score})"
+                                         if challenger else "")}[alias]
+    log.info("registered %s version %s (%s %s = %.5g); %s", name, version, GATE, gate["size"], score, said)
+    return {"model": name, "version": int(version), "run_id": run_id, "model_uri": info.model_uri,
+            "tracking_uri": client.tracking_uri, "alias": alias, "promoted": alias == ALIAS,
+            "gate": {"name": GATE, "size": gate["size"], "samples": gate["samples"], "score": score,
+                     "identity": gate["identity"], "prompt": gate["prompt"], "higher_is_better": True,
+                     "margin": r.margin, "champion_version": champion and int(champion.version),
+                     "champion_score": champion_score, "challenger_version": challenger and int(challenger.version),
+                     "challenger_score": challenger_score},
+            "tags": tags}
+
+
+def promote(cfg: Config, version: int | None = None) -> dict:
+    """Move model_name(cfg)'s `@champion` to `version` (default: the `@challenger`), under the alias lock; never
+    onto a version of another preset. The previous champion is recorded on the new one (`promoted_from`)."""
+    from mlflow.exceptions import MlflowException
+
+    client, name = _client(), model_name(cfg)
+    with alias_lock(client, name, cfg.registry.lock_timeout_s):
+        try:
+            model = client.get_registered_model(name)
+            target = (client.get_model_version(name, str(version)) if version is not None
+                      else _aliased(client, name, CHALLENGER))
+        except MlflowException as e:
+            raise UserError(f"cannot find {name}{f' version {version}' if version else ''} in "
+                            f"{tracking.tracking_uri()}: {str(e).splitlines()[0]}") from None
+        if target is None:
+            raise UserError(f"{name} has no @{CHALLENGER} to promote; give --version N (`datencoder register` gives "
+                            f"@{CHALLENGER} to a version that beats the champion on the gate)")
+        champion = _aliased(client, name, ALIAS)
+        held = model.tags.get("preset") or (champion.tags.get("preset") if champion else None) or cfg.preset
+        for what, preset in (("the model", held), ("the command's preset", cfg.preset)):
+            if target.tags.get("preset") != preset:
+                raise UserError(f"refusing to promote {name} version {target.version}: it is preset "
+                                f"{target.tags.get('preset')!r}, {what} is {preset!r}")
+        previous = int(champion.version) if champion else None
+        if previous == int(target.version):
+            raise UserError(f"{name} version {target.version} is already @{ALIAS}")
+        client.set_registered_model_alias(name, ALIAS, target.version)
+        challenger = _aliased(client, name, CHALLENGER)
+        if challenger is not None and challenger.version == target.version:
+            client.delete_registered_model_alias(name, CHALLENGER)
+        who = os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+        for key, value in {"promoted_from": previous or "none", "promoted_by": who,
+                           "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}.items():
+            client.set_model_version_tag(name, target.version, key, str(value))
+    log.info("%s@%s: version %s -> %s", name, ALIAS, previous, target.version)
+    return {"model": name, "alias": ALIAS, "version": int(target.version), "previous": previous,
+            "tracking_uri": client.tracking_uri, "model_uri": f"models:/{name}@{ALIAS}"}
 
 
 def load_pyfunc_personalizer(model_uri: str, trust: bool = False, runtime: RuntimeConfig | None = None):

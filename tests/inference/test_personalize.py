@@ -465,11 +465,13 @@ def test_cli_truncated_weights_are_one_line_and_exit_2(smoke, tmp_path, capsys, 
 
 
 # --- registry and pyfunc --------------------------------------------------------------------------
-def test_register_gates_the_champion_and_pyfunc_tunes_each_image_once(smoke, tmp_path, monkeypatch):
+def test_register_gates_the_challenger_promote_moves_the_champion_and_pyfunc_tunes_each_image_once(
+        smoke, tmp_path, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
     from safetensors.torch import load_file, save_file
 
+    from components.config import variant_config
     from components.serving import registry
 
     _, cfg, encoder = smoke
@@ -482,24 +484,32 @@ def test_register_gates_the_champion_and_pyfunc_tunes_each_image_once(smoke, tmp
     weights["hypernetwork.to_b.weight"] = torch.randn(weights["hypernetwork.to_b.weight"].shape,
                                                       generator=torch.Generator().manual_seed(0))
     save_file(weights, str(other / "model.safetensors"))
-    scores = {d: registry.gate_score(Personalizer(cfg, d))["score"] for d in (encoder, other)}
+    scores = {d: float(f"{registry.gate_score(Personalizer(cfg, d))['score']:.6g}") for d in (encoder, other)}
     worse_dir, better_dir = sorted(scores, key=scores.get)  # higher is better
     assert scores[worse_dir] < scores[better_dir]
+    cfg = variant_config(cfg, registry={"margin": (scores[better_dir] - scores[worse_dir]) / 2})
 
     first = registry.register(cfg, str(worse_dir))
     better = registry.register(cfg, str(better_dir))
     worse = registry.register(cfg, str(worse_dir))
-    assert first["promoted"] and first["gate"]["champion_version"] is None
-    assert better["gate"]["score"] == pytest.approx(scores[better_dir]) and better["promoted"]
-    assert not worse["promoted"] and worse["gate"]["champion_version"] == better["version"]
+    name = "datencoder-smoke"  # the preset's own model
+    assert first["model"] == better["model"] == name
+    assert first["alias"] == "champion" and first["promoted"] and first["gate"]["champion_version"] is None
+    assert better["gate"]["score"] == scores[better_dir] and better["alias"] == "challenger" and not better["promoted"]
+    assert worse["alias"] is None and worse["gate"]["champion_version"] == first["version"]
+    assert worse["gate"]["challenger_version"] == better["version"]
     client = MlflowClient()
-    assert int(client.get_model_version_by_alias("datencoder", "champion").version) == better["version"]
-    tags = client.get_model_version("datencoder", str(worse["version"])).tags
-    assert {"data_version", "git_commit", "gate", registry.GATE} <= set(tags)
-    assert float(tags[registry.GATE]) == pytest.approx(worse["gate"]["score"], rel=1e-4)
-    assert registry.champion_uri() == "models:/datencoder@champion"
+    assert int(client.get_model_version_by_alias(name, "champion").version) == first["version"]  # never moved here
+    tags = client.get_model_version(name, str(worse["version"])).tags
+    assert {"data_version", "git_commit", "gate", "gate_size", "preset", registry.score_tag(cfg)} <= set(tags)
+    assert float(tags[registry.score_tag(cfg)]) == worse["gate"]["score"] and tags["preset"] == "smoke"
+    promoted = registry.promote(cfg)  # the challenger
+    assert (promoted["version"], promoted["previous"]) == (better["version"], first["version"])
+    assert int(client.get_model_version_by_alias(name, "champion").version) == better["version"]
+    assert "challenger" not in client.get_registered_model(name).aliases
+    assert registry.champion_uri(cfg) == f"models:/{name}@champion"
 
-    model = mlflow.pyfunc.load_model("models:/datencoder@champion")
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     params = model.metadata.get_params_schema().to_dict()
     assert {p["name"] for p in params} == {"tuning_steps", "num_images", "seed", "guidance_scale",
                                            "num_inference_steps", "alpha_blend"}

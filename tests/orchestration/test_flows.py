@@ -109,7 +109,8 @@ def test_smoke_pipeline_runs_its_stages_and_reports(smoke):
     assert list(out["stages"]) == list(FAST_STAGES)
     # ends by saying where the report is and how to serve the registered model
     assert out["report"] == str(ws / "outputs" / "pipeline" / "report.md")
-    assert any("mlflow models serve -m models:/datencoder@champion --env-manager local" in c for c in out["serve"])
+    assert any("mlflow models serve -m models:/datencoder-smoke@champion --env-manager local" in c for c in out["serve"])
+    assert any(c.endswith("datencoder serve --preset smoke") for c in out["serve"])
     markdown = Path(out["report"]).read_text()
     assert "## Registered model" in markdown and "datencoder serve" in markdown
     assert f"version {out['stages']['register']['version']}" in markdown
@@ -122,7 +123,8 @@ def test_smoke_pipeline_runs_its_stages_and_reports(smoke):
     assert client.get_run(parent).info.status == "FINISHED"
     pretrain_run = client.get_run(out["stages"]["pretrain"]["mlflow_run_id"])
     assert pretrain_run.data.tags["mlflow.parentRunId"] == parent
-    assert int(client.get_model_version_by_alias("datencoder", "champion").version) == out["stages"]["register"]["version"]
+    assert int(client.get_model_version_by_alias("datencoder-smoke", "champion").version) == \
+        out["stages"]["register"]["version"]
 
     # Prefect: the run, its stage flows and its artifacts are in the workspace's own database
     assert retrain_runs(ws)[-1][0] == "COMPLETED"
@@ -445,7 +447,7 @@ def test_team_mode_logs_and_registers_through_an_mlflow_server_on_s3(smoke, tmp_
             from mlflow import MlflowClient
 
             client = MlflowClient(uri)
-            version = client.get_model_version_by_alias("datencoder", "champion")
+            version = client.get_model_version_by_alias("datencoder-smoke", "champion")
             assert int(version.version) == out["stages"]["register"]["version"]
             keys = {o["Key"] for o in s3.list_objects_v2(Bucket="mlflow")["Contents"]}
             assert any(k.endswith("encoder/model.safetensors") for k in keys)  # the logged model, on S3
@@ -471,7 +473,7 @@ def test_team_mode_logs_and_registers_through_an_mlflow_server_on_s3(smoke, tmp_
         moto.stop()
 
 
-# --- infra: the definitions are consistent (docker itself cannot run here) ------------------------------
+# --- infra: the definitions are consistent (docker itself cannot run here; tests/infra checks the rest) ----
 def test_compose_prefect_yaml_and_kuberay_use_one_image_and_documented_variables():
     import re
 
@@ -483,8 +485,8 @@ def test_compose_prefect_yaml_and_kuberay_use_one_image_and_documented_variables
     services = compose["services"]
     assert {"postgres", "minio", "mlflow", "prefect-server", "prefect-worker", "ray-head", "ray-worker"} <= set(services)
     project = {name for name, s in services.items() if s.get("build", {}).get("dockerfile") == "infra/Dockerfile"}
-    assert {"mlflow", "prefect-server", "prefect-worker", "ray-head", "ray-worker"} <= project
-    assert "--backend-store-uri=postgresql://" in " ".join(services["mlflow"]["command"])
+    assert {"mlflow", "prefect-server", "prefect-worker", "ray-head", "ray-worker", "preflight"} <= project
+    assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
     assert any(a.startswith("--artifacts-destination=s3://") for a in services["mlflow"]["command"])
     assert services["prefect-worker"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     dockerfile = (infra / "Dockerfile").read_text()
@@ -494,20 +496,23 @@ def test_compose_prefect_yaml_and_kuberay_use_one_image_and_documented_variables
     for var in set(re.findall(r"\$\{(\w+)", text)):
         assert f"`{var}`" in documented, var
     for secret in ("POSTGRES_PASSWORD", "S3_ROOT_PASSWORD", "MLFLOW_S3_SECRET", "PIPELINE_S3_SECRET", "RAY_S3_SECRET",
-                   "MLFLOW_ADMIN_PASSWORD", "PREFECT_AUTH_STRING"):
+                   "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY", "PREFECT_AUTH_STRING", "RAY_AUTH_TOKEN"):
         assert re.findall(rf"\$\{{{secret}(\W)", text) and f"${{{secret}:-" not in text
 
-    deployment = yaml.safe_load((infra / "prefect.yaml").read_text())["deployments"][0]
-    module, name = deployment["entrypoint"].split(":")
-    assert (ROOT / module).is_file() and name == "retrain" and retrain.name == "retrain"
-    assert set(deployment["parameters"]) == {"workspace", "preset", "refresh"}
+    deployments = {d["name"]: d for d in yaml.safe_load((infra / "prefect.yaml").read_text())["deployments"]}
+    assert set(deployments) == {"retrain-toy", "retrain-smoke"}
+    for deployment in deployments.values():
+        module, name = deployment["entrypoint"].split(":")
+        assert (ROOT / module).is_file() and name == "retrain" and retrain.name == "retrain"
+        assert set(deployment["parameters"]) == {"workspace", "preset", "refresh", "stages"}
     from components.config import load_config
 
-    assert deployment["schedules"][0]["cron"] == load_config("toy").pipeline.cron
+    assert deployments["retrain-toy"]["schedules"][0]["cron"] == load_config("toy").pipeline.cron
+    assert "schedules" not in deployments["retrain-smoke"]  # on demand: the stack's own check
     for manifest in (infra / "kuberay").glob("*.yaml"):
         images = set(re.findall(r"image: (\S+)", manifest.read_text()))
-        assert images == {"ghcr.io/datencoder/datencoder:0.1.0"}, manifest
-    assert "ghcr.io/datencoder/datencoder:0.1.0" in text
+        assert images <= {"ghcr.io/datencoder/datencoder:0.1.0-cu130"}, manifest
+    assert "ghcr.io/datencoder/datencoder:0.1.0-cpu" in text
 
 
 def test_only_transient_errors_are_retried():
@@ -521,6 +526,8 @@ def test_only_transient_errors_are_retried():
         RESOURCE_DOES_NOT_EXIST,
         TEMPORARILY_UNAVAILABLE,
     )
+
+    from prefect.task_engine import TaskRunTimeoutError
 
     from components.errors import UserError
     from components.orchestration.stages import TransientError, is_transient
@@ -540,6 +547,9 @@ def test_only_transient_errors_are_retried():
                  wrapped(ConnectionResetError())]
     permanent = [s3_reply(403, "AccessDenied"), s3_reply(404, "NoSuchBucket"), NoCredentialsError(),
                  MlflowException("no such run", RESOURCE_DOES_NOT_EXIST), UserError("bad config"), ValueError("bug"),
-                 wrapped(KeyError("x")), None]
+                 wrapped(KeyError("x")), None,
+                 # the stage's own timeout (pipeline.timeout_s, 6 h): a retry would take as long again
+                 TaskRunTimeoutError("Scope timed out after 21600 second(s)."),
+                 wrapped(TaskRunTimeoutError("Scope timed out after 21600 second(s)."))]
     assert [is_transient(e) for e in transient] == [True] * len(transient)
     assert [is_transient(e) for e in permanent] == [False] * len(permanent)

@@ -229,7 +229,7 @@ class InProcess:
 
         os.environ["MLFLOW_TRACKING_URI"] = store
         try:
-            model = registry.load_pyfunc(registry.trusted_model_dir("models:/datencoder@champion"))
+            model = registry.load_pyfunc(registry.trusted_model_dir("models:/datencoder-smoke@champion"))
         finally:
             os.environ.pop("MLFLOW_TRACKING_URI")
         self.personalizer = model.unwrap_python_model().personalizer

@@ -1,0 +1,48 @@
+"""components/config.py as a deployment uses it: any key from the environment (DATENCODER_<SECTION>__<KEY>), so an
+image's params.yaml is never edited; the registry gate's keys under their new section, the old ones still read."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from components.config import load_config
+from components.errors import UserError
+
+
+def test_a_key_from_the_environment_wins_over_the_file_and_loses_to_explicit_overrides(root, monkeypatch):
+    monkeypatch.setenv("DATENCODER_PRETRAIN__STORAGE", "s3://checkpoints/runs")
+    monkeypatch.setenv("DATENCODER_PIPELINE__STAGES", "[prepare_data, pretrain]")  # YAML values
+    monkeypatch.setenv("DATENCODER_REGISTRY__MARGIN", "0.02")
+    monkeypatch.setenv("DATENCODER_DEVICE", "cpu")  # not config (no `__`): the serving runtime's own variable
+    cfg = load_config(path=root / "params.yaml")
+    assert cfg.pretrain.storage == "s3://checkpoints/runs" and cfg.pipeline.stages == ["prepare_data", "pretrain"]
+    assert cfg.registry.margin == 0.02 and cfg.pretrain.max_steps == 1000  # the rest is the file's
+    explicit = load_config(path=root / "params.yaml", overrides={"pretrain": {"storage": "elsewhere"}})
+    assert explicit.pretrain.storage == "elsewhere"
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("DATENCODER_PRETRAIN__WORKERS", "many", "pretrain.workers"),
+    ("DATENCODER_PRETRAIN__STORAGEZ", "s3://x", "pretrain.storagez"),
+    ("DATENCODER_PRETRAIN__S3__ENDPOINT", "x", "expected DATENCODER_<SECTION>__<KEY>"),
+])
+def test_a_bad_environment_value_is_one_line_naming_the_variable(monkeypatch, name, value, words):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(UserError) as error:
+        load_config("smoke")
+    assert words in str(error.value) and "\n" not in str(error.value)
+    assert name in str(error.value) or words.startswith("expected")
+
+
+def test_the_gate_size_moved_to_the_registry_and_the_old_keys_still_load(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"preset": "smoke", "evaluate": {"gate_concepts": 3, "gate_prompts": 2}}))
+    with pytest.warns(FutureWarning, match="evaluate.gate_concepts is deprecated; use registry.gate_concepts"):
+        cfg = load_config(path=old)
+    assert (cfg.registry.gate_concepts, cfg.registry.gate_prompts) == (3, 2)
+    both = tmp_path / "both.yaml"
+    both.write_text(yaml.safe_dump({"preset": "smoke", "evaluate": {"gate_concepts": 3},
+                                    "registry": {"gate_concepts": 4}}))
+    with pytest.raises(UserError, match="registry.gate_concepts only"):
+        load_config(path=both)
