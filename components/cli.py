@@ -159,11 +159,11 @@ PREPARE_SOURCES = ("imagenet", "openimages_boxes", "openimages_classes", "openim
 def cmd_prepare(args: argparse.Namespace) -> dict:
     from components.data.prepare import prepare
 
-    options = (*PREPARE_SOURCES, "imagenet_synsets", "out", "resolution", "workers")
+    options = (*PREPARE_SOURCES, "captions", "imagenet_synsets", "out", "resolution", "workers")
     given = {k: getattr(args, k) for k in options if getattr(args, k) is not None}
-    # sources named on the command line replace the configured (toy) ones instead of adding to them
+    # sources named on the command line replace the configured (toy) ones and their captions instead of adding
     if any(k in given for k in PREPARE_SOURCES):
-        given = {**dict.fromkeys(PREPARE_SOURCES), **given}
+        given = {**dict.fromkeys((*PREPARE_SOURCES, "captions")), **given}
     s3 = {"endpoint_url": args.s3_endpoint_url, "unsigned": args.s3_unsigned or None}
     given["s3"] = {k: v for k, v in s3.items() if v is not None}
     cfg = _config(args, overrides={"prepare": given})
@@ -312,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(p)
     p.add_argument("--imagenet", help="ImageNet folder: class folders, under train/ if present")
     p.add_argument("--imagenet-synsets", help="LOC_synset_mapping.txt (default: the one in --imagenet)")
+    p.add_argument("--captions", help="caption templates: a CSV with columns source, source_id, template "
+                                      "(docs/prepare.md; default with other sources: none)")
     p.add_argument("--openimages-boxes", help="Open Images box CSV (oidv6-train-annotations-bbox.csv)")
     p.add_argument("--openimages-classes", help="Open Images class CSV (oidv7-class-descriptions.csv)")
     p.add_argument("--openimages-images", help="image folder, s3://bucket/prefix, or a template with {ImageID}")

@@ -548,7 +548,8 @@ def worker_loop(job: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=f"step-{step:08d}")
 
-    train_seconds, timed_steps, trained, identity = 0.0, 0, {}, {}
+    step_seconds: dict[bool, list[float]] = {False: [], True: []}  # steps after the first, by whether logged
+    trained, identity = {}, {}
     for step in range(start, p.max_steps):
         t0 = time.perf_counter()
         done = step + 1
@@ -560,9 +561,8 @@ def worker_loop(job: dict) -> None:
             if rank == 0:
                 tracking.log_metrics(mlflow, job["run_id"], metrics, step=done)
                 progress.update(done, loss=metrics["loss/total"])
-        if step > start and not logged:  # the first step pays for warm-up, a logged one for its gradient norms
-            train_seconds += time.perf_counter() - t0
-            timed_steps += 1
+        if step > start:  # the first step pays for warm-up
+            step_seconds[logged].append(time.perf_counter() - t0)
         if rank == 0 and (done % p.eval_every == 0 or done == p.max_steps):
             trained = heldout.losses(training, training.encoder)
             identity = heldout.identity(training, training.encoder)
@@ -575,7 +575,9 @@ def worker_loop(job: dict) -> None:
     if start < p.max_steps:  # the final checkpoint carries the run's summary (the driver's result.metrics)
         final: dict[str, Any] = {
             "step": p.max_steps, "start_step": start,
-            "samples_per_s": p.batch_size * timed_steps / train_seconds if timed_steps else None,
+            # steady state: unlogged steps (a logged one also pays for its gradient norms), else every step timed
+            "samples_per_s": (p.batch_size * len(timed) / sum(timed)
+                              if (timed := step_seconds[False] or step_seconds[True]) else None),
             "peak_memory_mb": gather(round(peak_mb(device), 1)),
             "nodes": gather(ray.get_runtime_context().get_node_id())}
         if rank == 0:

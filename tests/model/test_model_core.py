@@ -294,8 +294,10 @@ def test_nearest_words_come_from_the_trained_vocabulary_only(base):
     assert words.nearest_tokens(table[ids]).tolist() == ids  # each word is its own nearest
     everything = PromptEncoder(tokenizer, text_encoder, None)
     assert len(everything.word_ids) == table.shape[0] - len(set(tokenizer.all_special_ids))
-    # the contrastive positives move v* toward the vocabulary's rows, not toward rows outside it
-    v = table[[tokenizer.convert_tokens_to_ids("q</w>")]].clone().requires_grad_()
+    # the contrastive positives move v* toward the vocabulary's rows, not toward rows outside it (the negatives are
+    # the batch's other embeddings: a batch of two)
+    v = table[[tokenizer.convert_tokens_to_ids("q</w>"), tokenizer.convert_tokens_to_ids("z</w>")]].clone()
+    v.requires_grad_()
     contrastive_loss(v, words.word_table, k=2, tau=0.07).backward()
     step = -v.grad[0]
     assert max(torch.cosine_similarity(step, table[i] - v[0].detach(), dim=0) for i in ids) > 0
