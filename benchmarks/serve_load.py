@@ -49,7 +49,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from components.orchestration.processes import stop_session
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"tuning_steps": 2, "num_inference_steps": 4, "num_images": 1}  # small, so a short run serves many
@@ -202,17 +202,8 @@ def wait_for_ping(server: subprocess.Popen, port: int, log_path: Path) -> float:
 
 
 def stop_server(server: subprocess.Popen) -> None:
-    """SIGTERM (a Ray backend shuts its own cluster down), then whatever is left of its process group."""
-    server.send_signal(signal.SIGTERM)
-    try:
-        server.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(server.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    server.wait(timeout=60)
+    """SIGTERM to the server (a Ray backend shuts its own cluster down), then whatever is left of its session."""
+    stop_session(server, 90, first=signal.SIGTERM)
 
 
 def run(args, scratch: str, store: str, backend: str, replicas: int, kill: bool) -> dict:

@@ -177,17 +177,8 @@ def wait_for_ping(process, port: int, log_path: Path, what: str, timeout_s: floa
 def stop_server(process, sig: int | None = None, timeout_s: float = 90) -> None:
     """Stop a server started with start_new_session: `sig` (default SIGTERM) to the server itself, so that it
     shuts down what it started (a Ray cluster), then SIGKILL to whatever is left of its process group."""
-    import os
     import signal
-    import subprocess
 
-    process.send_signal(signal.SIGTERM if sig is None else sig)
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=30)
+    from components.orchestration.processes import stop_session
+
+    stop_session(process, timeout_s, first=signal.SIGTERM if sig is None else sig)

@@ -11,14 +11,17 @@ import signal
 import subprocess
 
 
-def stop_session(proc: subprocess.Popen, grace_s: float = 30) -> None:
-    """Stop a process started with start_new_session=True and everything in its session: SIGTERM, then
-    SIGKILL after `grace_s`."""
+def stop_session(proc: subprocess.Popen, grace_s: float = 30, first: int | None = None) -> None:
+    """Stop a process started with start_new_session=True and everything in its session: SIGTERM to the whole
+    session (or `first`, e.g. SIGTERM or SIGINT, to the leader alone, for a server that shuts down what it started,
+    such as its Ray cluster), then SIGKILL to whatever is left after `grace_s`."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
+        if first is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(first)
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
