@@ -43,7 +43,6 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from components.toy import bootstrap as bs  # noqa: E402
 from components.toy import world as tw  # noqa: E402

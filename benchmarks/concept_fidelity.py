@@ -33,8 +33,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from components.toy import world as tw  # noqa: E402
 from components.model.base import load_clip  # noqa: E402

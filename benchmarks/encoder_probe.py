@@ -17,12 +17,10 @@ import argparse
 import collections
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from components.toy import world as tw  # noqa: E402
 from components.config import load_config  # noqa: E402

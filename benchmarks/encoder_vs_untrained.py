@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)
 
 from components.config import RegistryConfig, load_config  # noqa: E402

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)
 
 from components.config import load_config  # noqa: E402

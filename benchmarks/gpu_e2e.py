@@ -44,7 +44,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GOALS = {"adaptation_s": 5.0, "adaptation_peak_gb": 16.0, "over_lora_500": 30.0, "over_ti_3000": 100.0,
          "served_request_s": 12.0}

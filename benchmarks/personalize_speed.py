@@ -20,14 +20,12 @@ import ctypes
 import ctypes.util
 import gc
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from components.toy import world as tw  # noqa: E402
 from components.evaluation.baselines import train_lora, train_textual_inversion  # noqa: E402

@@ -30,8 +30,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve_load import body, png, register_champion, stop_server, wait_for_ping  # noqa: E402
 
