@@ -9,7 +9,7 @@ Per repeat, in this order (the disk is warmed by one untimed run of each first):
 overhead = personalize wall - total_s - bare import; the goal is overhead <= 2 s (issue 24). Medians are
 printed with every repeat, as one JSON object on stdout. `--importtime` adds the ten slowest imports of
 the personalize command (python -X importtime, cumulative microseconds), to find what to make lazy.
-`--model` defaults to the registry lookup (`datencoder@champion` when the MLflow store has it, else
+`--model` defaults to the registry lookup (`datencoder-<preset>@champion` when the MLflow store has it, else
 personalize.encoder): the path a user takes.
 """
 

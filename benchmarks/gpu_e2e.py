@@ -10,7 +10,7 @@ do not depend on the weights. Phases, each timed with its peak GPU memory:
 
   pretrain   20 steps of `pretrain` on Ray Train, one worker per visible GPU (bf16 autocast), on a small
              prepared set of toy-world renders at 512 px
-  register   the encoder logged as the MLflow pyfunc and registered as datencoder@champion in a private
+  register   the encoder logged as the MLflow pyfunc and registered as datencoder-<preset>@champion in a private
              MLflow store (a temporary directory); the registry gate is not run: it scores with a metrics
              CLIP, and a random one's score means nothing
   load       `mlflow.pyfunc.load_model` of the champion: the pyfunc picks this machine's device
@@ -233,12 +233,12 @@ def main() -> int:
     with phases("register") as extra:
         with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name(registry.EXPERIMENT).experiment_id):
             info = registry.log_model(cfg, report["out"])
-        version = mlflow.register_model(info.model_uri, registry.MODEL_NAME).version
-        mlflow.MlflowClient().set_registered_model_alias(registry.MODEL_NAME, registry.ALIAS, version)
-        extra.update(model_uri=f"models:/{registry.MODEL_NAME}@{registry.ALIAS}", version=int(version))
+        version = mlflow.register_model(info.model_uri, registry.model_name(cfg)).version
+        mlflow.MlflowClient().set_registered_model_alias(registry.model_name(cfg), registry.ALIAS, version)
+        extra.update(model_uri=f"models:/{registry.model_name(cfg)}@{registry.ALIAS}", version=int(version))
     with phases("load") as extra:
         # the pyfunc runs where it is loaded (auto: this GPU in bfloat16); --dtype reaches it as its model_config
-        model = mlflow.pyfunc.load_model(f"models:/{registry.MODEL_NAME}@{registry.ALIAS}",
+        model = mlflow.pyfunc.load_model(f"models:/{registry.model_name(cfg)}@{registry.ALIAS}",
                                          model_config={"dtype": args.dtype})
         personalizer = model.unwrap_python_model().personalizer
         extra.update(personalizer.runtime.describe())

@@ -50,7 +50,8 @@ def ray_pod_specs() -> dict[str, dict]:
     for name, doc in kuberay().items():
         spec = doc.get("spec") or {}
         cluster = {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"),
-                   "RayCronJob": spec.get("jobTemplate", {}).get("rayClusterSpec")}.get(doc["kind"])
+                   "RayCronJob": spec.get("jobTemplate", {}).get("rayClusterSpec"),
+                   "RayService": spec.get("rayClusterConfig")}.get(doc["kind"])
         if cluster:
             specs[f"{name} head"] = cluster["headGroupSpec"]["template"]["spec"]
             specs.update({f"{name} {g['groupName']}": g["template"]["spec"] for g in cluster["workerGroupSpecs"]})

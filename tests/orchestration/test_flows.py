@@ -326,7 +326,7 @@ def test_ui_keeps_the_run_server_up_with_its_report_plots_and_progress(smoke, tm
     finally:
         if run.poll() is None:
             run.send_signal(signal.SIGINT)
-        run.wait(timeout=120)
+        run.wait(timeout=300)  # drains its logs to the server, then stops it
     stdout = run.stdout.read()  # (stderr is the reader thread's)
     assert run.returncode == 0, "".join(lines)[-3000:]
     assert json.loads(stdout.strip().splitlines()[-1])["prefect_ui"] == ui

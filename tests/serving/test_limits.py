@@ -141,10 +141,11 @@ def registered(tmp_path_factory):
     os.environ["MLFLOW_TRACKING_URI"] = store
     try:
         registry.register(cfg, str(encoder))
-        local = registry.trusted_model_dir("models:/datencoder@champion")
+        uri = f"models:/{registry.model_name(cfg)}@champion"
+        local = registry.trusted_model_dir(uri)
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI") if old is None else os.environ.__setitem__("MLFLOW_TRACKING_URI", old)
-    return store, local
+    return store, local, uri
 
 
 def frame(rows: list[tuple[bytes, str]]) -> pd.DataFrame:
@@ -198,7 +199,7 @@ def _predict_error(model, rows, params) -> MlflowException | None:
 def mlflow_server(registered, tmp_path_factory):
     """`mlflow models serve` (MLflow's own scoring server, --env-manager local) of the champion, with SERVER_LIMITS
     given through the environment and MLflow's timeout at 10 s."""
-    store, _ = registered
+    store, _, uri = registered
     port = free_port()
     log_path = tmp_path_factory.mktemp("mlflow-serve") / "server.log"
     log = open(log_path, "w")
@@ -206,7 +207,7 @@ def mlflow_server(registered, tmp_path_factory):
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, limits.LIMITS_ENV: json.dumps(SERVER_LIMITS),
            "PATH": venv + os.pathsep + os.environ.get("PATH", "")}
     process = subprocess.Popen([os.path.join(venv, "mlflow"), "models", "serve", "-m",
-                                "models:/datencoder@champion", "--env-manager", "local", "--host", "127.0.0.1",
+                                uri, "--env-manager", "local", "--host", "127.0.0.1",
                                 "--port", str(port), "--timeout", "10"], env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
     try:
