@@ -36,13 +36,13 @@ METRIC_COLUMNS = METRICS  # the same names as the evaluate and ablate runs
 
 
 def metrics_table(results: dict[str, dict]) -> list[dict]:
-    """One row per method of the evaluate and ablate stages."""
+    """One row per method of the evaluate and ablate stages: its metrics and the number of concepts behind them."""
     rows = []
     for stage in ("evaluate", "ablate"):
         for method, values in (results.get(stage) or {}).get("methods", {}).items():
             rows.append({"stage": stage, "method": method,
                          **{k: (round(values[k], 4) if isinstance(values.get(k), float) else values.get(k))
-                            for k in METRIC_COLUMNS}})
+                            for k in METRIC_COLUMNS}, "concepts": values.get("concepts")})
     return rows
 
 
@@ -102,7 +102,7 @@ def write_report(cfg: Config, results: dict[str, dict], parent_run_id: str, flow
     out.mkdir(parents=True, exist_ok=True)
     durations = durations or {}
     rows = metrics_table(results)
-    pd.DataFrame(rows, columns=["stage", "method", *METRIC_COLUMNS]).to_csv(out / "metrics.csv", index=False)
+    pd.DataFrame(rows, columns=["stage", "method", *METRIC_COLUMNS, "concepts"]).to_csv(out / "metrics.csv", index=False)
     evaluate = results.get("evaluate") or {}
     notice = smoke_notice(cfg.preset, [m["concepts"] for stage in ("evaluate", "ablate")
                                        for m in (results.get(stage) or {}).get("methods", {}).values()
@@ -127,10 +127,10 @@ def write_report(cfg: Config, results: dict[str, dict], parent_run_id: str, flow
     if durations:
         lines.append(f"| **total** | | **{duration(sum(durations.values()))}** | |")
     if rows:
-        lines += ["", "## Metrics", "", "| stage | method | " + " | ".join(METRIC_COLUMNS) + " |",
-                  "|---|---|" + "---|" * len(METRIC_COLUMNS)]
-        lines += [f"| {r['stage']} | {r['method']} | " + " | ".join(str(r[k]) for k in METRIC_COLUMNS) + " |"
-                  for r in rows]
+        columns = [*METRIC_COLUMNS, "concepts"]
+        lines += ["", "## Metrics", "", "| stage | method | " + " | ".join(columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]
+        lines += [f"| {r['stage']} | {r['method']} | " + " | ".join(str(r[k]) for k in columns) + " |" for r in rows]
     plot = (evaluate.get("report") or {}).get("plot")
     trade_off = copied_image(out, plot, "trade-off", f"Each method's mean identity and prompt similarity. Bars: "
                              f"{INTERVAL_NOTE}.")

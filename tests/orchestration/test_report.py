@@ -110,7 +110,8 @@ def test_smoke_report_says_so_and_shows_the_plots_grid_and_stage_times(tmp_path)
     lora = next(line for line in lines if line.startswith("| ours at least matches one-shot LoRA on identity |"))
     # ours on concept a (0.305), not the table's row over a and b (0.33)
     assert "| ours@baselines vs lora-one-shot | 1 concepts, 2 samples | 0.305 vs 0.255 |" in lora
-    assert "| ours | 0.33 |" in markdown.replace("| evaluate | ours | 0.33 |", "| ours | 0.33 |")
+    assert "| evaluate | ours | 0.33 |" in markdown and "| 0.9 | " in markdown  # the row: 2 concepts
+    assert "| evaluate | lora-one-shot | 0.255 | 0.51 | 24.2 | 0.0 | 1 |" in markdown
     speed = next(line for line in lines if line.startswith("| ... at a fraction of its time |"))
     assert "| 0.9 s vs 24.2 s |" in speed and "(ratio 0.037)" in speed and "| reproduced |" in speed
 
