@@ -54,8 +54,8 @@ def compare(claim: str, paper: str, better, worse, metric: str) -> dict:
 
 
 # the rules as the report states them (short: a table cell); the statuses above are computed by exactly these
-PAIRED_RULE = "95% t-interval of the mean paired difference excludes 0"
-UNPAIRED_RULE = "difference beyond both 95% t-intervals combined"
+PAIRED_RULE = "paired 95% t-interval excludes 0"
+UNPAIRED_RULE = "beyond both 95% t-intervals combined"
 
 
 def magnitude(paper: str, interval: list[float] | None) -> str | None:
@@ -307,7 +307,7 @@ def comparison_grid(grids: dict, prompts: list[str], concept: str, path: Path) -
             if r == 0:
                 ax.set_title("input photo" if c == 0 else prompts[c - 1], fontsize=8)
         axes[r][0].set_ylabel(name, fontsize=8)
-    fig.suptitle(f"Concept {concept}: the same prompts and seed for every method", fontsize=9)
+    fig.suptitle(f"Concept {concept}:\nthe same prompts and seed in every row", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -382,14 +382,19 @@ def markdown(title: str, frame: pd.DataFrame, findings: list[dict], cfg: Config,
     return "\n".join(lines + ["", extra]).rstrip() + "\n"
 
 
+def count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def rests_on(f: dict) -> str:
     """What a finding was decided on: concepts x prompts (x seeds), or concepts for a timing."""
+    if not f.get("concepts"):
+        return "-"
+    concepts = count(f["concepts"], "concept")
     if f.get("prompts"):
-        seeds = f" x {f['seeds']} seeds" if f.get("seeds", 1) > 1 else ""
-        return f"{f['concepts']} concepts x {f['prompts']} prompts{seeds}"
-    if f.get("samples"):
-        return f"{f['concepts']} concepts, {f['samples']} samples"
-    return f"{f['concepts']} concepts" if f.get("concepts") else "-"
+        seeds = f" x {count(f['seeds'], 'seed')}" if f.get("seeds", 1) > 1 else ""
+        return f"{concepts} x {count(f['prompts'], 'prompt')}{seeds}"
+    return f"{concepts}, {count(f['samples'], 'sample')}" if f.get("samples") else concepts
 
 
 def findings_table(findings: list[dict]) -> list[str]:
@@ -407,9 +412,8 @@ def findings_table(findings: list[dict]) -> list[str]:
         lines.append(f"| {f['claim']} | {f['paper']} | {f['metric']} | {' vs '.join(f['methods'])} | {rests_on(f)} | "
                      f"{' vs '.join(f'{v}{unit}' for v in f['values'])} | {change} | {f.get('rule', '-')} | "
                      f"{f['status']} | {f.get('magnitude') or '-'} |")
-    rules = {f.get("rule") for f in findings}
     notes = []
-    if PAIRED_RULE in rules or UNPAIRED_RULE in rules:
+    if any(f.get("metric") != "seconds" for f in findings):
         notes.append("Rules: a comparison is *reproduced* when its 95% interval (Student t over the samples; paired "
                      "per (concept, prompt, seed) where both methods ran the same samples) lies on the paper's side "
                      "of 0, *not reproduced* when it lies on the other side, else *inconclusive*.")
@@ -419,7 +423,7 @@ def findings_table(findings: list[dict]) -> list[str]:
     if any(BASELINE_SUBSET in m for f in findings for m in f["methods"]):
         notes.append(f"`<method>{BASELINE_SUBSET}`: the method on the concepts the baselines ran on only (fewer "
                      f"than its row in the table), so that both sides are scored on the same samples.")
-    return lines + (["", *notes] if notes else [])
+    return lines + [line for note in notes for line in ("", note)]
 
 
 def write_report(out: Path, title: str, results: dict, findings: list[dict], cfg: Config, extra: str = "",

@@ -120,6 +120,8 @@ def write_report(cfg: Config, results: dict[str, dict], parent_run_id: str, flow
                                        "pretrain": lambda: f"step {r.get('end_step')}, encoder `{r.get('out')}`",
                                        "register": lambda: f"version {r.get('version')}" + (
                                            f" (now {r['alias']})" if r.get("alias") else ""),
+                                       "variants": lambda: ("up to date" if r.get("up_to_date") else
+                                                            f"{len(r.get('encoders', {}))} encoders scored"),
                                        }.get(stage, lambda: ("up to date" if r.get("up_to_date") else
                                                              f"{len(r.get('methods', {}))} methods"))()
         lines.append(f"| {stage} | {summary} | {duration(durations.get(stage))} | "

@@ -172,7 +172,7 @@ def test_findings_state_their_rule_and_what_they_rest_on():
     tuning = findings["tuning raises identity"]
     assert tuning["methods"] == ["ours", "ours-no-tuning"] and tuning["concepts"] == 2
     table = "\n".join(findings_table(list(findings.values())))
-    assert "| ours@baselines vs lora-one-shot | 1 concepts, 2 samples |" in table
+    assert "| ours@baselines vs lora-one-shot | 1 concept, 2 samples |" in table
     assert "| 1.0 s vs 24.2 s | -95.9 (ratio 0.041) | time ratio <= 0.1 | reproduced |" in table
     assert "`<method>@baselines`" in table and "at most 0.1 of the other's" in table
 
@@ -449,6 +449,8 @@ def test_evaluate_and_ablate_read_the_stored_baselines_and_variants(smoke, tmp_p
     assert {"lora-one-shot-1", "lora-one-shot-2", "ti-one-shot-1", "ti-one-shot-2"} <= set(result["methods"])
     assert set(curve["quality_matched"]) == {"lora", "ti"} and Path(curve["plot"]).is_file()
     assert "## Time to identity" in Path(result["report"]["markdown"]).read_text()
+    # ours beside each baseline on the first concept, from their sample grids
+    assert Image.open(result["report"]["comparison"]).size[1] > 7 * 100  # a row per method: ours and 6 baselines
     metrics = json.loads(Path(result["report"]["metrics"]).read_text())
     assert {k for k in metrics if k.startswith("quality_matched") and not k.endswith("lower_bound")} == {
         f"quality_matched_speedup_{p}" for p, q in curve["quality_matched"].items() if q["speedup"] is not None}
