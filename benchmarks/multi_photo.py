@@ -73,7 +73,7 @@ def main() -> None:
 
     def summary(r: MethodResult) -> dict:
         s = r.summary()
-        return {k: s[k] for k in ("identity", "identity_ci95", "prompt", "prompt_ci95", "samples")}
+        return {k: s[k] for k in ("identity", "identity_low", "identity_high", "prompt", "prompt_low", "prompt_high", "samples")}
 
     report = {
         "concepts": [c.name for c in concepts], "photos": args.photos, "prompts": len(prompts), "seeds": seeds,

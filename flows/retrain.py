@@ -137,8 +137,8 @@ def register_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report_task(cfg: Config, results: dict, parent_run_id: str) -> dict:
-    report = write_report(cfg, results, parent_run_id, flow_run.get_name() or "retrain")
+def report_task(cfg: Config, results: dict, parent_run_id: str, durations: dict[str, float]) -> dict:
+    report = write_report(cfg, results, parent_run_id, flow_run.get_name() or "retrain", durations)
     create_markdown_artifact(markdown=report["markdown"], key="retrain-report",
                              description=f"datencoder retrain ({cfg.preset})")
     if report["rows"]:
@@ -206,11 +206,14 @@ def retrain(workspace: str = ".", preset: str | None = None, refresh: bool = Fal
     with workspace_lock(".", "pipeline", wait_s=cfg.pipeline.lock_wait_s, what="a pipeline run"):
         tracking.check_server()
         results: dict[str, dict] = {}
+        durations: dict[str, float] = {}  # each stage flow's wall time in this run, for the report
         with tracking.run(cfg.pipeline.experiment, flow_run.get_name() or "retrain",
                           {"preset": cfg.preset, "stage": "retrain"}, params=resolved(cfg)) as (client, parent):
             for stage in cfg.pipeline.stages:
+                started = time.perf_counter()
                 results[stage] = _stage(stage, cfg, results, parent, refresh)
-            report = report_task(cfg, results, parent)
+                durations[stage] = round(time.perf_counter() - started, 1)
+            report = report_task(cfg, results, parent, durations)
             # the methods' metrics under the names the evaluate and ablate runs use (evaluate's where both ran)
             methods = {**(results.get("ablate") or {}).get("methods", {}),
                        **(results.get("evaluate") or {}).get("methods", {})}

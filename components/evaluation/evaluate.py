@@ -18,7 +18,16 @@ from pathlib import Path
 from components.config import Config, variant_config
 from components.evaluation import report
 from components.evaluation.eval_set import check_held_out
-from components.evaluation.harness import StageRun, load_harness, load_results, save_results, settings_key, stored_key
+from components.evaluation.harness import (
+    GRID_PROMPTS,
+    Harness,
+    StageRun,
+    load_harness,
+    load_results,
+    save_results,
+    settings_key,
+    stored_key,
+)
 from components.evaluation.variants import EVALUATE_RETRAINED, variant_results
 from components.model.base import files_fingerprint
 
@@ -93,7 +102,21 @@ def evaluate(cfg: Config, parent_run_id: str | None = None) -> dict:
         extra_md = report.time_to_identity_markdown(curve, Path(curve["plot"]).name) if curve else ""
         result = run.report("Evaluation", e.out, report.evaluation_findings(run.results), extra_md,
                             report.time_to_identity_metrics(curve) if curve else None)
+        comparison = comparison_grid(run, harness, [n for n in stored if n not in in_series])
+        if comparison:
+            result["report"]["comparison"] = str(comparison)
     return {**result, "held_out": held_out, **({"time_to_identity": curve} if curve else {})}
+
+
+def comparison_grid(run: StageRun, harness: Harness, baselines: list[str]) -> Path | None:
+    """comparison.png under evaluate.out: the first concept (the baselines run on the first concepts too) as ours
+    and each baseline drew it, from their sample grids; logged beside the report."""
+    grids = {name: run.results[name].grid for name in ["ours", *baselines] if name in run.results}
+    path = report.comparison_grid(grids, harness.eval_set.prompts[:GRID_PROMPTS], harness.concepts(1)[0].name,
+                                  Path(run.cfg.evaluate.out) / "comparison.png")
+    if path:
+        run.client.log_artifact(run.run_id, str(path), "report")
+    return path
 
 
 def time_to_identity(run: StageRun, stored: dict, series: dict[str, list[str]]) -> dict:
@@ -105,12 +128,14 @@ def time_to_identity(run: StageRun, stored: dict, series: dict[str, list[str]]) 
             run.add(stored[name], {"stored": run.cfg.evaluate.baseline_results})
     shared = set(run.results[next(iter(series.values()))[0]].concept)
     for name in ("ours-no-tuning", "ours"):  # ours on the baselines' concepts
-        run.results[f"{name}@baselines"] = run.results[name].subset(shared)
+        subset = f"{name}{report.BASELINE_SUBSET}"
+        run.results[subset] = run.results[name].subset(shared, subset)
     out = Path(run.cfg.evaluate.out)
     out.mkdir(parents=True, exist_ok=True)
-    curve = report.time_to_identity(run.results, series, ["ours-no-tuning@baselines", "ours@baselines"],
+    curve = report.time_to_identity(run.results, series, [f"ours-no-tuning{report.BASELINE_SUBSET}",
+                                                          f"ours{report.BASELINE_SUBSET}"],
                                     out / "time_to_identity.png")
-    for name in ("ours-no-tuning@baselines", "ours@baselines"):
+    for name in (f"ours-no-tuning{report.BASELINE_SUBSET}", f"ours{report.BASELINE_SUBSET}"):
         del run.results[name]  # plotted, not rows of the table
     run.client.log_artifact(run.run_id, curve["plot"], "report")
     return curve

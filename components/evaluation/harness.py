@@ -39,7 +39,7 @@ from components.evaluation.eval_set import (
     EvalSet,
     load_eval_set,
 )
-from components.evaluation.metrics import ClipMetrics, mean_ci
+from components.evaluation.metrics import ClipMetrics, concept_interval
 from components.inference.engine import Personalizer
 from components.inference.generate import generate
 from components.memory import PeakMemory
@@ -62,10 +62,15 @@ class MethodResult:
     wall_s: float = 0.0
     grid: Image.Image | None = None
 
-    def subset(self, concepts: set[str]) -> MethodResult:
+    def subset(self, concepts: set[str], name: str | None = None) -> MethodResult:
+        """The samples of `concepts` only (and their seconds, when there is one timing per concept, in the order
+        the concepts were run), under `name` (default: the same name)."""
         keep = [i for i, c in enumerate(self.concept) if c in concepts]
-        return MethodResult(self.name, [self.identity[i] for i in keep], [self.prompt[i] for i in keep],
-                            [self.concept[i] for i in keep], self.concept_seconds, self.peak_mb, self.wall_s)
+        order = list(dict.fromkeys(self.concept))
+        seconds = ([s for c, s in zip(order, self.concept_seconds) if c in concepts]
+                   if len(order) == len(self.concept_seconds) else self.concept_seconds)
+        return MethodResult(name or self.name, [self.identity[i] for i in keep], [self.prompt[i] for i in keep],
+                            [self.concept[i] for i in keep], seconds, self.peak_mb, self.wall_s)
 
     def to_dict(self) -> dict:
         """The per-sample scores and timings (not the grid): what a stored result keeps."""
@@ -77,10 +82,13 @@ class MethodResult:
         return cls(**values, grid=grid)
 
     def summary(self) -> dict:
-        identity, identity_ci = mean_ci(self.identity)
-        prompt, prompt_ci = mean_ci(self.prompt)
-        return {"identity": round(identity, 6), "identity_ci95": round(identity_ci, 6), "prompt": round(prompt, 6),
-                "prompt_ci95": round(prompt_ci, 6), "seconds": round(float(np.mean(self.concept_seconds)), 4),
+        """The means, their 95% intervals (`<metric>_low`, `<metric>_high`: metrics.concept_interval, a bootstrap
+        over concepts), mean seconds per concept, peak memory, counts and wall time."""
+        identity, identity_low, identity_high = concept_interval(self.identity, self.concept)
+        prompt, prompt_low, prompt_high = concept_interval(self.prompt, self.concept)
+        return {"identity": round(identity, 6), "identity_low": round(identity_low, 6),
+                "identity_high": round(identity_high, 6), "prompt": round(prompt, 6),
+                "prompt_low": round(prompt_low, 6), "prompt_high": round(prompt_high, 6), "seconds": round(float(np.mean(self.concept_seconds)), 4),
                 "peak_mb": round(self.peak_mb, 1), "concepts": len(set(self.concept)), "samples": len(self.identity),
                 "wall_s": round(self.wall_s, 2)}
 
@@ -103,13 +111,17 @@ def sample_grid(rows: list[tuple[Image.Image, list[np.ndarray]]]) -> Image.Image
     return grid
 
 
+def evaluation_seeds(cfg: Config) -> list[int]:
+    return cfg.evaluate.full_seeds if cfg.evaluate.full else cfg.evaluate.seeds
+
+
 # --- the harness -----------------------------------------------------------------------------------
 class Harness:
     """A loaded base (inside `personalizer`), the metrics CLIP and the evaluation set."""
 
     def __init__(self, cfg: Config, personalizer, metrics: ClipMetrics, eval_set: EvalSet):
         self.cfg, self.personalizer, self.metrics, self.eval_set = cfg, personalizer, metrics, eval_set
-        self.seeds = cfg.evaluate.full_seeds if cfg.evaluate.full else cfg.evaluate.seeds
+        self.seeds = evaluation_seeds(cfg)
 
     def concepts(self, limit: int | None) -> list[EvalConcept]:
         return self.eval_set.concepts if self.cfg.evaluate.full or limit is None else self.eval_set.concepts[:limit]
@@ -325,6 +337,11 @@ class StageRun:
                metrics: dict[str, float] | None = None) -> dict:
         """Write and log the report (`metrics`: the stage's own, beside every method's); returns the stage's result
         (what the CLI prints)."""
+        seeds = len(evaluation_seeds(self.cfg))
+        for f in findings:  # what each finding rests on, in the design's terms (every concept has every prompt x seed)
+            f["seeds"] = seeds
+            if f.get("samples") and f.get("concepts"):
+                f["prompts"] = f["samples"] // f["concepts"] // seeds
         files = report.write_report(Path(out), title, self.results, findings, self.cfg, extra, metrics)
         report.log_report(self.client, self.run_id, files)
         methods = {name: r.summary() for name, r in self.results.items()}

@@ -6,8 +6,9 @@
   image: does it show the concept.
 
 The metrics CLIP is `base.metrics_clip` (ViT-B-16 for sd15, the separately trained toy metrics CLIP for
-toy), never the encoder's backbone CLIP, so the judge is not the student. Means come with a 95%
-confidence interval over every (concept, prompt, seed) sample.
+toy), never the encoder's backbone CLIP, so the judge is not the student. A method's mean comes with a 95%
+bootstrap interval over concepts (`concept_interval`): the samples of one concept share its personalisation, so
+they are not independent draws, and the concepts are what a new user would bring.
 """
 
 from __future__ import annotations
@@ -70,6 +71,34 @@ def mean_ci(values) -> tuple[float, float]:
     if len(x) == 1:
         return float(x[0]), 0.0
     return float(x.mean()), float(t_quantile_975(len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+
+
+SIMILARITY_RANGE = (-1.0, 1.0)  # both metrics are cosines
+BOOTSTRAP_RESAMPLES = 2000
+# what the interval is, for every plot's caption and table header that shows one
+INTERVAL_NOTE = (f"95% bootstrap interval over concepts ({BOOTSTRAP_RESAMPLES} resamples of the concepts, "
+                 "clipped to the cosine's range [-1, 1]); a method scored on one concept has none")
+
+
+def concept_interval(values, concepts, bounds: tuple[float, float] = SIMILARITY_RANGE,
+                     resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean over all samples and its 95% percentile-bootstrap interval, resampling whole
+    concepts with replacement (each resample's mean over all samples of the concepts drawn). A percentile interval
+    stays within the concepts' means, so two concepts cannot give [-1.6, 2.0] as a Student t over a handful of
+    correlated samples did; it is clipped to `bounds` all the same. One concept: no spread to resample, so
+    low = high = mean. Seeded: the same scores give the same interval."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if len(x) == 0:
+        return math.nan, math.nan, math.nan
+    names, index = np.unique(np.asarray(concepts), return_inverse=True)
+    mean = float(x.mean())
+    if len(names) < 2:
+        return mean, mean, mean
+    sums, counts = np.bincount(index, weights=x), np.bincount(index).astype(np.float64)
+    drawn = np.random.default_rng(seed).integers(0, len(names), size=(resamples, len(names)))
+    means = sums[drawn].sum(1) / counts[drawn].sum(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return mean, float(np.clip(min(low, mean), *bounds)), float(np.clip(max(high, mean), *bounds))
 
 
 def t_quantile_975(df: int) -> float:

@@ -1,5 +1,8 @@
-"""The pipeline's report: a metrics table of the evaluate and ablate stages, their findings, the
-registered model and how to serve it, written to `pipeline.report` (report.md, metrics.csv).
+"""The pipeline's report, written to `pipeline.report` (report.md, metrics.csv and the images it shows, so the
+folder can be sent on as it is): a smoke run says so in its first line; the stages with their wall time and MLflow
+runs; the metrics of the evaluate and ablate stages; the trade-off and time-to-identity plots and one sample grid
+(ours beside each baseline on one concept); the findings with their rules and counts; the registered model and how
+to serve it. The numbers and rules come from components/evaluation/report.py; this module lays them out.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from pathlib import Path
 
 from components import tracking
 from components.config import Config
-from components.evaluation.report import METRICS, findings_table
+from components.evaluation.metrics import INTERVAL_NOTE
+from components.evaluation.report import METRICS, findings_table, smoke_notice
 from components.serving.registry import model_name
 
 log = logging.getLogger(__name__)
@@ -32,13 +36,13 @@ METRIC_COLUMNS = METRICS  # the same names as the evaluate and ablate runs
 
 
 def metrics_table(results: dict[str, dict]) -> list[dict]:
-    """One row per method of the evaluate and ablate stages."""
+    """One row per method of the evaluate and ablate stages: its metrics and the number of concepts behind them."""
     rows = []
     for stage in ("evaluate", "ablate"):
         for method, values in (results.get(stage) or {}).get("methods", {}).items():
             rows.append({"stage": stage, "method": method,
                          **{k: (round(values[k], 4) if isinstance(values.get(k), float) else values.get(k))
-                            for k in METRIC_COLUMNS}})
+                            for k in METRIC_COLUMNS}, "concepts": values.get("concepts")})
     return rows
 
 
@@ -55,7 +59,11 @@ def stage_images(stage: str, result: dict) -> str:
     if not plot.is_file():
         return ""
     lines = [f"# {stage}: identity vs prompt similarity", "", image_markdown(f"{stage} trade-off", plot), "",
-             "## Sample grids (input, then one image per prompt; a row per concept)"]
+             f"*Bars: {INTERVAL_NOTE}.*"]
+    for name, title in (("time_to_identity.png", "Time to identity"), ("comparison.png", "Ours beside the baselines")):
+        if (plot.parent / name).is_file():
+            lines += ["", f"## {title}", "", image_markdown(title, plot.parent / name)]
+    lines += ["", "## Sample grids (input, then one image per prompt; a row per concept)"]
     for grid in sorted((plot.parent / "grids").glob("*.png")):
         lines += ["", f"### {grid.stem}", "", image_markdown(grid.stem, grid)]
     return "\n".join(lines) + "\n"
@@ -68,36 +76,84 @@ def serve_commands(cfg: Config) -> list[str]:
             f"MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{name}@champion --env-manager local"]
 
 
-def write_report(cfg: Config, results: dict[str, dict], parent_run_id: str, flow_run: str) -> dict:
-    """report.md + metrics.csv (+ the trade-off plot) under pipeline.report; returns the markdown, the
-    table rows and the paths."""
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{seconds:.1f} s"
+
+
+def copied_image(out: Path, source: str | Path | None, title: str, caption: str) -> list[str]:
+    """The image copied beside report.md and linked by its name (the folder travels whole), with its caption;
+    nothing when the stage did not write it."""
+    if not source or not Path(source).is_file():
+        return []
+    shutil.copy2(source, out / Path(source).name)
+    return [f"![{title}]({Path(source).name})", "", f"*{caption}*"]
+
+
+def write_report(cfg: Config, results: dict[str, dict], parent_run_id: str, flow_run: str,
+                 durations: dict[str, float] | None = None) -> dict:
+    """report.md + metrics.csv (+ the plots and sample grid) under pipeline.report; `durations`: each stage flow's
+    wall time in this run (seconds). Returns the markdown, the table rows and the paths."""
     import pandas as pd
 
     out = Path(cfg.pipeline.report).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    durations = durations or {}
     rows = metrics_table(results)
-    pd.DataFrame(rows, columns=["stage", "method", *METRIC_COLUMNS]).to_csv(out / "metrics.csv", index=False)
-    lines = [f"# datencoder retrain: {flow_run}", "",
+    pd.DataFrame(rows, columns=["stage", "method", *METRIC_COLUMNS, "concepts"]).to_csv(out / "metrics.csv", index=False)
+    evaluate = results.get("evaluate") or {}
+    notice = smoke_notice(cfg.preset, [m["concepts"] for stage in ("evaluate", "ablate")
+                                       for m in (results.get(stage) or {}).get("methods", {}).values()
+                                       if m.get("concepts")])
+    lines = [*([f"**{notice}**", ""] if notice else []), f"# datencoder retrain: {flow_run}", "",
              f"Preset `{cfg.preset}`, data version `{(results.get('prepare_data') or {}).get('data_version', '-')}`, "
              f"MLflow `{tracking.tracking_uri()}`, parent run {run_link(parent_run_id)}.", "",
-             "| stage | result | MLflow run |", "|---|---|---|"]
+             "## Stages", "",
+             "Wall time: each stage flow's time in this run (a stage taken from Prefect's cache or found up to date "
+             "shows the time to find that out).", "",
+             "| stage | result | wall time | MLflow run |", "|---|---|---|---|"]
     for stage in cfg.pipeline.stages:
         r = results.get(stage) or {}
         summary = r.get("skipped") or {"prepare_data": lambda: f"data {r.get('data_version', '-')[:12]}",
                                        "pretrain": lambda: f"step {r.get('end_step')}, encoder `{r.get('out')}`",
                                        "register": lambda: f"version {r.get('version')}" + (
                                            f" (now {r['alias']})" if r.get("alias") else ""),
-                                       }.get(stage, lambda: f"{len(r.get('methods', {}))} methods")()
-        lines.append(f"| {stage} | {summary} | {run_link(r.get('mlflow_run_id') or r.get('run_id'))} |")
+                                       "variants": lambda: ("up to date" if r.get("up_to_date") else
+                                                            f"{len(r.get('encoders', {}))} encoders scored"),
+                                       }.get(stage, lambda: ("up to date" if r.get("up_to_date") else
+                                                             f"{len(r.get('methods', {}))} methods"))()
+        lines.append(f"| {stage} | {summary} | {duration(durations.get(stage))} | "
+                     f"{run_link(r.get('mlflow_run_id') or r.get('run_id'))} |")
+    if durations:
+        lines.append(f"| **total** | | **{duration(sum(durations.values()))}** | |")
     if rows:
-        lines += ["", "## Metrics", "", "| stage | method | " + " | ".join(METRIC_COLUMNS) + " |",
-                  "|---|---|" + "---|" * len(METRIC_COLUMNS)]
-        lines += [f"| {r['stage']} | {r['method']} | " + " | ".join(str(r[k]) for k in METRIC_COLUMNS) + " |"
-                  for r in rows]
-    plot = ((results.get("evaluate") or {}).get("report") or {}).get("plot")
-    if plot and Path(plot).is_file():
-        shutil.copy2(plot, out / Path(plot).name)
-        lines += ["", "## Trade-off (identity vs prompt similarity)", "", f"![trade-off]({out / Path(plot).name})"]
+        columns = [*METRIC_COLUMNS, "concepts"]
+        lines += ["", "## Metrics", "", "| stage | method | " + " | ".join(columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]
+        lines += [f"| {r['stage']} | {r['method']} | " + " | ".join(str(r[k]) for k in columns) + " |" for r in rows]
+    plot = (evaluate.get("report") or {}).get("plot")
+    trade_off = copied_image(out, plot, "trade-off", f"Each method's mean identity and prompt similarity. Bars: "
+                             f"{INTERVAL_NOTE}.")
+    if trade_off:
+        lines += ["", "## Trade-off (identity vs prompt similarity)", "", *trade_off]
+    curve = evaluate.get("time_to_identity") or {}
+    plot = copied_image(out, curve.get("plot"), "time to identity",
+                        f"The one-shot baselines after each step count against ours without and with tuning, on the "
+                        f"baselines' concepts (`@baselines`). Bars: {INTERVAL_NOTE}.")
+    if plot:
+        lines += ["", "## Time to identity", "", *plot, "",
+                  "| baseline | first point reaching ours' identity (s) | quality-matched speed-up |", "|---|---|---|"]
+        for prefix, q in curve.get("quality_matched", {}).items():
+            reached = "never" if q["reached_at_s"] is None else f"{q['reached_at_s']:.2f}"
+            speedup = "-" if q["speedup"] is None else f"{'>= ' if q['lower_bound'] else ''}{q['speedup']:.1f}x"
+            lines.append(f"| {prefix} | {reached} | {speedup} |")
+    grid = copied_image(out, (evaluate.get("report") or {}).get("comparison"), "sample grid",
+                        "One evaluation concept: its input photo, then the same prompts and seed for ours and each "
+                        "baseline (every method's full grid: outputs/evaluate/grids).")
+    if grid:
+        lines += ["", "## Samples: ours beside the baselines", "", *grid]
     for stage in ("evaluate", "ablate"):
         findings = (results.get(stage) or {}).get("findings")
         if findings:

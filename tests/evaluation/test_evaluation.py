@@ -83,6 +83,100 @@ def test_findings_are_computed_from_the_numbers_and_pair_shared_samples():
     assert compare("x", "y", tuned, elsewhere, "identity")["status"] == "inconclusive"
 
 
+def test_intervals_are_a_bootstrap_over_concepts_inside_the_cosine_range():
+    """Two concepts far apart: the Student t over their four correlated samples reached past [-1, 1] (the report's
+    [-1.6, 2.0]); the bootstrap over concepts stays between the concepts' means, and so inside the cosine's range."""
+    from components.evaluation.harness import MethodResult
+    from components.evaluation.metrics import concept_interval, mean_ci
+
+    values, concepts = [0.95, 0.85, -0.6, -0.8], ["a", "a", "b", "b"]
+    mean, half = mean_ci(values)
+    assert mean - half < -1 and mean + half > 1  # what the plots used to show
+    mean, low, high = concept_interval(values, concepts)
+    assert mean == pytest.approx(0.1) and -0.7 <= low <= mean <= high <= 0.9
+    assert concept_interval(values, concepts) == (mean, low, high)  # seeded: the same scores, the same interval
+    assert concept_interval([0.2, 0.4], ["a", "a"]) == pytest.approx((0.3, 0.3, 0.3))  # one concept: no interval
+    # ten concepts sharing a spread: an interval around the mean, narrower than the concepts' range
+    rng = np.random.default_rng(0)
+    spread = np.repeat(rng.normal(0.4, 0.1, 10), 5) + rng.normal(0, 0.02, 50)
+    mean, low, high = concept_interval(spread, np.repeat(list("abcdefghij"), 5))
+    assert low < mean < high and high - low < spread.max() - spread.min()
+    summary = MethodResult("m", values, [0.5, 0.5, 0.6, 0.6], concepts, [1.0, 1.0]).summary()
+    assert -1 <= summary["identity_low"] <= summary["identity"] <= summary["identity_high"] <= 1
+    assert "identity_ci95" not in summary  # one interval, the bootstrap's
+
+
+def text_overlaps(fig, texts) -> list[tuple[str, str]]:
+    """Pairs of the texts whose drawn boxes intersect (the text's own box: an annotation's includes its line)."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [(t.get_text(), Text.get_window_extent(t, renderer)) for t in texts if t.get_visible() and t.get_text()]
+    return [(a, b) for i, (a, box) in enumerate(boxes) for b, other in boxes[i + 1:] if box.overlaps(other)]
+
+
+def test_plots_labels_do_not_overlap():
+    """The trade-off plot labels every method, 25 of them with near-equal scores, without two labels overlapping;
+    the time-to-identity axes' tick labels do not collide on a short or a long range of seconds."""
+    from components.evaluation.harness import MethodResult
+    from components.evaluation.report import _log_seconds_axis, _pyplot, tradeoff_figure
+
+    rng = np.random.default_rng(0)
+    concepts = [c for c in "abcd" for _ in range(3)]
+    names = [f"ours-{i}" for i in range(12)] + [f"lora-one-shot-{k}" for k in range(13)]
+    results = {n: MethodResult(n, list(0.40 + 0.01 * rng.random() + rng.normal(0, 0.02, 12)),
+                               list(0.55 + 0.01 * rng.random() + rng.normal(0, 0.02, 12)), concepts, [1.0] * 4)
+               for n in names}
+    plt = _pyplot()
+    fig = tradeoff_figure(results, "t")
+    labels = [t for t in fig.axes[0].texts]
+    assert sorted(t.get_text() for t in labels) == sorted(names) and not text_overlaps(fig, labels)
+    plt.close(fig)
+    for low, high in ((5.0, 30.0), (0.9, 24.0), (0.016, 83.0)):
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        ax.set_xscale("log")
+        ax.plot([low, high], [0, 1])
+        _log_seconds_axis(ax)
+        fig.canvas.draw()
+        ticks = [t for t in ax.get_xticklabels(which="both") if low * 0.8 <= t.get_position()[0] <= high * 1.2]
+        assert len(ticks) >= 2 and not text_overlaps(fig, ticks), (low, high)
+        plt.close(fig)
+
+
+def test_findings_state_their_rule_and_what_they_rest_on():
+    """The speed claim needs ours at a tenth of LoRA's time, not merely less; a finding on the baselines' concepts
+    names ours `ours@baselines` (its numbers are not the table's `ours` row) and says how many concepts it used."""
+    from components.evaluation.harness import MethodResult
+    from components.evaluation.report import FRACTION_OF_TIME, evaluation_findings, faster, findings_table
+
+    def method(name, identity, concepts, seconds):
+        per = [c for c in concepts for _ in range(2)]
+        return MethodResult(name, [identity + 0.1 * i for i in range(len(per))], [0.5] * len(per), per, seconds)
+
+    slow = method("lora-one-shot", 0.3, ["a"], [24.2])
+    assert faster("x", "y", method("ours", 0.3, ["a"], [17.8]), slow)["status"] == "not reproduced"
+    quick = faster("x", "y", method("ours", 0.3, ["a"], [2.0]), slow)
+    assert quick["status"] == "reproduced" and quick["ratio"] == pytest.approx(2.0 / 24.2, abs=1e-3)
+    assert quick["rule"] == f"time ratio <= {FRACTION_OF_TIME:g}" and FRACTION_OF_TIME == 0.1
+
+    ours = method("ours", 0.2, ["a", "b"], [1.0, 3.0])  # the table's row: 2 concepts
+    results = {r.name: r for r in (ours, method("ours-no-tuning", 0.1, ["a", "b"], [0.1, 0.1]), slow,
+                                   method("ti-one-shot", 0.3, ["a"], [30.0]))}
+    findings = {f["claim"]: f for f in evaluation_findings(results)}
+    lora = findings["ours at least matches one-shot LoRA on identity"]
+    assert lora["methods"] == ["ours@baselines", "lora-one-shot"] and lora["concepts"] == 1 and lora["samples"] == 2
+    assert lora["values"][0] == pytest.approx(0.25)  # ours on concept a, not the row's mean over a and b
+    speed = findings["... at a fraction of its time"]
+    assert speed["values"] == [1.0, 24.2] and speed["status"] == "reproduced"  # ours' seconds on concept a only
+    tuning = findings["tuning raises identity"]
+    assert tuning["methods"] == ["ours", "ours-no-tuning"] and tuning["concepts"] == 2
+    table = "\n".join(findings_table(list(findings.values())))
+    assert "| ours@baselines vs lora-one-shot | 1 concept, 2 samples |" in table
+    assert "| 1.0 s vs 24.2 s | -95.9 (ratio 0.041) | time ratio <= 0.1 | reproduced |" in table
+    assert "`<method>@baselines`" in table and "at most 0.1 of the other's" in table
+
+
 def test_time_to_identity_plots_the_curves_and_matches_quality(tmp_path):
     """report.time_to_identity: the speed-up is the first baseline point reaching ours' identity over ours' seconds;
     for a baseline that never reaches it, its longest run over ours' seconds, flagged as a lower bound."""
@@ -355,6 +449,8 @@ def test_evaluate_and_ablate_read_the_stored_baselines_and_variants(smoke, tmp_p
     assert {"lora-one-shot-1", "lora-one-shot-2", "ti-one-shot-1", "ti-one-shot-2"} <= set(result["methods"])
     assert set(curve["quality_matched"]) == {"lora", "ti"} and Path(curve["plot"]).is_file()
     assert "## Time to identity" in Path(result["report"]["markdown"]).read_text()
+    # ours beside each baseline on the first concept, from their sample grids
+    assert Image.open(result["report"]["comparison"]).size[1] > 7 * 100  # a row per method: ours and 6 baselines
     metrics = json.loads(Path(result["report"]["metrics"]).read_text())
     assert {k for k in metrics if k.startswith("quality_matched") and not k.endswith("lower_bound")} == {
         f"quality_matched_speedup_{p}" for p, q in curve["quality_matched"].items() if q["speedup"] is not None}
