@@ -236,9 +236,16 @@ class Stack:
 # --- the rehearsal ---------------------------------------------------------------------------------------
 def api(base: str, auth: tuple[str, str] | None = None):
     import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
 
     session = requests.Session()
     session.auth = auth
+    # as Prefect's own client does: a 503 (the server's database busy, as sqlite is while the worker and the
+    # deploy job write) or 429/502 is retried with backoff; the server made nothing, so a POST is safe to repeat
+    retry = Retry(total=6, backoff_factor=1, status_forcelist=(429, 502, 503), allowed_methods=None,
+                  raise_on_status=False)
+    session.mount("http://", HTTPAdapter(max_retries=retry))
     return lambda method, path, **kw: session.request(method, base + path, timeout=30, **kw)
 
 
