@@ -174,6 +174,15 @@ def wait_for_ping(process, port: int, log_path: Path, what: str, timeout_s: floa
         time.sleep(1)
 
 
+def interruptible() -> None:
+    """Popen's preexec_fn for a process a test stops with SIGINT: a suite started from a background shell
+    inherits SIGINT ignored (POSIX, for background jobs), and so would the process; it must see Ctrl-C as a
+    user's terminal delivers it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stop_server(process, sig: int | None = None, timeout_s: float = 90) -> None:
     """Stop a server started with start_new_session: `sig` (default SIGTERM) to the server itself, so that it
     shuts down what it started (a Ray cluster), then SIGKILL to whatever is left of its process group."""

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from smoke_models import interruptible
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,7 +55,7 @@ def test_team_check_runs_the_stack_end_to_end_and_leaves_nothing_behind():
 @pytest.mark.timeout(600)
 def test_an_interrupted_team_check_stops_everything_it_started():
     proc = subprocess.Popen([sys.executable, "infra/team_check.py"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     seen = []
     for line in proc.stderr:  # Ctrl-C once MLflow and the Prefect server are up
         seen.append(line)

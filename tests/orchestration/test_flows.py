@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from smoke_models import free_port, write_smoke_models
+from smoke_models import free_port, interruptible, write_smoke_models
 
 from components.orchestration.processes import stop_session
 
@@ -40,7 +40,8 @@ def pipeline(*args, env: dict | None = None, wait: bool = True, timeout: float =
     full.update(env or {})
     argv = [str(BIN / "datencoder"), "pipeline", *map(str, args), "--json"]
     if not wait:
-        return subprocess.Popen(argv, cwd=ROOT, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(argv, cwd=ROOT, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=interruptible)
     return subprocess.run(argv, cwd=ROOT, env=full, capture_output=True, text=True, timeout=timeout)
 
 

@@ -18,7 +18,7 @@ import time
 
 import pytest
 import yaml
-from smoke_models import free_port, isolated_store, smoke_setup, solid_png, stop_server, wait_for_ping
+from smoke_models import free_port, interruptible, isolated_store, smoke_setup, solid_png, stop_server, wait_for_ping
 from test_serving import FAST, RED_CONCEPT, post
 
 from components.serving.ray_serve import replica_processes
@@ -58,7 +58,7 @@ def test_the_rayservice_serve_config_serves_and_autoscales(tmp_path, root):
     with open(log_path, "w") as log:
         process = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "serve"), "run",
                                     str(tmp_path / "serve.yaml")], cwd=root, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                   stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=interruptible)
         try:
             wait_for_ping(process, port, log_path, "serve run")
             assert len(replica_processes(process.pid)) == 1  # min_replicas
