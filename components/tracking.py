@@ -130,8 +130,10 @@ def log_dataset(client, run_id: str, frame, source: str, name: str, digest: str,
     import mlflow.data
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    with warnings.catch_warnings():  # the hint is about enforcing a model's input schema: a data set has none
+    with warnings.catch_warnings():
+        # the hint is about enforcing a model's input schema (a data set has none; the schema is inferred lazily, in
+        # to_dict); the source is recorded as given, whichever of MLflow's source kinds could also read it
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
-        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
-    client.log_inputs(run_id, datasets=[DatasetInput(Dataset(**dataset.to_dict()),
-                                                     tags=[InputTag("mlflow.data.context", context)])])
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        entity = Dataset(**mlflow.data.from_pandas(frame, source=source, name=name, digest=digest).to_dict())
+    client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
