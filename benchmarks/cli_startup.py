@@ -6,7 +6,7 @@ Per repeat, in this order (the disk is warmed by one untimed run of each first):
 - bare import: wall of `python -c "import torch, diffusers, transformers, open_clip"`
 - personalize: wall of `datencoder personalize --json` (toy preset, one rendered concept, defaults otherwise)
   and the `timings.total_s` that same run reports (image read to last sample)
-overhead = personalize wall - total_s - bare import; the goal is overhead <= 2 s (issue 24). Medians are
+overhead = personalize wall - total_s - bare import; the goal is overhead <= 2 s. Medians are
 printed with every repeat, as one JSON object on stdout. `--importtime` adds the ten slowest imports of
 the personalize command (python -X importtime, cumulative microseconds), to find what to make lazy.
 `--model` defaults to the registry lookup (`datencoder-<preset>@champion` when the MLflow store has it, else

@@ -66,7 +66,7 @@ def encoder_variant(cfg: Config, overrides: dict, steps: int) -> tuple[Config, P
 @contextlib.contextmanager
 def training_session(cfg: Config) -> Iterator[Callable[[str, dict, str | None], Path]]:
     """Yields train(name, encoder overrides, parent run id) -> encoder directory, cached; Ray is started
-    once, on the first variant that needs training, and stopped at the end if this session started it."""
+    once, on the first variant that needs training, and stopped at the end if this call started it."""
     started_ray = False
     steps = retrain_steps(cfg)
 
