@@ -27,7 +27,6 @@ import itertools
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -26,7 +26,6 @@ and it checks that no process is left (every process carries a marker in its env
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
