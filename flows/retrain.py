@@ -133,7 +133,7 @@ def ablate_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
 
 @task(name="register", cache_policy=CACHED, persist_result=True)
 def register_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
-    return register_stage(cfg, encoder=cfg.pretrain.out)
+    return register_stage(cfg, encoder=cfg.personalize.encoder)
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -231,13 +231,16 @@ def _stage(stage: str, cfg: Config, results: dict, parent: str, refresh: bool) -
     data = (results.get("prepare_data") or {}).get("data_version") or data_version(cfg.pretrain.data, missing="none")
     done = results.get("pretrain") or {}
     encoder = f"{done.get('run_name')}@{done.get('end_step')}" if done else encoder_version(cfg)
+    # the encoder this run's pretrain stage returned is the one evaluate and ablate score and register registers;
+    # without that stage in the run, personalize.encoder
+    scored = variant_config(cfg, personalize={"encoder": done["out"]}) if done.get("out") else cfg
     calls = {"prepare_data": lambda: prepare_data(cfg, refresh),
              "pretrain": lambda: pretrain(cfg, data, parent, refresh),
              "baselines": lambda: baselines(cfg, parent, refresh),
              "variants": lambda: variants(cfg, parent, refresh),
-             "evaluate": lambda: evaluate(cfg, data, encoder, parent, refresh),
-             "ablate": lambda: ablate(cfg, data, encoder, parent, refresh),
-             "register": lambda: register(cfg, data, encoder, parent, refresh)}
+             "evaluate": lambda: evaluate(scored, data, encoder, parent, refresh),
+             "ablate": lambda: ablate(scored, data, encoder, parent, refresh),
+             "register": lambda: register(scored, data, encoder, parent, refresh)}
     try:
         return calls[stage]()
     except Exception as e:  # noqa: BLE001 - re-raised with the stage named
