@@ -37,7 +37,7 @@ from components.evaluation.evaluate import evaluate as evaluate_stage
 from components.evaluation.variants import train_variants as variants_stage
 from components.evaluation.report import method_metrics
 from components.orchestration.dvc import dvc_repro, pretrain_stage
-from components.orchestration.locks import workspace_lock
+from components.orchestration.locks import pipeline_run
 from components.orchestration.report import serve_commands, stage_images, write_report
 from components.orchestration.stages import (
     StageFailed,
@@ -197,14 +197,12 @@ def retrain(workspace: str = ".", preset: str | None = None, refresh: bool = Fal
     """The whole pipeline in `workspace` (its params.yaml; `preset` must agree with it; a new directory becomes a
     workspace of `preset`), or only `stages` of it (default pipeline.stages)."""
     path, cfg = resolve(preset, None, workspace)
-    os.chdir(path)
     if stages is not None:
         unknown = sorted(set(stages) - set(STAGES))
         if unknown:
             raise UserError(f"unknown stage {', '.join(unknown)}; the stages are {', '.join(STAGES)}")
         cfg = variant_config(cfg, pipeline={"stages": list(stages)})
-    with workspace_lock(".", "pipeline", wait_s=cfg.pipeline.lock_wait_s, what="a pipeline run"):
-        tracking.check_server()
+    with pipeline_run(path, cfg):
         results: dict[str, dict] = {}
         durations: dict[str, float] = {}  # each stage flow's wall time in this run, for the report
         with tracking.run(cfg.pipeline.experiment, flow_run.get_name() or "retrain",
