@@ -1,18 +1,19 @@
 """Compare bootstrap recipes on what check-base depends on, one part at a time or whole.
 
-    .venv/bin/python benchmarks/bootstrap_recipe.py vae  --set vae_steps=5000 --set vae_decoder_steps=0
-    .venv/bin/python benchmarks/bootstrap_recipe.py clip --set metrics_clip_steps=4000
-    .venv/bin/python benchmarks/bootstrap_recipe.py unet --set unet_steps=6000
-    .venv/bin/python benchmarks/bootstrap_recipe.py full --out /tmp/recipe --set device=cuda
+    .venv/bin/python benchmarks/bootstrap_recipe.py vae  --set bootstrap.vae_steps=5000 \
+                                                         --set bootstrap.vae_decoder_steps=0
+    .venv/bin/python benchmarks/bootstrap_recipe.py clip --set bootstrap.metrics_clip_steps=4000
+    .venv/bin/python benchmarks/bootstrap_recipe.py unet --set bootstrap.unet_steps=6000
+    .venv/bin/python benchmarks/bootstrap_recipe.py full --models /tmp/recipe --set bootstrap.device=cuda
 
-`--set KEY=VALUE` overrides a `bootstrap` config key (VALUE parsed as YAML). `vae`: trains only the VAE
+`--set bootstrap.KEY=VALUE` overrides a `bootstrap` config key (VALUE parsed as YAML). `vae`: trains only the VAE
 and measures reconstructions of every shape x colour combination (MSE; background and object colour
 read from pixels; shape by the committed metrics CLIP), the ceiling any UNet on that latent space
 can reach. `clip`: trains only the metrics CLIP and measures it zero-shot as check-base does, plus
-shape accuracy on clean canonical renders. `unet`: trains only the text encoder + UNet into --out on the
+shape accuracy on clean canonical renders. `unet`: trains only the text encoder + UNet into --models on the
 committed VAE (the `bootstrap-unet` stage's work), then check-base with the committed CLIPs. `full`: the
-whole bootstrap into --out, then check-base and the VAE measurements against it. Prints one JSON
-object. `--set device=cuda` searches recipes on a GPU (the committed models are trained on CPU by
+whole bootstrap into --models, then check-base and the VAE measurements against it. Prints one JSON
+object. `--set bootstrap.device=cuda` searches recipes on a GPU (the committed models are trained on CPU by
 `dvc repro bootstrap-vae bootstrap-unet bootstrap-clips`).
 
 Measured on one H100 (2026-11-26, seven runs sharing the GPU; the `vae` rows are judged by the metrics
@@ -30,25 +31,21 @@ CLIP committed before this search, which itself scores 61.1% on the clean render
 """
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-
-from components.toy import bootstrap as bs  # noqa: E402
-from components.toy import world as tw  # noqa: E402
-from components.model.base import load_clip  # noqa: E402
-from components.evaluation.check_base import check_base, read_colours, shape_accuracy, zero_shot_accuracy  # noqa: E402
-from components.config import ClipConfig, load_config  # noqa: E402
+from components.config import ClipConfig
+from components.evaluation.check_base import check_base, read_colours, shape_accuracy, zero_shot_accuracy
+from components.home import home
+from components.model.base import load_clip
+from components.toy import bootstrap as bs
+from components.toy import world as tw
 
 
 def canonical_renders() -> tuple[list[tuple[str, str, str]], list]:
@@ -78,18 +75,16 @@ def vae_measures(vae, clip) -> tuple[dict, list]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, __file__)
     parser.add_argument("part", choices=("vae", "clip", "unet", "full"))
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out", help="unet, full: where the models go (default: a temporary directory)")
+    parser.add_argument("--models", help="unet, full: where the models go (default: a temporary directory)")
     args = parser.parse_args()
-    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
-    cfg = load_config("toy", overrides={"bootstrap": overrides})
+    cfg = harness.config(args)
     b = cfg.bootstrap
     torch.set_num_threads(b.threads)
     torch.manual_seed(b.seed)
-    started = time.perf_counter()
-    result: dict = {"part": args.part, "set": overrides}
+    clock = harness.Timer()
+    result: dict = {"part": args.part, "set": harness.overrides(args)}
     if args.part == "vae":
         scenes = tw.scenes_for_training(b.train_images, b.seed, cfg.toy_world.base_holdout_fraction)
         images = bs.render_dataset(scenes, b.seed)
@@ -106,8 +101,8 @@ def main() -> int:
             combos, clean = canonical_renders()
             result["clean_shape"] = shape_accuracy(clip, clean, combos)
     else:
-        out = Path(args.out or tempfile.mkdtemp(prefix="recipe-"))
-        committed = ROOT / "models"
+        out = Path(args.models or tempfile.mkdtemp(prefix="recipe-"))
+        committed = home() / "models"
         if args.part == "unet":
             shutil.copytree(committed / "toy-base" / "vae", out / "toy-base" / "vae", dirs_exist_ok=True)
         result["bootstrap"] = bs.bootstrap(cfg, str(out), parts=("unet",) if args.part == "unet" else bs.PARTS)
@@ -119,7 +114,7 @@ def main() -> int:
                 "metrics_clip": {"model_name": "datencoder-toy-metrics",
                                  "pretrained": str(clips / "toy-clip/metrics/open_clip_model.safetensors"),
                                  "config_path": str(clips / "toy-clip/metrics/datencoder-toy-metrics.json")}}
-        checked = load_config("toy", overrides={"bootstrap": {**overrides, "device": "cpu"}, "base": base})
+        checked = harness.config(args, {"bootstrap": {"device": "cpu"}, "base": base})
         report = check_base(checked, grid=str(out / "check_base_grid.png"))
         result["check_base"] = {"measured": report["measured"], "passed": report["passed"]}
         if args.part == "full":
@@ -127,8 +122,8 @@ def main() -> int:
 
             result["vae"] = vae_measures(AutoencoderKL.from_pretrained(out / "toy-base" / "vae"),
                                          load_clip(checked.base.metrics_clip))[0]
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(result))
+    result["seconds"] = round(clock.elapsed(), 1)
+    harness.report(result, args)
     return 0
 
 

@@ -7,35 +7,36 @@ Per repeat, in this order (the disk is warmed by one untimed run of each first):
 - personalize: wall of `datencoder personalize --json` (toy preset, one rendered concept, defaults otherwise)
   and the `timings.total_s` that same run reports (image read to last sample)
 overhead = personalize wall - total_s - bare import; the goal is overhead <= 2 s. Medians are
-printed with every repeat, as one JSON object on stdout. `--importtime` adds the ten slowest imports of
-the personalize command (python -X importtime, cumulative microseconds), to find what to make lazy.
+reported with every repeat, as one JSON object. `--importtime` adds the ten slowest imports of the
+personalize command (python -X importtime, cumulative microseconds), to find what to make lazy.
 `--model` defaults to the registry lookup (`datencoder-<preset>@champion` when the MLflow store has it, else
 personalize.encoder): the path a user takes.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import harness
+
+from components.home import ROOT
+
+
 PYTHON = sys.executable
 BARE = "import torch, diffusers, transformers, open_clip"
 
 
 def wall(argv: list[str], **kwargs) -> tuple[float, subprocess.CompletedProcess]:
-    started = time.perf_counter()
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, **kwargs)
-    seconds = time.perf_counter() - started
+    with harness.timed() as t:
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, **kwargs)
     if done.returncode:
         raise SystemExit(f"{argv[:4]} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return seconds, done
+    return t.seconds, done
 
 
 def personalize_argv(image: Path, out: Path, model: str | None) -> list[str]:
@@ -56,12 +57,11 @@ def slowest_imports(argv: list[str], top: int = 10) -> list[tuple[str, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, __file__, config=False)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", help="--model of personalize (default: the registry lookup)")
     parser.add_argument("--importtime", action="store_true", help="also list the slowest top-level imports")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     from components.toy import world as tw
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,7 +82,7 @@ def main() -> None:
         report["goal_met"] = report["median"]["overhead_s"] <= 2
         if args.importtime:
             report["slowest_imports_s"] = slowest_imports(argv)
-    print(json.dumps(report, indent=1))
+    harness.report(report, args)
 
 
 if __name__ == "__main__":

@@ -10,36 +10,36 @@ input's own caption, one or more encoders and tuning settings compared in one pr
     .venv/bin/python benchmarks/concept_fidelity.py --prompt caption --images 4 --gate 10 --set personalize.views=1
 
 Each variant is every combination of --encoder, --steps, --blend and --prompt (`alpha_blend` of generation; the
-tuning blend is the config's). `--set SECTION.KEY=VALUE` overrides the config for all (VALUE as YAML).
+tuning blend is the config's). `--preset`, `--config` and `--set SECTION.KEY=VALUE` (VALUE as YAML) give the config
+of all (default: the toy preset).
 Inputs: canonical renders (centred, gray background; white for gray objects) of `--shapes` x every
-palette colour; `--images` seeds per concept. Prints one JSON line per variant: colour and shape
-accuracy, per-colour accuracy, the confusions (input colour -> colour read) and which real words are
-nearest to the tuned v* (as the dual path's hard prompt picks them). `--words` adds the reference: the
-base told the concept in words where S* was ("a red circle"), no personalisation. The concurrency test of
-tests/test_serving.py asks this of four concepts; here it is measured over the whole reader.
+palette colour; `--images` seeds per concept. Prints one JSON object (each variant also goes to stderr as it
+ends): `variants`, one entry per variant with its colour and shape accuracy, per-colour accuracy, the confusions
+(input colour -> colour read) and which real words are nearest to the tuned v* (as the dual path's hard prompt
+picks them); `gate`, per encoder, with `--gate`; `words`, with `--words`: the reference, the base told the
+concept in words where S* was ("a red circle"), no personalisation. The concurrency test of
+tests/serving/test_serving.py asks this of four concepts; here it is measured over the whole reader.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import io
 import itertools
 import json
 import sys
-import time
 
+import harness
 import numpy as np
 import torch
 from PIL import Image
 
+from components.config import variant_config
+from components.evaluation.check_base import read_colours, shape_accuracy
+from components.evaluation.gate import gate_scores
+from components.inference.engine import Personalizer
+from components.model.base import load_clip
+from components.toy import world as tw
 
-from components.toy import world as tw  # noqa: E402
-from components.model.base import load_clip  # noqa: E402
-from components.evaluation.check_base import read_colours, shape_accuracy  # noqa: E402
-from components.config import load_config, parse_overrides  # noqa: E402
-from components.config import variant_config  # noqa: E402
-from components.evaluation.gate import gate_scores  # noqa: E402
-from components.inference.engine import Personalizer  # noqa: E402
 
 PROMPTS = {"photo": "a photo of S*", "caption": "S* on a {background} background", "bare": "S*"}
 
@@ -54,7 +54,7 @@ def measure(make_images, shapes: list[str], clip) -> dict:
     """Accuracies over canonical renders of `shapes` x every colour; `make_images(render_png, prompt_template,
     shape, colour, background)` returns the generated uint8 arrays for one concept."""
     per_colour, confusions, generated, combos = collections.defaultdict(list), collections.Counter(), [], []
-    started = time.perf_counter()
+    clock = harness.Timer()
     for j, shape in enumerate(shapes):
         for i, colour in enumerate(tw.COLOURS):
             background = "white" if colour == "gray" else "gray"
@@ -71,7 +71,7 @@ def measure(make_images, shapes: list[str], clip) -> dict:
             "shape": round(shape_accuracy(clip, generated, combos), 3),
             "per_colour": {c: round(float(np.mean(v)), 2) for c, v in per_colour.items()},
             "confusions": dict(confusions.most_common(8)), "images": len(generated),
-            "seconds": round(time.perf_counter() - started, 1)}
+            "seconds": round(clock.elapsed(), 1)}
 
 
 def personalised(personalizer: Personalizer, images: int, steps: int, blend: float, prompt: str,
@@ -106,7 +106,7 @@ def in_words(personalizer: Personalizer, images: int, prompt: str):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, __file__)
     parser.add_argument("--encoder", action="append", help="encoder directory (repeatable; default: the config's)")
     parser.add_argument("--steps", action="append", type=int, help="tuning steps (repeatable; default: the config's)")
     parser.add_argument("--blend", action="append", type=float, help="generation blend (repeatable; default 1)")
@@ -117,19 +117,19 @@ def main() -> int:
                         help="also the base told the concept in words instead of S* (the reference)")
     parser.add_argument("--shapes", default="circle,square,triangle,star")
     parser.add_argument("--images", type=int, default=2, help="seeds per concept")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--gate", type=int, metavar="N",
-                        help="also the registry gate's scores (components.evaluation.harness.gate_scores) per encoder on the "
-                             "first N evaluation concepts x N prompts, at the config's own tuning and blend")
+                        help="also the registry gate's scores (components.evaluation.gate.gate_scores) per encoder "
+                             "on the first N evaluation concepts x N prompts, at the config's own tuning and blend")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = parse_overrides(args.set)
-    cfg = load_config("toy", overrides=overrides)
+    cfg = harness.config(args)
     clip = load_clip(cfg.base.metrics_clip)
     shapes = args.shapes.split(",")
     first = None
     prompts = args.prompt or ["photo"]
+    report = {"preset": cfg.preset, "set": harness.overrides(args), "shapes": shapes, "images": args.images,
+              "variants": []}
     for encoder in args.encoder or [cfg.personalize.encoder]:
         # one loaded base for every encoder: the variants differ only in what they are asked to compare
         personalizer = Personalizer(cfg, encoder) if first is None else first.variant(cfg, encoder)
@@ -137,17 +137,20 @@ def main() -> int:
         if args.gate:
             gated = personalizer.variant(variant_config(cfg, registry={"gate_concepts": args.gate,
                                                                        "gate_prompts": args.gate}), encoder)
-            print(json.dumps({"encoder": encoder, "set": overrides, "gate": gate_scores(gated)}), flush=True)
-        for steps, blend, prompt in itertools.product(args.steps or [cfg.personalize.tuning_steps], args.blend or [1.0],
-                                                      prompts):
+            report.setdefault("gate", {})[str(encoder)] = gate_scores(gated)
+            harness.log(json.dumps({"encoder": encoder, "gate": report["gate"][str(encoder)]}))
+        variants = itertools.product(args.steps or [cfg.personalize.tuning_steps], args.blend or [1.0], prompts)
+        for steps, blend, prompt in variants:
             nearest = collections.Counter()
             result = measure(personalised(personalizer, args.images, steps, blend, prompt, nearest), shapes, clip)
-            print(json.dumps({"encoder": encoder, "steps": steps, "blend": blend, "prompt": PROMPTS[prompt],
-                              "set": overrides, **result, "v_star_nearest_word": dict(nearest.most_common(6))}),
-                  flush=True)
+            report["variants"].append({"encoder": encoder, "steps": steps, "blend": blend, "prompt": PROMPTS[prompt],
+                                       **result, "v_star_nearest_word": dict(nearest.most_common(6))})
+            harness.log(json.dumps(report["variants"][-1]))
     for prompt in prompts if args.words else []:
         result = measure(in_words(first, args.images, prompt), shapes, clip)
-        print(json.dumps({"encoder": None, "words": True, "prompt": PROMPTS[prompt], **result}), flush=True)
+        report.setdefault("words", []).append({"prompt": PROMPTS[prompt], **result})
+        harness.log(json.dumps({"words": True, **report["words"][-1]}))
+    harness.report(report, args)
     return 0
 
 

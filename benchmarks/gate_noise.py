@@ -1,7 +1,7 @@
 """How noisy is the registry gate? The same encoder scored under several sampling seeds, at every gate size
 up to the whole evaluation set, so the gate's size and the margin a new version must win by can be read off.
 
-    .venv/bin/python benchmarks/gate_noise.py                       # committed toy encoder, 17 concepts x 10 prompts x 5 seeds
+    .venv/bin/python benchmarks/gate_noise.py       # committed toy encoder, 17 concepts x 10 prompts x 5 seeds
     .venv/bin/python benchmarks/gate_noise.py --seeds 3 --concepts 8 --prompts 5 --preset smoke --encoder DIR
 
 One run of ours (encoder + tuning + sampling, the gate's own code: components.evaluation.gate.gate_run) on the
@@ -10,28 +10,19 @@ tuned once (its tuning noise is seeded from its image, so the seed changes the s
 c x p is the mean combined score ((identity + prompt) / 2) of the first c concepts x the first p prompts of
 that run, so every size is measured on the same images. For each size it reports the score's mean and its
 standard deviation over seeds (sd), and `margin95` = 1.96 * sqrt(2) * sd: two scorings of equally good
-encoders differ by more than that one time in twenty. Prints one JSON object; --out gets it after every seed,
-with the per-sample scores.
+encoders differ by more than that one time in twenty. Prints one JSON object; <out>/gate_noise.json gets it
+after every seed, with the per-sample scores.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-import time
-from pathlib import Path
-
+import harness
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-os.chdir(ROOT)
+from components.evaluation.gate import gate_run
+from components.inference.engine import Personalizer
 
-from components.config import load_config  # noqa: E402
-from components.evaluation.gate import gate_run  # noqa: E402
-from components.inference.engine import Personalizer  # noqa: E402
 
 Z95 = 1.96
 
@@ -45,33 +36,29 @@ def sizes_up_to(concepts: int, prompts: int, given: str | None) -> list[tuple[in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="toy")
-    parser.add_argument("--config", help="config file (default: the preset)")
+    parser = harness.parser(__doc__, __file__)
     parser.add_argument("--encoder", help="encoder directory (default: personalize.encoder)")
     parser.add_argument("--concepts", type=int, default=17)
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--sizes", help="gate sizes CxP,CxP (default: a grid up to --concepts x --prompts)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="outputs/gate_noise.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg = load_config(args.preset, path=args.config)
+    cfg = harness.config(args)
     encoder = args.encoder or cfg.personalize.encoder
     personalizer = Personalizer(cfg, encoder)
-    started = time.perf_counter()
     runs = []  # [seed][concept][prompt] combined score
+    clock = harness.Timer()
     for seed in range(args.seeds):
         result = gate_run(personalizer, args.concepts, args.prompts, seed)
         combined = (np.asarray(result.identity) + np.asarray(result.prompt)) / 2
         runs.append(combined.reshape(len(combined) // args.prompts, args.prompts))
-        print(f"seed {seed}: {combined.mean():.4f} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
-        summary = summarize(np.stack(runs), args, cfg.preset, encoder, time.perf_counter() - started)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")  # after every seed: a long run keeps what it has
-    print(json.dumps({k: v for k, v in summary.items() if k != "scores"}))
+        harness.log(f"seed {seed}: {combined.mean():.4f} ({clock.elapsed():.0f} s)")
+        summary = summarize(np.stack(runs), args, cfg.preset, encoder, clock.elapsed())
+        harness.save(summary, args)  # after every seed: a long run keeps what it has
+    harness.report(summary, args, shown={k: v for k, v in summary.items() if k != "scores"})
 
 
 def summarize(scores: np.ndarray, args, preset: str, encoder: str, seconds: float) -> dict:

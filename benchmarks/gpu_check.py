@@ -20,13 +20,12 @@ Paper: < 30 GB; E4T about 70 GB.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import replace
 import tempfile
-import time
+from dataclasses import replace
 from pathlib import Path
 
+import harness
 import torch
 
 
@@ -34,7 +33,7 @@ GOAL_GB = 20.0
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, __file__, config=False)
     parser.add_argument("--batch", type=int, help="augmented views per tuning step (default: the sd15 preset's "
                         "personalize.views, 16)")
     parser.add_argument("--side", type=int, default=512)
@@ -47,19 +46,19 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cpu: a slow check of the code path only (no memory figure)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here; run this on a machine with an NVIDIA GPU", file=sys.stderr)
+        harness.log("gpu_check: no CUDA device here; run this on a machine with an NVIDIA GPU")
         return 0
 
     import open_clip
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from components.config import load_config
+    from components.inference.tuning import TuningRecipe, predict_concept, tune
     from components.model import sd15
     from components.model.backbone import ClipImageTower
-    from components.config import load_config
     from components.model.encoder import FrozenBase, TuningEncoder
     from components.toy.tokenizer import save_toy_tokenizer
-    from components.inference.tuning import TuningRecipe, predict_concept, tune
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -80,38 +79,37 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         # SD's tokenizer cannot be downloaded here; the toy BPE tokenizer's ids fit SD's 49,408-row table
         tokenizer = save_toy_tokenizer(Path(tmp) / "tokenizer", max_length=77)
-    base = FrozenBase(unet, text_encoder, tokenizer, DDPMScheduler(**sd15.SCHEDULER_CONFIG), ClipImageTower(clip.visual).to(device))
+    base = FrozenBase(unet, text_encoder, tokenizer, DDPMScheduler(**sd15.SCHEDULER_CONFIG),
+                      ClipImageTower(clip.visual).to(device))
     encoder = TuningEncoder.for_base(cfg.encoder, base).to(device)
     alpha = cfg.encoder.alpha("tune")
     pixels = torch.rand(1, 3, args.side, args.side, device=device) * 2 - 1
     ids = base.prompts.tokenize(cfg.personalize.prompts).to(device)
     generator = torch.Generator().manual_seed(0)  # CPU generator: tuning draws on CPU and moves to the device
 
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = torch.cuda.synchronize if cuda else None
     if args.warmup:
-        warm = predict_concept(encoder, vae, pixels, cfg.personalize.encoder_timestep, torch.Generator().manual_seed(1))
-        tune(base, vae, warm, pixels, ids, replace(TuningRecipe.from_config(cfg, args.warmup), views=batch, alpha=alpha),
-             torch.Generator().manual_seed(1))
+        warm = predict_concept(encoder, vae, pixels, cfg.personalize.encoder_timestep,
+                               torch.Generator().manual_seed(1))
+        recipe = replace(TuningRecipe.from_config(cfg, args.warmup), views=batch, alpha=alpha)
+        tune(base, vae, warm, pixels, ids, recipe, torch.Generator().manual_seed(1))
         del warm
-        sync()
     if cuda:
+        torch.cuda.synchronize()  # the warm-up's work ends before the peak is reset
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    start = predict_concept(encoder, vae, pixels, cfg.personalize.encoder_timestep, generator)
-    sync()
-    encoder_s = time.perf_counter() - started
-    t0 = time.perf_counter()
-    tune(base, vae, start, pixels, ids, replace(TuningRecipe.from_config(cfg, args.steps), views=batch, alpha=alpha),
-         generator)
-    sync()
-    tune_s = time.perf_counter() - t0
+    with harness.timed(sync) as encoder_t:
+        start = predict_concept(encoder, vae, pixels, cfg.personalize.encoder_timestep, generator)
+    with harness.timed(sync) as tune_t:
+        tune(base, vae, start, pixels, ids,
+             replace(TuningRecipe.from_config(cfg, args.steps), views=batch, alpha=alpha), generator)
+    encoder_s, tune_s = encoder_t.seconds, tune_t.seconds
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    print(json.dumps({
+    harness.report({
         "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": args.dtype, "checkpointing": checkpointing,
         "side": args.side, "batch": batch, "steps": args.steps, "warmup_steps": args.warmup, "alpha_blend": alpha,
         "targets": len(encoder.shape.targets), "encoder_s": round(encoder_s, 2), "tune_s": round(tune_s, 2),
         "seconds_per_step": round(tune_s / max(args.steps, 1), 3), "peak_gb": round(peak_gb, 2),
-        "goal_gb": GOAL_GB, "meets_goal": peak_gb < GOAL_GB if cuda else None}, indent=1))
+        "goal_gb": GOAL_GB, "meets_goal": peak_gb < GOAL_GB if cuda else None}, args)
     return 0
 
 

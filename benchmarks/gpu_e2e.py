@@ -31,7 +31,6 @@ its numbers are a rehearsal, not a measurement.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -42,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness
 import torch
 
 
@@ -49,8 +49,8 @@ GOALS = {"adaptation_s": 5.0, "adaptation_peak_gb": 16.0, "over_lora_500": 30.0,
          "served_request_s": 12.0}
 PROMPT = "S* on a beach"
 # --tiny: SD 1.5's structure (four UNet levels, cross-attention, an 8x VAE, a ViT backbone) at toy widths
-TINY_UNET = {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "cross_attention_dim": 32, "norm_num_groups": 8,
-             "attention_head_dim": 4, "sample_size": 8}
+TINY_UNET = {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "cross_attention_dim": 32,
+             "norm_num_groups": 8, "attention_head_dim": 4, "sample_size": 8}
 TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
              "projection_dim": 32}
 TINY_VAE = {"block_out_channels": (32, 32, 32, 32), "layers_per_block": 1, "sample_size": 64}
@@ -74,9 +74,9 @@ class Phases:
         yield extra
         if self.cuda:
             torch.cuda.synchronize()
-        self.results[name] = {"seconds": round(time.perf_counter() - started, 3),
-                              "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if self.cuda else None,
-                              **extra}
+        seconds = round(time.perf_counter() - started, 3)
+        peak_gb = round(torch.cuda.max_memory_allocated() / 2**30, 2) if self.cuda else None
+        self.results[name] = {"seconds": seconds, "peak_gpu_gb": peak_gb, **extra}
         print(f"gpu_e2e: {name} {self.results[name]}", file=sys.stderr)
 
 
@@ -170,12 +170,13 @@ def baseline_per_step(train, pipe, pixels, warmup: int, timed: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, __file__, config=False)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and counts on the CPU: a rehearsal")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="the served model's runtime.dtype (auto: bfloat16 on a GPU)")
     parser.add_argument("--pretrain-steps", type=int, help="default 20 (tiny: 3)")
-    parser.add_argument("--batch-per-gpu", type=int, help="pre-training samples per worker and step (default 8, tiny 2)")
+    parser.add_argument("--batch-per-gpu", type=int,
+                        help="pre-training samples per worker and step (default 8, tiny 2)")
     parser.add_argument("--baseline-steps", type=int, help="timed steps of LoRA and TI (default 30, tiny 2)")
     parser.add_argument("--keep", help="write everything under this directory and keep it (default: a temporary one)")
     args = parser.parse_args()
@@ -217,10 +218,11 @@ def main() -> int:
         **overrides, "prepare": {"resolution": side},
         **({"encoder": TINY_ENCODER} if tiny else {}),
         "personalize": {"views": counts["views"], "tuning_steps": counts["tuning_steps"], "cache_size": 4},
-        "pretrain": {"data": str(root / "prepared"), "out": str(root / "encoder"), "storage": str(root / "checkpoints"),
-                     "workers": workers, "use_gpu": cuda, "batch_size": batch, "max_steps": pretrain_steps,
-                     "warmup_steps": 2, "checkpoint_every": pretrain_steps, "log_every": 5, "eval_every": pretrain_steps,
-                     "heldout_images": 2, "sample_concepts": 1, "sample_steps": 2, "experiment": "datencoder-e2e-pretrain",
+        "pretrain": {"data": str(root / "prepared"), "out": str(root / "encoder"),
+                     "storage": str(root / "checkpoints"), "workers": workers, "use_gpu": cuda, "batch_size": batch,
+                     "max_steps": pretrain_steps, "warmup_steps": 2, "checkpoint_every": pretrain_steps,
+                     "log_every": 5, "eval_every": pretrain_steps, "heldout_images": 2, "sample_concepts": 1,
+                     "sample_steps": 2, "experiment": "datencoder-e2e-pretrain",
                      "max_failures": 0,  # a failure is a finding here, not something to retry
                      "cpus_per_worker": max(1, min(8, (os.cpu_count() or 2) // workers - 1))}})
 
@@ -306,7 +308,7 @@ def main() -> int:
                  f"warm-up steps, times 500 and 3000; ratio = value / goal; random weights (time and memory only)"
                  + ("; --tiny: tiny shapes on the CPU, a rehearsal, not a measurement" if tiny else "")),
     }
-    print(json.dumps(result, indent=1))
+    harness.report(result, args)
     if scratch is not None:
         scratch.cleanup()
     return 0

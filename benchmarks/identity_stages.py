@@ -4,7 +4,7 @@ stage by stage, on concepts of the shapes pre-training saw and of those it never
     .venv/bin/python benchmarks/identity_stages.py                       # 16 + 16 concepts x 4 prompts, default rows
     .venv/bin/python benchmarks/identity_stages.py --quick               # 2 + 2 concepts, three rows (tests)
     .venv/bin/python benchmarks/identity_stages.py --set personalize.lr=2e-3 --rows "encoder 0,encoder 12"
-    .venv/bin/python benchmarks/identity_stages.py --encoder models/ablation-encoders/<name> --out outputs/identity_stages/x
+    .venv/bin/python benchmarks/identity_stages.py --encoder models/ablation-encoders/<name> --out DIR
 
 Rows, each on the same inputs, prompts and seeds (`--rows` picks some; `--rows all` adds the generation settings):
 - references: `renders` (the readers on the toy world's own renders of the concept on each prompt's background: how
@@ -14,7 +14,8 @@ Rows, each on the same inputs, prompts and seeds (`--rows` picks some; `--rows a
 - the encoder: `encoder 0` (its prediction alone), `encoder 0 v* only` (the prediction without the hypernetwork's
   offsets), `encoder N` (after the default N tuning steps), `encoder 50`;
 - generation settings at N steps (`--rows all`): `blend 1` / `blend 0`, `guidance 4`, `dpm`.
-`--set SECTION.KEY=VALUE` overrides the toy config (VALUE as YAML) for every row.
+`--preset`, `--config` and `--set SECTION.KEY=VALUE` (VALUE as YAML) give the config (default: the toy preset) for
+every row.
 
 Concepts: `--concepts` fresh looks (colour, pattern, pattern colour at random from `--fresh-seed`) of the shapes
 pre-training saw ("seen") and of `toy_world.encoder_holdout_shapes` ("unseen"), none an evaluation concept and, when
@@ -24,25 +25,23 @@ background"), none of the object's colours. Readings: pixel colour (the concept'
 the object or more: reader.object_colours), background (check_base.read_colours), pixel shape
 (reader.read_shape), and the metrics CLIP zero-shot: colour and shape each chosen among the captions differing
 only in that word. Each cell: accuracy with its 95% Wilson interval; in the JSON also what a wrong pixel
-colour read as. Writes identity_stages.json and identity_stages.md under --out (default outputs/identity_stages).
+colour read as. Writes identity_stages.json and identity_stages.md under --out (default
+outputs/benchmarks/identity_stages/).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
+import harness
 import numpy as np
 import torch
 from PIL import Image
 
-from components.config import load_config, parse_overrides
 from components.data.images import to_pixels
 from components.evaluation.baselines import train_textual_inversion
 from components.evaluation.check_base import clip_accuracy, read_colours
@@ -54,6 +53,7 @@ from components.model.base import load_clip
 from components.model.placeholder import PLACEHOLDER
 from components.toy import reader
 from components.toy import world as tw
+
 
 # prompt backgrounds, in order of preference; each concept takes the first four its colours leave free
 BACKGROUNDS = ["blue", "green", "white", "black", "yellow", "gray", "pink", "orange"]
@@ -166,19 +166,19 @@ class Stages:
         key = (concept.key, row.start, row.steps)
         if key not in self.tuned:
             generator = torch.Generator().manual_seed(self.seed)
-            started = time.perf_counter()
-            prompt_ids = self.p.tuning_prompt_ids(pixels)
-            if row.start == "ti":
-                template = reader.describe(np.asarray(self.photo(concept))) or "a photo of {}"
-                result = train_textual_inversion(self.p.pipe, pixels, row.steps, template=template,
-                                                 lr=self.cfg.evaluate.ti_lr, seed=self.seed)
-                tuned = Concept(next(iter(result.weights.values())).to(pixels), None, self.cfg.encoder.lora_scale)
-            else:
-                start = self.p.predict(pixels, generator)
-                recipe = TuningRecipe.from_config(self.cfg, row.steps)
-                tuned = tune(self.p.base, self.p.pipe.vae, start, pixels, prompt_ids, recipe,
-                             generator) if row.steps else start
-            self.tuned[key] = tuned, time.perf_counter() - started
+            with harness.timed() as t:
+                prompt_ids = self.p.tuning_prompt_ids(pixels)
+                if row.start == "ti":
+                    template = reader.describe(np.asarray(self.photo(concept))) or "a photo of {}"
+                    result = train_textual_inversion(self.p.pipe, pixels, row.steps, template=template,
+                                                     lr=self.cfg.evaluate.ti_lr, seed=self.seed)
+                    tuned = Concept(next(iter(result.weights.values())).to(pixels), None, self.cfg.encoder.lora_scale)
+                else:
+                    start = self.p.predict(pixels, generator)
+                    recipe = TuningRecipe.from_config(self.cfg, row.steps)
+                    tuned = tune(self.p.base, self.p.pipe.vae, start, pixels, prompt_ids, recipe,
+                                 generator) if row.steps else start
+            self.tuned[key] = tuned, t.seconds
         tuned, seconds = self.tuned[key]
         return (tuned if row.offsets else Concept(tuned.v_star, None, tuned.scale)), seconds
 
@@ -227,7 +227,8 @@ def markdown(result: dict) -> str:
     sets = list(result["concept_sets"])
     head = " | ".join(f"{r.replace('_', ' ')} ({s})" for r in READINGS for s in sets)
     lines = [f"Concepts: {result['concept_sets']} ({PROMPTS_PER_CONCEPT} prompts each, plain backgrounds), seed "
-             f"{result['seed']}; config overrides: {result['overrides'] or 'none'}; generation: {result['generation']}.",
+             f"{result['seed']}; config overrides: {result['overrides'] or 'none'}; "
+             f"generation: {result['generation']}.",
              "", f"| stage | {head} | adapt s/concept |", "|---|" + "---|" * (len(READINGS) * len(sets) + 1)]
     for name, by_set in result["rows"].items():
         cells = [f"{by_set[s][r]:.0%} [{by_set[s][r + '_ci'][0]:.0%}, {by_set[s][r + '_ci'][1]:.0%}]"
@@ -250,25 +251,23 @@ def concept_sets(cfg, n: int, seed: int) -> dict[str, list[tw.ToyConcept]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, __file__)
     parser.add_argument("--concepts", type=int, default=16, help="concepts per set (seen shapes, unseen shapes)")
     parser.add_argument("--fresh-seed", type=int, default=2026)
     parser.add_argument("--seed", type=int, default=0, help="sampling and tuning seed")
-    parser.add_argument("--rows", help="comma-separated row names, or 'all' (default: the references and encoder rows)")
+    parser.add_argument("--rows",
+                        help="comma-separated row names, or 'all' (default: the references and encoder rows)")
     parser.add_argument("--quick", action="store_true", help="2 + 2 concepts, three rows, 2 tuning steps (tests)")
-    parser.add_argument("--config", help="a YAML config over the toy preset (as `datencoder --config`)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--encoder", help="encoder directory (default: personalize.encoder)")
-    parser.add_argument("--out", default="outputs/identity_stages")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: OpenMP spin-waits slow a shared 2-core machine down)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    overrides = parse_overrides(args.set)
+    overrides = harness.overrides(args)
     if args.quick:
         overrides.setdefault("personalize", {}).setdefault("tuning_steps", 2)
         args.concepts = min(args.concepts, 2)
-    cfg = load_config("toy", path=args.config, overrides=overrides)
+    cfg = harness.config(args, overrides)
     steps = cfg.personalize.tuning_steps
     table = rows(steps, cfg.personalize.guidance_scale)
     names = (list(table) if args.rows == "all" else args.rows.split(",") if args.rows else
@@ -280,9 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     personalizer = Personalizer(cfg, args.encoder or cfg.personalize.encoder)
     clip = load_clip(cfg.base.metrics_clip)
     stages = Stages(personalizer, args.seed)
-    started = time.perf_counter()
+    clock = harness.Timer()
     s = stages.settings
-    result = {"rows": {}, "seed": args.seed, "overrides": overrides, "encoder": args.encoder or cfg.personalize.encoder,
+    result = {"rows": {}, "seed": args.seed, "overrides": overrides,
+              "encoder": args.encoder or cfg.personalize.encoder,
               "concept_sets": {name: len(c) for name, c in sets.items()},
               "concepts": {name: [c.key for c in concepts] for name, concepts in sets.items()},
               "generation": {"guidance_scale": s.guidance_scale, "guidance_rescale": s.guidance_rescale,
@@ -301,16 +301,13 @@ def main(argv: list[str] | None = None) -> int:
                 seconds.append(adapt_s)
             by_set[set_name] = {**summarise(read(clip, images, looks)), "adapt_s": round(float(np.mean(seconds)), 3)}
         result["rows"][name] = by_set
-        print(json.dumps({"stage": name, **{s: {r: c[r] for r in READINGS} for s, c in by_set.items()}}),
-              file=sys.stderr, flush=True)
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "identity_stages.json").write_text(json.dumps(result, indent=1))
+        harness.log(json.dumps({"stage": name, **{s: {r: c[r] for r in READINGS} for s, c in by_set.items()}}))
+    result["seconds"] = round(clock.elapsed(), 1)
+    out = harness.out_dir(args)
     (out / "identity_stages.md").write_text(markdown(result))
-    print(json.dumps({"out": str(out), "seconds": result["seconds"],
-                      "rows": {n: {s: {r: c[r] for r in READINGS} for s, c in by_set.items()}
-                               for n, by_set in result["rows"].items()}}))
+    harness.report(result, args, shown={"out": str(out), "seconds": result["seconds"],
+                                        "rows": {n: {s: {r: c[r] for r in READINGS} for s, c in by_set.items()}
+                                                 for n, by_set in result["rows"].items()}})
     return 0
 
 

@@ -15,25 +15,24 @@ what the default views could reach if the fixed part (dispatch, the encoder, Ada
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import ctypes.util
 import gc
-import json
+import io
 import tempfile
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
 
+from components.config import variant_config
+from components.data.images import to_pixels
+from components.evaluation.baselines import train_lora, train_textual_inversion
+from components.inference.engine import Personalizer
+from components.memory import peak_mb
+from components.toy import world as tw
 
-from components.toy import world as tw  # noqa: E402
-from components.evaluation.baselines import train_lora, train_textual_inversion  # noqa: E402
-from components.config import load_config  # noqa: E402
-from components.config import variant_config  # noqa: E402
-from components.data.images import to_pixels  # noqa: E402
-from components.inference.engine import Personalizer  # noqa: E402
-from components.memory import peak_mb  # noqa: E402
 
 GOALS = {"lora_500": 30.0, "textual_inversion_3000": 100.0}
 
@@ -63,9 +62,7 @@ def views_fit(default_views: int, default_s: float, by_views_s: dict[int, float]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="toy")
-    parser.add_argument("--config", help="YAML config (e.g. params.yaml)")
+    parser = harness.parser(__doc__, __file__)
     parser.add_argument("--encoder", help="encoder directory (default: personalize.encoder; untrained if missing)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="personalisation runs; the median is reported")
@@ -76,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg = load_config(args.preset, path=args.config, overrides={"personalize": {"cache_size": 0}})
+    cfg = harness.config(args, {"personalize": {"cache_size": 0}})
     encoder = args.encoder or cfg.personalize.encoder
     scratch = tempfile.TemporaryDirectory()
     trained = (Path(encoder) / "config.json").is_file()
@@ -87,8 +84,6 @@ def main() -> None:
         TuningEncoder.for_base(cfg.encoder, FrozenBase.load(cfg)).save_pretrained(encoder)
     personalizer = Personalizer(cfg, encoder)
     image = tw.render(tw.canonical(tw.ToyConcept("star", "red", "striped", "white")), 64, seed=0)
-    import io
-
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     settings = personalizer.settings(num_images=1)
@@ -139,7 +134,7 @@ def main() -> None:
                  + ("baselines run in full" if args.full else
                     f"baseline seconds EXTRAPOLATED from {args.measure_steps} timed steps (per-step time x total)")),
     }
-    print(json.dumps(report, indent=1))
+    harness.report(report, args)
     scratch.cleanup()
 
 

@@ -4,26 +4,26 @@
 
 Cases: 64 px from 256x256 PNGs (toy scale), 512 px from 1024x768 JPEGs (Open Images' 1024 px
 downloads) and from 2048x1536 JPEGs (larger originals, where JPEG's reduced-scale decoding pays off
-in prepare but not in decode-only, which decodes every pixel). Decode-only is the same thread pool reading each file and running
-Image.open(...).load(); prepare adds the square crop, resize, JPEG encode, hashing, writing and the
-manifest. Goal: prepare >= 70% of decode-only images/s. Each is timed twice, the faster one counts.
+in prepare but not in decode-only, which decodes every pixel). Decode-only is the same thread pool
+reading each file and running Image.open(...).load(); prepare adds the square crop, resize, JPEG encode,
+hashing, writing and the manifest. Goal: prepare >= 70% of decode-only images/s. Each is timed twice, the
+faster one counts.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import harness
 import numpy as np
 from PIL import Image
 
 from components.config import PrepareConfig
 from components.data.prepare import prepare
+
 
 CASES = [  # (name, source size, source format, output resolution)
     ("64px-from-png", (256, 256), "PNG", 64),
@@ -60,25 +60,24 @@ def decode_only(paths: list[Path], workers: int) -> float:
     def decode(path: Path) -> None:
         Image.open(io.BytesIO(path.read_bytes())).load()
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
+    with harness.timed() as t, ThreadPoolExecutor(workers) as pool:
         list(pool.map(decode, paths))
-    return len(paths) / (time.perf_counter() - start)
+    return len(paths) / t.seconds
 
 
 def prepare_rate(root: Path, resolution: int, workers: int, n: int, run: int) -> float:
+    # the generated ImageNet-layout folder only: no Open Images, no caption templates (data/raw is not needed)
     config = PrepareConfig(out=str(root / f"prepared-{run}"), imagenet=str(root / "imagenet"), openimages_boxes=None,
-                           openimages_classes=None, openimages_images=None, resolution=resolution,
+                           openimages_classes=None, openimages_images=None, captions=None, resolution=resolution,
                            workers=workers, exclude_labels=[])
-    start = time.perf_counter()
-    summary = prepare(config)
-    elapsed = time.perf_counter() - start
+    with harness.timed() as t:
+        summary = prepare(config)
     assert summary["accepted"] == n, summary
-    return n / elapsed
+    return n / t.seconds
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, __file__, config=False)
     parser.add_argument("--n", type=int, default=120, help="images per case")
     parser.add_argument("--workers", type=int, default=2, help="threads, for both prepare and decode-only")
     args = parser.parse_args()
@@ -91,9 +90,9 @@ def main() -> None:
             prepared = max(prepare_rate(Path(tmp), resolution, args.workers, args.n, run) for run in range(2))
         results[name] = {"decode_only_img_s": round(decode, 1), "prepare_img_s": round(prepared, 1),
                          "ratio": round(prepared / decode, 3)}
-        print(f"{name}: decode-only {decode:.1f} img/s, prepare {prepared:.1f} img/s, "
-              f"ratio {prepared / decode:.2f} (goal >= 0.70)")
-    print(json.dumps({"n": args.n, "workers": args.workers, **results}))
+        harness.log(f"{name}: decode-only {decode:.1f} img/s, prepare {prepared:.1f} img/s, "
+                    f"ratio {prepared / decode:.2f} (goal >= 0.70)")
+    harness.report({"n": args.n, "workers": args.workers, **results}, args)
 
 
 if __name__ == "__main__":

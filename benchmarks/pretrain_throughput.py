@@ -8,25 +8,22 @@ MLflow logging every log_every steps) into a throwaway storage and MLflow store.
 
     .venv/bin/python benchmarks/pretrain_throughput.py [--preset toy] [--config params.yaml] [--steps 30]
 
+Relative paths (pretrain.data) are read from the working directory, as `datencoder pretrain` reads them.
+
 Goals: Ray overhead at 1 worker <= 10% of the plain loop; the 1 -> 2 worker scaling is reported.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
+import harness
 import pandas as pd
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-from components.memory import peak_mb  # noqa: E402
-os.chdir(ROOT)
+from components.memory import peak_mb
 
 
 def plain_loop(cfg, steps: int) -> dict:
@@ -37,18 +34,18 @@ def plain_loop(cfg, steps: int) -> dict:
     manifest = pd.read_parquet(Path(cfg.pretrain.data) / "manifest.parquet")
     training = Training.build(cfg, manifest, rank=0, world=1, device=torch.device("cpu"))
     training.step(0)  # warm-up, as the Ray loop does not time its first step either
-    t0 = time.perf_counter()
-    for step in range(1, steps):
-        training.step(step)
-    seconds = time.perf_counter() - t0
-    return {"samples_per_s": round(cfg.pretrain.batch_size * (steps - 1) / seconds, 2),
+    with harness.timed() as t:
+        for step in range(1, steps):
+            training.step(step)
+    return {"samples_per_s": round(cfg.pretrain.batch_size * (steps - 1) / t.seconds, 2),
             "peak_memory_mb": round(peak_mb(), 1)}
 
 
 def ray_run(cfg, steps: int, workers: int, work: Path) -> dict:
+    from components.config import variant_config
     from components.training.pretrain import pretrain
 
-    cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"out": str(work / f"encoder-{workers}")})})
+    cfg = variant_config(cfg, pretrain={"out": str(work / f"encoder-{workers}")})
     report = pretrain(cfg, workers=workers, max_steps=steps, checkpoint_every=steps,
                       storage=str(work / f"checkpoints-{workers}"), restart=True)
     return {"samples_per_s": round(report["samples_per_s"], 2),
@@ -57,29 +54,24 @@ def ray_run(cfg, steps: int, workers: int, work: Path) -> dict:
 
 
 def main() -> None:
-    from components.config import load_config
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default=None)
-    parser.add_argument("--config", default=None)
+    parser = harness.parser(__doc__, __file__)
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
-    cfg = load_config(args.preset, args.config)
     # held-out evaluation and sample grids are not part of a step's cost: keep them out of the way
-    cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"eval_every": 10**6})})
+    cfg = harness.config(args, {"pretrain": {"eval_every": 10**6}})
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
         plain = plain_loop(cfg, args.steps)  # first, so this process's peak memory is the plain loop's
         one = ray_run(cfg, args.steps, 1, work)
         two = ray_run(cfg, args.steps, 2, work)
-    print(json.dumps({
+    harness.report({
         "preset": cfg.preset, "batch_size": cfg.pretrain.batch_size, "steps": args.steps, "cpu_count": os.cpu_count(),
         "plain": plain, "ray_1_worker": one, "ray_2_workers": two,
         "ray_overhead_1_worker": round(1 - one["samples_per_s"] / plain["samples_per_s"], 3),
         "goal_overhead_at_most": 0.10,
         "scaling_1_to_2_workers": round(two["samples_per_s"] / one["samples_per_s"], 2),
-    }, indent=1))
+    }, args)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """What comes back from the registered model served by stock `mlflow models serve` and by `datencoder serve`
 (uvicorn, and Ray Serve with --ray), for the same bad and oversized requests, measured on 127.0.0.1.
 
-    .venv/bin/python benchmarks/scoring_server_replies.py [--preset toy] [--ray] [--out outputs/scoring_server_replies.json]
+    .venv/bin/python benchmarks/scoring_server_replies.py [--preset toy] [--ray] [--out DIR]
 
-The toy encoder is registered as the champion of a fresh MLflow store in a temporary folder; each server runs
-it with its defaults (`mlflow models serve --env-manager local`, MLflow's own timeout 60 s). Requests:
+The toy encoder (`personalize.encoder` of the config) is registered as the champion of a fresh MLflow store in a
+temporary folder; each server runs it with its defaults (`mlflow models serve --env-manager local`, MLflow's own
+timeout 60 s; `datencoder serve` with this run's --preset, --config and --set). Requests:
 
 - malformed: a 2 MiB body that is not UTF-8 (Content-Type application/json);
 - not JSON: 2 MiB of UTF-8 text that does not parse;
@@ -17,7 +18,6 @@ it echoes the request (the body's bytes or the marker).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -30,10 +30,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import harness
+from serve_load import body, png, register_champion, server_config, stop_server, wait_for_ping
 
-from serve_load import body, png, register_champion, stop_server, wait_for_ping  # noqa: E402
+from components.home import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+
 MARKER = "ECHO-MARKER-7f3a"
 
 
@@ -68,22 +70,18 @@ def measure(port: int, data: bytes) -> dict:
     return {"status": status, "seconds": round(time.monotonic() - started, 3), "reply_bytes": len(reply),
             "reply_over_body": round(len(reply) / len(data), 2), "stack_trace": "Traceback" in text,
             # the marker, a prompt, the non-UTF-8 bytes (as Python writes them) or the unparsable text
-            "echoes_request": any(s in text for s in (MARKER, "S* number 1", "xxxxxxxxxxxxxxxx")) or text.count("xff") > 100,
+            "echoes_request": (any(s in text for s in (MARKER, "S* number 1", "xxxxxxxxxxxxxxxx"))
+                               or text.count("xff") > 100),
             "reply_start": text[:160]}
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="toy")
+    parser = harness.parser(__doc__, __file__)
     parser.add_argument("--ray", action="store_true", help="also `datencoder serve --backend ray --replicas 1`")
-    parser.add_argument("--out", default="outputs/scoring_server_replies.json")
     args = parser.parse_args()
-
-    from components.config import load_config
-
-    cfg = load_config(args.preset)
+    cfg = harness.config(args)
     venv = str(Path(sys.executable).parent)
-    report = {"preset": args.preset, "request_bytes": {k: len(v) for k, v in requests().items()}, "servers": {}}
+    report = {"preset": cfg.preset, "request_bytes": {k: len(v) for k, v in requests().items()}, "servers": {}}
     with tempfile.TemporaryDirectory(prefix="scoring-replies-") as scratch:
         store = f"sqlite:///{scratch}/mlflow.db"
         os.environ["MLFLOW_TRACKING_URI"] = store
@@ -91,34 +89,33 @@ def main() -> int:
 
         from components.serving import registry
 
-        MlflowClient(store).create_experiment(registry.EXPERIMENT, artifact_location=Path(scratch, "artifacts").as_uri())
+        MlflowClient(store).create_experiment(registry.EXPERIMENT,
+                                              artifact_location=Path(scratch, "artifacts").as_uri())
         uri = register_champion(cfg, cfg.personalize.encoder)
+        config = str(server_config(args, cfg.preset, Path(scratch, "config.yaml")))
         env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": venv + os.pathsep + os.environ.get("PATH", "")}
+        serve = [sys.executable, "-m", "components.cli", "serve", "--config", config, "--host", "127.0.0.1"]
         servers = {
-            "mlflow models serve": lambda port: [str(Path(venv, "mlflow")), "models", "serve", "-m", uri, "--env-manager",
-                                                 "local", "--host", "127.0.0.1", "--port", str(port)],
-            "datencoder serve": lambda port: [sys.executable, "-m", "components.cli", "serve", "--preset", args.preset,
-                                              "--host", "127.0.0.1", "--port", str(port)],
+            "mlflow models serve": lambda port: [str(Path(venv, "mlflow")), "models", "serve", "-m", uri,
+                                                 "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+            "datencoder serve": lambda port: [*serve, "--port", str(port)],
         }
         if args.ray:
-            servers["datencoder serve --backend ray"] = lambda port: [
-                sys.executable, "-m", "components.cli", "serve", "--preset", args.preset, "--host", "127.0.0.1",
-                "--port", str(port), "--backend", "ray", "--replicas", "1"]
+            servers["datencoder serve --backend ray"] = lambda port: [*serve, "--port", str(port), "--backend", "ray",
+                                                                      "--replicas", "1"]
         for name, command in servers.items():
             port = free_port()
             server_env = {**env, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp")} if "ray" in name else env
             log = Path(scratch, f"{name.replace(' ', '_')}.log")
             with open(log, "w") as out:
-                process = subprocess.Popen(command(port), cwd=ROOT, env=server_env, stdout=out, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
+                process = subprocess.Popen(command(port), cwd=ROOT, env=server_env, stdout=out,
+                                           stderr=subprocess.STDOUT, start_new_session=True)
                 try:
                     wait_for_ping(process, port, log)
                     report["servers"][name] = {kind: measure(port, data) for kind, data in requests().items()}
                 finally:
                     stop_server(process)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps(report, indent=1))
+    harness.report(report, args)
     return 0
 
 

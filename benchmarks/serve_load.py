@@ -1,6 +1,6 @@
 """Load test of `datencoder serve`: N concurrent clients for M minutes against a real server on 127.0.0.1.
 
-    .venv/bin/python benchmarks/serve_load.py [--preset toy] [--clients 2] [--minutes 2] [--out outputs/serve_load.json]
+    .venv/bin/python benchmarks/serve_load.py [--preset toy] [--clients 2] [--minutes 2] [--out DIR]
     .venv/bin/python benchmarks/serve_load.py --backend ray [--clients 4] [--minutes 2]
 
 With `--backend ray` it runs the same load three times, each against a fresh `datencoder serve --backend ray` on
@@ -10,9 +10,10 @@ the killed run a 503 REPLICA_LOST is expected for a request that was computing o
 no more than max_concurrent of them), any other failure is unexpected, and no request may hang (none waits
 more than --hang-s).
 
-The encoder (`personalize.encoder` of the preset, default the committed toy encoder) is logged and registered
+The encoder (`personalize.encoder` of the config, default the committed toy encoder) is logged and registered
 as the champion of a fresh MLflow store in a temporary folder (no gate: this measures the server, not the
-model), then `datencoder serve` runs it with serve.max_body_mb 1. Each client sends, in turn:
+model), then `datencoder serve` runs it with the same config (--preset, --config, --set) and
+serve.max_body_mb 1. Each client sends, in turn:
 
 - good: a new concept image (a colour no other request uses), tuned and sampled: 200;
 - cached: one fixed image, prompt and seed: 200 from the concept cache, byte-identical every time;
@@ -20,8 +21,9 @@ model), then `datencoder serve` runs it with serve.max_body_mb 1. Each client se
 - oversized: 3 rows x 16 images (over serve.max_images): 400; or a 1.5 MiB body (over max_body_mb): 413.
 
 503 (queue full, with Retry-After) is expected under load and counted as `busy`. Anything else (5xx, a
-dropped connection, a 200 for a bad request, no answer within --hang-s) is an unexpected error. A cross-request leak is a 200 whose
-rows are not the request's (prompt and seed of every row), or a cached reply that differs from the first.
+dropped connection, a 200 for a bad request, no answer within --hang-s) is an unexpected error. A
+cross-request leak is a 200 whose rows are not the request's (prompt and seed of every row), or a cached
+reply that differs from the first.
 The server's RSS (its process tree) is sampled every 2 s; growth is the last quarter's peak over the
 median of the second quarter (after warm-up). Goals: 0 unexpected errors, 0 leaks, RSS growth <= 10%.
 Bounded: at most 8 clients, 10 minutes and --max-requests requests, loopback only.
@@ -29,7 +31,6 @@ Bounded: at most 8 clients, 10 minutes and --max-requests requests, loopback onl
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -47,11 +48,13 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import harness
 import yaml
 
+from components.home import ROOT
 from components.orchestration.processes import stop_session
 
-ROOT = Path(__file__).resolve().parents[1]
+
 GOOD = {"tuning_steps": 2, "num_inference_steps": 4, "num_images": 1}  # small, so a short run serves many
 KINDS = ("good", "cached", "bad", "oversized")
 
@@ -79,7 +82,8 @@ def register_champion(cfg, encoder: str) -> str:
     with mlflow.start_run(experiment_id=experiment.experiment_id):
         info = registry.log_model(cfg, encoder)
     version = mlflow.register_model(info.model_uri, registry.model_name(cfg)).version
-    client.set_model_version_tag(registry.model_name(cfg), version, registry.CODE_TAG, registry.code_sha256(registry.PYFUNC_CODE))
+    client.set_model_version_tag(registry.model_name(cfg), version, registry.CODE_TAG,
+                                 registry.code_sha256(registry.PYFUNC_CODE))
     client.set_registered_model_alias(registry.model_name(cfg), registry.ALIAS, version)
     return f"models:/{registry.model_name(cfg)}@{registry.ALIAS}"
 
@@ -125,7 +129,8 @@ class Load:
                 c = self.colour
             seed = 1000 + c
             rgb = (40 + (c * 37) % 200, 40 + (c * 71) % 200, 40 + (c * 113) % 200)
-            return kind, body([(png(rgb), "S* on grass")], {**GOOD, "seed": seed}), {"prompt": "S* on grass", "seed": seed}
+            expect = {"prompt": "S* on grass", "seed": seed}
+            return kind, body([(png(rgb), "S* on grass")], {**GOOD, "seed": seed}), expect
         if kind == "cached":
             return kind, body([(png((220, 40, 40)), "S* on a beach")], {**GOOD, "seed": 7}), {
                 "prompt": "S* on a beach", "seed": 7}
@@ -206,14 +211,24 @@ def stop_server(server: subprocess.Popen) -> None:
     stop_session(server, 90, first=signal.SIGTERM)
 
 
-def run(args, scratch: str, store: str, backend: str, replicas: int, kill: bool) -> dict:
+def server_config(args, preset: str, path: Path, serve: dict | None = None) -> Path:
+    """A config file for `datencoder serve`: this run's (--config, then --set) and `preset`, `serve` keys over it."""
+    from components.config import deep_merge
+
+    given = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
+    values = deep_merge(deep_merge(given, harness.overrides(args)), {"preset": preset, "serve": serve or {}})
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def run(args, preset: str, scratch: str, store: str, backend: str, replicas: int, kill: bool) -> dict:
     """One server, one load: the report of one run."""
     import socket
 
     from components.serving.ray_serve import replica_processes
 
-    config = Path(scratch, f"config-{backend}-{replicas}{'-kill' if kill else ''}.yaml")
-    config.write_text(yaml.safe_dump({"preset": args.preset, "serve": {"max_body_mb": 1}}))
+    config = server_config(args, preset, Path(scratch, f"config-{backend}-{replicas}{'-kill' if kill else ''}.yaml"),
+                           {"max_body_mb": 1})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -266,7 +281,8 @@ def run(args, scratch: str, store: str, backend: str, replicas: int, kill: bool)
         "backend": backend, "replicas": replicas if backend == "ray" else None, "clients": args.clients,
         "minutes": args.minutes, "wall_s": round(wall, 1), "server_startup_s": round(startup_s, 1),
         "requests": sum(load.outcomes.values()), "answered_by_kind": served,
-        "throughput_per_s": {"all": round(sum(load.outcomes.values()) / wall, 3), "good_and_cached": round(ok / wall, 3)},
+        "throughput_per_s": {"all": round(sum(load.outcomes.values()) / wall, 3),
+                             "good_and_cached": round(ok / wall, 3)},
         "busy_503": sum(n for k, n in load.outcomes.items() if k.endswith(" 503")) - load.lost,
         "outcomes": dict(sorted(load.outcomes.items())),
         "latency_s": {k: {"p50": percentile(v, 0.5), "p95": percentile(v, 0.95)} for k, v in load.latency.items()},
@@ -283,20 +299,15 @@ def run(args, scratch: str, store: str, backend: str, replicas: int, kill: bool)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="toy")
+    parser = harness.parser(__doc__, __file__)
     parser.add_argument("--backend", choices=("uvicorn", "ray"), default="uvicorn")
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--minutes", type=float, default=2.0)
     parser.add_argument("--max-requests", type=int, default=5000)
     parser.add_argument("--hang-s", type=float, default=300.0, help="a request unanswered this long counts as hung")
-    parser.add_argument("--out", default="outputs/serve_load.json")
     args = parser.parse_args()
     args.clients, args.minutes = min(max(args.clients, 1), 8), min(max(args.minutes, 0.1), 10.0)
-
-    from components.config import load_config
-
-    cfg = load_config(args.preset)
+    cfg = harness.config(args)
     with tempfile.TemporaryDirectory(prefix="serve-load-") as scratch:
         store = f"sqlite:///{scratch}/mlflow.db"
         os.environ["MLFLOW_TRACKING_URI"] = store
@@ -304,27 +315,26 @@ def main() -> int:
 
         from components.serving import registry
 
-        MlflowClient(store).create_experiment(registry.EXPERIMENT, artifact_location=Path(scratch, "artifacts").as_uri())
+        MlflowClient(store).create_experiment(registry.EXPERIMENT,
+                                              artifact_location=Path(scratch, "artifacts").as_uri())
         register_champion(cfg, cfg.personalize.encoder)
         if args.backend == "uvicorn":
-            report = run(args, scratch, store, "uvicorn", 1, kill=False)
-            report["preset"] = args.preset
+            report = run(args, cfg.preset, scratch, store, "uvicorn", 1, kill=False)
+            report["preset"] = cfg.preset
         else:
-            runs = {f"ray_{n}": run(args, scratch, store, "ray", n, kill=False) for n in (1, 2)}
-            runs["ray_2_killed"] = run(args, scratch, store, "ray", 2, kill=True)
+            runs = {f"ray_{n}": run(args, cfg.preset, scratch, store, "ray", n, kill=False) for n in (1, 2)}
+            runs["ray_2_killed"] = run(args, cfg.preset, scratch, store, "ray", 2, kill=True)
             one, two = (runs[f"ray_{n}"]["throughput_per_s"]["good_and_cached"] for n in (1, 2))
-            report = {"preset": args.preset, "backend": "ray", "clients": args.clients, "minutes": args.minutes,
+            report = {"preset": cfg.preset, "backend": "ray", "clients": args.clients, "minutes": args.minutes,
                       "cpu_cores": os.cpu_count(), "scaling_2_over_1": round(two / one, 3) if one else None,
                       "runs": runs, "goals_met": all(r["goals_met"] for r in runs.values())}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 
     def brief(r: dict) -> dict:
         return {k: v for k, v in r.items() if k != "rss_mb"} | {"rss_mb": {
             k: v for k, v in r["rss_mb"].items() if k != "series"}}
 
-    print(json.dumps(brief(report) if "runs" not in report else
-                     {**report, "runs": {k: brief(v) for k, v in report["runs"].items()}}, indent=1))
+    harness.report(report, args, shown=brief(report) if "runs" not in report else
+                   {**report, "runs": {k: brief(v) for k, v in report["runs"].items()}})
     return 0 if report["goals_met"] else 1
 
 

@@ -11,14 +11,12 @@ parameter counts for toy and for sd15 (sd15 from meta-device modules, no weights
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
+import harness
 import torch
 import torch.nn.functional as F
 
@@ -32,8 +30,8 @@ def toy_base(cfg, tmp: Path):
     from diffusers import DDPMScheduler
 
     from components.model.backbone import ClipImageTower
-    from components.toy.bootstrap import clip_model_config, make_text_encoder, make_unet, scheduler_config
     from components.model.encoder import FrozenBase
+    from components.toy.bootstrap import clip_model_config, make_text_encoder, make_unet, scheduler_config
     from components.toy.tokenizer import save_toy_tokenizer
 
     b = cfg.bootstrap
@@ -44,16 +42,6 @@ def toy_base(cfg, tmp: Path):
     open_clip.add_model_config(tmp / "datencoder-bench-backbone.json")
     clip = ClipImageTower(open_clip.create_model("datencoder-bench-backbone").visual)
     return FrozenBase(make_unet(b), text_encoder, tokenizer, DDPMScheduler(**scheduler_config(b)), clip)
-
-
-def timed(step, repeats: int) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def toy_report(batch: int, repeats: int) -> dict:
@@ -94,15 +82,16 @@ def toy_report(batch: int, repeats: int) -> dict:
         F.mse_loss(unet(noisy, t, encoder_hidden_states=context).sample, target).backward()
         unet_opt.step()
 
-    plain_s = timed(unet_step, repeats)
-    encoder_s = timed(encoder_step, repeats)
+    plain_s = harness.median_seconds(unet_step, repeats)
+    encoder_s = harness.median_seconds(encoder_step, repeats)
     return {
         "batch": batch,
         "alpha_blend_train": cfg.encoder.alpha_blend_train,
         "plain_unet_step_s": round(plain_s, 4),
         "encoder_step_s": round(encoder_s, 4),
         "ratio": round(encoder_s / plain_s, 2),
-        "params": {"trainable": count(encoder), "frozen": count(base.unet) + count(base.text_encoder) + count(base.clip),
+        "params": {"trainable": count(encoder),
+                   "frozen": count(base.unet) + count(base.text_encoder) + count(base.clip),
                    "trainable_by_part": {name: count(m) for name, m in encoder.named_children()}},
     }
 
@@ -110,8 +99,8 @@ def toy_report(batch: int, repeats: int) -> dict:
 def sd15_params() -> dict:
     import open_clip
 
-    from components.model import sd15
     from components.config import load_config
+    from components.model import sd15
     from components.model.encoder import EncoderShape, TuningEncoder
 
     cfg = load_config("sd15")
@@ -126,7 +115,7 @@ def sd15_params() -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, __file__, config=False)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
@@ -134,7 +123,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     report = {"threads": args.threads, "toy": toy_report(args.batch, args.repeats), "sd15": {"params": sd15_params()}}
     report["goal_ratio_at_most"] = 3.0
-    print(json.dumps(report, indent=1))
+    harness.report(report, args)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     git worktree add /tmp/before <commit>
     .venv/bin/python benchmarks/tuning_cost.py --repo /tmp/before --repo .
 
-Each repository's `components` is imported in its own child process (they cannot share one); the children
+Each repository's `components` is imported in its own child process (they cannot share one: the child runs
+with that repository first on PYTHONPATH, and checks that its `components` came from there); the children
 alternate (A, B, A, B, ...) so that the machine's drift falls on both. Each child loads the same encoder and
 image, runs `tuning.tune` once to warm up, times `--runs` tunings, counts the operators one tuning dispatches
 (torch.profiler: on the toy base a step is bound by dispatch, not arithmetic), saves the tuned tensors and
@@ -17,29 +18,30 @@ shared helper.)
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import harness
 
 
 def child(repo: str, encoder: str, runs: int, threads: int, views: int | None, out: str) -> None:
-    """Measure in this process with `repo`'s components (run as `--child`)."""
-    sys.path.insert(0, repo)
-    import time
+    """Measure in this process with `repo`'s components (run as `--child`, `repo` first on PYTHONPATH)."""
+    import components
 
+    if Path(components.__file__).resolve().parents[1] != Path(repo):
+        raise SystemExit(f"--child: components comes from {components.__file__}, not from {repo}")
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from components.toy import world as tw
     from components.config import load_config
     from components.data.images import to_pixels
     from components.inference.engine import Personalizer
     from components.inference.tuning import TuningRecipe, predict_concept, tune
+    from components.toy import world as tw
 
     torch.set_num_threads(threads)
     # the timed tunings call `tune` directly; the cache only spares run's second blend
@@ -58,9 +60,9 @@ def child(repo: str, encoder: str, runs: int, threads: int, views: int | None, o
     one()
     seconds = []
     for _ in range(runs):
-        t0 = time.perf_counter()
-        concept = one()
-        seconds.append(time.perf_counter() - t0)
+        with harness.timed() as t:
+            concept = one()
+        seconds.append(t.seconds)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         one()
     ops = sum(e.count for e in prof.key_averages())
@@ -79,9 +81,10 @@ def image_bytes(image) -> bytes:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repo", action="append", required=True, help="a checkout (repeatable; the first is the baseline)")
-    parser.add_argument("--encoder", default=str(ROOT / "models" / "toy-encoder"))
+    parser = harness.parser(__doc__, __file__, config=False)
+    parser.add_argument("--repo", action="append", required=True,
+                        help="a checkout (repeatable; the first is the baseline)")
+    parser.add_argument("--encoder", help="encoder directory (default: models/toy-encoder in the project home)")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the children")
     parser.add_argument("--runs", type=int, default=5, help="timed tunings per child")
     parser.add_argument("--threads", type=int, default=2)
@@ -94,17 +97,25 @@ def main() -> None:
 
     import torch
 
+    from components.home import home
+
+    encoder = args.encoder or str(home() / "models" / "toy-encoder")
+
     repos = [str(Path(r).resolve()) for r in args.repo]
     results: dict[str, dict] = {r: {"seconds": []} for r in repos}
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(args.rounds):
             for i, repo in enumerate(repos):
-                print(f"round {round_ + 1}/{args.rounds}: {repo}", file=sys.stderr, flush=True)
+                harness.log(f"round {round_ + 1}/{args.rounds}: {repo}")
                 out = str(Path(scratch) / f"{i}.pt")
-                subprocess.run([sys.executable, __file__, "--child", out, "--repo", repo, "--encoder", args.encoder,
-                                "--runs", str(args.runs), "--threads", str(args.threads),
-                                *(["--views", str(args.views)] if args.views else [])],
-                               check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                path = os.pathsep.join([repo, *filter(None, [os.environ.get("PYTHONPATH")])])
+                done = subprocess.run([sys.executable, __file__, "--child", out, "--repo", repo, "--encoder", encoder,
+                                       "--runs", str(args.runs), "--threads", str(args.threads),
+                                       *(["--views", str(args.views)] if args.views else [])],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, "PYTHONPATH": path})
+                if done.returncode:
+                    raise SystemExit(f"the child for {repo} failed ({done.returncode}): {done.stderr[-2000:]}")
                 measured = torch.load(out, weights_only=True)
                 results[repo]["seconds"] += measured["seconds"]
                 results[repo].update(ops=measured["ops"], tensors=measured["tensors"], pixels=measured["pixels"])
@@ -119,7 +130,7 @@ def main() -> None:
                         "time_ratio": round(median / statistics.median(first["seconds"]), 3),
                         "ops_ratio": round(r["ops"] / first["ops"], 3), "same_concept_as_first": same,
                         "same_images_as_first": torch.equal(r["pixels"], first["pixels"])}
-    print(json.dumps({"runs_per_repo": args.rounds * args.runs, "threads": args.threads, "repos": report}, indent=1))
+    harness.report({"runs_per_repo": args.rounds * args.runs, "threads": args.threads, "repos": report}, args)
 
 
 if __name__ == "__main__":

@@ -395,8 +395,8 @@ class AblateConfig(Section):
 class RegistryConfig(Section):
     """The MLflow model registry (docs/personalize.md "MLflow model and registry"): the model's name, the gate a
     new version is scored on and the margin it must beat the champion by to become `@challenger`. `@champion`
-    moves only by `datencoder promote`. Size and margin come from the gate's measured noise
-    (benchmarks/gate_noise.py, docs/personalize.md "The gate")."""
+    moves only by `datencoder promote`. The margin should exceed the gate's noise at its size
+    (benchmarks/gate_noise.py, docs/personalize.md "The gate's noise")."""
 
     model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # None: datencoder-<preset>
     gate_concepts: int = Field(8, gt=0)  # the gate: the first N held-out evaluation concepts ...

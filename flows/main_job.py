@@ -9,9 +9,8 @@ import contextlib
 import logging
 import os
 
-from components import tracking
 from components.errors import UserError
-from components.orchestration.locks import workspace_lock
+from components.orchestration.locks import pipeline_run
 from components.orchestration.prefect_server import (
     local_prefect_server,
     prefect_environment,
@@ -35,9 +34,7 @@ def main_job(preset: str | None = None, config: str | None = None, workspace: st
                         "`prefect server start` and set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
     path, cfg = resolve(preset, config, workspace)
     os.environ.update(prefect_environment(path))  # before prefect is imported
-    os.chdir(path)
-    with workspace_lock(path, "pipeline", wait_s=cfg.pipeline.lock_wait_s, what="a pipeline run"):
-        tracking.check_server()  # before Prefect and any training start
+    with pipeline_run(path, cfg):
         if not serve:
             own = not os.environ.get("PREFECT_API_URL")
             with local_prefect_server(path, cfg.pipeline.prefect_startup_timeout_s, ui=ui) if own else \

@@ -37,7 +37,7 @@ from components.evaluation.evaluate import evaluate as evaluate_stage
 from components.evaluation.variants import train_variants as variants_stage
 from components.evaluation.report import method_metrics
 from components.orchestration.dvc import dvc_repro, pretrain_stage
-from components.orchestration.locks import workspace_lock
+from components.orchestration.locks import pipeline_run
 from components.orchestration.report import serve_commands, stage_images, write_report
 from components.orchestration.stages import (
     StageFailed,
@@ -133,7 +133,7 @@ def ablate_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
 
 @task(name="register", cache_policy=CACHED, persist_result=True)
 def register_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
-    return register_stage(cfg, encoder=cfg.pretrain.out)
+    return register_stage(cfg, encoder=cfg.personalize.encoder)
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -197,14 +197,12 @@ def retrain(workspace: str = ".", preset: str | None = None, refresh: bool = Fal
     """The whole pipeline in `workspace` (its params.yaml; `preset` must agree with it; a new directory becomes a
     workspace of `preset`), or only `stages` of it (default pipeline.stages)."""
     path, cfg = resolve(preset, None, workspace)
-    os.chdir(path)
     if stages is not None:
         unknown = sorted(set(stages) - set(STAGES))
         if unknown:
             raise UserError(f"unknown stage {', '.join(unknown)}; the stages are {', '.join(STAGES)}")
         cfg = variant_config(cfg, pipeline={"stages": list(stages)})
-    with workspace_lock(".", "pipeline", wait_s=cfg.pipeline.lock_wait_s, what="a pipeline run"):
-        tracking.check_server()
+    with pipeline_run(path, cfg):
         results: dict[str, dict] = {}
         durations: dict[str, float] = {}  # each stage flow's wall time in this run, for the report
         with tracking.run(cfg.pipeline.experiment, flow_run.get_name() or "retrain",
@@ -231,13 +229,16 @@ def _stage(stage: str, cfg: Config, results: dict, parent: str, refresh: bool) -
     data = (results.get("prepare_data") or {}).get("data_version") or data_version(cfg.pretrain.data, missing="none")
     done = results.get("pretrain") or {}
     encoder = f"{done.get('run_name')}@{done.get('end_step')}" if done else encoder_version(cfg)
+    # the encoder this run's pretrain stage returned is the one evaluate and ablate score and register registers;
+    # without that stage in the run, personalize.encoder
+    scored = variant_config(cfg, personalize={"encoder": done["out"]}) if done.get("out") else cfg
     calls = {"prepare_data": lambda: prepare_data(cfg, refresh),
              "pretrain": lambda: pretrain(cfg, data, parent, refresh),
              "baselines": lambda: baselines(cfg, parent, refresh),
              "variants": lambda: variants(cfg, parent, refresh),
-             "evaluate": lambda: evaluate(cfg, data, encoder, parent, refresh),
-             "ablate": lambda: ablate(cfg, data, encoder, parent, refresh),
-             "register": lambda: register(cfg, data, encoder, parent, refresh)}
+             "evaluate": lambda: evaluate(scored, data, encoder, parent, refresh),
+             "ablate": lambda: ablate(scored, data, encoder, parent, refresh),
+             "register": lambda: register(scored, data, encoder, parent, refresh)}
     try:
         return calls[stage]()
     except Exception as e:  # noqa: BLE001 - re-raised with the stage named

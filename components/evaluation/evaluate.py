@@ -58,7 +58,8 @@ def baselines(cfg: Config, parent_run_id: str | None = None, force: bool = False
         log.info("baselines: %s is up to date", e.baseline_results)
         return {"up_to_date": True, "out": e.baseline_results}
     harness = load_harness(cfg, encoder=False)
-    concepts = e.max_concepts if e.baseline_concepts is None else e.baseline_concepts
+    # never more concepts than ours ran on: every comparison with ours is paired on the baselines' concepts
+    concepts = min((n for n in (e.baseline_concepts, e.max_concepts) if n is not None), default=None)
     series: dict[str, list[str]] = {}
     with StageRun(cfg, e.experiment, "baselines", parent_run_id) as run:
         for prefix, method in BASELINES.items():

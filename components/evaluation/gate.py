@@ -3,8 +3,8 @@ challenge the champion, and the margin it must win by.
 
 The gate is the evaluation's own measure on a fixed subset: ours (encoder + tuning + sampling) on the first
 `registry.gate_concepts` held-out evaluation concepts x the first `registry.gate_prompts` prompts at seed 0,
-scored by the metrics CLIP; score = mean of identity and prompt similarity (higher is better). Its size and
-margin come from its measured noise (benchmarks/gate_noise.py; the figures are in docs/personalize.md).
+scored by the metrics CLIP; score = mean of identity and prompt similarity (higher is better). Its noise, which
+the margin should exceed, is measured by benchmarks/gate_noise.py (docs/personalize.md "The gate's noise").
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from components import tracking
+from components.config import Config
 from components.errors import UserError
 
 LOCK_DIR = ".datencoder"  # lock files, inside the workspace
@@ -57,3 +59,14 @@ def workspace_lock(workspace: str | Path, name: str, wait_s: float, what: str) -
         del _held[key]
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
+
+
+@contextlib.contextmanager
+def pipeline_run(workspace: str | Path, cfg: Config) -> Iterator[None]:
+    """The guard of a pipeline run, for the main job and the retrain flow alike (the main job holds it around its
+    Prefect server, the flow again inside it: the lock is re-entrant): work in the workspace, one run at a time,
+    and the MLflow server checked before anything starts."""
+    os.chdir(workspace)
+    with workspace_lock(workspace, "pipeline", wait_s=cfg.pipeline.lock_wait_s, what="a pipeline run"):
+        tracking.check_server()
+        yield

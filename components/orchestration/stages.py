@@ -86,8 +86,9 @@ def stage_key(cfg: Config, stage: str, data_version: str, encoder: str | None = 
 
 
 def encoder_version(cfg: Config) -> str:
-    """The encoder's identity when pretrain is not among the stages run: the weights' hash."""
-    weights = Path(cfg.pretrain.out) / "model.safetensors"
+    """The encoder's identity when pretrain is not among the stages run (the stages score personalize.encoder):
+    the weights' hash."""
+    weights = Path(cfg.personalize.encoder) / "model.safetensors"
     return hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.is_file() else "none"
 
 

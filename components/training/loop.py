@@ -498,14 +498,22 @@ def restore_newest_readable(training: Training, checkpoint, rank: int) -> tuple[
 
 def worker_loop(job: dict) -> None:
     """Ray Train's train_loop_per_worker. `job`: config (Config.model_dump()), project_dir,
-    tracking_uri, run_id (MLflow, logged to by rank 0 only)."""
+    tracking_uri, run_id (MLflow, logged to by rank 0 only), log_level (third-party logs)."""
     import ray.train
     import ray.train.torch
 
 
     os.chdir(job["project_dir"])  # the config's relative paths mean what they meant to the driver
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("datencoder").setLevel(logging.INFO)
+    # Ray Train sets the worker's root logger to INFO (open_clip logs each model load there, Ray Train each report):
+    # third-party lines at the CLI's level; our progress keeps INFO on a handler of its own
+    logging.getLogger().setLevel(job.get("log_level", "WARNING"))
+    progress_log = logging.getLogger("datencoder")
+    if not progress_log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        progress_log.addHandler(handler)
+        progress_log.propagate = False
+    progress_log.setLevel(logging.INFO)
     cfg = Config.model_validate(job["config"])
     p = cfg.pretrain
     torch.set_num_threads(p.cpus_per_worker)

@@ -25,8 +25,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -86,7 +88,7 @@ def pretrain(cfg: Config, workers: int | None = None, max_steps: int | None = No
 def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, filesystem, root: str,
         parent_run_id: str | None) -> dict[str, Any]:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
 
@@ -100,16 +102,19 @@ def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, f
         trainer = TorchTrainer(
             worker_loop,
             train_loop_config={"config": cfg.model_dump(), "project_dir": os.getcwd(),
-                               "tracking_uri": client.tracking_uri, "run_id": run_id},
+                               "tracking_uri": client.tracking_uri, "run_id": run_id,
+                               "log_level": chatter_level()},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": p.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
             run_config=RunConfig(name=name, storage_path=root, storage_filesystem=filesystem,
                                  failure_config=FailureConfig(max_failures=p.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=p.keep_checkpoints)))
+                                 checkpoint_config=CheckpointConfig(num_to_keep=p.keep_checkpoints),
+                                 # Ray Train's own lines (worker group started, each checkpoint reported)
+                                 logging_config=LoggingConfig(log_level=chatter_level())))
         t0 = time.perf_counter()
         try:
-            result = trainer.fit()
+            result = interruptible(trainer.fit)
         except Exception as e:
             raise user_error_in(e) or e
         wall = time.perf_counter() - t0
@@ -254,12 +259,22 @@ def connect(address: str | None) -> bool:
         # a cluster of our own exists for this job: its workers are the work, so they do not get Ray's
         # default niceness (15), which starves them behind any other process on a shared machine
         os.environ.setdefault("RAY_worker_niceness", "0")
+        # one node that no autoscaler drains: Ray Train's preemption watcher has nothing to watch, and its actor
+        # logs an error line at every start (ray-project/ray#53727)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ctrl-C and SIGTERM keep the meaning the caller gave them (the CLI's clean stop, Prefect's crash report):
+    # ray.init replaces the SIGTERM handler with sys.exit, and Ray's C++ failure handler aborts the process
+    # on a SIGTERM that arrives while the driver waits in Ray
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    on_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     for attempt in (1, 2):
         try:
             if address:
                 ray.init(address=address, logging_level=logging.WARNING)
             else:
                 start_own_cluster()
+            if on_sigterm is not None:
+                signal.signal(signal.SIGTERM, on_sigterm)
             return True
         except Exception as e:  # noqa: BLE001 - Ray raises bare Exceptions for start-up timeouts
             if address:
@@ -268,6 +283,11 @@ def connect(address: str | None) -> bool:
                 raise UserError(f"cannot start a local Ray cluster: {str(e).splitlines()[0]}") from None
             log.warning("starting a local Ray cluster failed (%s); retrying", str(e).splitlines()[0])
     return True
+
+
+def chatter_level() -> str:
+    """The level for third-party logs in Ray's processes: the CLI's (WARNING, INFO with --verbose)."""
+    return "INFO" if logging.getLogger().isEnabledFor(logging.INFO) else "WARNING"
 
 
 def start_own_cluster() -> None:
@@ -289,6 +309,27 @@ def start_own_cluster() -> None:
             os.environ.pop("RAY_API_SERVER_ADDRESS")
         else:
             os.environ["RAY_API_SERVER_ADDRESS"] = before
+
+
+def interruptible(fn):
+    """fn() in a thread while the main thread waits: Python runs signal handlers only in the main thread, between
+    bytecodes, and a driver blocked in a Ray call would never see Ctrl-C or SIGTERM. The interrupt is raised here;
+    the caller's clean-up (ray.shutdown) ends the work fn was waiting on."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread as is
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, name=getattr(fn, "__qualname__", "ray-call"), daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def user_error_in(error: BaseException) -> UserError | None:

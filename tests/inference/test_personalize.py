@@ -541,28 +541,32 @@ def test_register_gates_the_challenger_promote_moves_the_champion_and_pyfunc_tun
 
 @pytest.mark.slow
 def test_identity_stages_writes_one_table_per_stage_and_concept_set(root, tmp_path):
-    """benchmarks/identity_stages.py --quick (committed toy models): every stage has both concept sets and every
-    reading, with intervals; the readers read the toy world's own renders' shapes and backgrounds right."""
+    """benchmarks/identity_stages.py --quick (committed toy models): every stage has both concept sets (shapes
+    pre-training saw and did not) and every reading, with intervals; the readers read the toy world's own renders'
+    shapes and backgrounds right; no concept is an evaluation concept."""
     out = tmp_path / "stages"
     done = subprocess.run([sys.executable, "benchmarks/identity_stages.py", "--quick", "--rows",
-                           "renders,oracle,encoder 0", "--out", str(out)], cwd=root, capture_output=True, text=True,
+                           "renders,ceiling,encoder 0", "--out", str(out)], cwd=root, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["out"] == str(out)  # one JSON object on stdout
     result = json.loads((out / "identity_stages.json").read_text())
-    assert list(result["rows"]) == ["renders", "oracle", "encoder 0"]
+    assert list(result["rows"]) == ["renders", "ceiling", "encoder 0"]
+    images = 2 * 4  # 2 concepts x 4 prompts per set
     for by_set in result["rows"].values():
-        assert set(by_set) == {"eval", "fresh"}
+        assert set(by_set) == {"seen", "unseen"}
         for cell in by_set.values():
-            assert cell["images"] == 8
+            assert cell["images"] == images
             for reading in ("colour_pixel", "colour_clip", "shape_pixel", "shape_clip", "background_pixel"):
                 low, high = cell[reading + "_ci"]
                 assert 0 <= low <= cell[reading] <= high <= 1
             # every image's pixel colour is accounted for, the right ones as the colour reading counts them
             read_as = cell["colour_read_as"]
-            assert sum(read_as.values()) == 8 and read_as.get("right", 0) == round(8 * cell["colour_pixel"])
+            assert sum(read_as.values()) == images and read_as.get("right", 0) == round(images * cell["colour_pixel"])
     renders = result["rows"]["renders"]
     assert all(renders[s]["shape_pixel"] == 1 and renders[s]["background_pixel"] == 1 for s in renders)
     from components.config import load_config
 
-    assert result["fresh_concepts"] and not set(result["fresh_concepts"]) & set(load_config("toy").evaluate.concepts)
-    assert "| encoder 0 | fresh | 8 |" in (out / "identity_stages.md").read_text()
+    concepts = [c for names in result["concepts"].values() for c in names]
+    assert concepts and not set(concepts) & set(load_config("toy").evaluate.concepts)
+    assert "| encoder 0 |" in (out / "identity_stages.md").read_text()

@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -116,6 +117,14 @@ def test_smoke_pipeline_runs_its_stages_and_reports(smoke):
     assert "## Registered model" in markdown and "datencoder serve" in markdown
     assert f"version {out['stages']['register']['version']}" in markdown
     assert out["stages"]["pretrain"]["mlflow_run_id"] in markdown
+
+    # a healthy run is quiet: no error line (Ray's C++ `E` lines, Prefect's or ours) and no third-party info
+    # chatter from Ray's training processes (open_clip's model loads, Ray Train's reports)
+    stderr = smoke["run"].stderr.splitlines()
+    noise = [line for line in stderr if re.search(r"\bERROR\b|\] E \d|\d E \d+ \d+\]", line)
+             or "Loading full pretrained weights" in line or "Reporting training result" in line]
+    assert not noise, noise[:5]
+    assert len(stderr) < 60, stderr[:60]
 
     # MLflow: stages nest under the pipeline's parent run; the model is registered as champion
     client = MlflowClient(out["tracking_uri"])
@@ -476,8 +485,6 @@ def test_team_mode_logs_and_registers_through_an_mlflow_server_on_s3(smoke, tmp_
 
 # --- infra: the definitions are consistent (docker itself cannot run here; tests/infra checks the rest) ----
 def test_compose_prefect_yaml_and_kuberay_use_one_image_and_documented_variables():
-    import re
-
     from flows.retrain import retrain
 
     infra = ROOT / "infra"
