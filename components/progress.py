@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Callable, Iterator
 
+
 log = logging.getLogger("datencoder.progress")
 
 _bars_allowed = True

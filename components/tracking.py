@@ -18,6 +18,7 @@ from typing import Any, Iterator
 from components.errors import UserError
 from components.home import ROOT
 
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
@@ -30,7 +31,8 @@ def tracking_uri() -> str:
     return uri
 
 
-COMMIT_ENV = "GIT_COMMIT"  # the commit of code that has no .git with it (the image: docker build --build-arg GIT_COMMIT)
+# the commit of code that has no .git with it (the image: docker build --build-arg GIT_COMMIT)
+COMMIT_ENV = "GIT_COMMIT"
 
 
 def git_commit() -> str:
@@ -103,7 +105,7 @@ def check_server() -> str:
         if reply.status_code in (401, 403):
             given = "no credentials" if not (user or token) else f"the credentials of {user or 'the token'}"
             raise UserError(f"MLflow tracking server {uri} refused {given} (HTTP {reply.status_code}): set "
-                            f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that server") from None
+                            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that server") from None
     return uri
 
 

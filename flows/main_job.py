@@ -19,6 +19,7 @@ from components.orchestration.prefect_server import (
 )
 from components.orchestration.workspace import resolve
 
+
 log = logging.getLogger(__name__)
 
 
@@ -56,7 +57,8 @@ def main_job(preset: str | None = None, config: str | None = None, workspace: st
 
     from flows.retrain import retrain  # served runs take the pipeline lock themselves, one at a time
 
-    retrain.serve(name=f"retrain-{cfg.preset}", schedules=[Cron(cron or cfg.pipeline.cron, timezone=cfg.pipeline.timezone)],
+    retrain.serve(name=f"retrain-{cfg.preset}",
+                  schedules=[Cron(cron or cfg.pipeline.cron, timezone=cfg.pipeline.timezone)],
                   parameters={"workspace": str(path), "preset": preset, "refresh": refresh},
                   description=f"scheduled retraining ({cfg.preset}) in {path}", limit=1)
     return {"served": f"retrain/retrain-{cfg.preset}", "workspace": str(path)}

@@ -47,6 +47,7 @@ from components.model.placeholder import PLACEHOLDER, PromptEncoder
 from components.progress import Progress
 from components.runtime import resolve
 
+
 METHODS = ("ti", "lora", "dreambooth")
 GENERIC_TEMPLATE = "a photo of {}"  # the training scripts' prompt, where nothing says what the photo shows
 IDENTIFIER = "sks"  # DreamBooth's rare-token identifier; LoRA and DreamBooth prompts say "sks <class word>"
@@ -142,7 +143,8 @@ def train_lora(pipe, pixels: Tensor, steps: int, prompt: str = "a photo of sks o
         torch.manual_seed(seed)
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    cast_training_params(unet, torch.float32)  # the adapter trains in float32 on a half-precision base (diffusers' scripts)
+    # the adapter trains in float32 on a half-precision base (diffusers' scripts)
+    cast_training_params(unet, torch.float32)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     generator = torch.Generator().manual_seed(seed)
@@ -286,7 +288,8 @@ def sample(pipe, prompts_encoder, result: BaselineResult, prompts: list[str], se
     from diffusers import StableDiffusionPipeline
 
     tuned = StableDiffusionPipeline(**{**pipe.components, "unet": result.unet,
-                                       "scheduler": make_scheduler(pipe, sampling.scheduler)}, requires_safety_checker=False)
+                                       "scheduler": make_scheduler(pipe, sampling.scheduler)},
+                                    requires_safety_checker=False)
     tuned.set_progress_bar_config(disable=True)
     words = [p.replace(PLACEHOLDER, f"{IDENTIFIER} object") for p in prompts]
     images = tuned(words, guidance_scale=sampling.guidance_scale, guidance_rescale=sampling.guidance_rescale,

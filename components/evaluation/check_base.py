@@ -24,6 +24,7 @@ from components.runtime import resolve
 from components.toy import reader
 from components.toy import world as tw
 
+
 TARGETS = {"background_colour": 0.80, "object_colour": 0.70, "shape": 0.60,
            "zero_shot_colour": 0.90, "zero_shot_shape": 0.90}
 _PALETTE_NAMES = list(tw.COLOURS)
@@ -47,7 +48,8 @@ def _classify(clip: Clip, images: list, candidates: list[list[str]]) -> list[int
     return [int((clip.encode_texts(c) @ f).argmax()) for f, c in zip(feats, candidates)]
 
 
-def clip_accuracy(clip: Clip, images: list, combos: list[tuple[str, str, str]], attribute: str = "shape") -> list[bool]:
+def clip_accuracy(clip: Clip, images: list, combos: list[tuple[str, str, str]],
+                  attribute: str = "shape") -> list[bool]:
     """Per image: does the metrics CLIP pick the right one of the captions that differ only in the `attribute`
     ("shape": the 12 shapes; "colour": the 12 palette colours), for images of (shape, colour, background) combos."""
     if attribute == "shape":
@@ -70,9 +72,11 @@ def shape_accuracy(clip: Clip, images: list, combos: list[tuple[str, str, str]])
 
 def zero_shot_accuracy(clip: Clip, scenes: list[tw.Scene], seed: int) -> dict[str, float]:
     images = [tw.render(s, 64, seed * 1_000_003 + i) for i, s in enumerate(scenes)]
-    colour_cands = [[replace(s, concept=replace(s.concept, colour=c)).caption() for c in _PALETTE_NAMES] for s in scenes]
+    colour_cands = [[replace(s, concept=replace(s.concept, colour=c)).caption() for c in _PALETTE_NAMES]
+                    for s in scenes]
     shape_cands = [[replace(s, concept=replace(s.concept, shape=k)).caption() for k in tw.SHAPES] for s in scenes]
-    colour_hits = [_PALETTE_NAMES[p] == s.concept.colour for p, s in zip(_classify(clip, images, colour_cands), scenes)]
+    colour_hits = [_PALETTE_NAMES[p] == s.concept.colour
+                   for p, s in zip(_classify(clip, images, colour_cands), scenes)]
     shape_hits = [tw.SHAPES[p] == s.concept.shape for p, s in zip(_classify(clip, images, shape_cands), scenes)]
     return {"colour": float(np.mean(colour_hits)), "shape": float(np.mean(shape_hits))}
 

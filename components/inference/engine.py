@@ -40,6 +40,7 @@ from components.progress import Progress
 from components.runtime import resolve
 from components.toy import reader
 
+
 log = logging.getLogger(__name__)
 
 # per-request parameters: (type, lower bound, upper bound); the same names as the pyfunc's params

@@ -27,6 +27,7 @@ import torch
 from components.errors import UserError
 from components.inference.tuning import Concept
 
+
 # a trigger word every tool takes as one word and as a file name: letters, digits, underscores
 TOKEN_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]{2,63}")
 FINGERPRINT_KEY = "datencoder.concept"  # safetensors metadata: which concept a file holds
@@ -97,5 +98,6 @@ def export_concept(concept: Concept, out: str | Path, token: str) -> dict:
     metadata = {FINGERPRINT_KEY: concept_id, "format": "pt"}
     kohya_metadata = {"ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
     for kind, tensors in files.items():
-        save_file(tensors, str(out / names[kind]), metadata={**metadata, **(kohya_metadata if kind == "kohya" else {})})
+        save_file(tensors, str(out / names[kind]),
+                  metadata={**metadata, **(kohya_metadata if kind == "kohya" else {})})
     return {"dir": str(out), "token": token, "files": [names[k] for k in files], "rank": rank}

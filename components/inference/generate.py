@@ -18,6 +18,7 @@ from components.inference.tuning import Concept
 from components.model.dual_path import condition
 from components.progress import Progress
 
+
 # --scheduler name -> diffusers class
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
 

@@ -22,6 +22,7 @@ from components.errors import UserError
 from components.progress import quiet_library_bars
 from components.runtime import CPU, Runtime
 
+
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +37,8 @@ def files_fingerprint(*locations: str, extra: str | None = None, whole_below: in
     hashed whole while they total at most `whole_below` bytes (the toy models), else by name, size and mtime
     (SD-size directories)."""
     paths = [Path(location) for location in locations]
-    files = sorted(f for p in paths for f in ([p] if p.is_file() else p.rglob("*") if p.is_dir() else []) if f.is_file())
+    files = sorted(f for p in paths for f in ([p] if p.is_file() else p.rglob("*") if p.is_dir() else [])
+                   if f.is_file())
     whole = sum(f.stat().st_size for f in files) <= whole_below
     h = hashlib.sha256(json.dumps([*locations, extra] if extra is not None else list(locations)).encode())
     for f in files:
@@ -116,7 +118,8 @@ def load_clip(spec: ClipConfig, device: str | torch.device = "cpu") -> Clip:
     if spec.config_path is not None:
         config = Path(spec.config_path)
         if not config.is_file():
-            raise UserError(f"open_clip config not found at {config}; run `datencoder bootstrap` to train the toy CLIPs")
+            raise UserError(f"open_clip config not found at {config}; "
+                            "run `datencoder bootstrap` to train the toy CLIPs")
         open_clip.add_model_config(config)
     pretrained = spec.pretrained
     if pretrained.endswith((".safetensors", ".bin", ".pt", ".pth")) and not Path(pretrained).is_file():
@@ -128,6 +131,7 @@ def load_clip(spec: ClipConfig, device: str | torch.device = "cpu") -> Clip:
     except (RuntimeError, OSError, ValueError, SafetensorError) as e:
         raise UserError(
             f"cannot load open_clip {spec.model_name} weights {pretrained!r} ({str(e).splitlines()[0]}); "
-            f"weights are never downloaded here: put them in the local Hugging Face cache or give a file path") from None
+            "weights are never downloaded here: put them in the local Hugging Face cache or give a file path"
+        ) from None
     model.eval().requires_grad_(False)
     return Clip(model, preprocess, open_clip.get_tokenizer(spec.model_name))

@@ -39,6 +39,7 @@ from components.model.regularisers import embedding_regulariser, offsets_l2
 from components.model.token_embedder import TokenEmbedder
 from components.runtime import resolve
 
+
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
@@ -154,7 +155,8 @@ class TuningEncoder(nn.Module):
     def attach(self, base: FrozenBase) -> TuningEncoder:
         found = EncoderShape.of(base.unet, base.text_encoder, base.clip.channels, base.clip.grid)
         if found != self.shape:
-            raise UserError("this encoder was built for a different base model (feature, token or target shapes differ)")
+            raise UserError("this encoder was built for a different base model "
+                            "(feature, token or target shapes differ)")
         self.base = base
         return self
 
@@ -219,7 +221,8 @@ class TuningEncoder(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path / WEIGHTS_NAME))
         shape = asdict(self.shape)
-        (path / CONFIG_NAME).write_text(json.dumps({"_class_name": type(self).__name__, "_datencoder_version": __version__,
+        (path / CONFIG_NAME).write_text(json.dumps({"_class_name": type(self).__name__,
+                                                    "_datencoder_version": __version__,
                                                     "encoder": self.config.model_dump(), "shape": shape}, indent=1))
 
     @classmethod
@@ -232,7 +235,8 @@ class TuningEncoder(nn.Module):
             saved = json.loads((path / CONFIG_NAME).read_text())
             weights = load_file(str(path / WEIGHTS_NAME))
         except (OSError, ValueError, SafetensorError) as e:  # missing, unparsable, truncated or corrupt
-            raise UserError(f"cannot load encoder from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"cannot load encoder from {path}: {reason}; "
                             f"the weights are corrupt or incomplete: train them again or restore them") from None
         encoder = cls(EncoderConfig.model_validate(saved["encoder"]), EncoderShape.from_dict(saved["shape"]))
         try:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from components.model.dual_path import ConceptBatch, blend
 
+
 PROJECTIONS = ("to_q", "to_k", "to_v")
 
 

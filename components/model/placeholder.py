@@ -17,6 +17,7 @@ from torch import Tensor
 from components.errors import UserError
 from components.model.token_embedder import nearest_tokens
 
+
 PLACEHOLDER = "S*"
 
 
@@ -48,7 +49,8 @@ class PromptEncoder:
                                 f"({len(pieces)} tokens); list single words the text encoder was trained on")
             ids.append(pieces[0])
         if not ids:
-            raise UserError("base.vocabulary is empty: list the words the text encoder was trained on, or null for all")
+            raise UserError("base.vocabulary is empty: "
+                            "list the words the text encoder was trained on, or null for all")
         return torch.tensor(ids, dtype=torch.long)
 
     @property

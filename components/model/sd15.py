@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+
 CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
 
 
@@ -41,12 +42,13 @@ def meta_text_encoder(config: dict | None = None):
 
 
 # diffusers AutoencoderKL as in SD 1.5's vae/config.json
-VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
-                  block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                  up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.18215)
+VAE_CONFIG = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 512, "layers_per_block": 2,
+              "block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
+              "up_block_types": ("UpDecoderBlock2D",) * 4, "norm_num_groups": 32, "scaling_factor": 0.18215}
 # SD 1.5's noise schedule (scheduler/scheduler_config.json)
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                        prediction_type="epsilon", clip_sample=False, steps_offset=1)
+SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                    "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "clip_sample": False,
+                    "steps_offset": 1}
 
 
 def random_pipeline(tokenizer, unet: dict | None = None, text_encoder: dict | None = None, vae: dict | None = None,

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 
 from components.errors import UserError
 
+
 LOCK_DIR = ".datencoder"  # lock files, inside the workspace
 
 _held: dict[str, tuple[Any, int]] = {}  # lock file -> (open file, depth): re-entrant within a process

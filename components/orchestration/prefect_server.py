@@ -16,6 +16,7 @@ from components.errors import UserError
 from components.orchestration.dvc import BIN
 from components.orchestration.processes import stop_session
 
+
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +54,8 @@ def local_prefect_server(workspace: Path, startup_timeout_s: float, ui: bool = F
     env.update(PREFECT_HOME=str(home), PREFECT_UI_ENABLED=str(ui).lower(), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_UI_API_URL=api)
     with open(home / "server.log", "w") as out:
-        server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        server = subprocess.Popen([str(BIN / "prefect"), "server", "start",
+                                   "--host", "127.0.0.1", "--port", str(port)],
                                   env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + startup_timeout_s

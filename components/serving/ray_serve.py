@@ -43,6 +43,7 @@ from components.errors import UserError
 from components.runtime import runtime_environment
 from components.serving import limits, registry, scoring
 
+
 log = logging.getLogger(__name__)
 
 APP_NAME = "datencoder"
@@ -230,7 +231,8 @@ def serve(cfg: Config, model: str, host: str, port: int, trust_model_code: bool)
     try:
         ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING)
     except Exception as e:  # noqa: BLE001 - Ray raises bare Exceptions for start-up failures
-        raise UserError(f"cannot start or reach the Ray cluster ({address or 'local'}): {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot start or reach the Ray cluster ({address or 'local'}): "
+                        f"{str(e).splitlines()[0]}") from None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the finally below shuts Ray Serve down
     try:
         ray_serve.start(http_options={"host": host, "port": port})

@@ -52,6 +52,7 @@ from components.config import Config, RuntimeConfig, load_config
 from components.errors import UserError
 from components.inference.engine import Personalizer
 
+
 log = logging.getLogger(__name__)
 
 LEGACY_MODEL_NAME = "datencoder"  # the one name every preset shared before names carried the preset
@@ -215,7 +216,8 @@ def signature(cfg: Config):
     # concept (optional): rows with the same label are several photos of one concept
     return ModelSignature(inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "prompt"),
                                          ColSpec("string", "concept", required=False)]),
-                          outputs=Schema([ColSpec("binary", "image"), ColSpec("string", "prompt"), ColSpec("long", "seed")]),
+                          outputs=Schema([ColSpec("binary", "image"), ColSpec("string", "prompt"),
+                                          ColSpec("long", "seed")]),
                           params=ParamSchema(params))
 
 
@@ -326,7 +328,8 @@ def register(cfg: Config, encoder: str | None = None) -> dict:
     _score_of(client, cfg, name, _aliased(client, name, ALIAS))  # a champion from another gate: scored before the lock
     from components.data.prepare import data_version  # registering only (pandas): `personalize` starts without it
 
-    tags = {"data_version": data_version(cfg.pretrain.data, missing="unknown"), "preset": cfg.preset, "stage": "register"}
+    tags = {"data_version": data_version(cfg.pretrain.data, missing="unknown"), "preset": cfg.preset,
+            "stage": "register"}
     with tracking.run(EXPERIMENT, f"register-{encoder_dir.name}", tags) as (run_client, run_id):
         tracking.log_metrics(run_client, run_id, {GATE: score, "gate_identity": gate["identity"],
                                                   "gate_prompt": gate["prompt"]}, step=0)
@@ -345,10 +348,10 @@ def register(cfg: Config, encoder: str | None = None) -> dict:
             if alias:
                 client.set_registered_model_alias(name, alias, version)
     said = {ALIAS: "now @champion (the model had none)",
-            CHALLENGER: f"now @challenger (champion v{champion and champion.version} {champion_score}; promote it with "
-                        f"`datencoder promote`)",
-            None: f"no alias: it does not beat the champion v{champion and champion.version} ({champion_score}) by more "
-                  f"than {r.margin:g}" + (f" and the challenger v{challenger.version} ({challenger_score})"
+            CHALLENGER: f"now @challenger (champion v{champion and champion.version} {champion_score}; "
+                        f"promote it with `datencoder promote`)",
+            None: f"no alias: it does not beat the champion v{champion and champion.version} ({champion_score}) "
+                  f"by more than {r.margin:g}" + (f" and the challenger v{challenger.version} ({challenger_score})"
                                          if challenger else "")}[alias]
     log.info("registered %s version %s (%s %s = %.5g); %s", name, version, GATE, gate["size"], score, said)
     return {"model": name, "version": int(version), "run_id": run_id, "model_uri": info.model_uri,
@@ -445,7 +448,8 @@ def trusted_model_dir(model_uri: str, trust: bool = False) -> str:
         log.warning("loading %s without checking its code (told to trust it)", model_uri)
         return local
     expected = code_sha256(PYFUNC_CODE)
-    flavor = (yamllib.safe_load((Path(local) / "MLmodel").read_text()) or {}).get("flavors", {}).get("python_function", {})
+    mlmodel = yamllib.safe_load((Path(local) / "MLmodel").read_text()) or {}
+    flavor = mlmodel.get("flavors", {}).get("python_function", {})
     code = flavor.get("model_code_path")
     logged = code_sha256(Path(local) / Path(code).name) if code and (Path(local) / Path(code).name).is_file() else None
     hint = (f"register it again with this checkout (`datencoder register`), or pass --trust-model-code "

@@ -35,6 +35,7 @@ from components.errors import UserError
 from components.runtime import resolve, runtime_environment
 from components.serving import limits, registry, scoring
 
+
 log = logging.getLogger(__name__)
 
 MODEL_ENV = "DATENCODER_SERVE_MODEL"  # the checked local model directory, for each uvicorn worker process

@@ -43,6 +43,7 @@ from components.model.base import _is_local, base_fingerprint
 from components.model.placeholder import PLACEHOLDER
 from components.training.loop import train_rows, worker_loop
 
+
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # before ray.train is imported anywhere in this process
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, f
     use_gpu = p.use_gpu if p.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= p.workers
     tags = {"data_version": version, "preset": cfg.preset, "stage": "pretrain"}
     with tracking.run(p.experiment, name, tags, parent_run_id, params=resolved(cfg)) as (client, run_id):
-        tracking.log_dataset(client, run_id, train_rows(manifest), source=str(Path(p.data, "manifest.parquet").resolve()),
+        tracking.log_dataset(client, run_id, train_rows(manifest),
+                             source=str(Path(p.data, "manifest.parquet").resolve()),
                              name=Path(p.data).name, digest=version)
 
         trainer = TorchTrainer(
@@ -106,7 +108,8 @@ def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, f
                                "log_level": chatter_level()},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": p.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+                                         resources_per_worker={"CPU": p.cpus_per_worker,
+                                                               **({"GPU": 1} if use_gpu else {})}),
             run_config=RunConfig(name=name, storage_path=root, storage_filesystem=filesystem,
                                  failure_config=FailureConfig(max_failures=p.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=p.keep_checkpoints),
@@ -116,7 +119,10 @@ def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, f
         try:
             result = interruptible(trainer.fit)
         except Exception as e:
-            raise user_error_in(e) or e
+            error = user_error_in(e)
+            if error is None or error is e:
+                raise
+            raise error from e  # a worker's UserError, so the CLI prints it as one line
         wall = time.perf_counter() - t0
 
         # the final checkpoint's metrics are the run's summary (an earlier invocation's when nothing was left to do)
@@ -178,7 +184,8 @@ def check_replaceable(out: Path, cfg: Config, name: str) -> None:
         recipe = json.loads((out / RECIPE_FILE).read_text())["run_name"] if (out / RECIPE_FILE).is_file() else None
         encoder = json.loads((out / "config.json").read_text()).get("encoder")
     except (OSError, ValueError, KeyError, AttributeError) as e:
-        raise UserError(f"{out} holds an encoder whose recipe cannot be read ({e}); pass --force to replace it") from None
+        raise UserError(f"{out} holds an encoder whose recipe cannot be read ({e}); "
+                        "pass --force to replace it") from None
     same = recipe == name if recipe is not None else encoder == cfg.encoder.model_dump()
     if not same:
         what = f"run {recipe}" if recipe else "another encoder config"
