@@ -17,6 +17,8 @@ import signal
 import sys
 from typing import Any, Iterator, NoReturn
 
+# Of the project's modules only these two load at start-up: each command imports its stage inside its function,
+# so that `datencoder --help` stays fast and loads no torch, diffusers, Ray or MLflow (docs/layout.md).
 from components.errors import UserError
 from components.progress import show_bars
 

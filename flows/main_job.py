@@ -53,6 +53,7 @@ def main_job(preset: str | None = None, config: str | None = None, workspace: st
                     result["prefect_ui"] = api.removesuffix("/api")
                     wait_for_interrupt(result["prefect_ui"])
             return result
+    # imported only now: prefect reads PREFECT_* (set above) when it is imported
     from prefect.schedules import Cron
 
     from flows.retrain import retrain  # served runs take the pipeline lock themselves, one at a time

@@ -325,6 +325,7 @@ def read_file(path: str) -> bytes:
 
 
 def s3_client(s3: S3Config, workers: int):
+    # boto3: only for s3:// sources; pretrain and evaluate import this module without it
     import boto3
     from botocore import UNSIGNED
     from botocore.config import Config as BotoConfig
@@ -346,7 +347,7 @@ def s3_client(s3: S3Config, workers: int):
 
 def read_s3(client, uri: str, retries: int) -> bytes:
     """GET one object; timeouts, connection errors, 429 and 5xx are retried with exponential backoff."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError  # botocore: only for s3:// sources
 
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     for attempt in range(retries + 1):

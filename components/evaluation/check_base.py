@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from components.config import Config
+from components.model.backbone import ClipImageTower
 from components.model.base import Clip, load_clip, load_pipeline
 from components.progress import Progress
 from components.runtime import resolve
@@ -104,8 +106,6 @@ def check_base(cfg: Config, grid: str | None = None, batch: int = 16) -> dict:
     read = [read_colours(im) for im in images]
     bg_hits = [r[0] == bg for r, (_, _, bg) in zip(read, combos)]
     obj_hits = [r[1] == colour for r, (_, colour, _) in zip(read, combos)]
-    from PIL import Image
-
     pil = [Image.fromarray(im) for im in images]
 
     fresh = tw.scenes_for_training(c.fresh_renders, seed=10_000 + c.seed)
@@ -138,8 +138,6 @@ PROBE_TARGETS = {"colour": 0.95, "shape": 0.90}
 def backbone_features(visual, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """What the encoder's trunk reads from the backbone CLIP (components/model/backbone.py ClipImageTower): its
     last layer's patch features, mean-pooled (N, C)."""
-    from components.model.backbone import ClipImageTower
-
     tower = ClipImageTower(visual)
     return torch.cat([tower(pixels[i:i + batch]).mean(dim=(2, 3)) for i in range(0, len(pixels), batch)])
 
@@ -183,8 +181,6 @@ def backbone_probe(cfg: Config, train_images: int = 2400, test_images: int = 600
 
 
 def _save_grid(images: list, path: str, cols: int = 8) -> None:
-    from PIL import Image
-
     rows = (len(images) + cols - 1) // cols
     side = images[0].size[0]
     sheet = Image.new("RGB", (cols * side, rows * side), "white")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from components.config import Config
 from components.evaluation.metrics import INTERVAL_NOTE, mean_ci
@@ -157,6 +158,7 @@ def table(results: dict) -> pd.DataFrame:
 
 
 def _pyplot():
+    # matplotlib: only when plotting (start-up time); the Agg backend is set before pyplot is imported
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,6 +235,7 @@ def tradeoff_figure(results: dict, title: str):
 def _log_seconds_axis(ax) -> None:
     """Seconds on a log axis with labels at 1-2-5 steps (decades only beyond three decades) and none on the minor
     ticks: matplotlib's default labels the minor ticks of a short range, and they collided."""
+    # matplotlib: only when plotting (start-up time)
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     low, high = ax.get_xlim()
@@ -293,8 +296,6 @@ def comparison_grid(grids: dict, prompts: list[str], concept: str, path: Path) -
     `grids`: method -> its sample grid (harness.sample_grid: a row per concept, the input then one image per
     prompt, the first concept on top), whose first row is taken.
     None when no method has a grid."""
-    from PIL import Image
-
     rows = {name: grid for name, grid in grids.items() if grid is not None}
     if not rows or not prompts:
         return None

@@ -21,7 +21,7 @@ class ClipImageTower(nn.Module):
 
     def __init__(self, visual: nn.Module):
         super().__init__()
-        import open_clip
+        import open_clip  # open_clip: only when a backbone is built (start-up time)
 
         self.visual = visual.eval().requires_grad_(False)
         preprocess = getattr(visual, "preprocess_cfg", {}) or {}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from components.config import BaseConfig, ClipConfig
 from components.errors import UserError
@@ -57,7 +58,7 @@ def _is_local(base: BaseConfig) -> bool:
 def load_pipeline(base: BaseConfig, runtime: Runtime = CPU):
     """The base `StableDiffusionPipeline` (toy or SD 1.5), safety checker off, in `runtime`'s dtype on its device
     (stages pass `components.runtime.resolve(cfg.runtime)`)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # diffusers: only when the base loads (start-up time)
 
     quiet_library_bars()
     name = base.pretrained
@@ -112,8 +113,7 @@ class Clip:
 def load_clip(spec: ClipConfig, device: str | torch.device = "cpu") -> Clip:
     """Load an open_clip model: a bundled config + checkpoint file (toy) or a name + pretrained tag; float32 on
     `device` (a stage's `components.runtime.resolve(cfg.runtime).device`)."""
-    import open_clip
-    from safetensors import SafetensorError
+    import open_clip  # open_clip: only when a CLIP loads (start-up time)
 
     if spec.config_path is not None:
         config = Path(spec.config_path)

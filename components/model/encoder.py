@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from components import __version__
@@ -61,7 +63,7 @@ class FrozenBase:
         """From the diffusers pipeline at cfg.base.pretrained in cfg.runtime (or `pipe`, already loaded from it:
         then the base shares its modules, and the pipeline's VAE and sampler stay usable) and the backbone CLIP,
         on the pipeline's device."""
-        from diffusers import DDPMScheduler
+        from diffusers import DDPMScheduler  # diffusers: only when the base is wrapped (start-up time)
 
         pipe = pipe if pipe is not None else load_pipeline(cfg.base, resolve(cfg.runtime))
         # training noises with DDPM on the pipeline's own betas and prediction type
@@ -215,8 +217,6 @@ class TuningEncoder(nn.Module):
 
     # --- diffusers-style persistence: config.json + safetensors ----------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path / WEIGHTS_NAME))
@@ -227,9 +227,6 @@ class TuningEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, base: FrozenBase | None = None) -> TuningEncoder:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         path = Path(path)
         try:
             saved = json.loads((path / CONFIG_NAME).read_text())

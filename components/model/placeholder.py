@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from tokenizers import AddedToken
 from torch import Tensor
 
 from components.errors import UserError
@@ -26,8 +27,6 @@ class PromptEncoder:
     special ones (bos/eos/pad)."""
 
     def __init__(self, tokenizer, text_encoder, vocabulary: list[str] | None = None):
-        from tokenizers import AddedToken
-
         self.tokenizer = copy.deepcopy(tokenizer)
         self.tokenizer.add_tokens([AddedToken(PLACEHOLDER, normalized=False, single_word=False)])
         self.placeholder_id = self.tokenizer.convert_tokens_to_ids(PLACEHOLDER)
@@ -100,6 +99,7 @@ class PromptEncoder:
 
     def _transformer(self, embeds: Tensor) -> Tensor:
         """CLIPTextTransformer.forward from the input embeddings on (it only accepts ids)."""
+        # transformers' modelling code: only when prompts are encoded (start-up time)
         from transformers.masking_utils import create_causal_mask
 
         text = getattr(self.text_encoder, "text_model", self.text_encoder)  # transformers 4 nests it

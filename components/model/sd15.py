@@ -27,7 +27,7 @@ def text_encoder_config() -> dict:
 
 def meta_unet(config: dict | None = None):
     """A UNet2DConditionModel with SD 1.5's (or `config`'s) structure on the meta device."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # diffusers: only when a model is built (start-up time)
 
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(config or unet_config())
@@ -35,6 +35,7 @@ def meta_unet(config: dict | None = None):
 
 def meta_text_encoder(config: dict | None = None):
     """A CLIPTextModel with SD 1.5's (or `config`'s) structure on the meta device."""
+    # transformers' modelling code: only when a model is built (start-up time)
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):
@@ -56,6 +57,7 @@ def random_pipeline(tokenizer, unet: dict | None = None, text_encoder: dict | No
     """A StableDiffusionPipeline with SD 1.5's structure (or the given configs') and random weights, built on
     `device`: for measuring time and memory, which do not depend on the weights. `tokenizer`: SD's cannot be
     downloaded here; the toy BPE tokenizer's ids fit SD's 49,408-row table."""
+    # diffusers, transformers: only when a pipeline is built (start-up time)
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,

@@ -12,6 +12,8 @@ import logging
 import shutil
 from pathlib import Path
 
+import pandas as pd
+
 from components import tracking
 from components.config import Config
 from components.evaluation.metrics import INTERVAL_NOTE
@@ -26,7 +28,7 @@ def run_link(run_id: str | None) -> str:
         return "-"
     uri = tracking.tracking_uri()
     if uri.startswith("http"):
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # mlflow: only for a tracking server's link (start-up time)
 
         experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
         return f"[{run_id[:8]}]({uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id})"
@@ -110,8 +112,6 @@ def write_report(cfg: Config, results: dict[str, dict], parent_run_id: str, flow
                  durations: dict[str, float] | None = None) -> dict:
     """report.md + metrics.csv (+ the plots and sample grid) under pipeline.report; `durations`: each stage flow's
     wall time in this run (seconds). Returns the markdown, the table rows and the paths."""
-    import pandas as pd
-
     out = Path(cfg.pipeline.report).resolve()
     out.mkdir(parents=True, exist_ok=True)
     durations = durations or {}

@@ -13,6 +13,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import try_to_load_from_cache
+from transformers import CLIPTokenizer
+
 from components import home
 from components.config import BaseConfig, Config
 from components.data.images import read_file
@@ -30,9 +33,6 @@ def base_tokenizer(base: BaseConfig):
     """The base model's tokenizer alone (no weights), to check prompts before any model loads. A base that is
     not there (no model_index.json in its directory or the local Hugging Face cache) fails here with the
     loader's own message: which path or id, and how to provide it."""
-    from huggingface_hub import try_to_load_from_cache
-    from transformers import CLIPTokenizer
-
     local = Path(base.pretrained).expanduser()
     if local.is_dir():
         found = (local / "model_index.json").is_file()

@@ -36,16 +36,20 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import hashlib
+import io
 import logging
 import os
 import socket
 import tempfile
 import time
 import uuid
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Iterator
 
 import yaml
+from PIL import Image
 
 from components import tracking
 from components.config import Config, RuntimeConfig, load_config
@@ -77,6 +81,7 @@ def is_model_uri(model: str) -> bool:
 
 
 def _client():
+    # mlflow: on use only (start-up time)
     import mlflow
     from mlflow import MlflowClient
 
@@ -87,7 +92,7 @@ def _client():
 
 def _aliased(client, name: str, alias: str):
     """The ModelVersion `name@alias`, or None (no such model or alias)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: on use only (start-up time)
 
     try:
         return client.get_model_version_by_alias(name, alias)
@@ -117,7 +122,7 @@ def champion_uri(cfg: Config) -> str | None:
 @contextlib.contextmanager
 def alias_lock(client, name: str, timeout_s: float, lease_s: float = LOCK_LEASE_S) -> Iterator[None]:
     """Hold `name`'s alias lock (module docstring) while the block runs: read the aliases, decide, set them."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: on use only (start-up time)
 
     lock = name + LOCK_SUFFIX
     holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -157,7 +162,7 @@ def alias_lock(client, name: str, timeout_s: float, lease_s: float = LOCK_LEASE_
 
 def _model_of_preset(client, name: str, preset: str) -> None:
     """Create `name` for `preset`, or check it holds `preset` (one preset per registered model)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: on use only (start-up time)
 
     try:
         model = client.get_registered_model(name)
@@ -204,6 +209,7 @@ def config_from_artifacts(artifacts: dict[str, str]) -> Config:
 
 def signature(cfg: Config):
     """Inputs image (binary) + prompt (string); params with the config's defaults; outputs image/prompt/seed."""
+    # mlflow: on use only (start-up time)
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -223,10 +229,7 @@ def signature(cfg: Config):
 
 def input_example():
     """One tiny request that runs in seconds: no tuning, one sampling step."""
-    import io
-
-    import pandas as pd
-    from PIL import Image
+    import pandas as pd  # pandas: registering only; `personalize` starts without it
 
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (220, 40, 40)).save(buf, format="PNG")
@@ -235,16 +238,14 @@ def input_example():
 
 
 def requirements() -> list[str]:
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name)}" for name in
+    return [f"{name}=={package_version(name)}" for name in
             ("torch", "diffusers", "transformers", "open_clip_torch", "safetensors", "mlflow", "pillow", "pandas",
              "pydantic", "pyyaml")]
 
 
 def log_model(cfg: Config, encoder_dir: str | Path):
     """Log the pyfunc model into the active run; returns mlflow's ModelInfo."""
-    import mlflow
+    import mlflow  # mlflow: on use only (start-up time)
 
     with tempfile.TemporaryDirectory(prefix="datencoder-register-") as scratch:
         return mlflow.pyfunc.log_model(
@@ -265,6 +266,7 @@ def gate_score(personalizer, registry=None) -> dict:
 
 def score_tag(cfg: Config) -> str:
     """The version tag holding a score on `cfg`'s gate: `<GATE>.<concepts>x<prompts>`."""
+    # registering only (it loads pandas): `personalize` starts without it
     from components.evaluation.gate import GATE, gate_size
 
     return f"{GATE}.{gate_size(cfg)}"
@@ -273,7 +275,7 @@ def score_tag(cfg: Config) -> str:
 def logged_personalizer(model_uri: str, runtime: RuntimeConfig) -> Personalizer:
     """A Personalizer over a registered version's logged encoder and config, built by this checkout's code (the
     logged pyfunc code is not run: only its weights and config are read), to score it on the gate."""
-    import mlflow
+    import mlflow  # mlflow: on use only (start-up time)
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
     flavor = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {}).get("python_function", {})
@@ -300,7 +302,7 @@ def _score_of(client, cfg: Config, name: str, version) -> float | None:
 def decide(score: float, champion: float | None, challenger: float | None, margin: float) -> str | None:
     """Which alias a new version's gate score earns: `champion` when there is none yet, `challenger` when it
     beats the champion by more than `margin` and the current challenger (if any), else none."""
-    from components.evaluation.gate import beats
+    from components.evaluation.gate import beats  # registering only (it loads pandas): `personalize` starts without it
 
     if champion is None:
         return ALIAS
@@ -312,14 +314,14 @@ def decide(score: float, champion: float | None, challenger: float | None, margi
 def register(cfg: Config, encoder: str | None = None) -> dict:
     """Log and register the encoder at `encoder` (default personalize.encoder) as a version of model_name(cfg);
     give it the alias its gate score earns (`decide`), under the model's alias lock."""
-    import mlflow
+    import mlflow  # mlflow: on use only (start-up time)
 
     encoder_dir = Path(encoder or cfg.personalize.encoder)
     if not (encoder_dir / "config.json").is_file():
         raise UserError(f"no encoder at {encoder_dir} (config.json missing): run `datencoder pretrain` first, "
                         f"or pass --encoder")
 
-    from components.evaluation.gate import GATE
+    from components.evaluation.gate import GATE  # registering only (it loads pandas): `personalize` starts without it
 
     client, name, r = _client(), model_name(cfg), cfg.registry
     _model_of_preset(client, name, cfg.preset)
@@ -367,7 +369,7 @@ def register(cfg: Config, encoder: str | None = None) -> dict:
 def promote(cfg: Config, version: int | None = None) -> dict:
     """Move model_name(cfg)'s `@champion` to `version` (default: the `@challenger`), under the alias lock; never
     onto a version of another preset. The previous champion is recorded on the new one (`promoted_from`)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: on use only (start-up time)
 
     client, name = _client(), model_name(cfg)
     with alias_lock(client, name, cfg.registry.lock_timeout_s):
@@ -411,7 +413,7 @@ def load_pyfunc_personalizer(model_uri: str, trust: bool = False, runtime: Runti
 
 def load_pyfunc(model_dir: str, runtime: RuntimeConfig | None = None):
     """The pyfunc model in a local directory that trusted_model_dir returned."""
-    import mlflow
+    import mlflow  # mlflow: on use only (start-up time)
 
     try:
         return mlflow.pyfunc.load_model(model_dir, model_config=runtime.model_dump() if runtime else None)
@@ -421,22 +423,17 @@ def load_pyfunc(model_dir: str, runtime: RuntimeConfig | None = None):
 
 # --- trust ------------------------------------------------------------------------------------------
 def code_sha256(path: str | Path) -> str:
-    import hashlib
-
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def trust_requested(flag: bool = False) -> bool:
-    import os
-
     return flag or os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def trusted_model_dir(model_uri: str, trust: bool = False) -> str:
     """Download `model_uri` and return its local directory, once its logged code is known to be this
     project's (module docstring); otherwise a UserError saying why, unless `trust` (or TRUST_ENV)."""
-    import mlflow
-    import yaml as yamllib
+    import mlflow  # mlflow: on use only (start-up time)
 
     client = _client()
     try:
@@ -448,7 +445,7 @@ def trusted_model_dir(model_uri: str, trust: bool = False) -> str:
         log.warning("loading %s without checking its code (told to trust it)", model_uri)
         return local
     expected = code_sha256(PYFUNC_CODE)
-    mlmodel = yamllib.safe_load((Path(local) / "MLmodel").read_text()) or {}
+    mlmodel = yaml.safe_load((Path(local) / "MLmodel").read_text()) or {}
     flavor = mlmodel.get("flavors", {}).get("python_function", {})
     code = flavor.get("model_code_path")
     logged = code_sha256(Path(local) / Path(code).name) if code and (Path(local) / Path(code).name).is_file() else None
@@ -471,7 +468,7 @@ def trusted_model_dir(model_uri: str, trust: bool = False) -> str:
 
 def _version_of(client, model_uri: str):
     """The ModelVersion of models:/name@alias or models:/name/version."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: on use only (start-up time)
 
     name, _, ref = model_uri.removeprefix("models:/").partition("@")
     try:

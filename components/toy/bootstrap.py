@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from components.config import BootstrapConfig, Config
 from components.errors import UserError
@@ -77,7 +78,7 @@ def attribute_swaps(scene: tw.Scene, rng: random.Random) -> list[tw.Scene]:
 
 # --- VAE ------------------------------------------------------------------------------------------
 def make_vae(channels: tuple[int, ...] = (16, 32, 32)):
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # diffusers: only when this part trains (start-up time)
 
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
@@ -143,6 +144,7 @@ def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
 
 # --- text encoder + UNet --------------------------------------------------------------------------
 def make_text_encoder(vocab_size: int, b: BootstrapConfig, bos: int, eos: int, max_length: int):
+    # transformers' modelling code: only when this part trains (start-up time)
     from transformers import CLIPTextConfig, CLIPTextModel
 
     return CLIPTextModel(CLIPTextConfig(
@@ -153,7 +155,7 @@ def make_text_encoder(vocab_size: int, b: BootstrapConfig, bos: int, eos: int, m
 
 
 def make_unet(b: BootstrapConfig):
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # diffusers: only when this part trains (start-up time)
 
     c = tuple(b.unet_channels)
     return UNet2DConditionModel(
@@ -189,6 +191,7 @@ class EMA:
 
 def train_denoiser(latents: torch.Tensor, input_ids: torch.Tensor, empty_ids: torch.Tensor,
                    text_encoder, unet, b: BootstrapConfig) -> dict:
+    # diffusers: only when this part trains (start-up time)
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
@@ -260,8 +263,7 @@ def train_clip(name: str, out: Path, scenes: list[tw.Scene], images: torch.Tenso
     """Train one open_clip CLIP contrastively on (render, caption) pairs and save config + weights.
     `hard`: scenes in consecutive groups of 4 attribute swaps (see attribute_swaps) with their renders;
     each batch then gives half its rows to whole groups, captioned in full."""
-    import open_clip
-    from safetensors.torch import save_file
+    import open_clip  # open_clip: only when the CLIPs train (start-up time)
 
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / f"{name}.json"
@@ -379,6 +381,7 @@ def bootstrap_vae(out: Path, scenes: list[tw.Scene], images: torch.Tensor, b: Bo
 def bootstrap_unet(out: Path, scenes: list[tw.Scene], images: torch.Tensor, b: BootstrapConfig) -> dict:
     """The rest of models/toy-base (tokenizer, text encoder, UNet, scheduler, model_index.json), trained on
     the latents of the VAE already in models/toy-base/vae."""
+    # diffusers: only when this part trains (start-up time)
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
     vae_dir = out / "toy-base" / "vae"

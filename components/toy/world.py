@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -434,8 +435,6 @@ def _scene_columns(scene: Scene | None) -> dict:
 
 
 def _rmtree(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path)
 
 

@@ -36,10 +36,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from components import tracking
@@ -186,7 +188,7 @@ class Training:
         encoder = initial_encoder(cfg, base).to(device)
         model = encoder
         if world > 1:  # frozen base parts are plain attributes: DDP neither syncs nor broadcasts them
-            import ray.train.torch
+            import ray.train.torch  # ray: in a Ray Train worker only
 
             # Ray Train's DDP wrapping: device_ids and output_device from this worker's GPU, none on CPUs
             model = ray.train.torch.prepare_model(encoder, move_to_device=device)
@@ -253,8 +255,6 @@ class Training:
 
     def restore(self, directory: Path, rank: int) -> int:
         """Load a checkpoint; returns its step."""
-        from safetensors.torch import load_file
-
         self.encoder.load_state_dict(load_file(str(directory / ENCODER_DIR / "model.safetensors")))
         state = torch.load(directory / TRAINER_STATE, weights_only=True, map_location=self.device)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -465,8 +465,7 @@ def restore_newest_readable(training: Training, checkpoint, rank: int) -> tuple[
     """Restore Ray's latest checkpoint or, when it cannot be read (a truncated file, a crash while it was
     written), the newest earlier one of the run: -> (its step, what was skipped, or None). Every rank
     ends on the same step; none readable is a UserError (`--restart` starts over)."""
-    import pyarrow.fs
-    import ray.train
+    import ray.train  # ray: in a Ray Train worker only
 
     folder = checkpoint.path.rsplit("/", 1)[0]
     found = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(folder))
@@ -504,6 +503,7 @@ def restore_newest_readable(training: Training, checkpoint, rank: int) -> tuple[
 def worker_loop(job: dict) -> None:
     """Ray Train's train_loop_per_worker. `job`: config (Config.model_dump()), project_dir,
     tracking_uri, run_id (MLflow, logged to by rank 0 only), log_level (third-party logs)."""
+    # ray: in a Ray Train worker only
     import ray.train
     import ray.train.torch
 
@@ -535,6 +535,7 @@ def worker_loop(job: dict) -> None:
 
     mlflow = heldout = progress = None
     if rank == 0:
+        # mlflow: rank 0 only (start-up time)
         import mlflow as fluent
         from mlflow import MlflowClient
 

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow
+import pyarrow.fs
 
 from components import tracking
 from components.config import Config, S3Config, resolved
@@ -81,13 +83,14 @@ def pretrain(cfg: Config, workers: int | None = None, max_steps: int | None = No
             return train_on_ray(cfg, manifest, version, name, filesystem, root, parent_run_id)
         finally:
             if started_ray:
-                import ray
+                import ray  # ray: only when training runs, after RAY_TRAIN_V2_ENABLED is set above
 
                 ray.shutdown()
 
 
 def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, filesystem, root: str,
         parent_run_id: str | None) -> dict[str, Any]:
+    # ray: only when training runs, after RAY_TRAIN_V2_ENABLED is set above
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -220,8 +223,6 @@ def run_name(cfg: Config, data_version: str) -> str:
 def storage_filesystem(storage: str, s3: S3Config):
     """(pyarrow filesystem, path inside it) for a local path or s3://bucket/prefix. S3 credentials come
     from the environment in every process and are never passed around or logged."""
-    import pyarrow.fs
-
     if storage.startswith("s3://"):
         endpoint = s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
         fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, anonymous=s3.unsigned,
@@ -232,8 +233,6 @@ def storage_filesystem(storage: str, s3: S3Config):
 
 
 def check_writable(fs, path: str, storage: str, discard: bool) -> None:
-    import pyarrow
-
     probe = f"{path}/.write-probe"
     try:
         if discard:
@@ -249,7 +248,7 @@ def check_writable(fs, path: str, storage: str, discard: bool) -> None:
 def connect(address: str | None) -> bool:
     """Connect to the Ray cluster at `address` (or RAY_ADDRESS), else start a local one. Returns
     whether this call started Ray (then the caller shuts it down)."""
-    import ray
+    import ray  # ray: only when training runs, after RAY_TRAIN_V2_ENABLED is set above
 
     if ray.is_initialized():  # e.g. a Prefect task or a test that connected already
         return False
@@ -302,7 +301,7 @@ def start_own_cluster() -> None:
     machine) whose processes know its dashboard. Ray Train's placement-group cleaner asks the state API for
     "the" cluster: RAY_API_SERVER_ADDRESS, else the latest `ray start` cluster, else any on the machine, which
     on a shared machine with several is an error."""
-    import ray
+    import ray  # ray: only when training runs, after RAY_TRAIN_V2_ENABLED is set above
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
