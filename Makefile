@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-all check-base team-check
+.PHONY: setup run lint test test-all check-base team-check
 
 setup:  ## create .venv and install the project with pinned dependencies (about 4 minutes)
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -14,7 +14,11 @@ setup:  ## create .venv and install the project with pinned dependencies (about 
 run:  ## the main job on the embedded toy default: the Prefect retrain flow (docs/orchestration.md)
 	$(BIN)/datencoder pipeline
 
-test:  ## the default suite (fast; heavier tests are marked slow)
+lint:  ## ruff (its rules: [tool.ruff] in pyproject.toml)
+	$(BIN)/ruff check .
+
+test:  ## ruff, then the default suite (fast; heavier tests are marked slow)
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
 test-all:

@@ -2,6 +2,7 @@
 
 import os
 
+
 # Nothing may download weights or data at run time: hub look-ups resolve from the local cache only.
 # A user who really wants downloads sets HF_HUB_OFFLINE=0 explicitly.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

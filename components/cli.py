@@ -17,8 +17,11 @@ import signal
 import sys
 from typing import Any, Iterator, NoReturn
 
+# Of the project's modules only these two load at start-up: each command imports its stage inside its function,
+# so that `datencoder --help` stays fast and loads no torch, diffusers, Ray or MLflow (docs/layout.md).
 from components.errors import UserError
 from components.progress import show_bars
+
 
 log = logging.getLogger("datencoder")
 
@@ -45,7 +48,8 @@ class Parser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def unknown_options(self, given: list[str]) -> list[str]:
-        return [a for a in given if a.startswith("--") and a != "--" and a.split("=", 1)[0] not in self._option_string_actions]
+        return [a for a in given
+                if a.startswith("--") and a != "--" and a.split("=", 1)[0] not in self._option_string_actions]
 
     def unrecognized(self, extras: list[str]) -> str:
         """The message for arguments this parser does not take, with the nearest option for a misspelt one."""
@@ -99,7 +103,8 @@ def _add_trust_option(p: argparse.ArgumentParser) -> None:
 
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     """Where the base model runs (the `runtime` config section; docs/gpu.md)."""
-    p.add_argument("--device", help="auto (CUDA when present, else cpu), cpu, cuda or cuda:N (default: runtime.device)")
+    p.add_argument("--device",
+                   help="auto (CUDA when present, else cpu), cpu, cuda or cuda:N (default: runtime.device)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                    help="the base model's precision; auto: float32 on cpu, bfloat16 on a GPU (default: runtime.dtype)")
 
@@ -111,7 +116,8 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-inference-steps", type=int, help="sampler steps (default: personalize.num_inference_steps)")
     p.add_argument("--sampling-steps", dest="num_inference_steps", type=int, action=_Renamed,
                    help=argparse.SUPPRESS)
-    p.add_argument("--scheduler", choices=("ddim", "dpm"), help="DDIM or DPM-Solver++ (default: personalize.scheduler)")
+    p.add_argument("--scheduler", choices=("ddim", "dpm"),
+                   help="DDIM or DPM-Solver++ (default: personalize.scheduler)")
 
 
 def _config(args: argparse.Namespace, overrides: dict | None = None):
@@ -201,7 +207,8 @@ def cmd_personalize(args: argparse.Namespace) -> dict:
     from components.serving.personalize import personalize
 
     return personalize(_config(args), args.image, args.prompt, model=args.model, out=args.out, export=args.export,
-                       scheduler=args.scheduler, trust_model_code=args.trust_model_code, tuning_steps=args.tuning_steps, num_images=args.num_images,
+                       scheduler=args.scheduler, trust_model_code=args.trust_model_code,
+                       tuning_steps=args.tuning_steps, num_images=args.num_images,
                        seed=args.seed, alpha_blend=args.alpha_blend, guidance_scale=args.guidance_scale,
                        num_inference_steps=args.num_inference_steps)
 
@@ -328,9 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pre-train the encoder with Ray Train (DDP); resumes from its last checkpoint")
     _add_config_options(p)
     p.add_argument("--workers", type=_positive_int, help="training workers (default: pretrain.workers)")
-    p.add_argument("--max-steps", type=_positive_int, help="train up to this optimiser step (default: pretrain.max_steps)")
+    p.add_argument("--max-steps", type=_positive_int,
+                   help="train up to this optimiser step (default: pretrain.max_steps)")
     p.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints")
-    p.add_argument("--storage", help="checkpoint storage: a local path or s3://bucket/prefix (default: pretrain.storage)")
+    p.add_argument("--storage",
+                   help="checkpoint storage: a local path or s3://bucket/prefix (default: pretrain.storage)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     p.add_argument("--parent-run-id", help="nest the MLflow run under this run")
     p.add_argument("--restart", action="store_true", help="discard this run's checkpoints and start from step 0")
@@ -396,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("method", help="ti (textual inversion), lora or dreambooth")
     p.add_argument("--image", action="append", required=True, help="an image of the concept; repeat for few-shot")
     p.add_argument("--prompt", action="append", required=True, help="prompt with the placeholder S*; repeatable")
-    p.add_argument("--steps", type=_positive_int, help="optimisation steps (default: evaluate.{ti,lora,dreambooth}_steps)")
+    p.add_argument("--steps", type=_positive_int,
+                   help="optimisation steps (default: evaluate.{ti,lora,dreambooth}_steps)")
     p.add_argument("--seed", type=int, help="training seed and seed of the first image; image i uses seed + i")
     _add_sampling_options(p)
     p.add_argument("--out", help="image directory (default: outputs/baseline-METHOD)")
@@ -429,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve models:/datencoder-PRESET@champion: MLflow's scoring protocol behind "
                                      "request limits (serve.*)")
     _add_config_options(p)
-    p.add_argument("--model", help="MLflow model URI (default: models:/datencoder-PRESET@champion, registry.model_name)")
+    p.add_argument("--model",
+                   help="MLflow model URI (default: models:/datencoder-PRESET@champion, registry.model_name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_positive_int, default=5000)
     p.add_argument("--workers", type=_positive_int, default=1, help="uvicorn: server processes (each loads the model)")

@@ -157,7 +157,8 @@ class PrepareConfig(Section):
     imagenet_synsets: str | None = None  # LOC_synset_mapping.txt; default: <imagenet>/LOC_synset_mapping.txt
     openimages_boxes: str | None = "data/raw/toy-world/openimages/oidv6-train-annotations-bbox.csv"
     openimages_classes: str | None = "data/raw/toy-world/openimages/oidv7-class-descriptions.csv"
-    openimages_images: str | None = "data/raw/toy-world/openimages/train"  # folder, s3://bucket/prefix, or a {ImageID} template
+    # a folder, s3://bucket/prefix, or a {ImageID} template
+    openimages_images: str | None = "data/raw/toy-world/openimages/train"
     # caption templates, a CSV with columns source, source_id, template ('a large {} on grass': `{}` where the
     # object goes): each prepared image's template becomes its pre-training prompt with S* there (docs/prepare.md)
     captions: str | None = "data/raw/toy-world/captions.csv"
@@ -373,7 +374,8 @@ class EvaluateConfig(Section):
     full: bool = False
     full_retrain_steps: int = Field(1000, gt=0)
     full_seeds: list[int] = [0, 1, 2]
-    cache: str = "models/ablation-encoders"  # re-trained encoders, keyed by their config (the `variants` stage's output)
+    # re-trained encoders, keyed by their config (the `variants` stage's output)
+    cache: str = "models/ablation-encoders"
     # stored scores of what does not depend on the encoder under test (committed; docs/evaluation.md "Stored results"):
     # the `baselines` stage's and the `variants` stage's
     baseline_results: str = "outputs/baselines"
@@ -464,9 +466,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "encoder": {"trunk_channels": 32, "trunk_blocks": 1, "token_hidden": 32, "hyper_hidden": 32,
                     "hyper_basis": 8},
         # its own encoder: a smoke run never replaces the committed toy encoder (models/toy-encoder)
-        "pretrain": {"out": "outputs/smoke-encoder", "max_steps": 6, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 3, "log_every": 1,
-                     "eval_every": 4, "heldout_images": 4, "sample_concepts": 2, "sample_steps": 2,
-                     "system_metrics_s": 1.0},
+        "pretrain": {"out": "outputs/smoke-encoder", "max_steps": 6, "batch_size": 4, "warmup_steps": 2,
+                     "checkpoint_every": 3, "log_every": 1, "eval_every": 4, "heldout_images": 4,
+                     "sample_concepts": 2, "sample_steps": 2, "system_metrics_s": 1.0},
         "personalize": {"tuning_steps": 2, "num_inference_steps": 2, "encoder": "outputs/smoke-encoder"},
         "evaluate": {"prompts": ["S* on a beach", "two S* on grass"], "max_concepts": 2, "baseline_concepts": 1,
                      "few_shot_images": 3, "ti_steps": 2, "lora_steps": 2, "dreambooth_steps": 2, "retrain_steps": 2,
@@ -485,8 +487,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "metrics_clip": {"model_name": "ViT-B-16", "pretrained": "openai", "config_path": None},
         },
         # real sources have no toy defaults: pass them on the command line or in the config
-        "prepare": {"resolution": 512, "exclude_labels": [], "imagenet": None, "openimages_boxes": None, "captions": None,
-                    "openimages_classes": None, "openimages_images": None},
+        "prepare": {"resolution": 512, "exclude_labels": [], "imagenet": None, "openimages_boxes": None,
+                    "captions": None, "openimages_classes": None, "openimages_images": None},
         "encoder": {"trunk_channels": 512, "token_hidden": 512, "hyper_hidden": 512, "hyper_basis": 64},
         # paper: 150k steps for the final model; bf16 on GPUs, so 8 per micro-batch
         "pretrain": {"out": "models/encoder-sd15", "max_steps": 150_000, "batch_size": 64, "grad_accum": 1,
@@ -571,8 +573,10 @@ def _renamed_keys(values: dict, source: str) -> dict:
 # fields naming a read-only input: a default (the schema's or a preset's) that names a committed input is read
 # from the project home wherever the command runs (components/home.py); a config file's or an override's value
 # keeps its meaning, relative to the working directory
-HOME_INPUTS = (("base", "pretrained"), ("base", "backbone_clip", "pretrained"), ("base", "backbone_clip", "config_path"),
-               ("base", "metrics_clip", "pretrained"), ("base", "metrics_clip", "config_path"), ("personalize", "encoder"))
+HOME_INPUTS = (("base", "pretrained"),
+               ("base", "backbone_clip", "pretrained"), ("base", "backbone_clip", "config_path"),
+               ("base", "metrics_clip", "pretrained"), ("base", "metrics_clip", "config_path"),
+               ("personalize", "encoder"))
 
 
 def _given(values: dict, keys: tuple[str, ...]) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[1]  # the checkout the code runs from: components/, dvc.yaml, params.yaml
 HOME_ENV = "DATENCODER_HOME"
 # the committed read-only inputs: DVC outputs with `cache: false`, so a clone has them (dvc.yaml)

@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Callable, Iterator
 
+
 log = logging.getLogger("datencoder.progress")
 
 _bars_allowed = True
@@ -33,6 +34,7 @@ def bars_on() -> bool:
 def quiet_library_bars() -> None:
     """diffusers' and transformers' own bars (loading a pipeline, its weights) follow the same rule as ours."""
     if not bars_on():
+        # imported by the CLI at start-up: diffusers and transformers only when their bars go off
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
@@ -56,7 +58,7 @@ class Progress:
         self.start = self.last = time.perf_counter()
         self.bar = None
         if bars_on():
-            from tqdm import tqdm
+            from tqdm import tqdm  # imported by the CLI at start-up: tqdm only when a bar is shown
 
             self.bar = tqdm(total=total, desc=name, file=sys.stderr, leave=False, dynamic_ncols=True)
 

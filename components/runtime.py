@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from components.config import Config, RuntimeConfig
 from components.errors import UserError
 
+
 DEVICE_ENV = "DATENCODER_DEVICE"
 DTYPE_ENV = "DATENCODER_DTYPE"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,7 +68,8 @@ def resolve(settings: RuntimeConfig) -> Runtime:
 def runtime_environment(runtime: RuntimeConfig) -> dict[str, str]:
     """DATENCODER_DEVICE / DATENCODER_DTYPE for a served model (`serving_config` reads them): `runtime`'s settings
     other than auto; auto keeps the environment's, else the serving machine decides."""
-    return {name: value for name, value in ((DEVICE_ENV, runtime.device), (DTYPE_ENV, runtime.dtype)) if value != "auto"}
+    return {name: value for name, value in ((DEVICE_ENV, runtime.device), (DTYPE_ENV, runtime.dtype))
+            if value != "auto"}
 
 
 def serving_config(cfg: Config, given: dict | None = None) -> Config:

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 from components.errors import UserError
 from components.home import ROOT
 
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
@@ -30,7 +31,8 @@ def tracking_uri() -> str:
     return uri
 
 
-COMMIT_ENV = "GIT_COMMIT"  # the commit of code that has no .git with it (the image: docker build --build-arg GIT_COMMIT)
+# the commit of code that has no .git with it (the image: docker build --build-arg GIT_COMMIT)
+COMMIT_ENV = "GIT_COMMIT"
 
 
 def git_commit() -> str:
@@ -46,6 +48,7 @@ def git_commit() -> str:
 
 def start_run(client, experiment: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
     """A new run in `experiment` (or, nested, in its parent's experiment); returns its id."""
+    # mlflow: on use only; every stage imports this module (start-up time)
     from mlflow.exceptions import MlflowException
 
     tags = {"git_commit": (commit := git_commit()), "mlflow.source.git.commit": commit, **tags}
@@ -66,7 +69,7 @@ def run(experiment: str, name: str, tags: dict[str, str], parent_run_id: str | N
         params: dict[str, Any] | None = None) -> Iterator[tuple[Any, str]]:
     """The run context of every stage: yields (client, run id) of a new run (nested under `parent_run_id`
     when given) with `params` logged; the run ends FINISHED, or FAILED when the block raises."""
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # mlflow: on use only (start-up time)
 
     client = MlflowClient(tracking_uri())
     run_id = start_run(client, experiment, name, tags, parent_run_id=parent_run_id)
@@ -85,7 +88,7 @@ def check_server() -> str:
     (MLFLOW_TRACKING_USERNAME / _PASSWORD, or _TOKEN): one line, before any training."""
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
-        import requests
+        import requests  # requests: only for an http(s) tracking server (start-up time)
 
         base = uri.rstrip("/")
         try:
@@ -103,12 +106,12 @@ def check_server() -> str:
         if reply.status_code in (401, 403):
             given = "no credentials" if not (user or token) else f"the credentials of {user or 'the token'}"
             raise UserError(f"MLflow tracking server {uri} refused {given} (HTTP {reply.status_code}): set "
-                            f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that server") from None
+                            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that server") from None
     return uri
 
 
 def log_params(client, run_id: str, params: dict[str, Any]) -> None:
-    from mlflow.entities import Param
+    from mlflow.entities import Param  # mlflow: on use only (start-up time)
 
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]  # MLflow's value limit
     for i in range(0, len(items), 100):  # and its batch limit
@@ -116,7 +119,7 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
 
 
 def log_metrics(client, run_id: str, values: dict[str, float], step: int) -> None:
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric  # mlflow: on use only (start-up time)
 
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
@@ -127,6 +130,7 @@ def log_dataset(client, run_id: str, frame, source: str, name: str, digest: str,
 
     The run is addressed by id, so the input goes through `MlflowClient.log_inputs`; its entity is built
     from the data set's public `to_dict()` (name, digest, source, schema, profile)."""
+    # mlflow: on use only (start-up time)
     import mlflow.data
     from mlflow.entities import Dataset, DatasetInput, InputTag
 

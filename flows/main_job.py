@@ -18,6 +18,7 @@ from components.orchestration.prefect_server import (
 )
 from components.orchestration.workspace import resolve
 
+
 log = logging.getLogger(__name__)
 
 
@@ -49,11 +50,13 @@ def main_job(preset: str | None = None, config: str | None = None, workspace: st
                     result["prefect_ui"] = api.removesuffix("/api")
                     wait_for_interrupt(result["prefect_ui"])
             return result
+    # imported only now: prefect reads PREFECT_* (set above) when it is imported
     from prefect.schedules import Cron
 
     from flows.retrain import retrain  # served runs take the pipeline lock themselves, one at a time
 
-    retrain.serve(name=f"retrain-{cfg.preset}", schedules=[Cron(cron or cfg.pipeline.cron, timezone=cfg.pipeline.timezone)],
+    retrain.serve(name=f"retrain-{cfg.preset}",
+                  schedules=[Cron(cron or cfg.pipeline.cron, timezone=cfg.pipeline.timezone)],
                   parameters={"workspace": str(path), "preset": preset, "refresh": refresh},
                   description=f"scheduled retraining ({cfg.preset}) in {path}", limit=1)
     return {"served": f"retrain/retrain-{cfg.preset}", "workspace": str(path)}

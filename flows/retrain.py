@@ -34,8 +34,8 @@ from components.errors import UserError
 from components.evaluation.ablate import ablate as ablate_stage
 from components.evaluation.evaluate import baselines as baselines_stage
 from components.evaluation.evaluate import evaluate as evaluate_stage
-from components.evaluation.variants import train_variants as variants_stage
 from components.evaluation.report import method_metrics
+from components.evaluation.variants import train_variants as variants_stage
 from components.orchestration.dvc import dvc_repro, pretrain_stage
 from components.orchestration.locks import pipeline_run
 from components.orchestration.report import serve_commands, stage_images, write_report
@@ -48,6 +48,7 @@ from components.orchestration.stages import (
 from components.orchestration.workspace import resolve
 from components.progress import following
 from components.serving.registry import register as register_stage
+
 
 CACHED = Inputs(exclude=["cfg", "parent_run_id"]) + TASK_SOURCE  # the key is the `key` argument + this code
 

@@ -17,6 +17,7 @@ import os
 import re
 import sys
 
+
 SECRET_NAME = re.compile(r"(PASSWORD|SECRET|AUTH_STRING|TOKEN)")
 MIN_LENGTH = 16
 PLACEHOLDER = re.compile(r"change[-_ ]?me|replace[-_ ]?me|example|placeholder|^x+$", re.I)

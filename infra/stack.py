@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+
 INFRA = Path(__file__).resolve().parent
 VARIABLE = re.compile(r"\$\{(\w+)(?::?([-?])([^}]*))?\}")
 

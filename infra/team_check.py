@@ -43,6 +43,7 @@ from pathlib import Path
 
 import stack
 
+
 ROOT = stack.INFRA.parent
 BIN = Path(sys.executable).parent
 MARKER = "DATENCODER_TEAM_CHECK"
@@ -50,8 +51,8 @@ SERVICES = ("mlflow", "prefect-server", "ray-head", "ray-worker", "prefect-worke
 PORTS = {"mlflow": 5000, "prefect-server": 4200, "ray-head": 6379, "minio": 9000}  # inside the containers
 EXPECTED_ALIAS = "champion"  # what a model's first version gets (components/serving/registry.py)
 SMOKE = "retrain/retrain-smoke"
-CHECKS = ("preflight", "deploy", "scheduled_deployment", "flow_run_completed", "registered_with_alias", "commit_recorded",
-          "unauthenticated_401", "ray_three_nodes", "s3", "no_secret_logged", "no_orphans")
+CHECKS = ("preflight", "deploy", "scheduled_deployment", "flow_run_completed", "registered_with_alias",
+          "commit_recorded", "unauthenticated_401", "ray_three_nodes", "s3", "no_secret_logged", "no_orphans")
 
 
 def log(message: str) -> None:
@@ -213,7 +214,7 @@ class Stack:
     def stop(self, grace_s: float = 30) -> int:
         """Stop everything, newest first (SIGTERM to each service's session, then every marked process; SIGKILL
         what is left after `grace_s`). Returns how many processes were still alive afterwards."""
-        for name, proc in reversed(list(self.procs.items())):
+        for proc in reversed(list(self.procs.values())):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
@@ -339,9 +340,9 @@ def rehearse(s: Stack, summary: dict, deadline: float) -> None:
     reply = mlflow("GET", "/api/2.0/mlflow/registered-models/alias", params={"name": name, "alias": EXPECTED_ALIAS})
     version = reply.json().get("model_version", {}) if reply.ok else {}
     tags = {t["key"]: t["value"] for t in version.get("tags", [])}
-    summary["registered"] = {"model": name, "version": version.get("version"), "alias": EXPECTED_ALIAS if version else None,
-                             "preset": tags.get("preset"), "git_commit": tags.get("git_commit"),
-                             "data_version": tags.get("data_version")}
+    summary["registered"] = {"model": name, "version": version.get("version"),
+                             "alias": EXPECTED_ALIAS if version else None, "preset": tags.get("preset"),
+                             "git_commit": tags.get("git_commit"), "data_version": tags.get("data_version")}
     checks["registered_with_alias"] = bool(version) and tags.get("preset") == "smoke"
     checks["commit_recorded"] = tags.get("git_commit", "unknown") != "unknown"
     anonymous = {"mlflow": api(client["MLFLOW_TRACKING_URI"])("GET", "/api/2.0/mlflow/registered-models/get",

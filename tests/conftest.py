@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+
 ROOT = Path(__file__).resolve().parents[1]
 os.chdir(ROOT)  # configs name repo-relative paths (models/toy-base, ...), as the CLI and DVC do
 torch.set_num_threads(1)

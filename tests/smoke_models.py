@@ -15,6 +15,7 @@ import torch
 
 from components.config import Config, load_config
 
+
 SMOKE_CLIP = "datencoder-smoke-backbone"
 
 

@@ -17,6 +17,7 @@ import yaml
 
 from components.cli import main
 
+
 ROOT = Path(__file__).resolve().parents[1]
 DATENCODER = str(Path(sys.executable).parent / "datencoder")
 STACK_ENV = ("MLFLOW_TRACKING_URI", "DATENCODER_HOME", "PREFECT_API_URL", "RAY_ADDRESS")
@@ -108,7 +109,8 @@ def _exit_code(argv: list[str]) -> int:
         return e.code
 
 
-REQUIRED = {"personalize": ["--image", "x.png", "--prompt", "S*"], "baseline": ["ti", "--image", "x.png", "--prompt", "S*"]}
+REQUIRED = {"personalize": ["--image", "x.png", "--prompt", "S*"],
+            "baseline": ["ti", "--image", "x.png", "--prompt", "S*"]}
 
 
 def test_every_command_reports_a_user_error_as_json_with_exit_2(capsys, tmp_path):

@@ -12,6 +12,7 @@ import yaml
 from components import home
 from components.config import HOME_INPUTS, load_config
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # components/<layer>/ packages and the root modules, bottom to top
 LAYERS = [
-    ("components", "errors", "home", "config", "progress", "memory", "tracking", "runtime"),  # cross-cutting, no project logic
+    # cross-cutting, no project logic
+    ("components", "errors", "home", "config", "progress", "memory", "tracking", "runtime"),
     ("components.toy",),            # the synthetic world and the toy base's recipe
     ("components.data",),           # image reading, dataset preparation
     ("components.model",),          # the encoder and the parts of the paper's Figure 2

@@ -17,6 +17,7 @@ from components.runtime import (
     serving_config,
 )
 
+
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour of a machine without CUDA")
 
 

@@ -47,13 +47,15 @@ from components.data.images import BadImage, load_rgb, open_image
 from components.errors import UserError
 from components.progress import Progress
 
+
 log = logging.getLogger(__name__)
 
 JPEG_QUALITY = 95  # prepared images: near-lossless, and fast to encode and decode at any size
 RETRY_BACKOFF_S = 0.25  # S3 retries wait 0.25 s, 0.5 s, 1 s, ...
 IMAGE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\Z")  # a file name, never a path or '..'
 BOX_COLUMNS = ["ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax", "IsGroupOf", "IsDepiction"]
-MANIFEST_COLUMNS = ["path", "source", "source_id", "label", "label_id", "sha256", "width", "height", "split", "template"]
+MANIFEST_COLUMNS = ["path", "source", "source_id", "label", "label_id", "sha256", "width", "height", "split",
+                    "template"]
 TEMPLATE_COLUMNS = ["source", "source_id", "template"]
 REJECTED_COLUMNS = ["source", "source_id", "file", "reason", "detail"]
 HELD_OUT = "excluded label (held out)"
@@ -109,7 +111,8 @@ def prepare(config: PrepareConfig) -> dict:
     candidates, rejected = collect_candidates(config)
     templates = read_templates(config.captions)
     excluded = set(config.exclude_labels)
-    rejected += [c.rejection(HELD_OUT, ", ".join(sorted(c.shows & excluded))) for c in candidates if c.shows & excluded]
+    rejected += [c.rejection(HELD_OUT, ", ".join(sorted(c.shows & excluded)))
+                 for c in candidates if c.shows & excluded]
     candidates = [c for c in candidates if not c.shows & excluded]
 
     out = Path(config.out)
@@ -158,7 +161,8 @@ def prepare(config: PrepareConfig) -> dict:
     for group in by_content.values():
         first, *others = sorted(group, key=lambda p: (p.candidate.source, p.candidate.source_id))
         c = first.candidate
-        manifest_rows.append(manifest_row(first, config.val_fraction) | {"template": templates.get((c.source, c.source_id), "")})
+        template = templates.get((c.source, c.source_id), "")
+        manifest_rows.append(manifest_row(first, config.val_fraction) | {"template": template})
         rejected += [p.candidate.rejection("duplicate image", f"same content as {first.candidate.source}:"
                                            f"{first.candidate.source_id}") for p in others]
 
@@ -224,7 +228,8 @@ def data_version(out_dir: str | os.PathLike, missing: str | None = None) -> str:
     except FileNotFoundError:
         if missing is not None:
             return missing
-        raise UserError(f"no prepared data in {out_dir} (manifest.parquet missing): run `datencoder prepare`") from None
+        raise UserError(f"no prepared data in {out_dir} (manifest.parquet missing): "
+                        "run `datencoder prepare`") from None
     return digest.hexdigest()
 
 
@@ -320,6 +325,7 @@ def read_file(path: str) -> bytes:
 
 
 def s3_client(s3: S3Config, workers: int):
+    # boto3: only for s3:// sources; pretrain and evaluate import this module without it
     import boto3
     from botocore import UNSIGNED
     from botocore.config import Config as BotoConfig
@@ -341,7 +347,7 @@ def s3_client(s3: S3Config, workers: int):
 
 def read_s3(client, uri: str, retries: int) -> bytes:
     """GET one object; timeouts, connection errors, 429 and 5xx are retried with exponential backoff."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError  # botocore: only for s3:// sources
 
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     for attempt in range(retries + 1):
@@ -445,7 +451,8 @@ def openimages_candidates(config: PrepareConfig) -> tuple[list[Candidate], list[
             continue
         labels_seen.setdefault(image_id, set()).add(row["LabelName"])
         boxes.setdefault(image_id, [])
-        if not (config.skip_group_of and row["IsGroupOf"] == "1" or config.skip_depiction and row["IsDepiction"] == "1"):
+        if not (config.skip_group_of and row["IsGroupOf"] == "1"
+                or config.skip_depiction and row["IsDepiction"] == "1"):
             boxes[image_id].append(((box[2] - box[0]) * (box[3] - box[1]), row["LabelName"], box))
 
     candidates = []

@@ -29,6 +29,7 @@ from components.evaluation.harness import StageRun, load_harness
 from components.evaluation.report import COMBINED, compare, metric_values
 from components.evaluation.variants import retrained_variants, tuning_variants, variant_results
 
+
 log = logging.getLogger(__name__)
 
 def choose_alpha(cfg: Config, results: dict) -> dict:
@@ -40,7 +41,8 @@ def choose_alpha(cfg: Config, results: dict) -> dict:
     default = cfg.encoder.alpha_blend_tune
     best = max(scores.values())
     leader = min((a for a, s in scores.items() if s == best), key=lambda a: abs(a - default))
-    verdict = compare("", "", sweep[leader], sweep[default], COMBINED) if leader != default and default in sweep else None
+    verdict = (compare("", "", sweep[leader], sweep[default], COMBINED)
+               if leader != default and default in sweep else None)
     chosen = default if verdict is not None and verdict["status"] != "reproduced" else leader
     return {"chosen": chosen, "best": leader, "config_default": default,
             "scores": {f"{a:g}": round(s, 5) for a, s in scores.items()},
@@ -51,7 +53,8 @@ def choose_alpha(cfg: Config, results: dict) -> dict:
             "change_default": chosen != default}
 
 
-# (claim, paper, better, worse, metric) as in components/evaluation/report.py; re-trained variants against reg-contrastive
+# (claim, paper, better, worse, metric) as in components/evaluation/report.py;
+# re-trained variants against reg-contrastive
 ABLATION_CLAIMS = [
     ("tuning raises identity", "about +20%", "ours", "no-tuning", "identity"),
     ("dual path during tuning raises prompt alignment", "about +30%", "ours", "no-dual-path-tune", "prompt"),

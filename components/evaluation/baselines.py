@@ -27,6 +27,7 @@ from typing import Any, Callable, Collection
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from components.config import Config, EvaluateConfig
@@ -46,6 +47,7 @@ from components.model.base import load_pipeline
 from components.model.placeholder import PLACEHOLDER, PromptEncoder
 from components.progress import Progress
 from components.runtime import resolve
+
 
 METHODS = ("ti", "lora", "dreambooth")
 GENERIC_TEMPLATE = "a photo of {}"  # the training scripts' prompt, where nothing says what the photo shows
@@ -71,7 +73,7 @@ class BaselineResult:
 
 
 def _noise_scheduler(pipe):
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # diffusers: only when a baseline trains (start-up time)
 
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
@@ -132,6 +134,7 @@ def train_lora(pipe, pixels: Tensor, steps: int, prompt: str = "a photo of sks o
                on_snapshot: Snapshot | None = None) -> BaselineResult:
     """LoRA from scratch on the image(s) (pixels (N, 3, H, W) in [-1, 1]) for `steps` AdamW steps;
     `on_snapshot(result so far)` after each step count in `snapshots` (the live UNet: use it before returning)."""
+    # diffusers, peft: only when a LoRA baseline trains (start-up time)
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -142,7 +145,8 @@ def train_lora(pipe, pixels: Tensor, steps: int, prompt: str = "a photo of sks o
         torch.manual_seed(seed)
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    cast_training_params(unet, torch.float32)  # the adapter trains in float32 on a half-precision base (diffusers' scripts)
+    # the adapter trains in float32 on a half-precision base (diffusers' scripts)
+    cast_training_params(unet, torch.float32)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     generator = torch.Generator().manual_seed(seed)
@@ -283,10 +287,11 @@ def sample(pipe, prompts_encoder, result: BaselineResult, prompts: list[str], se
     if result.unet is None:  # textual inversion: the learned embedding is a v* without LoRA factors
         concept = Concept(next(iter(result.weights.values())), None, 1.0)
         return generate(pipe, prompts_encoder, concept, prompts, seeds, replace(sampling, alpha_blend=1.0))
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # diffusers: only when a baseline samples (start-up time)
 
     tuned = StableDiffusionPipeline(**{**pipe.components, "unet": result.unet,
-                                       "scheduler": make_scheduler(pipe, sampling.scheduler)}, requires_safety_checker=False)
+                                       "scheduler": make_scheduler(pipe, sampling.scheduler)},
+                                    requires_safety_checker=False)
     tuned.set_progress_bar_config(disable=True)
     words = [p.replace(PLACEHOLDER, f"{IDENTIFIER} object") for p in prompts]
     images = tuned(words, guidance_scale=sampling.guidance_scale, guidance_rescale=sampling.guidance_rescale,
@@ -353,8 +358,6 @@ def baseline(cfg: Config, method: str, images: list[str], prompts: list[str], st
     for prompt in prompts:
         arrays = sample(pipe, prompts_encoder, result, [prompt] * len(seeds), seeds, sampling)
         for seed_i, array in zip(seeds, arrays):
-            from PIL import Image
-
             path = out_dir / f"{method}-{len(written):02d}-{slug(prompt)}-{seed_i}.png"
             Image.fromarray(array).save(path)
             written.append({"path": str(path), "prompt": prompt, "seed": seed_i})

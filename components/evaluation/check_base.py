@@ -16,13 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from components.config import Config
+from components.model.backbone import ClipImageTower
 from components.model.base import Clip, load_clip, load_pipeline
 from components.progress import Progress
 from components.runtime import resolve
 from components.toy import reader
 from components.toy import world as tw
+
 
 TARGETS = {"background_colour": 0.80, "object_colour": 0.70, "shape": 0.60,
            "zero_shot_colour": 0.90, "zero_shot_shape": 0.90}
@@ -47,7 +50,8 @@ def _classify(clip: Clip, images: list, candidates: list[list[str]]) -> list[int
     return [int((clip.encode_texts(c) @ f).argmax()) for f, c in zip(feats, candidates)]
 
 
-def clip_accuracy(clip: Clip, images: list, combos: list[tuple[str, str, str]], attribute: str = "shape") -> list[bool]:
+def clip_accuracy(clip: Clip, images: list, combos: list[tuple[str, str, str]],
+                  attribute: str = "shape") -> list[bool]:
     """Per image: does the metrics CLIP pick the right one of the captions that differ only in the `attribute`
     ("shape": the 12 shapes; "colour": the 12 palette colours), for images of (shape, colour, background) combos."""
     if attribute == "shape":
@@ -70,9 +74,11 @@ def shape_accuracy(clip: Clip, images: list, combos: list[tuple[str, str, str]])
 
 def zero_shot_accuracy(clip: Clip, scenes: list[tw.Scene], seed: int) -> dict[str, float]:
     images = [tw.render(s, 64, seed * 1_000_003 + i) for i, s in enumerate(scenes)]
-    colour_cands = [[replace(s, concept=replace(s.concept, colour=c)).caption() for c in _PALETTE_NAMES] for s in scenes]
+    colour_cands = [[replace(s, concept=replace(s.concept, colour=c)).caption() for c in _PALETTE_NAMES]
+                    for s in scenes]
     shape_cands = [[replace(s, concept=replace(s.concept, shape=k)).caption() for k in tw.SHAPES] for s in scenes]
-    colour_hits = [_PALETTE_NAMES[p] == s.concept.colour for p, s in zip(_classify(clip, images, colour_cands), scenes)]
+    colour_hits = [_PALETTE_NAMES[p] == s.concept.colour
+                   for p, s in zip(_classify(clip, images, colour_cands), scenes)]
     shape_hits = [tw.SHAPES[p] == s.concept.shape for p, s in zip(_classify(clip, images, shape_cands), scenes)]
     return {"colour": float(np.mean(colour_hits)), "shape": float(np.mean(shape_hits))}
 
@@ -100,8 +106,6 @@ def check_base(cfg: Config, grid: str | None = None, batch: int = 16) -> dict:
     read = [read_colours(im) for im in images]
     bg_hits = [r[0] == bg for r, (_, _, bg) in zip(read, combos)]
     obj_hits = [r[1] == colour for r, (_, colour, _) in zip(read, combos)]
-    from PIL import Image
-
     pil = [Image.fromarray(im) for im in images]
 
     fresh = tw.scenes_for_training(c.fresh_renders, seed=10_000 + c.seed)
@@ -134,8 +138,6 @@ PROBE_TARGETS = {"colour": 0.95, "shape": 0.90}
 def backbone_features(visual, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """What the encoder's trunk reads from the backbone CLIP (components/model/backbone.py ClipImageTower): its
     last layer's patch features, mean-pooled (N, C)."""
-    from components.model.backbone import ClipImageTower
-
     tower = ClipImageTower(visual)
     return torch.cat([tower(pixels[i:i + batch]).mean(dim=(2, 3)) for i in range(0, len(pixels), batch)])
 
@@ -179,8 +181,6 @@ def backbone_probe(cfg: Config, train_images: int = 2400, test_images: int = 600
 
 
 def _save_grid(images: list, path: str, cols: int = 8) -> None:
-    from PIL import Image
-
     rows = (len(images) + cols - 1) // cols
     side = images[0].size[0]
     sheet = Image.new("RGB", (cols * side, rows * side), "white")

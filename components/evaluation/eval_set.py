@@ -27,6 +27,7 @@ from components.errors import UserError
 from components.model.placeholder import PLACEHOLDER
 from components.toy import world as tw
 
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -65,7 +66,8 @@ def parse_concept(key: str) -> tw.ToyConcept:
 
 def look(concept: tw.ToyConcept) -> tuple[str, str, str, str]:
     """What an image of the concept shows: the pattern colour is invisible on a solid object."""
-    return (concept.shape, concept.colour, concept.pattern, concept.pattern_colour if concept.pattern != "solid" else "")
+    return (concept.shape, concept.colour, concept.pattern,
+            concept.pattern_colour if concept.pattern != "solid" else "")
 
 
 def background_for(concept: tw.ToyConcept) -> str:
@@ -155,7 +157,8 @@ def pretraining_looks(prepared: str | Path, raw: str | Path) -> PretrainingLooks
         captions = pd.read_csv(captions_path)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the pre-training data ({manifest_path}, {captions_path}): {e}") from None
-    imagenet = captions[captions.path.isin("imagenet/train/" + manifest.loc[manifest.source == "imagenet", "source_id"])]
+    imagenet = captions[captions.path.isin("imagenet/train/" + manifest.loc[manifest.source == "imagenet",
+                                                                          "source_id"])]
     scenes = captions[captions.path.isin("openimages/train/" + manifest.loc[manifest.source == "openimages",
                                                                               "source_id"] + ".jpg")]
     looks = {look(tw.ToyConcept(r.shape, r.colour, r.pattern, r.pattern_colour)) for r in imagenet.itertuples()}

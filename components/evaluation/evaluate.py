@@ -31,9 +31,11 @@ from components.evaluation.harness import (
 from components.evaluation.variants import EVALUATE_RETRAINED, variant_results
 from components.model.base import files_fingerprint
 
+
 log = logging.getLogger(__name__)
 
-BASELINES = {"lora": "lora", "ti": "ti", "dreambooth": "dreambooth"}  # row prefix -> components.evaluation.baselines method
+# row prefix -> components.evaluation.baselines method
+BASELINES = {"lora": "lora", "ti": "ti", "dreambooth": "dreambooth"}
 # what the baselines' scores depend on besides the base and the metrics CLIP (dvc.yaml's `baselines` params)
 BASELINE_SETTINGS = {
     "evaluate": ("concepts", "concept_dir", "prompts", "prompts_file", "seeds", "max_concepts", "baseline_concepts",

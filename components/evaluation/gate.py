@@ -17,6 +17,7 @@ from components.evaluation.harness import Harness
 from components.evaluation.metrics import ClipMetrics
 from components.model.base import load_clip
 
+
 GATE = "gate_identity_prompt_v2"  # the gate's name: scores are compared only under the same name and size
 
 

@@ -30,8 +30,8 @@ from PIL import Image
 
 from components import tracking
 from components.config import Config, resolved
-from components.errors import UserError
 from components.data.images import to_pixels
+from components.errors import UserError
 from components.evaluation import report
 from components.evaluation.baselines import photo_template, sample, train_baseline
 from components.evaluation.eval_set import (
@@ -45,6 +45,7 @@ from components.inference.generate import generate
 from components.memory import PeakMemory
 from components.model.base import load_clip
 from components.progress import Progress
+
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,8 @@ class MethodResult:
         prompt, prompt_low, prompt_high = concept_interval(self.prompt, self.concept)
         return {"identity": round(identity, 6), "identity_low": round(identity_low, 6),
                 "identity_high": round(identity_high, 6), "prompt": round(prompt, 6),
-                "prompt_low": round(prompt_low, 6), "prompt_high": round(prompt_high, 6), "seconds": round(float(np.mean(self.concept_seconds)), 4),
+                "prompt_low": round(prompt_low, 6), "prompt_high": round(prompt_high, 6),
+                "seconds": round(float(np.mean(self.concept_seconds)), 4),
                 "peak_mb": round(self.peak_mb, 1), "concepts": len(set(self.concept)), "samples": len(self.identity),
                 "wall_s": round(self.wall_s, 2)}
 
@@ -175,7 +177,8 @@ class Harness:
 
         return self._run(name, self.concepts(limit), personalise, draw, prompts)
 
-    def baseline(self, name: str, method: str, shots: int, limit: int | None, steps: int | None = None) -> MethodResult:
+    def baseline(self, name: str, method: str, shots: int, limit: int | None,
+                 steps: int | None = None) -> MethodResult:
         """An optimisation baseline trained per concept on `shots` images of it (1: one-shot) for `steps` steps
         (default: the config's `<method>_steps`)."""
         p, e = self.personalizer, self.cfg.evaluate
@@ -235,7 +238,8 @@ class Harness:
             for n, concept in enumerate(concepts, 1):
                 train(n, concept)
         for k, result in results.items():
-            result.peak_mb, result.wall_s, result.grid = memory.peak_mb, time.perf_counter() - started, sample_grid(rows[k])
+            result.peak_mb, result.wall_s, result.grid = (memory.peak_mb, time.perf_counter() - started,
+                                                          sample_grid(rows[k]))
         return results
 
 

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from components.config import Config
 from components.evaluation.metrics import INTERVAL_NOTE, mean_ci
+
 
 COMBINED = "combined"  # mean of identity and prompt similarity per sample: one number for "better overall"
 
@@ -65,7 +67,9 @@ def magnitude(paper: str, interval: list[float] | None) -> str | None:
     if found is None or interval is None:
         return None
     target = float(found.group(1))
-    return "as the paper" if interval[0] <= target <= interval[1] else ("smaller" if interval[1] < target else "larger")
+    if interval[0] <= target <= interval[1]:
+        return "as the paper"
+    return "smaller" if interval[1] < target else "larger"
 
 
 # "at a fraction of its time" (the paper: seconds against minutes) holds when ours takes at most this share of the
@@ -154,6 +158,7 @@ def table(results: dict) -> pd.DataFrame:
 
 
 def _pyplot():
+    # matplotlib: only when plotting (start-up time); the Agg backend is set before pyplot is imported
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,6 +235,7 @@ def tradeoff_figure(results: dict, title: str):
 def _log_seconds_axis(ax) -> None:
     """Seconds on a log axis with labels at 1-2-5 steps (decades only beyond three decades) and none on the minor
     ticks: matplotlib's default labels the minor ticks of a short range, and they collided."""
+    # matplotlib: only when plotting (start-up time)
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     low, high = ax.get_xlim()
@@ -286,11 +292,10 @@ def time_to_identity(results: dict, baselines: dict[str, list[str]], ours: list[
 
 def comparison_grid(grids: dict, prompts: list[str], concept: str, path: Path) -> Path | None:
     """One concept side by side: one row per method (ours first, then each baseline), its input photo (the same in
-    every row, to compare against) then one image per prompt, the same prompts and seed in every row. `grids`: method -> its sample grid (harness.sample_grid:
-    a row per concept, the input then one image per prompt, the first concept on top), whose first row is taken.
+    every row, to compare against) then one image per prompt, the same prompts and seed in every row.
+    `grids`: method -> its sample grid (harness.sample_grid: a row per concept, the input then one image per
+    prompt, the first concept on top), whose first row is taken.
     None when no method has a grid."""
-    from PIL import Image
-
     rows = {name: grid for name, grid in grids.items() if grid is not None}
     if not rows or not prompts:
         return None
@@ -429,7 +434,8 @@ def findings_table(findings: list[dict]) -> list[str]:
 def write_report(out: Path, title: str, results: dict, findings: list[dict], cfg: Config, extra: str = "",
                  metrics: dict[str, float] | None = None) -> dict:
     """results.csv (one row per method: the trade-off data), metrics.json (method_metrics and the stage's own
-    `metrics`: DVC's metrics file), results.md, tradeoff.png and grids/<method>.png under `out`; returns their paths."""
+    `metrics`: DVC's metrics file), results.md, tradeoff.png and grids/<method>.png under `out`; returns their
+    paths."""
     out.mkdir(parents=True, exist_ok=True)
     frame = table(results)
     files = {"csv": out / "results.csv", "metrics": out / "metrics.json", "markdown": out / "results.md",

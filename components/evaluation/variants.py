@@ -32,6 +32,7 @@ from components.evaluation.harness import (
 from components.model.base import files_fingerprint
 from components.training.pretrain import connect, pretrain, run_name
 
+
 log = logging.getLogger(__name__)
 
 # evaluate's re-trained variants of ours: name -> encoder overrides (ours-short: the default recipe, as short)
@@ -130,7 +131,8 @@ def wanted_variants(cfg: Config) -> dict[str, dict]:
 
 def variants_key(cfg: Config) -> dict:
     steps = retrain_steps(cfg)
-    recipes = {name: encoder_variant(cfg, overrides, steps)[1].parent.name for name, overrides in wanted_variants(cfg).items()}
+    recipes = {name: encoder_variant(cfg, overrides, steps)[1].parent.name
+               for name, overrides in wanted_variants(cfg).items()}
     return {**settings_key(cfg, SCORING_SETTINGS), "encoder.alpha_blend_tune": cfg.encoder.alpha_blend_tune,
             "recipes": recipes, "metrics_clip": files_fingerprint(cfg.base.metrics_clip.pretrained)}
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from components.config import Config
 from components.data.images import read_image, to_arrays, to_pixels
@@ -39,6 +40,7 @@ from components.model.placeholder import PLACEHOLDER, PromptEncoder
 from components.progress import Progress
 from components.runtime import resolve
 from components.toy import reader
+
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,6 @@ class GeneratedImage:
     pixels: np.ndarray  # uint8 HxWx3
 
     def png(self) -> bytes:
-        from PIL import Image
-
         buf = io.BytesIO()
         Image.fromarray(self.pixels).save(buf, format="PNG")
         return buf.getvalue()

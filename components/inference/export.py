@@ -23,9 +23,12 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from components.errors import UserError
 from components.inference.tuning import Concept
+
 
 # a trigger word every tool takes as one word and as a file name: letters, digits, underscores
 TOKEN_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]{2,63}")
@@ -56,8 +59,6 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def held_fingerprint(path: Path) -> str | None:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), "pt") as f:
             return (f.metadata() or {}).get(FINGERPRINT_KEY)
@@ -68,8 +69,7 @@ def held_fingerprint(path: Path) -> str | None:
 def export_concept(concept: Concept, out: str | Path, token: str) -> dict:
     """Write the concept's files into `out`; returns {"dir", "token", "files", "rank"}. A folder that already
     holds a different concept under this token is refused (UserError) before anything is written."""
-    from diffusers.utils import convert_state_dict_to_kohya
-    from safetensors.torch import save_file
+    from diffusers.utils import convert_state_dict_to_kohya  # diffusers: only when exporting (start-up time)
 
     if not TOKEN_PATTERN.fullmatch(token):
         raise UserError(f"token {token!r} is not usable as a trigger word: 3-64 letters, digits or underscores, "
@@ -97,5 +97,6 @@ def export_concept(concept: Concept, out: str | Path, token: str) -> dict:
     metadata = {FINGERPRINT_KEY: concept_id, "format": "pt"}
     kohya_metadata = {"ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
     for kind, tensors in files.items():
-        save_file(tensors, str(out / names[kind]), metadata={**metadata, **(kohya_metadata if kind == "kohya" else {})})
+        save_file(tensors, str(out / names[kind]),
+                  metadata={**metadata, **(kohya_metadata if kind == "kohya" else {})})
     return {"dir": str(out), "token": token, "files": [names[k] for k in files], "rank": rank}

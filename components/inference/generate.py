@@ -18,13 +18,14 @@ from components.inference.tuning import Concept
 from components.model.dual_path import condition
 from components.progress import Progress
 
+
 # --scheduler name -> diffusers class
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
 
 
 def make_scheduler(pipe, name: str):
     """A fresh sampler on the base pipeline's scheduler config (betas, prediction type, spacing)."""
-    import diffusers
+    import diffusers  # diffusers: only when a sampler is made (start-up time)
 
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
@@ -33,7 +34,7 @@ def make_scheduler(pipe, name: str):
 
 def private_pipeline(pipe, scheduler: str):
     """A pipeline over `pipe`'s modules with its own scheduler (see the module docstring)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # diffusers: only when a pipeline is made (start-up time)
 
     components = {**pipe.components, "scheduler": make_scheduler(pipe, scheduler)}
     run = StableDiffusionPipeline(**components, requires_safety_checker=False)

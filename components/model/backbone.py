@@ -21,12 +21,14 @@ class ClipImageTower(nn.Module):
 
     def __init__(self, visual: nn.Module):
         super().__init__()
-        import open_clip
+        import open_clip  # open_clip: only when a backbone is built (start-up time)
 
         self.visual = visual.eval().requires_grad_(False)
         preprocess = getattr(visual, "preprocess_cfg", {}) or {}
-        self.register_buffer("mean", torch.tensor(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(preprocess.get("std", open_clip.OPENAI_DATASET_STD)).view(1, 3, 1, 1))
+        mean = preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)
+        std = preprocess.get("std", open_clip.OPENAI_DATASET_STD)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         size = visual.image_size
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         if hasattr(visual, "transformer"):  # a ViT: its patch grid, at the transformer's width

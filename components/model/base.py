@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from components.config import BaseConfig, ClipConfig
 from components.errors import UserError
 from components.progress import quiet_library_bars
 from components.runtime import CPU, Runtime
+
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,8 @@ def files_fingerprint(*locations: str, extra: str | None = None, whole_below: in
     hashed whole while they total at most `whole_below` bytes (the toy models), else by name, size and mtime
     (SD-size directories)."""
     paths = [Path(location) for location in locations]
-    files = sorted(f for p in paths for f in ([p] if p.is_file() else p.rglob("*") if p.is_dir() else []) if f.is_file())
+    files = sorted(f for p in paths for f in ([p] if p.is_file() else p.rglob("*") if p.is_dir() else [])
+                   if f.is_file())
     whole = sum(f.stat().st_size for f in files) <= whole_below
     h = hashlib.sha256(json.dumps([*locations, extra] if extra is not None else list(locations)).encode())
     for f in files:
@@ -55,7 +58,7 @@ def _is_local(base: BaseConfig) -> bool:
 def load_pipeline(base: BaseConfig, runtime: Runtime = CPU):
     """The base `StableDiffusionPipeline` (toy or SD 1.5), safety checker off, in `runtime`'s dtype on its device
     (stages pass `components.runtime.resolve(cfg.runtime)`)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # diffusers: only when the base loads (start-up time)
 
     quiet_library_bars()
     name = base.pretrained
@@ -110,13 +113,13 @@ class Clip:
 def load_clip(spec: ClipConfig, device: str | torch.device = "cpu") -> Clip:
     """Load an open_clip model: a bundled config + checkpoint file (toy) or a name + pretrained tag; float32 on
     `device` (a stage's `components.runtime.resolve(cfg.runtime).device`)."""
-    import open_clip
-    from safetensors import SafetensorError
+    import open_clip  # open_clip: only when a CLIP loads (start-up time)
 
     if spec.config_path is not None:
         config = Path(spec.config_path)
         if not config.is_file():
-            raise UserError(f"open_clip config not found at {config}; run `datencoder bootstrap` to train the toy CLIPs")
+            raise UserError(f"open_clip config not found at {config}; "
+                            "run `datencoder bootstrap` to train the toy CLIPs")
         open_clip.add_model_config(config)
     pretrained = spec.pretrained
     if pretrained.endswith((".safetensors", ".bin", ".pt", ".pth")) and not Path(pretrained).is_file():
@@ -128,6 +131,7 @@ def load_clip(spec: ClipConfig, device: str | torch.device = "cpu") -> Clip:
     except (RuntimeError, OSError, ValueError, SafetensorError) as e:
         raise UserError(
             f"cannot load open_clip {spec.model_name} weights {pretrained!r} ({str(e).splitlines()[0]}); "
-            f"weights are never downloaded here: put them in the local Hugging Face cache or give a file path") from None
+            "weights are never downloaded here: put them in the local Hugging Face cache or give a file path"
+        ) from None
     model.eval().requires_grad_(False)
     return Clip(model, preprocess, open_clip.get_tokenizer(spec.model_name))

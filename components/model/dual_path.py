@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+
 # target name ("...transformer_blocks.0.attn2.to_k") -> (A: (N, Din, r), B: (N, r, Dout))
 Factors = dict[str, tuple[Tensor, Tensor]]
 

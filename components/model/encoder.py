@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from components import __version__
@@ -38,6 +40,7 @@ from components.model.placeholder import PromptEncoder
 from components.model.regularisers import embedding_regulariser, offsets_l2
 from components.model.token_embedder import TokenEmbedder
 from components.runtime import resolve
+
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -60,7 +63,7 @@ class FrozenBase:
         """From the diffusers pipeline at cfg.base.pretrained in cfg.runtime (or `pipe`, already loaded from it:
         then the base shares its modules, and the pipeline's VAE and sampler stay usable) and the backbone CLIP,
         on the pipeline's device."""
-        from diffusers import DDPMScheduler
+        from diffusers import DDPMScheduler  # diffusers: only when the base is wrapped (start-up time)
 
         pipe = pipe if pipe is not None else load_pipeline(cfg.base, resolve(cfg.runtime))
         # training noises with DDPM on the pipeline's own betas and prediction type
@@ -154,7 +157,8 @@ class TuningEncoder(nn.Module):
     def attach(self, base: FrozenBase) -> TuningEncoder:
         found = EncoderShape.of(base.unet, base.text_encoder, base.clip.channels, base.clip.grid)
         if found != self.shape:
-            raise UserError("this encoder was built for a different base model (feature, token or target shapes differ)")
+            raise UserError("this encoder was built for a different base model "
+                            "(feature, token or target shapes differ)")
         self.base = base
         return self
 
@@ -213,26 +217,23 @@ class TuningEncoder(nn.Module):
 
     # --- diffusers-style persistence: config.json + safetensors ----------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path / WEIGHTS_NAME))
         shape = asdict(self.shape)
-        (path / CONFIG_NAME).write_text(json.dumps({"_class_name": type(self).__name__, "_datencoder_version": __version__,
+        (path / CONFIG_NAME).write_text(json.dumps({"_class_name": type(self).__name__,
+                                                    "_datencoder_version": __version__,
                                                     "encoder": self.config.model_dump(), "shape": shape}, indent=1))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, base: FrozenBase | None = None) -> TuningEncoder:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         path = Path(path)
         try:
             saved = json.loads((path / CONFIG_NAME).read_text())
             weights = load_file(str(path / WEIGHTS_NAME))
         except (OSError, ValueError, SafetensorError) as e:  # missing, unparsable, truncated or corrupt
-            raise UserError(f"cannot load encoder from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"cannot load encoder from {path}: {reason}; "
                             f"the weights are corrupt or incomplete: train them again or restore them") from None
         encoder = cls(EncoderConfig.model_validate(saved["encoder"]), EncoderShape.from_dict(saved["shape"]))
         try:

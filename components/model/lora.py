@@ -22,6 +22,7 @@ from torch import Tensor
 
 from components.model.dual_path import ConceptBatch, blend
 
+
 PROJECTIONS = ("to_q", "to_k", "to_v")
 
 
@@ -40,6 +41,7 @@ class Target:
 
 def find_targets(unet) -> list[Target]:
     """to_q/to_k/to_v of attn1 and attn2 in every transformer block, in module order (meta device is fine)."""
+    # diffusers: only when targets are found (start-up time)
     from diffusers.models.attention_processor import Attention
 
     return [Target(f"{name}.{proj}", getattr(module, proj).in_features, getattr(module, proj).out_features)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import copy
 
 import torch
+from tokenizers import AddedToken
 from torch import Tensor
 
 from components.errors import UserError
 from components.model.token_embedder import nearest_tokens
+
 
 PLACEHOLDER = "S*"
 
@@ -25,8 +27,6 @@ class PromptEncoder:
     special ones (bos/eos/pad)."""
 
     def __init__(self, tokenizer, text_encoder, vocabulary: list[str] | None = None):
-        from tokenizers import AddedToken
-
         self.tokenizer = copy.deepcopy(tokenizer)
         self.tokenizer.add_tokens([AddedToken(PLACEHOLDER, normalized=False, single_word=False)])
         self.placeholder_id = self.tokenizer.convert_tokens_to_ids(PLACEHOLDER)
@@ -48,7 +48,8 @@ class PromptEncoder:
                                 f"({len(pieces)} tokens); list single words the text encoder was trained on")
             ids.append(pieces[0])
         if not ids:
-            raise UserError("base.vocabulary is empty: list the words the text encoder was trained on, or null for all")
+            raise UserError("base.vocabulary is empty: "
+                            "list the words the text encoder was trained on, or null for all")
         return torch.tensor(ids, dtype=torch.long)
 
     @property
@@ -98,6 +99,7 @@ class PromptEncoder:
 
     def _transformer(self, embeds: Tensor) -> Tensor:
         """CLIPTextTransformer.forward from the input embeddings on (it only accepts ids)."""
+        # transformers' modelling code: only when prompts are encoded (start-up time)
         from transformers.masking_utils import create_causal_mask
 
         text = getattr(self.text_encoder, "text_model", self.text_encoder)  # transformers 4 nests it

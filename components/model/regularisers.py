@@ -24,6 +24,7 @@ from torch import Tensor
 from components.model.dual_path import Factors
 from components.model.token_embedder import nearest_tokens
 
+
 Variant = Literal["none", "l2", "nn-cosine", "contrastive"]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+
 CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
 
 
@@ -26,7 +27,7 @@ def text_encoder_config() -> dict:
 
 def meta_unet(config: dict | None = None):
     """A UNet2DConditionModel with SD 1.5's (or `config`'s) structure on the meta device."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # diffusers: only when a model is built (start-up time)
 
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(config or unet_config())
@@ -34,6 +35,7 @@ def meta_unet(config: dict | None = None):
 
 def meta_text_encoder(config: dict | None = None):
     """A CLIPTextModel with SD 1.5's (or `config`'s) structure on the meta device."""
+    # transformers' modelling code: only when a model is built (start-up time)
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):
@@ -41,12 +43,13 @@ def meta_text_encoder(config: dict | None = None):
 
 
 # diffusers AutoencoderKL as in SD 1.5's vae/config.json
-VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
-                  block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                  up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.18215)
+VAE_CONFIG = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 512, "layers_per_block": 2,
+              "block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
+              "up_block_types": ("UpDecoderBlock2D",) * 4, "norm_num_groups": 32, "scaling_factor": 0.18215}
 # SD 1.5's noise schedule (scheduler/scheduler_config.json)
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                        prediction_type="epsilon", clip_sample=False, steps_offset=1)
+SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                    "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "clip_sample": False,
+                    "steps_offset": 1}
 
 
 def random_pipeline(tokenizer, unet: dict | None = None, text_encoder: dict | None = None, vae: dict | None = None,
@@ -54,6 +57,7 @@ def random_pipeline(tokenizer, unet: dict | None = None, text_encoder: dict | No
     """A StableDiffusionPipeline with SD 1.5's structure (or the given configs') and random weights, built on
     `device`: for measuring time and memory, which do not depend on the weights. `tokenizer`: SD's cannot be
     downloaded here; the toy BPE tokenizer's ids fit SD's 49,408-row table."""
+    # diffusers, transformers: only when a pipeline is built (start-up time)
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,

@@ -20,6 +20,7 @@ from components.orchestration.processes import stop_session
 from components.orchestration.stages import TransientError
 from components.training.pretrain import pretrain, run_name
 
+
 log = logging.getLogger(__name__)
 
 BIN = Path(sys.executable).parent  # dvc and datencoder of this environment
@@ -49,15 +50,16 @@ def run_dvc(workspace: str | Path, *args: str, timeout: float | None = None) -> 
 
 def dvc_repro(cfg: Config, workspace: str | Path = ".") -> dict:
     """prepare_data: reproduce pipeline.dvc_stages (DVC skips what is up to date) and push their
-    outputs (pipeline.dvc_push) to the workspace's default remote or pipeline.dvc_remote; DVC calls in one workspace are serialised by a lock. Returns the data version."""
+    outputs (pipeline.dvc_push) to the workspace's default remote or pipeline.dvc_remote; DVC calls in one
+    workspace are serialised by a lock. Returns the data version."""
     p = cfg.pipeline
     with workspace_lock(workspace, "dvc", wait_s=p.timeout_s, what="a DVC command"):
         output = run_dvc(workspace, "repro", *p.dvc_stages)
         if p.dvc_push:
             run_dvc(workspace, "push", *(["-r", p.dvc_remote] if p.dvc_remote else []), *p.dvc_stages)
     unchanged = [s for s in p.dvc_stages if f"Stage '{s}' didn't change, skipping" in output]
-    return {"stages": p.dvc_stages, "unchanged": unchanged, "data_version": data_version(Path(workspace, cfg.prepare.out)),
-            "pushed": p.dvc_push}
+    return {"stages": p.dvc_stages, "unchanged": unchanged,
+            "data_version": data_version(Path(workspace, cfg.prepare.out)), "pushed": p.dvc_push}
 
 
 def dvc_stage_writing(out: str, workspace: str | Path = ".") -> str | None:

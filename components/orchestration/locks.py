@@ -13,6 +13,7 @@ from components import tracking
 from components.config import Config
 from components.errors import UserError
 
+
 LOCK_DIR = ".datencoder"  # lock files, inside the workspace
 
 _held: dict[str, tuple[Any, int]] = {}  # lock file -> (open file, depth): re-entrant within a process

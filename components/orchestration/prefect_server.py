@@ -6,15 +6,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
+import requests
+
 from components.errors import UserError
 from components.orchestration.dvc import BIN
 from components.orchestration.processes import stop_session
+
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +43,6 @@ def local_prefect_server(workspace: Path, startup_timeout_s: float, ui: bool = F
     server shares the terminal's process group, so Ctrl-C killed it mid-run and left the run hanging;
     this one has its own session: Ctrl-C stops the run, which then stops the server. With `ui` it serves
     the Prefect UI as well (at the API URL without `/api`). Yields the API URL."""
-    import socket
-
-    import requests
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -53,7 +53,8 @@ def local_prefect_server(workspace: Path, startup_timeout_s: float, ui: bool = F
     env.update(PREFECT_HOME=str(home), PREFECT_UI_ENABLED=str(ui).lower(), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_UI_API_URL=api)
     with open(home / "server.log", "w") as out:
-        server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        server = subprocess.Popen([str(BIN / "prefect"), "server", "start",
+                                   "--host", "127.0.0.1", "--port", str(port)],
                                   env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + startup_timeout_s

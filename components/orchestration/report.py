@@ -12,11 +12,14 @@ import logging
 import shutil
 from pathlib import Path
 
+import pandas as pd
+
 from components import tracking
 from components.config import Config
 from components.evaluation.metrics import INTERVAL_NOTE
 from components.evaluation.report import METRICS, findings_table, smoke_notice
 from components.serving.registry import model_name
+
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +28,7 @@ def run_link(run_id: str | None) -> str:
         return "-"
     uri = tracking.tracking_uri()
     if uri.startswith("http"):
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # mlflow: only for a tracking server's link (start-up time)
 
         experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
         return f"[{run_id[:8]}]({uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id})"
@@ -83,6 +86,19 @@ def duration(seconds: float | None) -> str:
     return f"{minutes} min {rest:02d} s" if minutes else f"{seconds:.1f} s"
 
 
+def stage_summary(stage: str, r: dict) -> str:
+    """A stage's cell in the report's Stages table: what its result `r` says it produced."""
+    if stage == "prepare_data":
+        return f"data {r.get('data_version', '-')[:12]}"
+    if stage == "pretrain":
+        return f"step {r.get('end_step')}, encoder `{r.get('out')}`"
+    if stage == "register":
+        return f"version {r.get('version')}" + (f" (now {r['alias']})" if r.get("alias") else "")
+    if stage == "variants":
+        return "up to date" if r.get("up_to_date") else f"{len(r.get('encoders', {}))} encoders scored"
+    return "up to date" if r.get("up_to_date") else f"{len(r.get('methods', {}))} methods"
+
+
 def copied_image(out: Path, source: str | Path | None, title: str, caption: str) -> list[str]:
     """The image copied beside report.md and linked by its name (the folder travels whole), with its caption;
     nothing when the stage did not write it."""
@@ -96,13 +112,12 @@ def write_report(cfg: Config, results: dict[str, dict], parent_run_id: str, flow
                  durations: dict[str, float] | None = None) -> dict:
     """report.md + metrics.csv (+ the plots and sample grid) under pipeline.report; `durations`: each stage flow's
     wall time in this run (seconds). Returns the markdown, the table rows and the paths."""
-    import pandas as pd
-
     out = Path(cfg.pipeline.report).resolve()
     out.mkdir(parents=True, exist_ok=True)
     durations = durations or {}
     rows = metrics_table(results)
-    pd.DataFrame(rows, columns=["stage", "method", *METRIC_COLUMNS, "concepts"]).to_csv(out / "metrics.csv", index=False)
+    table = pd.DataFrame(rows, columns=["stage", "method", *METRIC_COLUMNS, "concepts"])
+    table.to_csv(out / "metrics.csv", index=False)
     evaluate = results.get("evaluate") or {}
     notice = smoke_notice(cfg.preset, [m["concepts"] for stage in ("evaluate", "ablate")
                                        for m in (results.get(stage) or {}).get("methods", {}).values()
@@ -116,14 +131,7 @@ def write_report(cfg: Config, results: dict[str, dict], parent_run_id: str, flow
              "| stage | result | wall time | MLflow run |", "|---|---|---|---|"]
     for stage in cfg.pipeline.stages:
         r = results.get(stage) or {}
-        summary = r.get("skipped") or {"prepare_data": lambda: f"data {r.get('data_version', '-')[:12]}",
-                                       "pretrain": lambda: f"step {r.get('end_step')}, encoder `{r.get('out')}`",
-                                       "register": lambda: f"version {r.get('version')}" + (
-                                           f" (now {r['alias']})" if r.get("alias") else ""),
-                                       "variants": lambda: ("up to date" if r.get("up_to_date") else
-                                                            f"{len(r.get('encoders', {}))} encoders scored"),
-                                       }.get(stage, lambda: ("up to date" if r.get("up_to_date") else
-                                                             f"{len(r.get('methods', {}))} methods"))()
+        summary = r.get("skipped") or stage_summary(stage, r)
         lines.append(f"| {stage} | {summary} | {duration(durations.get(stage))} | "
                      f"{run_link(r.get('mlflow_run_id') or r.get('run_id'))} |")
     if durations:
@@ -169,7 +177,8 @@ def write_report(cfg: Config, results: dict[str, dict], parent_run_id: str, flow
                  f"{gate.get('margin')} on the gate")
         lines += ["", "## Registered model", "", f"`{reg['model']}` version {reg['version']}: {link}; {alias}."]
         if reg.get("alias") == "challenger":
-            lines += ["", f"Make it the champion with `datencoder promote{'' if cfg.preset == 'toy' else ' --preset ' + cfg.preset}"
+            preset = "" if cfg.preset == "toy" else " --preset " + cfg.preset
+            lines += ["", f"Make it the champion with `datencoder promote{preset}"
                           f" --version {reg['version']}`."]
     lines += ["", "## Serve the champion", "", *(f"    {c}" for c in serve_commands(cfg))]
     markdown = "\n".join(lines) + "\n"

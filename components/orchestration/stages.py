@@ -15,6 +15,7 @@ from components.config import Config
 from components.errors import UserError
 from components.home import ROOT
 
+
 log = logging.getLogger(__name__)
 
 
@@ -81,7 +82,8 @@ def stage_key(cfg: Config, stage: str, data_version: str, encoder: str | None = 
     if stage == "pretrain":
         values = {"base": {k: v for k, v in values["base"].items() if k != "metrics_clip"},
                   "encoder": values["encoder"], "pretrain": values["pretrain"]}
-    return {"stage": stage, "config": values, "data_version": data_version, "encoder": encoder, "code": code_version(stage),
+    return {"stage": stage, "config": values, "data_version": data_version, "encoder": encoder,
+            "code": code_version(stage),
             "tracking": tracking.tracking_uri()}  # another MLflow store has no record of the cached result
 
 

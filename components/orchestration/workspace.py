@@ -18,6 +18,7 @@ from components.home import ROOT
 from components.orchestration.dvc import run_dvc
 from components.orchestration.stages import dvc_view
 
+
 log = logging.getLogger(__name__)
 
 
@@ -89,7 +90,8 @@ def _upstream(stages: dict, targets: list[str]) -> list[str]:
     unknown = [t for t in targets if t not in stages]
     if unknown:
         raise UserError(f"pipeline.dvc_stages: no stage {', '.join(unknown)} in dvc.yaml (have {', '.join(stages)})")
-    producer = {str(next(iter(o)) if isinstance(o, dict) else o): n for n, s in stages.items() for o in s.get("outs", [])}
+    producer = {str(next(iter(o)) if isinstance(o, dict) else o): n
+                for n, s in stages.items() for o in s.get("outs", [])}
     needed, todo = set(), list(targets)
     while todo:
         name = todo.pop()

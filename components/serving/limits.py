@@ -35,6 +35,7 @@ from pydantic import ValidationError
 from components.config import ServeConfig
 from components.errors import UserError
 
+
 LIMITS_ENV = "DATENCODER_SERVE_LIMITS"  # JSON object of serve.* keys, over the registered ones
 # MLflow's scoring server answers 504 after this many seconds (`mlflow models serve --timeout`, default 60)
 # but lets the work go on; the model stops its own work then too

@@ -13,6 +13,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import try_to_load_from_cache
+from transformers import CLIPTokenizer
+
 from components import home
 from components.config import BaseConfig, Config
 from components.data.images import read_file
@@ -30,15 +33,13 @@ def base_tokenizer(base: BaseConfig):
     """The base model's tokenizer alone (no weights), to check prompts before any model loads. A base that is
     not there (no model_index.json in its directory or the local Hugging Face cache) fails here with the
     loader's own message: which path or id, and how to provide it."""
-    from huggingface_hub import try_to_load_from_cache
-    from transformers import CLIPTokenizer
-
     local = Path(base.pretrained).expanduser()
     if local.is_dir():
         found = (local / "model_index.json").is_file()
     else:
         try:
-            found = isinstance(try_to_load_from_cache(base.pretrained, "model_index.json", revision=base.revision), str)
+            cached = try_to_load_from_cache(base.pretrained, "model_index.json", revision=base.revision)
+            found = isinstance(cached, str)
         except ValueError:  # not a hub id either
             found = False
     if not found:
@@ -74,7 +75,8 @@ def personalize(cfg: Config, images: str | list[str], prompts: list[str], model:
     """The stage: personalise the concept in `images` (one photo, or several of the same concept) for
     `prompts`, write PNGs to `out` (and the concept to `export`). The photos, the request parameters and
     (when the config names the base) the prompts are checked before any model loads."""
-    photos = [read_file(image, cfg.personalize.max_pixels) for image in ([images] if isinstance(images, str) else images)]
+    photos = [read_file(image, cfg.personalize.max_pixels)
+              for image in ([images] if isinstance(images, str) else images)]
     for name, value in params.items():
         if value is not None:
             check_value(name, value)

@@ -34,14 +34,20 @@ import signal
 import sys
 import time
 import traceback
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
+
+import psutil
+import torch
+from starlette.responses import Response
 
 from components import tracking
 from components.config import Config, ServeConfig, load_config
 from components.errors import UserError
 from components.runtime import runtime_environment
 from components.serving import limits, registry, scoring
+
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +60,6 @@ class Model:
 
     def __init__(self, model: str, trust_model_code: bool, env: dict[str, str]):
         os.environ.update(env)  # the limits, device and dtype the pyfunc reads while it loads
-        import torch
-
         cpus = float(env.get("DATENCODER_REPLICA_CPUS", "1"))
         torch.set_num_threads(max(1, int(cpus)))
         local = model if Path(model).is_dir() else registry.trusted_model_dir(model, trust_model_code)
@@ -86,6 +90,7 @@ class Ingress:
     async def is_ready(self) -> bool:
         """/ping: 200 once the application has come up, as MLflow's answers once its model has loaded."""
         if not self.ready:
+            # ray: in the Ray Serve replicas and driver only; serve.py imports this module for every backend
             from ray import serve
 
             status = (await asyncio.to_thread(serve.status)).applications.get(APP_NAME)
@@ -93,15 +98,11 @@ class Ingress:
         return self.ready
 
     async def __call__(self, request):
-        from starlette.responses import Response
-
         path, method = request.url.path, request.method
         if path in ("/ping", "/health"):
             return Response("\n", status_code=200 if await self.is_ready() else 503, media_type="application/json")
         if path == "/version":
-            from importlib.metadata import version
-
-            return Response(version("mlflow"), media_type="application/json")
+            return Response(package_version("mlflow"), media_type="application/json")
         if path != "/invocations":
             status, body, headers = 404, scoring.error("ENDPOINT_NOT_FOUND", "POST /invocations, GET /ping"), {}
         elif method != "POST":
@@ -115,6 +116,7 @@ class Ingress:
         return Response(body, status_code=status, headers=headers)
 
     async def handle(self, request) -> scoring.Reply:
+        # ray: in the Ray Serve replicas only
         import ray.exceptions
         from ray.serve.exceptions import BackPressureError
 
@@ -142,8 +144,6 @@ class Ingress:
 def replica_processes(pid: int) -> list:
     """The model replicas' processes (psutil.Process) under a local `datencoder serve --backend ray` process
     `pid`: Ray titles a replica's process after its application and deployment."""
-    import psutil
-
     title = f"ServeReplica:{APP_NAME}:Model"
     found = []
     for process in psutil.Process(pid).children(recursive=True):
@@ -163,7 +163,7 @@ def replica_env(cfg: Config) -> dict[str, str]:
 
 def application(cfg: Config, model: str, trust_model_code: bool, defaults: dict[str, Any]):
     """The Ray Serve application: `Ingress` over `Model` with the options of the module docstring."""
-    from ray import serve
+    from ray import serve  # ray: with --backend ray only
 
     lim = cfg.serve
     model_options: dict[str, Any] = {
@@ -188,6 +188,7 @@ def pinned(model: str) -> str:
     the same version even if the alias moves; other URIs unchanged."""
     if not model.startswith("models:/") or "@" not in model:
         return model
+    # mlflow: only to pin a model URI (start-up time)
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -200,7 +201,7 @@ def pinned(model: str) -> str:
 
 
 def model_defaults(local_dir: str) -> dict[str, Any]:
-    from mlflow.models import Model as MlflowModel
+    from mlflow.models import Model as MlflowModel  # mlflow: on use only (start-up time)
 
     return scoring.param_defaults(MlflowModel.load(local_dir))
 
@@ -218,6 +219,7 @@ def app_builder(args: dict[str, Any]):
 
 def serve(cfg: Config, model: str, host: str, port: int, trust_model_code: bool) -> dict:
     """Serve `model` (a URI) on Ray Serve until interrupted (module docstring)."""
+    # ray: with --backend ray only
     import ray
     from ray import serve as ray_serve
 
@@ -230,7 +232,8 @@ def serve(cfg: Config, model: str, host: str, port: int, trust_model_code: bool)
     try:
         ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING)
     except Exception as e:  # noqa: BLE001 - Ray raises bare Exceptions for start-up failures
-        raise UserError(f"cannot start or reach the Ray cluster ({address or 'local'}): {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot start or reach the Ray cluster ({address or 'local'}): "
+                        f"{str(e).splitlines()[0]}") from None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the finally below shuts Ray Serve down
     try:
         ray_serve.start(http_options={"host": host, "port": port})

@@ -36,21 +36,26 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import hashlib
+import io
 import logging
 import os
 import socket
 import tempfile
 import time
 import uuid
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Iterator
 
 import yaml
+from PIL import Image
 
 from components import tracking
 from components.config import Config, RuntimeConfig, load_config
 from components.errors import UserError
 from components.inference.engine import Personalizer
+
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,7 @@ def is_model_uri(model: str) -> bool:
 
 
 def _client():
+    # mlflow: on use only (start-up time)
     import mlflow
     from mlflow import MlflowClient
 
@@ -86,7 +92,7 @@ def _client():
 
 def _aliased(client, name: str, alias: str):
     """The ModelVersion `name@alias`, or None (no such model or alias)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: on use only (start-up time)
 
     try:
         return client.get_model_version_by_alias(name, alias)
@@ -116,7 +122,7 @@ def champion_uri(cfg: Config) -> str | None:
 @contextlib.contextmanager
 def alias_lock(client, name: str, timeout_s: float, lease_s: float = LOCK_LEASE_S) -> Iterator[None]:
     """Hold `name`'s alias lock (module docstring) while the block runs: read the aliases, decide, set them."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: on use only (start-up time)
 
     lock = name + LOCK_SUFFIX
     holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -156,7 +162,7 @@ def alias_lock(client, name: str, timeout_s: float, lease_s: float = LOCK_LEASE_
 
 def _model_of_preset(client, name: str, preset: str) -> None:
     """Create `name` for `preset`, or check it holds `preset` (one preset per registered model)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: on use only (start-up time)
 
     try:
         model = client.get_registered_model(name)
@@ -203,6 +209,7 @@ def config_from_artifacts(artifacts: dict[str, str]) -> Config:
 
 def signature(cfg: Config):
     """Inputs image (binary) + prompt (string); params with the config's defaults; outputs image/prompt/seed."""
+    # mlflow: on use only (start-up time)
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -215,16 +222,14 @@ def signature(cfg: Config):
     # concept (optional): rows with the same label are several photos of one concept
     return ModelSignature(inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "prompt"),
                                          ColSpec("string", "concept", required=False)]),
-                          outputs=Schema([ColSpec("binary", "image"), ColSpec("string", "prompt"), ColSpec("long", "seed")]),
+                          outputs=Schema([ColSpec("binary", "image"), ColSpec("string", "prompt"),
+                                          ColSpec("long", "seed")]),
                           params=ParamSchema(params))
 
 
 def input_example():
     """One tiny request that runs in seconds: no tuning, one sampling step."""
-    import io
-
-    import pandas as pd
-    from PIL import Image
+    import pandas as pd  # pandas: registering only; `personalize` starts without it
 
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (220, 40, 40)).save(buf, format="PNG")
@@ -233,16 +238,14 @@ def input_example():
 
 
 def requirements() -> list[str]:
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name)}" for name in
+    return [f"{name}=={package_version(name)}" for name in
             ("torch", "diffusers", "transformers", "open_clip_torch", "safetensors", "mlflow", "pillow", "pandas",
              "pydantic", "pyyaml")]
 
 
 def log_model(cfg: Config, encoder_dir: str | Path):
     """Log the pyfunc model into the active run; returns mlflow's ModelInfo."""
-    import mlflow
+    import mlflow  # mlflow: on use only (start-up time)
 
     with tempfile.TemporaryDirectory(prefix="datencoder-register-") as scratch:
         return mlflow.pyfunc.log_model(
@@ -263,6 +266,7 @@ def gate_score(personalizer, registry=None) -> dict:
 
 def score_tag(cfg: Config) -> str:
     """The version tag holding a score on `cfg`'s gate: `<GATE>.<concepts>x<prompts>`."""
+    # registering only (it loads pandas): `personalize` starts without it
     from components.evaluation.gate import GATE, gate_size
 
     return f"{GATE}.{gate_size(cfg)}"
@@ -271,7 +275,7 @@ def score_tag(cfg: Config) -> str:
 def logged_personalizer(model_uri: str, runtime: RuntimeConfig) -> Personalizer:
     """A Personalizer over a registered version's logged encoder and config, built by this checkout's code (the
     logged pyfunc code is not run: only its weights and config are read), to score it on the gate."""
-    import mlflow
+    import mlflow  # mlflow: on use only (start-up time)
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
     flavor = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {}).get("python_function", {})
@@ -298,7 +302,7 @@ def _score_of(client, cfg: Config, name: str, version) -> float | None:
 def decide(score: float, champion: float | None, challenger: float | None, margin: float) -> str | None:
     """Which alias a new version's gate score earns: `champion` when there is none yet, `challenger` when it
     beats the champion by more than `margin` and the current challenger (if any), else none."""
-    from components.evaluation.gate import beats
+    from components.evaluation.gate import beats  # registering only (it loads pandas): `personalize` starts without it
 
     if champion is None:
         return ALIAS
@@ -310,14 +314,14 @@ def decide(score: float, champion: float | None, challenger: float | None, margi
 def register(cfg: Config, encoder: str | None = None) -> dict:
     """Log and register the encoder at `encoder` (default personalize.encoder) as a version of model_name(cfg);
     give it the alias its gate score earns (`decide`), under the model's alias lock."""
-    import mlflow
+    import mlflow  # mlflow: on use only (start-up time)
 
     encoder_dir = Path(encoder or cfg.personalize.encoder)
     if not (encoder_dir / "config.json").is_file():
         raise UserError(f"no encoder at {encoder_dir} (config.json missing): run `datencoder pretrain` first, "
                         f"or pass --encoder")
 
-    from components.evaluation.gate import GATE
+    from components.evaluation.gate import GATE  # registering only (it loads pandas): `personalize` starts without it
 
     client, name, r = _client(), model_name(cfg), cfg.registry
     _model_of_preset(client, name, cfg.preset)
@@ -326,7 +330,8 @@ def register(cfg: Config, encoder: str | None = None) -> dict:
     _score_of(client, cfg, name, _aliased(client, name, ALIAS))  # a champion from another gate: scored before the lock
     from components.data.prepare import data_version  # registering only (pandas): `personalize` starts without it
 
-    tags = {"data_version": data_version(cfg.pretrain.data, missing="unknown"), "preset": cfg.preset, "stage": "register"}
+    tags = {"data_version": data_version(cfg.pretrain.data, missing="unknown"), "preset": cfg.preset,
+            "stage": "register"}
     with tracking.run(EXPERIMENT, f"register-{encoder_dir.name}", tags) as (run_client, run_id):
         tracking.log_metrics(run_client, run_id, {GATE: score, "gate_identity": gate["identity"],
                                                   "gate_prompt": gate["prompt"]}, step=0)
@@ -345,10 +350,10 @@ def register(cfg: Config, encoder: str | None = None) -> dict:
             if alias:
                 client.set_registered_model_alias(name, alias, version)
     said = {ALIAS: "now @champion (the model had none)",
-            CHALLENGER: f"now @challenger (champion v{champion and champion.version} {champion_score}; promote it with "
-                        f"`datencoder promote`)",
-            None: f"no alias: it does not beat the champion v{champion and champion.version} ({champion_score}) by more "
-                  f"than {r.margin:g}" + (f" and the challenger v{challenger.version} ({challenger_score})"
+            CHALLENGER: f"now @challenger (champion v{champion and champion.version} {champion_score}; "
+                        f"promote it with `datencoder promote`)",
+            None: f"no alias: it does not beat the champion v{champion and champion.version} ({champion_score}) "
+                  f"by more than {r.margin:g}" + (f" and the challenger v{challenger.version} ({challenger_score})"
                                          if challenger else "")}[alias]
     log.info("registered %s version %s (%s %s = %.5g); %s", name, version, GATE, gate["size"], score, said)
     return {"model": name, "version": int(version), "run_id": run_id, "model_uri": info.model_uri,
@@ -364,7 +369,7 @@ def register(cfg: Config, encoder: str | None = None) -> dict:
 def promote(cfg: Config, version: int | None = None) -> dict:
     """Move model_name(cfg)'s `@champion` to `version` (default: the `@challenger`), under the alias lock; never
     onto a version of another preset. The previous champion is recorded on the new one (`promoted_from`)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: on use only (start-up time)
 
     client, name = _client(), model_name(cfg)
     with alias_lock(client, name, cfg.registry.lock_timeout_s):
@@ -408,7 +413,7 @@ def load_pyfunc_personalizer(model_uri: str, trust: bool = False, runtime: Runti
 
 def load_pyfunc(model_dir: str, runtime: RuntimeConfig | None = None):
     """The pyfunc model in a local directory that trusted_model_dir returned."""
-    import mlflow
+    import mlflow  # mlflow: on use only (start-up time)
 
     try:
         return mlflow.pyfunc.load_model(model_dir, model_config=runtime.model_dump() if runtime else None)
@@ -418,22 +423,17 @@ def load_pyfunc(model_dir: str, runtime: RuntimeConfig | None = None):
 
 # --- trust ------------------------------------------------------------------------------------------
 def code_sha256(path: str | Path) -> str:
-    import hashlib
-
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def trust_requested(flag: bool = False) -> bool:
-    import os
-
     return flag or os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def trusted_model_dir(model_uri: str, trust: bool = False) -> str:
     """Download `model_uri` and return its local directory, once its logged code is known to be this
     project's (module docstring); otherwise a UserError saying why, unless `trust` (or TRUST_ENV)."""
-    import mlflow
-    import yaml as yamllib
+    import mlflow  # mlflow: on use only (start-up time)
 
     client = _client()
     try:
@@ -445,7 +445,8 @@ def trusted_model_dir(model_uri: str, trust: bool = False) -> str:
         log.warning("loading %s without checking its code (told to trust it)", model_uri)
         return local
     expected = code_sha256(PYFUNC_CODE)
-    flavor = (yamllib.safe_load((Path(local) / "MLmodel").read_text()) or {}).get("flavors", {}).get("python_function", {})
+    mlmodel = yaml.safe_load((Path(local) / "MLmodel").read_text()) or {}
+    flavor = mlmodel.get("flavors", {}).get("python_function", {})
     code = flavor.get("model_code_path")
     logged = code_sha256(Path(local) / Path(code).name) if code and (Path(local) / Path(code).name).is_file() else None
     hint = (f"register it again with this checkout (`datencoder register`), or pass --trust-model-code "
@@ -467,7 +468,7 @@ def trusted_model_dir(model_uri: str, trust: bool = False) -> str:
 
 def _version_of(client, model_uri: str):
     """The ModelVersion of models:/name@alias or models:/name/version."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: on use only (start-up time)
 
     name, _, ref = model_uri.removeprefix("models:/").partition("@")
     try:

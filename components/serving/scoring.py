@@ -26,6 +26,7 @@ from typing import Any
 from components.config import ServeConfig
 from components.serving import limits
 
+
 log = logging.getLogger(__name__)
 
 Reply = tuple[int, bytes, dict]  # status, JSON body, extra headers
@@ -49,7 +50,8 @@ class Front:
         lim = self.limits
         max_bytes = int(lim.max_body_mb * 2**20)
         headers = dict(scope["headers"])
-        too_large = (413, error("REQUEST_TOO_LARGE", f"the body is over serve.max_body_mb ({lim.max_body_mb:g} MiB)"), {})
+        too_large = (413, error("REQUEST_TOO_LARGE", f"the body is over serve.max_body_mb ({lim.max_body_mb:g} MiB)"),
+                     {})
         try:
             if int(headers.get(b"content-length", b"0")) > max_bytes:
                 await read_body(receive, 0)  # drained, not kept: a client still sending would see a reset
@@ -103,7 +105,8 @@ def json_rows(request: Any) -> list[limits.Row] | None:
         elif not isinstance(records, list) or not records:
             return None
         records = [r if isinstance(r, dict) else {} for r in records]
-    return [limits.row(json.dumps(r.get("image")), r.get("prompt"), r.get("concept"), size=encoded_size(r.get("image")))
+    return [limits.row(json.dumps(r.get("image")), r.get("prompt"), r.get("concept"),
+                       size=encoded_size(r.get("image")))
             for r in records]
 
 
@@ -116,6 +119,7 @@ def encoded_size(value: Any) -> int:
 
 def invoke(model, input_schema, request: dict, content_type: str, until: float | None, retry_after_s: int) -> Reply:
     """MLflow's own invocation of `model` with the deadline `until` (time.monotonic()) in force."""
+    # mlflow: only when a request is computed; the server's checks import this module without it
     from mlflow.exceptions import MlflowException
     from mlflow.pyfunc import scoring_server
 

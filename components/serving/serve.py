@@ -29,11 +29,14 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
+import uvicorn
+
 from components import tracking
 from components.config import Config, ServeConfig
 from components.errors import UserError
 from components.runtime import resolve, runtime_environment
-from components.serving import limits, registry, scoring
+from components.serving import limits, ray_serve, registry, scoring
+
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ async def reply(send, status: int, code: str, message: str) -> None:
 
 def build_app(model, serve_limits: ServeConfig):
     """The ASGI app for a loaded pyfunc model: MLflow's scoring app behind Guard."""
-    from mlflow.pyfunc import scoring_server
+    from mlflow.pyfunc import scoring_server  # mlflow: only when the app is built (start-up time)
 
     # MLflow's own timeout answers 504 and lets the work go on; ours comes first and stops it
     os.environ[limits.MLFLOW_TIMEOUT_ENV] = str(serve_limits.request_timeout_s + 60)
@@ -131,12 +134,8 @@ def serve(cfg: Config, model: str | None = None, host: str = "127.0.0.1", port: 
         log.warning("serving on %s: every host that reaches it can use it; put it behind a proxy that authenticates",
                     host)
     if cfg.serve.backend == "ray":
-        from components.serving import ray_serve
-
         ray_serve.serve(cfg, model, host, port, trust_model_code)
         return {"model": model, "host": host, "port": port, "backend": "ray"}
-    import uvicorn
-
     local = registry.trusted_model_dir(model, trust_model_code)
     # the model reads its limits from the environment when it loads (limits.serving_limits): the server's
     os.environ[MODEL_ENV], os.environ[limits.LIMITS_ENV] = local, cfg.serve.model_dump_json()

@@ -30,12 +30,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from components.config import BootstrapConfig, Config
 from components.errors import UserError
 from components.progress import Progress
 from components.toy import world as tw
 from components.toy.tokenizer import save_toy_tokenizer
+
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +65,12 @@ def attribute_swaps(scene: tw.Scene, rng: random.Random) -> list[tw.Scene]:
     """The scene and three near-misses (another shape, colour, pattern or background colour): in one
     contrastive batch they force the CLIP to see exactly the attributes identity depends on."""
     c = scene.concept
-    other = lambda options, current: rng.choice([o for o in options if o != current])
+    def other(options, current):
+        return rng.choice([o for o in options if o != current])
     return [scene,
             replace(scene, concept=replace(c, shape=other(tw.SHAPES, c.shape))),
-            replace(scene, concept=replace(c, colour=other([k for k in tw.COLOURS if k != scene.background_colour], c.colour))),
+            replace(scene, concept=replace(c, colour=other([k for k in tw.COLOURS if k != scene.background_colour],
+                                                           c.colour))),
             replace(scene, concept=replace(c, pattern=other(tw.PATTERNS, c.pattern))) if rng.random() < 0.5
             else replace(scene, background="plain", background_colour=other(
                 [k for k in tw.COLOURS if k not in (c.colour, c.pattern_colour)], scene.background_colour))]
@@ -74,7 +78,7 @@ def attribute_swaps(scene: tw.Scene, rng: random.Random) -> list[tw.Scene]:
 
 # --- VAE ------------------------------------------------------------------------------------------
 def make_vae(channels: tuple[int, ...] = (16, 32, 32)):
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # diffusers: only when this part trains (start-up time)
 
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
@@ -140,6 +144,7 @@ def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
 
 # --- text encoder + UNet --------------------------------------------------------------------------
 def make_text_encoder(vocab_size: int, b: BootstrapConfig, bos: int, eos: int, max_length: int):
+    # transformers' modelling code: only when this part trains (start-up time)
     from transformers import CLIPTextConfig, CLIPTextModel
 
     return CLIPTextModel(CLIPTextConfig(
@@ -150,7 +155,7 @@ def make_text_encoder(vocab_size: int, b: BootstrapConfig, bos: int, eos: int, m
 
 
 def make_unet(b: BootstrapConfig):
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # diffusers: only when this part trains (start-up time)
 
     c = tuple(b.unet_channels)
     return UNet2DConditionModel(
@@ -161,8 +166,8 @@ def make_unet(b: BootstrapConfig):
 
 
 def scheduler_config(b: BootstrapConfig) -> dict:
-    return dict(num_train_timesteps=1000, beta_schedule=b.beta_schedule, prediction_type=b.prediction_type,
-                rescale_betas_zero_snr=b.zero_terminal_snr, timestep_spacing="trailing", clip_sample=False)
+    return {"num_train_timesteps": 1000, "beta_schedule": b.beta_schedule, "prediction_type": b.prediction_type,
+            "rescale_betas_zero_snr": b.zero_terminal_snr, "timestep_spacing": "trailing", "clip_sample": False}
 
 
 class EMA:
@@ -186,6 +191,7 @@ class EMA:
 
 def train_denoiser(latents: torch.Tensor, input_ids: torch.Tensor, empty_ids: torch.Tensor,
                    text_encoder, unet, b: BootstrapConfig) -> dict:
+    # diffusers: only when this part trains (start-up time)
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
@@ -240,7 +246,8 @@ def clip_model_config(width: int = 96, layers: int = 3, vision: str = "vit", res
     """A tiny open_clip config. The backbone is a ViT (its patch tokens are the encoder's spatial
     features, as with ViT-H-14); the metrics CLIP uses open_clip's ModifiedResNet, whose convolutions
     learn shape from little data where a tiny ViT only learned colour (17-29% zero-shot on shape)."""
-    vision_cfg = ({"image_size": 64, "layers": layers, "width": width, "patch_size": 8, "head_width": 32} if vision == "vit"
+    vision_cfg = ({"image_size": 64, "layers": layers, "width": width, "patch_size": 8, "head_width": 32}
+                  if vision == "vit"
                   else {"image_size": 64, "layers": [1, 1, 1, 1], "width": resnet_width, "head_width": 32})
     return {
         "embed_dim": 64,
@@ -256,8 +263,7 @@ def train_clip(name: str, out: Path, scenes: list[tw.Scene], images: torch.Tenso
     """Train one open_clip CLIP contrastively on (render, caption) pairs and save config + weights.
     `hard`: scenes in consecutive groups of 4 attribute swaps (see attribute_swaps) with their renders;
     each batch then gives half its rows to whole groups, captioned in full."""
-    import open_clip
-    from safetensors.torch import save_file
+    import open_clip  # open_clip: only when the CLIPs train (start-up time)
 
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / f"{name}.json"
@@ -375,6 +381,7 @@ def bootstrap_vae(out: Path, scenes: list[tw.Scene], images: torch.Tensor, b: Bo
 def bootstrap_unet(out: Path, scenes: list[tw.Scene], images: torch.Tensor, b: BootstrapConfig) -> dict:
     """The rest of models/toy-base (tokenizer, text encoder, UNet, scheduler, model_index.json), trained on
     the latents of the VAE already in models/toy-base/vae."""
+    # diffusers: only when this part trains (start-up time)
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
     vae_dir = out / "toy-base" / "vae"
@@ -386,8 +393,9 @@ def bootstrap_unet(out: Path, scenes: list[tw.Scene], images: torch.Tensor, b: B
     vae.cpu()
     tokenizer = save_toy_tokenizer(staged.dir / "toy-base" / "tokenizer")
     max_length = tokenizer.model_max_length
-    enc = lambda texts: tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
-                                  return_tensors="pt").input_ids
+    def enc(texts):
+        return tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                         return_tensors="pt").input_ids
     torch.manual_seed(b.seed + 5)  # the UNet's init does not depend on whether the VAE was trained in this call
     text_encoder = make_text_encoder(len(tokenizer), b, tokenizer.bos_token_id, tokenizer.eos_token_id, max_length)
     unet = make_unet(b)
@@ -397,7 +405,8 @@ def bootstrap_unet(out: Path, scenes: list[tw.Scene], images: torch.Tensor, b: B
         scheduler=DDIMScheduler(**scheduler_config(b)), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipe.save_pretrained(staged.dir / "toy-base", safe_serialization=True)
-    staged.commit(*(f"toy-base/{name}" for name in ("tokenizer", "text_encoder", "unet", "scheduler", "model_index.json")))
+    staged.commit(*(f"toy-base/{name}"
+                    for name in ("tokenizer", "text_encoder", "unet", "scheduler", "model_index.json")))
     return {"params": {"unet": sum(p.numel() for p in unet.parameters()),
                        "text_encoder": sum(p.numel() for p in text_encoder.parameters())},
             "final_loss": {"unet": losses["unet_final_loss"]}}

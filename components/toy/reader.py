@@ -12,13 +12,11 @@ must not make DVC re-render the world and retrain the base.
 from __future__ import annotations
 
 import numpy as np
-
-from dataclasses import replace
-
 from scipy import ndimage
 
 from components.toy import world as tw
 from components.toy.world import COLOURS, SHAPES, shape_mask
+
 
 _NAMES = list(COLOURS)
 _RGB = np.array([COLOURS[c] for c in _NAMES], np.float32)
@@ -139,7 +137,8 @@ def read_background(image: np.ndarray) -> tuple[str, str] | None:
     share = (distances < 4).mean(0)
     if share.max() >= 0.5 and np.median(distances.min(1)) < 2.5:
         return "plain", _NAMES[int(share.argmax())]
-    near = lambda pixels, rgb: np.linalg.norm(np.median(pixels.reshape(-1, 3).astype(np.float32), 0) - rgb) < TEXTURE_TOLERANCE
+    def near(pixels, rgb):
+        return np.linalg.norm(np.median(pixels.reshape(-1, 3).astype(np.float32), 0) - rgb) < TEXTURE_TOLERANCE
     h = image.shape[0]
     horizon = int(h * 0.55)
     if near(image[:3], tw.SKY) and near(image[-3:], tw.SAND):
@@ -192,7 +191,8 @@ def _pixel_art(image: np.ndarray) -> bool:
         return image.astype(np.float32)[offset:offset + n * c, offset:offset + n * c].reshape(n, c, n, c, 3)
 
     aligned = cells(0)
-    variance = lambda x: float(((x - x.mean(axis=(1, 3), keepdims=True)) ** 2).mean())
+    def variance(x):
+        return float(((x - x.mean(axis=(1, 3), keepdims=True)) ** 2).mean())
     uneven = (aligned.std(axis=(1, 3)).max(-1) > PIXEL_ART_CELL_STD).mean()
     return uneven < 0.005 and variance(aligned) < PIXEL_ART_RATIO * variance(cells(PIXEL_ART_CELL // 2))
 
@@ -221,7 +221,8 @@ def read_scene(image: np.ndarray) -> tw.Scene | None:
     # an outline is one or two pixels thick: one erosion leaves at most 13% of it, of a filled object 30% or more
     # (95% of them; measured after JPEG)
     closed = ndimage.binary_closing(mask, structure=np.ones((3, 3))) | mask  # stripes' blended edges read as holes
-    if style == "plain" and ndimage.binary_erosion(closed, structure=np.ones((3, 3))).sum() < SKETCH_ERODED * closed.sum():
+    if style == "plain" and (ndimage.binary_erosion(closed, structure=np.ones((3, 3))).sum()
+                             < SKETCH_ERODED * closed.sum()):
         style = "sketch"
     radius = _radius(filled, _match(filled)[0])
     if count > 1:

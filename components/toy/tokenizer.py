@@ -14,6 +14,7 @@ from transformers import CLIPTokenizer
 
 from components.toy import world as tw
 
+
 EXTRA_WORDS = """a an the of on in at and with two photo picture image drawing object thing shape
 background sketch pixel art beach grass night top bottom left right center small medium large
 solid striped dotted checkered sky sand stars dark bright light""".split()

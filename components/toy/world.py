@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from components.errors import UserError
+
 
 # --- vocabulary (names are part of the interface: captions, prompts, metrics use them) ----------
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -294,7 +296,8 @@ def render_group(scenes: list[tuple[Scene, tuple[float, float, float, float]]], 
         w, h = (x1 - x0) * width * SUPERSAMPLE, (y1 - y0) * height * SUPERSAMPLE
         cx, cy = (x0 + x1) / 2 * width * SUPERSAMPLE, (y0 + y1) / 2 * height * SUPERSAMPLE
         side = max(canvas.shape[:2])
-        m = np.asarray(shape_mask(scene.concept.shape, cx, cy, min(w, h) / 2, side))[: canvas.shape[0], : canvas.shape[1]] > 127
+        mask = np.asarray(shape_mask(scene.concept.shape, cx, cy, min(w, h) / 2, side))
+        m = mask[: canvas.shape[0], : canvas.shape[1]] > 127
         pattern = _pattern_mask(scene.concept.pattern, side, 6 * SUPERSAMPLE)[: canvas.shape[0], : canvas.shape[1]]
         canvas[m] = COLOURS[scene.concept.colour]
         canvas[m & pattern] = COLOURS[scene.concept.pattern_colour]
@@ -424,16 +427,14 @@ def write_toy_world(out: str | os.PathLike, n: int, seed: int = 0, scene_fractio
 
 def _scene_columns(scene: Scene | None) -> dict:
     if scene is None:
-        return {k: "" for k in ("shape", "colour", "pattern", "pattern_colour", "background",
-                                "background_colour", "position", "size", "count", "style")}
+        return dict.fromkeys(("shape", "colour", "pattern", "pattern_colour", "background", "background_colour",
+                              "position", "size", "count", "style"), "")
     cols = asdict(scene.concept)
     cols.update({k: v for k, v in asdict(scene).items() if k != "concept"})
     return cols
 
 
 def _rmtree(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path)
 
 

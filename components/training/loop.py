@@ -36,16 +36,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from components import tracking
 from components.config import Config, PretrainConfig
-from components.errors import UserError
 from components.data.images import to_arrays
+from components.errors import UserError
 from components.memory import peak_mb
 from components.model.base import load_pipeline
 from components.model.dual_path import condition
@@ -54,6 +56,7 @@ from components.model.placeholder import PLACEHOLDER
 from components.progress import Progress
 from components.toy import reader
 from components.toy import world as tw
+
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +133,8 @@ class Shard:
 
 
 def training_timesteps(n: int, steps: int, sampling: str, device) -> Tensor:
-    """n diffusion timesteps in [0, steps): uniform, or high-noise (density rising linearly with t: t = steps * sqrt(u))."""
+    """n diffusion timesteps in [0, steps): uniform, or high-noise (density rising linearly with t:
+    t = steps * sqrt(u))."""
     if sampling == "uniform":
         return torch.randint(0, steps, (n,), device=device)
     if sampling == "high-noise":
@@ -184,7 +188,7 @@ class Training:
         encoder = initial_encoder(cfg, base).to(device)
         model = encoder
         if world > 1:  # frozen base parts are plain attributes: DDP neither syncs nor broadcasts them
-            import ray.train.torch
+            import ray.train.torch  # ray: in a Ray Train worker only
 
             # Ray Train's DDP wrapping: device_ids and output_device from this worker's GPU, none on CPUs
             model = ray.train.torch.prepare_model(encoder, move_to_device=device)
@@ -225,8 +229,8 @@ class Training:
             seen_at = self.encoder_timesteps(len(latents))
             last = micro == accum - 1
             # gradients are all-reduced once per optimiser step, on the last micro-batch
-            no_sync = self.model.no_sync() if isinstance(self.model, nn.parallel.DistributedDataParallel) and not last \
-                else nullcontext()
+            ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+            no_sync = self.model.no_sync() if ddp and not last else nullcontext()
             with no_sync, autocast(self.device):
                 losses = self.model(pixels, latents, prompt, timesteps=timesteps, gradient_norms=gradient_norms,
                                     encoder_timesteps=seen_at)
@@ -251,8 +255,6 @@ class Training:
 
     def restore(self, directory: Path, rank: int) -> int:
         """Load a checkpoint; returns its step."""
-        from safetensors.torch import load_file
-
         self.encoder.load_state_dict(load_file(str(directory / ENCODER_DIR / "model.safetensors")))
         state = torch.load(directory / TRAINER_STATE, weights_only=True, map_location=self.device)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -320,7 +322,8 @@ class HeldOut:
         if len(val):
             pixels = load_pixels([Path(p.data) / path for path in val["path"]])
             images = to_arrays(pixels)
-            self.sets["val"] = HeldOutSet(pixels, [prompts.one(image, row) for image, row in zip(images, val.itertuples())])
+            self.sets["val"] = HeldOutSet(pixels, [prompts.one(image, row)
+                                                   for image, row in zip(images, val.itertuples())])
         held_out = cfg.toy_world.encoder_holdout_shapes
         if cfg.base.kind == "toy" and held_out:
             rng = random.Random(p.seed)
@@ -393,7 +396,7 @@ class HeldOut:
                      "wrong_shape": [_swapped(s, "shape").caption() for s in held.scenes],
                      "object": [s.template().replace("{}", "object") for s in held.scenes]}
             out[f"{name}/encoder"] = encoder_losses[name]
-            for condition, captions in texts.items():
+            for caption_kind, captions in texts.items():
                 captions = [c for c in captions for _ in fractions]
                 total = 0.0
                 for i in range(0, len(captions), chunk):
@@ -402,7 +405,7 @@ class HeldOut:
                     with autocast(training.device):
                         pred = base.unet(noisy[rows], timesteps[rows], encoder_hidden_states=context).sample
                     total += F.mse_loss(pred.float(), target[rows].float(), reduction="sum").item()
-                out[f"{name}/{condition}"] = total / target.numel()
+                out[f"{name}/{caption_kind}"] = total / target.numel()
         return out
 
     @torch.no_grad()
@@ -412,7 +415,8 @@ class HeldOut:
         p, base, encoder = training.cfg.pretrain, training.base, training.encoder
         cfg = encoder.config
         per_set = max(1, p.sample_concepts // max(1, len(self.sets)))
-        pixels = torch.cat([held.pixels[:per_set] for held in self.sets.values()])[: p.sample_concepts].to(training.device)
+        pixels = torch.cat([held.pixels[:per_set] for held in self.sets.values()])[: p.sample_concepts]
+        pixels = pixels.to(training.device)
         n = len(pixels)
         g = torch.Generator().manual_seed(self.seed)
         latents = training.latents(pixels)
@@ -430,7 +434,8 @@ class HeldOut:
             images = training.pipe(prompt_embeds=soft, negative_prompt_embeds=uncond, guidance_scale=p.sample_guidance,
                                    cross_attention_kwargs={"concept": concept.with_guidance(uncond)
                                                            if p.sample_guidance > 1 else concept},
-                                   num_inference_steps=p.sample_steps, generator=torch.Generator().manual_seed(self.seed),
+                                   num_inference_steps=p.sample_steps,
+                                   generator=torch.Generator().manual_seed(self.seed),
                                    output_type="pt").images
             columns.append(images.float().cpu())
         tiles = torch.stack(columns, 1)  # (n, columns, 3, H, W)
@@ -460,8 +465,7 @@ def restore_newest_readable(training: Training, checkpoint, rank: int) -> tuple[
     """Restore Ray's latest checkpoint or, when it cannot be read (a truncated file, a crash while it was
     written), the newest earlier one of the run: -> (its step, what was skipped, or None). Every rank
     ends on the same step; none readable is a UserError (`--restart` starts over)."""
-    import pyarrow.fs
-    import ray.train
+    import ray.train  # ray: in a Ray Train worker only
 
     folder = checkpoint.path.rsplit("/", 1)[0]
     found = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(folder))
@@ -499,6 +503,7 @@ def restore_newest_readable(training: Training, checkpoint, rank: int) -> tuple[
 def worker_loop(job: dict) -> None:
     """Ray Train's train_loop_per_worker. `job`: config (Config.model_dump()), project_dir,
     tracking_uri, run_id (MLflow, logged to by rank 0 only), log_level (third-party logs)."""
+    # ray: in a Ray Train worker only
     import ray.train
     import ray.train.torch
 
@@ -530,6 +535,7 @@ def worker_loop(job: dict) -> None:
 
     mlflow = heldout = progress = None
     if rank == 0:
+        # mlflow: rank 0 only (start-up time)
         import mlflow as fluent
         from mlflow import MlflowClient
 
@@ -562,7 +568,8 @@ def worker_loop(job: dict) -> None:
         t0 = time.perf_counter()
         done = step + 1
         logged = done % p.log_every == 0 or done == p.max_steps
-        losses, stats = training.step(step, gradient_norms=logged)  # the gradient norms cost a backward: logged steps only
+        # the gradient norms cost a backward: logged steps only
+        losses, stats = training.step(step, gradient_norms=logged)
         if logged:
             metrics = {k if k.startswith("grad_") else f"loss/{k}": v for k, v in mean_over_workers(losses).items()}
             metrics |= stats

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow
+import pyarrow.fs
 
 from components import tracking
 from components.config import Config, S3Config, resolved
@@ -42,6 +44,7 @@ from components.errors import UserError
 from components.model.base import _is_local, base_fingerprint
 from components.model.placeholder import PLACEHOLDER
 from components.training.loop import train_rows, worker_loop
+
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # before ray.train is imported anywhere in this process
 
@@ -80,13 +83,14 @@ def pretrain(cfg: Config, workers: int | None = None, max_steps: int | None = No
             return train_on_ray(cfg, manifest, version, name, filesystem, root, parent_run_id)
         finally:
             if started_ray:
-                import ray
+                import ray  # ray: only when training runs, after RAY_TRAIN_V2_ENABLED is set above
 
                 ray.shutdown()
 
 
 def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, filesystem, root: str,
         parent_run_id: str | None) -> dict[str, Any]:
+    # ray: only when training runs, after RAY_TRAIN_V2_ENABLED is set above
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -96,7 +100,8 @@ def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, f
     use_gpu = p.use_gpu if p.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= p.workers
     tags = {"data_version": version, "preset": cfg.preset, "stage": "pretrain"}
     with tracking.run(p.experiment, name, tags, parent_run_id, params=resolved(cfg)) as (client, run_id):
-        tracking.log_dataset(client, run_id, train_rows(manifest), source=str(Path(p.data, "manifest.parquet").resolve()),
+        tracking.log_dataset(client, run_id, train_rows(manifest),
+                             source=str(Path(p.data, "manifest.parquet").resolve()),
                              name=Path(p.data).name, digest=version)
 
         trainer = TorchTrainer(
@@ -106,7 +111,8 @@ def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, f
                                "log_level": chatter_level()},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": p.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+                                         resources_per_worker={"CPU": p.cpus_per_worker,
+                                                               **({"GPU": 1} if use_gpu else {})}),
             run_config=RunConfig(name=name, storage_path=root, storage_filesystem=filesystem,
                                  failure_config=FailureConfig(max_failures=p.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=p.keep_checkpoints),
@@ -116,7 +122,10 @@ def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, f
         try:
             result = interruptible(trainer.fit)
         except Exception as e:
-            raise user_error_in(e) or e
+            error = user_error_in(e)
+            if error is None or error is e:
+                raise
+            raise error from e  # a worker's UserError, so the CLI prints it as one line
         wall = time.perf_counter() - t0
 
         # the final checkpoint's metrics are the run's summary (an earlier invocation's when nothing was left to do)
@@ -178,7 +187,8 @@ def check_replaceable(out: Path, cfg: Config, name: str) -> None:
         recipe = json.loads((out / RECIPE_FILE).read_text())["run_name"] if (out / RECIPE_FILE).is_file() else None
         encoder = json.loads((out / "config.json").read_text()).get("encoder")
     except (OSError, ValueError, KeyError, AttributeError) as e:
-        raise UserError(f"{out} holds an encoder whose recipe cannot be read ({e}); pass --force to replace it") from None
+        raise UserError(f"{out} holds an encoder whose recipe cannot be read ({e}); "
+                        "pass --force to replace it") from None
     same = recipe == name if recipe is not None else encoder == cfg.encoder.model_dump()
     if not same:
         what = f"run {recipe}" if recipe else "another encoder config"
@@ -213,8 +223,6 @@ def run_name(cfg: Config, data_version: str) -> str:
 def storage_filesystem(storage: str, s3: S3Config):
     """(pyarrow filesystem, path inside it) for a local path or s3://bucket/prefix. S3 credentials come
     from the environment in every process and are never passed around or logged."""
-    import pyarrow.fs
-
     if storage.startswith("s3://"):
         endpoint = s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
         fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, anonymous=s3.unsigned,
@@ -225,8 +233,6 @@ def storage_filesystem(storage: str, s3: S3Config):
 
 
 def check_writable(fs, path: str, storage: str, discard: bool) -> None:
-    import pyarrow
-
     probe = f"{path}/.write-probe"
     try:
         if discard:
@@ -242,7 +248,7 @@ def check_writable(fs, path: str, storage: str, discard: bool) -> None:
 def connect(address: str | None) -> bool:
     """Connect to the Ray cluster at `address` (or RAY_ADDRESS), else start a local one. Returns
     whether this call started Ray (then the caller shuts it down)."""
-    import ray
+    import ray  # ray: only when training runs, after RAY_TRAIN_V2_ENABLED is set above
 
     if ray.is_initialized():  # e.g. a Prefect task or a test that connected already
         return False
@@ -295,7 +301,7 @@ def start_own_cluster() -> None:
     machine) whose processes know its dashboard. Ray Train's placement-group cleaner asks the state API for
     "the" cluster: RAY_API_SERVER_ADDRESS, else the latest `ray start` cluster, else any on the machine, which
     on a shared machine with several is an error."""
-    import ray
+    import ray  # ray: only when training runs, after RAY_TRAIN_V2_ENABLED is set above
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

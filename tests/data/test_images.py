@@ -13,6 +13,7 @@ from PIL import Image
 from components.data import prepare as prep
 from components.inference import engine  # personalize decodes with the engine's reader
 
+
 SIDE = 32
 
 

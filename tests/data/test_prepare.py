@@ -34,6 +34,7 @@ from components.data.prepare import data_version, prepare
 from components.errors import UserError
 from components.toy.world import write_toy_world
 
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # datencoder, dvc and moto_server of this environment
 SECRET = "not-a-real-secret-7f3a9c"
@@ -243,7 +244,7 @@ def test_open_images_boxes_largest_crop_and_bad_rows(tmp_path):
         ",x,/m/red,1,0.0,1.0,0.0,1.0,0,0,0,0,0",
         'quote"d,x,/m/red,1,0.0,1.0,0.0,1.0,0,0,0,0,0',
     ]) + "\n")
-    sources = dict(openimages_boxes=str(boxes), openimages_classes=str(classes), openimages_images=str(images))
+    sources = {"openimages_boxes": str(boxes), "openimages_classes": str(classes), "openimages_images": str(images)}
     summary = prepare(config(tmp_path, **sources, exclude_labels=["held shape"]))
     manifest, rejected = outputs(summary)
 
@@ -446,7 +447,8 @@ def test_store_down_or_too_few_reads_fail_and_keep_the_previous_output(aws_env, 
     with pytest.raises(UserError) as error:
         prepare(config(tmp_path, openimages_boxes=str(boxes), openimages_images="s3://bucket/train", retries=1,
                        s3=S3Config(endpoint_url=down, unsigned=True, timeout_s=0.5)))
-    assert "no openimages input could be read" in str(error.value) and "previous prepared data was kept" in str(error.value)
+    assert "no openimages input could be read" in str(error.value)
+    assert "previous prepared data was kept" in str(error.value)
     assert_kept(tmp_path, manifest)
 
     # some reads fail: under min_read_fraction the run fails, at or over it the failures are quarantined

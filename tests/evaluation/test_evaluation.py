@@ -17,6 +17,7 @@ from components.config import load_config
 from components.errors import UserError
 from components.toy import world as tw
 
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -130,7 +131,7 @@ def test_plots_labels_do_not_overlap():
                for n in names}
     plt = _pyplot()
     fig = tradeoff_figure(results, "t")
-    labels = [t for t in fig.axes[0].texts]
+    labels = list(fig.axes[0].texts)
     assert sorted(t.get_text() for t in labels) == sorted(names) and not text_overlaps(fig, labels)
     plt.close(fig)
     for low, high in ((5.0, 30.0), (0.9, 24.0), (0.016, 83.0)):
@@ -215,7 +216,8 @@ def test_blend_sweep_changes_the_default_only_beyond_the_noise():
     steady = sweep([0.02, 0.021, 0.019, 0.02])  # a small lead on every sample
     assert steady["chosen"] == 0.0 and steady["change_default"] and steady["lead_over_default"]["change_pct"] > 0
     # without the default in the sweep (the smoke preset's 0 and 1) the best is chosen
-    no_default = choose_alpha(cfg, {"alpha-1": default, "alpha-0": MethodResult("alpha-0", [0.0] * 4, [0.6] * 4, concepts)})
+    no_default = choose_alpha(cfg, {"alpha-1": default,
+                                    "alpha-0": MethodResult("alpha-0", [0.0] * 4, [0.6] * 4, concepts)})
     assert no_default["chosen"] == 1.0 and no_default["lead_over_default"] is None
 
 
@@ -227,12 +229,14 @@ def toy_pretraining_data(tmp_path: Path):
     from components.toy.world import write_toy_world
 
     cfg = load_config("toy")
-    if (ROOT / cfg.pretrain.data / "manifest.parquet").is_file() and (ROOT / cfg.toy_world.out / "captions.csv").is_file():
+    if ((ROOT / cfg.pretrain.data / "manifest.parquet").is_file()
+            and (ROOT / cfg.toy_world.out / "captions.csv").is_file()):
         return cfg
     raw, prepared = tmp_path / "raw", tmp_path / "prepared"
     w = cfg.toy_world
     write_toy_world(raw, n=w.n, seed=w.seed, scene_fraction=w.scene_fraction)
-    moved = lambda path: str(raw / Path(path).relative_to(w.out))
+    def moved(path):
+        return str(raw / Path(path).relative_to(w.out))
     sources = ("imagenet", "openimages_boxes", "openimages_classes", "openimages_images", "captions")
     cfg = load_config("toy", overrides={"toy_world": {"out": str(raw)}, "pretrain": {"data": str(prepared)},
                                         "prepare": {"out": str(prepared),
@@ -270,7 +274,8 @@ def test_eval_set_is_held_out_of_pretraining_through_the_manifest(tmp_path):
 
     captions = pd.read_csv(raw / "captions.csv")
     manifest = pd.read_parquet(prepared / "manifest.parquet")
-    row = captions[captions.path == "imagenet/train/" + manifest[manifest.source == "imagenet"].source_id.iloc[0]].iloc[0]
+    first_imagenet = manifest[manifest.source == "imagenet"].source_id.iloc[0]
+    row = captions[captions.path == "imagenet/train/" + first_imagenet].iloc[0]
     leaked = tw.ToyConcept(row["shape"], row["colour"], row["pattern"], row["pattern_colour"])
     assert seen.contains(leaked)
     with pytest.raises(UserError, match="appear in the pre-training data"):
@@ -283,7 +288,8 @@ def test_sd15_eval_set_needs_its_folder(tmp_path):
     cfg = load_config("sd15")
     with pytest.raises(UserError, match="evaluate.concept_dir"):
         load_eval_set(cfg)
-    missing = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"concept_dir": str(tmp_path / "no")})})
+    missing = cfg.model_copy(
+        update={"evaluate": cfg.evaluate.model_copy(update={"concept_dir": str(tmp_path / "no")})})
     with pytest.raises(UserError, match="is not a folder"):
         load_eval_set(missing)
     (tmp_path / "dog").mkdir()
@@ -474,7 +480,8 @@ def test_evaluate_and_ablate_read_the_stored_baselines_and_variants(smoke, tmp_p
 
 
 def test_variants_stage_lists_every_retrained_encoder_and_trains_nothing_cached(smoke, capsys):
-    """`datencoder variants` (the DVC stage): the union of evaluate's and ablate's re-trained encoders, from the cache."""
+    """`datencoder variants` (the DVC stage): the union of evaluate's and ablate's re-trained encoders, from the
+    cache."""
     import ray
 
     from components.cli import main

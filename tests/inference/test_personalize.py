@@ -24,6 +24,7 @@ from components.errors import UserError
 from components.inference.engine import Personalizer, check_value
 from components.inference.tuning import Concept, draw_timesteps
 
+
 BLUE_ON_RED = solid_png((220, 40, 40), shape_rgb=(40, 80, 220))
 
 
@@ -174,8 +175,8 @@ def test_gradient_checkpointing_saves_memory_without_changing_the_result(smoke, 
     from components.inference.tuning import TuningRecipe, predict_concept, tune
 
     _, cfg, encoder = smoke
-    checkpointed = Personalizer(cfg.model_copy(update={"base": cfg.base.model_copy(update={"gradient_checkpointing": True})}),
-                                encoder)
+    checkpointing = cfg.model_copy(update={"base": cfg.base.model_copy(update={"gradient_checkpointing": True})})
+    checkpointed = Personalizer(checkpointing, encoder)
     assert checkpointed.pipe.unet.is_gradient_checkpointing and not personalizer.pipe.unet.is_gradient_checkpointing
     pixels = to_pixels(read_image(BLUE_ON_RED, 10**8), personalizer.side)
 
@@ -212,7 +213,7 @@ def test_second_request_skips_tuning_and_base_weights_are_never_written(personal
 
 def test_dpm_solver_and_blend_change_the_samples(personalizer):
     # guidance 4 (not the toy default 1.5) amplifies a 1-step random-weight concept enough for a changed blend to show
-    kw = dict(tuning_steps=1, num_inference_steps=3, seed=0, guidance_scale=4.0)
+    kw = {"tuning_steps": 1, "num_inference_steps": 3, "seed": 0, "guidance_scale": 4.0}
     ddim = personalizer.run(BLUE_ON_RED, ["S* on grass"], personalizer.settings(**kw, alpha_blend=1.0))
     dpm = personalizer.run(BLUE_ON_RED, ["S* on grass"], personalizer.settings(scheduler="dpm", **kw, alpha_blend=1.0))
     blended = personalizer.run(BLUE_ON_RED, ["S* on grass"], personalizer.settings(**kw, alpha_blend=0.0))
@@ -413,7 +414,8 @@ def test_cli_bad_input_is_one_line(smoke, tmp_path, capsys):
              (["--image", str(image), "--prompt", "S* " + "very " * 40], "too long"),
              (["--image", str(tmp_path / "junk.png"), "--prompt", "S*"], "not an image"),
              (["--image", str(tmp_path / "missing.png"), "--prompt", "S*"], "cannot read image"),
-             (["--image", str(image), "--prompt", "S*", "--tuning-steps", "101"], "tuning_steps must be between 0 and 100"),
+             (["--image", str(image), "--prompt", "S*", "--tuning-steps", "101"],
+              "tuning_steps must be between 0 and 100"),
              (["--image", str(image), "--prompt", "S*", "--num-images", "0"], "num_images must be between 1 and 16")]
     for args, reason in cases:
         code = main([*common, *args])
@@ -452,7 +454,8 @@ def test_cli_truncated_weights_are_one_line_and_exit_2(smoke, tmp_path, capsys, 
     clip = shutil.copy(config["base"]["backbone_clip"]["pretrained"], tmp_path / "clip.safetensors")
     config["base"]["pretrained"], config["base"]["backbone_clip"]["pretrained"] = str(base), str(clip)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    victim = {"encoder": broken_encoder / "model.safetensors", "base unet": base / "unet" / "diffusion_pytorch_model.safetensors",
+    victim = {"encoder": broken_encoder / "model.safetensors",
+              "base unet": base / "unet" / "diffusion_pytorch_model.safetensors",
               "backbone clip": tmp_path / "clip.safetensors"}[part]
     data = victim.read_bytes()
     victim.write_bytes(data[:keep])
@@ -517,7 +520,8 @@ def test_register_gates_the_challenger_promote_moves_the_champion_and_pyfunc_tun
     other = solid_png((40, 170, 70), shape_rgb=(240, 215, 40))
     import pandas as pd
 
-    rows = pd.DataFrame({"image": [BLUE_ON_RED, other, BLUE_ON_RED], "prompt": ["S* on a beach", "S* on grass", "a sketch of S*"]})
+    rows = pd.DataFrame({"image": [BLUE_ON_RED, other, BLUE_ON_RED],
+                         "prompt": ["S* on a beach", "S* on grass", "a sketch of S*"]})
     out = model.predict(rows, params={"tuning_steps": 1, "num_images": 2, "num_inference_steps": 1, "seed": 4})
     assert list(out.columns) == ["image", "prompt", "seed"]
     assert list(out["prompt"]) == ["S* on a beach"] * 2 + ["S* on grass"] * 2 + ["a sketch of S*"] * 2

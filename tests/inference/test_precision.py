@@ -28,7 +28,8 @@ def test_cli_personalize_in_bfloat16_on_the_cpu_completes(smoke, tmp_path, capsy
     image.write_bytes(solid_png((220, 40, 40), shape_rgb=(40, 80, 220)))
     code = main(["personalize", "--config", str(config_file), "--image", str(image), "--model", str(encoder),
                  "--prompt", "S* on a beach", "--tuning-steps", "2", "--num-inference-steps", "2", "--device", "cpu",
-                 "--dtype", "bfloat16", "--out", str(tmp_path / "out"), "--export", str(tmp_path / "export"), "--json"])
+                 "--dtype", "bfloat16", "--out", str(tmp_path / "out"), "--export", str(tmp_path / "export"),
+                 "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err[-2000:]
     report = json.loads(out)

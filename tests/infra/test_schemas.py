@@ -14,9 +14,11 @@ import yaml
 from referencing import Registry, Resource
 from test_stack import stack
 
+
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = ROOT / "shared" / "schemas"
-KUBERAY = {kind: SCHEMAS / "kuberay-v1.7.0" / f"{kind.lower()}-ray-v1.json" for kind in ("RayCluster", "RayJob", "RayCronJob", "RayService")}
+KUBERAY = {kind: SCHEMAS / "kuberay-v1.7.0" / f"{kind.lower()}-ray-v1.json"
+           for kind in ("RayCluster", "RayJob", "RayCronJob", "RayService")}
 KUBERNETES = {"Namespace": "namespace-v1.json", "PersistentVolumeClaim": "persistentvolumeclaim-v1.json",
               "NetworkPolicy": "networkpolicy-networking-v1.json", "ConfigMap": "configmap-v1.json"}
 

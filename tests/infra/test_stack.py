@@ -18,11 +18,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(INFRA))
 import stack as compose_file  # noqa: E402  (infra/stack.py)
+
 
 LONG_RUNNING = {"postgres", "minio", "mlflow", "prefect-server", "ray-head", "ray-worker", "prefect-worker"}
 ONE_SHOT = {"preflight", "buckets", "deploy"}
@@ -147,7 +149,8 @@ def test_one_least_privilege_s3_key_per_service_and_the_root_keys_stay_in_minio(
                     "ray-head": env["RAY_S3_KEY"], "ray-worker": env["RAY_S3_KEY"]}
     assert "AWS_ACCESS_KEY_ID" not in services["deploy"]["environment"]  # Prefect only: no S3 at all
     init = " ".join(services["buckets"]["command"])
-    buckets = {"mlflow": {"MLFLOW_BUCKET"}, "pipeline": {"DVC_BUCKET", "CHECKPOINT_BUCKET"}, "ray": {"CHECKPOINT_BUCKET"}}
+    buckets = {"mlflow": {"MLFLOW_BUCKET"}, "pipeline": {"DVC_BUCKET", "CHECKPOINT_BUCKET"},
+               "ray": {"CHECKPOINT_BUCKET"}}
     for who, allowed in buckets.items():
         assert f"datencoder-{who}" in init
         policy = json.loads((INFRA / "minio-policies" / f"{who}.json").read_text())
@@ -281,7 +284,8 @@ def test_the_kuberay_clusters_use_the_sd15_params_and_their_one_secret(tmp_path)
     base = {k: v for k, v in os.environ.items() if not re.search(r"PASSWORD|SECRET|AUTH_STRING|TOKEN", k)}
     done = subprocess.run([sys.executable, str(INFRA / "preflight.py")], env={**base, **credentials},
                           capture_output=True, text=True, timeout=30)
-    assert done.returncode == 2 and "AWS_SECRET_ACCESS_KEY" in done.stderr and "MLFLOW_TRACKING_PASSWORD" in done.stderr
+    assert done.returncode == 2
+    assert "AWS_SECRET_ACCESS_KEY" in done.stderr and "MLFLOW_TRACKING_PASSWORD" in done.stderr
 
 
 def test_the_ray_dashboard_needs_the_token_and_the_network_policy_lets_only_clients_reach_it():
@@ -302,7 +306,8 @@ def test_the_ray_dashboard_needs_the_token_and_the_network_policy_lets_only_clie
             assert 0 < job["activeDeadlineSeconds"] <= 6 * 24 * 3600, name  # ends before next week's run
             assert job["submitterPodTemplate"]["metadata"]["labels"] == {"datencoder.io/ray-client": "true"}
     policy = manifests["NetworkPolicy/datencoder-ray"]["spec"]
-    assert policy["podSelector"] == {"matchLabels": {"ray.io/is-ray-node": "yes"}} and policy["policyTypes"] == ["Ingress"]
+    assert policy["podSelector"] == {"matchLabels": {"ray.io/is-ray-node": "yes"}}
+    assert policy["policyTypes"] == ["Ingress"]
     open_rule, dashboard_rule = policy["ingress"]
     assert open_rule == {"from": [{"podSelector": {"matchLabels": {"ray.io/is-ray-node": "yes"}}}]}
     assert dashboard_rule["ports"] == [{"port": 8265, "protocol": "TCP"}]
@@ -373,7 +378,8 @@ def test_the_image_runs_as_a_user_and_gets_no_secrets_data_or_venv():
 
 
 def image_workspace(tmp: Path) -> Path:
-    """/app as infra/Dockerfile builds it: its COPY lines over the build context that .dockerignore leaves (no .git)."""
+    """/app as infra/Dockerfile builds it: its COPY lines over the build context that .dockerignore leaves
+    (no .git)."""
     app = tmp / "app"
     patterns = dockerignore()
     for sources, target in re.findall(r"^COPY (.+) (\S+)$", (INFRA / "Dockerfile").read_text(), re.M):

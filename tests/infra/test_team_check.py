@@ -5,7 +5,6 @@ also when it is interrupted. Minutes on 2 cores: slow."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from smoke_models import interruptible
+
 
 ROOT = Path(__file__).resolve().parents[2]
 

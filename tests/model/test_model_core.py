@@ -20,6 +20,7 @@ from components.model.regularisers import (
     offsets_l2,
 )
 
+
 PROMPTS = ["a photo of S* on a beach", "a sketch of S*", "two S* on grass"]
 
 
@@ -70,7 +71,8 @@ def batch(n: int = 3, seed: int = 2):
 def random_factors(encoder, n: int, seed: int = 3):
     g = torch.Generator().manual_seed(seed)
     r = encoder.config.rank
-    return {t.name: (torch.randn(n, t.d_in, r, generator=g) / t.d_in ** 0.5, torch.randn(n, r, t.d_out, generator=g) * 0.3)
+    return {t.name: (torch.randn(n, t.d_in, r, generator=g) / t.d_in ** 0.5,
+                     torch.randn(n, r, t.d_out, generator=g) * 0.3)
             for t in encoder.shape.targets}
 
 
@@ -163,7 +165,8 @@ def test_alpha_blend_limits(encoder, base):
             modules[name].weight += s * (a[0] @ b[0]).T
         lora_soft = merged(noisy, t, encoder_hidden_states=soft).sample
 
-        at = lambda alpha: unet_out(base, noisy, t, soft, ConceptBatch(factors, s, alpha, hard_context=hard))
+        def at(alpha):
+            return unet_out(base, noisy, t, soft, ConceptBatch(factors, s, alpha, hard_context=hard))
         one, zero, half = at(1.0), at(0.0), at(0.5)
         via_condition = base.denoise(noisy, t, ids, v_star, factors, s, 0.0)
     assert torch.allclose(one, lora_soft, atol=1e-5)
@@ -221,7 +224,8 @@ def test_contrastive_loss_pulls_to_neighbours_and_pushes_apart():
     table = torch.randn(50, 16, generator=g)
     others = torch.randn(3, 16, generator=g)
     v = torch.randn(16, generator=g)
-    loss = lambda rows: contrastive_loss(torch.stack(rows), table, k=4, tau=0.1).item()
+    def loss(rows):
+        return contrastive_loss(torch.stack(rows), table, k=4, tau=0.1).item()
     neighbours = table[(torch.nn.functional.normalize(table, dim=-1) @ v).topk(4).indices].mean(0)
     path = [loss([torch.lerp(v, neighbours, w), *others]) for w in (0.0, 0.5, 1.0)]
     assert path[0] > path[1] > path[2] and path[2] < 0.7 * path[0]

@@ -1,7 +1,8 @@
 """DVC experiments (issue 24): the project's `evaluate` stage from dvc.yaml, run by a real `dvc exp run` in a
 temporary git repository at smoke size (random-weight smoke models, the re-trained variants' encoders
-seeded as the `variants` stage's output and committed, so nothing trains on Ray), then compared with `dvc exp show`, `dvc metrics diff` and
-`dvc plots diff` as a team would. A smoke evaluate is minutes on 2 cores: marked slow.
+seeded as the `variants` stage's output and committed, so nothing trains on Ray), then compared with
+`dvc exp show`, `dvc metrics diff` and `dvc plots diff` as a team would. A smoke evaluate is minutes on 2 cores:
+marked slow.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from smoke_models import seed_encoder_cache, smoke_evaluation_setup
 
 from components.config import load_config
 from components.orchestration.workspace import project_stages, workspace_params
+
 
 BIN = Path(sys.executable).parent
 
@@ -70,7 +72,8 @@ def test_two_experiments_compare_with_dvc_exp_show_metrics_and_plots_diff(experi
         assert "Stage 'variants' didn't change, skipping" in done.stdout + done.stderr
 
     shown = json.loads(dvc(repo, "exp", "show", "--json", env=env).stdout)
-    experiments = {rev["name"]: rev["data"] for row in shown for e in row.get("experiments") or [] for rev in e["revs"]}
+    experiments = {rev["name"]: rev["data"]
+                   for row in shown for e in row.get("experiments") or [] for rev in e["revs"]}
     assert {"tune-1", "tune-3"} <= set(experiments)
     for name, steps in (("tune-1", 1), ("tune-3", 3)):
         data = experiments[name]

@@ -29,6 +29,7 @@ from smoke_models import free_port, interruptible, write_smoke_models
 
 from components.orchestration.processes import stop_session
 
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STACK_ENV = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME", "RAY_ADDRESS")
@@ -82,7 +83,8 @@ def task_runs(workspace: Path, task: str) -> list[str]:
 def retrain_runs(workspace: Path) -> list[tuple[str, str]]:
     """(state type, state message) of every retrain flow run, oldest first."""
     db = prefect_db(workspace)
-    return db.execute("select fr.state_type, coalesce(s.message, '') from flow_run fr join flow f on f.id = fr.flow_id "
+    return db.execute("select fr.state_type, coalesce(s.message, '') "
+                      "from flow_run fr join flow f on f.id = fr.flow_id "
                       "left join flow_run_state s on s.id = fr.state_id where f.name = 'retrain' "
                       "order by fr.created").fetchall()
 
@@ -111,7 +113,8 @@ def test_smoke_pipeline_runs_its_stages_and_reports(smoke):
     assert list(out["stages"]) == list(FAST_STAGES)
     # ends by saying where the report is and how to serve the registered model
     assert out["report"] == str(ws / "outputs" / "pipeline" / "report.md")
-    assert any("mlflow models serve -m models:/datencoder-smoke@champion --env-manager local" in c for c in out["serve"])
+    assert any("mlflow models serve -m models:/datencoder-smoke@champion --env-manager local" in c
+               for c in out["serve"])
     assert any(c.endswith("datencoder serve --preset smoke") for c in out["serve"])
     markdown = Path(out["report"]).read_text()
     assert "## Registered model" in markdown and "datencoder serve" in markdown
@@ -219,7 +222,8 @@ def test_unreachable_mlflow_server_fails_in_one_line_before_any_training(smoke):
     done = pipeline("--workspace", ws, env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
     assert done.returncode == 2
     line = error_line(done)
-    assert line.startswith("datencoder pipeline: error: MLflow tracking server http://127.0.0.1:") and "unreachable" in line
+    assert line.startswith("datencoder pipeline: error: MLflow tracking server http://127.0.0.1:")
+    assert "unreachable" in line
     assert "Traceback" not in done.stderr
     assert len(retrain_runs(ws)) == runs  # refused before Prefect started a run
     assert time.perf_counter() - started < 60
@@ -266,8 +270,9 @@ def test_cron_deployment_served_and_triggered_through_a_prefect_server(smoke, tm
         client_env = {**env, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "client")}
         with process([str(BIN / "datencoder"), "pipeline", "--workspace", str(smoke["ws"]), "--serve",
                       "--cron", "0 3 * * 1"], client_env, tmp_path / "serve.log") as serve:
-            deployment = wait_for(lambda: requests.get(f"{api}/deployments/name/retrain/retrain-smoke", timeout=5).json()
-                                  ["id"], "the served deployment", 180, serve, tmp_path / "serve.log")
+            deployment = wait_for(
+                lambda: requests.get(f"{api}/deployments/name/retrain/retrain-smoke", timeout=5).json()["id"],
+                "the served deployment", 180, serve, tmp_path / "serve.log")
             schedules = requests.get(f"{api}/deployments/{deployment}", timeout=5).json()["schedules"]
             assert [s["schedule"]["cron"] for s in schedules] == ["0 3 * * 1"]
             trigger = ("from prefect.deployments import run_deployment\n"
@@ -452,7 +457,8 @@ def test_team_mode_logs_and_registers_through_an_mlflow_server_on_s3(smoke, tmp_
             init_workspace(ws, load_config(overrides=values, preset="smoke"))
             run_dvc(ws, "remote", "add", "--local", "-d", "team", "s3://dvc/store")  # the team's default remote
             run_dvc(ws, "remote", "modify", "--local", "team", "endpointurl", s3_url)
-            out = report(pipeline("--workspace", ws, env={**aws, "MLFLOW_TRACKING_URI": uri, "AWS_ENDPOINT_URL": s3_url}))
+            out = report(pipeline("--workspace", ws,
+                                  env={**aws, "MLFLOW_TRACKING_URI": uri, "AWS_ENDPOINT_URL": s3_url}))
 
             from mlflow import MlflowClient
 
@@ -466,8 +472,9 @@ def test_team_mode_logs_and_registers_through_an_mlflow_server_on_s3(smoke, tmp_
             markdown = Path(out["report"]).read_text()
             assert uri in markdown and "## Metrics" in markdown  # links into the team's MLflow UI
             artifacts = dict(prefect_db(ws).execute("select key, type from artifact where key is not null").fetchall())
-            assert artifacts == {"retrain-report": "markdown", "retrain-metrics": "table", "pretrain-progress": "progress",
-                                 "evaluate-progress": "progress", "ablate-progress": "progress",
+            assert artifacts == {"retrain-report": "markdown", "retrain-metrics": "table",
+                                 "pretrain-progress": "progress", "evaluate-progress": "progress",
+                                 "ablate-progress": "progress",
                                  "evaluate-plots": "markdown", "ablate-plots": "markdown"}
             plots = prefect_db(ws).execute("select data from artifact where key = 'evaluate-plots'").fetchone()[0]
             assert plots.count("data:image/png;base64,") >= 2  # the trade-off plot and the sample grids, inline
@@ -491,7 +498,8 @@ def test_compose_prefect_yaml_and_kuberay_use_one_image_and_documented_variables
     text = (infra / "compose.yaml").read_text()
     compose = yaml.safe_load(text)
     services = compose["services"]
-    assert {"postgres", "minio", "mlflow", "prefect-server", "prefect-worker", "ray-head", "ray-worker"} <= set(services)
+    assert {"postgres", "minio", "mlflow", "prefect-server", "prefect-worker", "ray-head",
+            "ray-worker"} <= set(services)
     project = {name for name, s in services.items() if s.get("build", {}).get("dockerfile") == "infra/Dockerfile"}
     assert {"mlflow", "prefect-server", "prefect-worker", "ray-head", "ray-worker", "preflight"} <= project
     assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
@@ -534,7 +542,6 @@ def test_only_transient_errors_are_retried():
         RESOURCE_DOES_NOT_EXIST,
         TEMPORARILY_UNAVAILABLE,
     )
-
     from prefect.task_engine import TaskRunTimeoutError
 
     from components.errors import UserError

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 
 import numpy as np
-
 from PIL import Image
 
 from components.config import load_config
@@ -74,9 +73,10 @@ def test_smoke_report_says_so_and_shows_the_plots_grid_and_stage_times(tmp_path)
     ours = toy_method("ours", "red", ["a", "b"], 2, 0.9, 0.3)
     results = {r.name: r for r in (
         ours, toy_method("ours-no-tuning", "blue", ["a", "b"], 2, 0.02, 0.2),
-        toy_method("lora-one-shot", "green", ["a"], 2, 24.2, 0.25), toy_method("ti-one-shot", "yellow", ["a"], 2, 30, 0.4),
-        toy_method("lora-one-shot-1", "green", ["a"], 2, 12.0, 0.22), toy_method("lora-one-shot-2", "green", ["a"], 2,
-                                                                                  24.2, 0.25))}
+        toy_method("lora-one-shot", "green", ["a"], 2, 24.2, 0.25),
+        toy_method("ti-one-shot", "yellow", ["a"], 2, 30, 0.4),
+        toy_method("lora-one-shot-1", "green", ["a"], 2, 12.0, 0.22),
+        toy_method("lora-one-shot-2", "green", ["a"], 2, 24.2, 0.25))}
     cfg = load_config("smoke", overrides={"pipeline": {"report": str(tmp_path / "pipeline")},
                                           "evaluate": {"out": str(tmp_path / "evaluate")}})
     out = tmp_path / "evaluate"
@@ -87,8 +87,8 @@ def test_smoke_report_says_so_and_shows_the_plots_grid_and_stage_times(tmp_path)
     curve = evaluation_report.time_to_identity(results, {"lora": ["lora-one-shot-1", "lora-one-shot-2"]},
                                                ["ours-no-tuning@baselines", "ours@baselines"],
                                                out / "time_to_identity.png")
-    comparison = evaluation_report.comparison_grid({n: results[n].grid for n in ("ours", "lora-one-shot", "ti-one-shot")},
-                                                   prompts, "a", out / "comparison.png")
+    comparison = evaluation_report.comparison_grid(
+        {n: results[n].grid for n in ("ours", "lora-one-shot", "ti-one-shot")}, prompts, "a", out / "comparison.png")
     assert Image.open(comparison).size[0] > 400  # rendered, with room for its titles
     evaluate = {"methods": {n: r.summary() for n, r in results.items() if "@" not in n}, "findings": findings,
                 "report": {"plot": str(files["plot"]), "comparison": str(comparison)}, "time_to_identity": curve}

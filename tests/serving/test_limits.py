@@ -26,6 +26,7 @@ from components.config import ServeConfig
 from components.errors import UserError
 from components.serving import limits
 
+
 RED = solid_png((128, 128, 128), shape_rgb=(220, 40, 40))
 FAST = {"tuning_steps": 1, "num_inference_steps": 2}
 TINY = {"tuning_steps": 0, "num_inference_steps": 1}  # answered well within MLflow's timeout on a loaded machine

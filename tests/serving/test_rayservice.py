@@ -23,6 +23,7 @@ from test_serving import FAST, RED_CONCEPT, post
 
 from components.serving.ray_serve import replica_processes
 
+
 MANIFEST = "infra/kuberay/rayservice-serve.yaml"
 
 

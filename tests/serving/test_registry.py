@@ -20,6 +20,7 @@ from smoke_models import free_port, isolated_store, smoke_setup
 from components.config import load_config, variant_config
 from components.errors import UserError
 
+
 BIN = Path(sys.executable).parent
 
 

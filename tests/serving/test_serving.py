@@ -33,7 +33,6 @@ from smoke_models import free_port, isolated_store, smoke_setup, solid_png, stop
 from components.errors import UserError
 
 
-
 class Server:
     """`datencoder serve` for the champion of `store` (backend uvicorn or ray), in its own process group."""
 
@@ -214,7 +213,8 @@ def test_concurrent_requests_do_not_leak_into_each_other(smoke, server):
         got = decode(out["predictions"][0])
         assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
     outputs = [decode(out["predictions"][0]) for _, out in replies]
-    assert all(np.abs(a.astype(int) - b.astype(int)).mean() > 1.0 for i, a in enumerate(outputs) for b in outputs[i + 1:])
+    assert all(np.abs(a.astype(int) - b.astype(int)).mean() > 1.0
+               for i, a in enumerate(outputs) for b in outputs[i + 1:])
 
 
 # --- limits: the same app, served by uvicorn in this process -----------------------------------------
@@ -311,7 +311,8 @@ def test_a_busy_server_answers_503_and_a_timed_out_request_stops_its_work(guarde
     # 100 tuning + 4 x 225 sampling steps: far more than the 2 s timeout on any machine
     heavy = {"tuning_steps": 100, "num_images": 4, "num_inference_steps": 225}
     replies: list = []
-    fillers = [threading.Thread(target=lambda i=i: replies.append(post(guarded.port, [(solid_png((i, 9, 9)), "S*")], heavy)))
+    fillers = [threading.Thread(
+                   target=lambda i=i: replies.append(post(guarded.port, [(solid_png((i, 9, 9)), "S*")], heavy)))
                for i in range(guarded.fill)]  # every slot and queue place taken
     started = time.monotonic()
     for t in fillers:

@@ -21,6 +21,7 @@ from components.errors import UserError
 from components.toy import reader
 from components.toy import world as tw
 
+
 CLI = [sys.executable, "-m", "components.cli"]
 
 
@@ -77,7 +78,8 @@ def test_old_knob_names_still_load_with_a_deprecation_line(tmp_path):
                 "--steps", "2", "--blend", "1", "--sampling-steps", "2")
     assert r.returncode == 2 and "cannot read image" in r.stderr
     assert all(f"{old} is deprecated; use {new}" in r.stderr for old, new in
-               [("--steps", "--tuning-steps"), ("--blend", "--alpha-blend"), ("--sampling-steps", "--num-inference-steps")])
+               [("--steps", "--tuning-steps"), ("--blend", "--alpha-blend"),
+                ("--sampling-steps", "--num-inference-steps")])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -122,7 +124,7 @@ def test_toy_world_real_source_formats(tmp_path):
     tw.write_toy_world(tmp_path / "w", n=24, seed=0)
     w = tmp_path / "w"
     synsets = dict(line.split(" ", 1) for line in (w / "imagenet/LOC_synset_mapping.txt").read_text().splitlines())
-    assert len(synsets) == 12 and set(s.strip() for s in synsets.values()) == set(tw.SHAPES)
+    assert len(synsets) == 12 and {s.strip() for s in synsets.values()} == set(tw.SHAPES)
     jpegs = list((w / "imagenet/train").glob("n*/n*_*.JPEG"))
     assert len(jpegs) == 24 and all(p.parent.name in synsets for p in jpegs)
     with open(w / "openimages/oidv6-train-annotations-bbox.csv") as f:
@@ -158,7 +160,8 @@ def test_every_shape_pattern_background_and_style_renders_distinctly():
     base = tw.Scene(tw.ToyConcept("circle", "red", "solid", "white"), background_colour="blue", size="large")
     variants = [base] + [tw.Scene(tw.ToyConcept("circle", "red", p, "white"), background_colour="blue", size="large")
                          for p in tw.PATTERNS[1:]]
-    variants += [tw.Scene(base.concept, background=b, background_colour="blue", size="large") for b in tw.BACKGROUNDS[1:]]
+    variants += [tw.Scene(base.concept, background=b, background_colour="blue", size="large")
+                 for b in tw.BACKGROUNDS[1:]]
     variants += [tw.Scene(base.concept, background_colour="blue", size="large", style=s) for s in tw.STYLES[1:]]
     variants += [tw.Scene(base.concept, background_colour="blue", position="top left"),
                  tw.Scene(base.concept, background_colour="blue", count=2)]
@@ -171,12 +174,14 @@ def test_captions_follow_the_design_vocabulary():
     assert scene.caption() == "a large red striped star on a blue background"
     assert scene.caption(subject="S*") == "S* on a blue background"
     assert tw.Scene(scene.concept, background="beach").caption(subject="S*") == "S* on a beach"
-    assert tw.Scene(scene.concept, style="sketch", background="grass").caption(subject="S*") == "a sketch of S* on grass"
+    sketch = tw.Scene(scene.concept, style="sketch", background="grass")
+    assert sketch.caption(subject="S*") == "a sketch of S* on grass"
     assert tw.Scene(scene.concept, count=2, background="grass").caption(subject="S*") == "two S* on grass"
 
 
 def test_caption_templates_leave_only_the_object_out():
-    """The pre-training and tuning prompt: everything the caption says but the object's look (colour, pattern, shape)."""
+    """The pre-training and tuning prompt: everything the caption says but the object's look (colour, pattern,
+    shape)."""
     concept = tw.ToyConcept("star", "red", "striped", "white")
     assert tw.Scene(concept, background_colour="blue", size="large").template() == "a large {} on a blue background"
     assert tw.Scene(concept, background="beach").template() == "{} on a beach"
@@ -249,7 +254,8 @@ def test_plain_backgrounds_are_read_from_the_border_after_jpeg():
         assert reader.plain_background(jpeg(tw.render(tw.Scene(concept, background=kind)))) is None
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     assert reader.plain_background(noise) is None
-    assert reader.plain_background(np.full((64, 64, 3), (90, 200, 90), np.uint8)) is None  # plain, not a palette colour
+    # plain, not a palette colour
+    assert reader.plain_background(np.full((64, 64, 3), (90, 200, 90), np.uint8)) is None
 
 
 def test_shapes_are_read_back_from_renders():
@@ -261,7 +267,8 @@ def test_shapes_are_read_back_from_renders():
     hits = []
     for i in range(96):
         concept = tw.sample_concept(rng, [tw.SHAPES[i % len(tw.SHAPES)]])
-        background = next(c for c in ("gray", "white", "black", "blue") if c not in (concept.colour, concept.pattern_colour))
+        background = next(c for c in ("gray", "white", "black", "blue")
+                          if c not in (concept.colour, concept.pattern_colour))
         scene = tw.Scene(concept, background_colour=background, size=rng.choice(list(tw.SIZES)))
         hits.append(reader.read_shape(np.asarray(tw.render(scene, 64, seed=i))) == concept.shape)
     assert np.mean(hits) >= 0.9
@@ -323,9 +330,10 @@ def test_stock_diffusers_loads_the_toy_base_and_guidance_works():
 
     pipe = DiffusionPipeline.from_pretrained("models/toy-base")
     pipe.set_progress_bar_config(disable=True)
-    kw = dict(num_inference_steps=4, output_type="np")
-    guided = pipe("a red circle on a blue background", guidance_scale=4.0, generator=torch.Generator().manual_seed(0), **kw).images
-    plain = pipe("a red circle on a blue background", guidance_scale=1.0, generator=torch.Generator().manual_seed(0), **kw).images
+    kw = {"num_inference_steps": 4, "output_type": "np"}
+    prompt = "a red circle on a blue background"
+    guided = pipe(prompt, guidance_scale=4.0, generator=torch.Generator().manual_seed(0), **kw).images
+    plain = pipe(prompt, guidance_scale=1.0, generator=torch.Generator().manual_seed(0), **kw).images
     assert guided.shape == (1, 64, 64, 3) and np.isfinite(guided).all()
     assert np.abs(guided - plain).mean() > 1e-3  # the unconditional branch changes the result
 

@@ -30,6 +30,7 @@ from smoke_models import free_port, write_smoke_models
 from components import home
 from components.config import load_config
 
+
 ROOT = Path(__file__).resolve().parents[2]
 DATENCODER = str(Path(sys.executable).parent / "datencoder")
 
@@ -101,7 +102,8 @@ def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
 
     factors = [lr_factor(s, warmup=10, total=110) for s in range(110)]
     assert factors[0] == pytest.approx(0.1) and factors[4] == pytest.approx(0.5) and factors[9] == 1.0
-    assert factors[10] == 1.0 and factors[60] == pytest.approx(0.5) and factors[109] == pytest.approx(0.5 * (1 + math.cos(0.99 * math.pi)))
+    assert factors[10] == 1.0 and factors[60] == pytest.approx(0.5)
+    assert factors[109] == pytest.approx(0.5 * (1 + math.cos(0.99 * math.pi)))
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
     assert lr_factor(200, 10, 110) == 0.0  # past the end (a resumed run that lowered max_steps)
 
@@ -155,7 +157,8 @@ def test_each_image_is_prompted_with_its_template_else_its_read_scene_else_a_gen
 
     assert prompts(p) == {"0.jpg": "two S* at night", "1.jpg": "a small S* on grass", "2.jpg": "a photo of S*"}
     unread = p.model_copy(update={"templates": False, "describe_scene": False, "label_prompts": True})
-    assert prompts(unread) == {"0.jpg": "a photo of S* star", "1.jpg": "a photo of S* ring", "2.jpg": "a photo of S* x"}
+    assert prompts(unread) == {"0.jpg": "a photo of S* star", "1.jpg": "a photo of S* ring",
+                               "2.jpg": "a photo of S* x"}
     described = p.model_copy(update={"templates": False})
     assert prompts(described)["0.jpg"] == "a large S* at the top left on a blue background"
 
@@ -224,7 +227,8 @@ def test_kuberay_manifests_submit_the_cli_entry_point_with_s3_storage():
 
     from components.cli import build_parser, cmd_pretrain
 
-    manifests = {d["kind"]: d for p in (ROOT / "infra/kuberay").glob("*.yaml") for d in yaml.safe_load_all(p.read_text())
+    manifests = {d["kind"]: d
+                 for p in (ROOT / "infra/kuberay").glob("*.yaml") for d in yaml.safe_load_all(p.read_text())
                  if d and d["kind"] in ("RayJob", "RayCluster")}
     job, cluster = manifests["RayJob"], manifests["RayCluster"]
     command = job["spec"]["entrypoint"].split("&&")[-1]  # "cd /app && datencoder pretrain ..."
@@ -506,7 +510,8 @@ def test_job_on_two_node_cluster_then_killed_job_resumes(assets, two_node_cluste
     assert (report["start_step"], report["end_step"], report["workers"], report["nodes"]) == (0, 4, 2, 2)
 
     # kill the whole job mid-run (after a checkpoint), then submit the same command again: it resumes
-    job = submit(client, f"pretrain --config {config} --workers 2 --max-steps 60 --checkpoint-every 2 --json", tmp_path)
+    job = submit(client, f"pretrain --config {config} --workers 2 --max-steps 60 --checkpoint-every 2 --json",
+                 tmp_path)
     deadline = time.time() + 300
     while registered_step(tmp_path / "checkpoints") < 10 and time.time() < deadline:
         time.sleep(0.2)
@@ -514,7 +519,8 @@ def test_job_on_two_node_cluster_then_killed_job_resumes(assets, two_node_cluste
     assert wait(client, job) == JobStatus.STOPPED
     saved = registered_step(tmp_path / "checkpoints")  # the last checkpoint Ray recorded before the kill
     assert 10 <= saved < 60
-    job = submit(client, f"pretrain --config {config} --workers 2 --max-steps 60 --checkpoint-every 2 --json", tmp_path)
+    job = submit(client, f"pretrain --config {config} --workers 2 --max-steps 60 --checkpoint-every 2 --json",
+                 tmp_path)
     assert wait(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
     resumed = last_json(client.get_job_logs(job))
     assert (resumed["start_step"], resumed["end_step"], resumed["nodes"]) == (saved, 60, 2)
@@ -530,16 +536,19 @@ def test_s3_storage_and_no_secrets_logged(assets, tmp_path):
     server.start()
     secret = "not-a-real-secret-but-unique-7f3a"
     env = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     try:
         s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                           aws_secret_access_key=secret, region_name="us-east-1")
         s3.create_bucket(Bucket="ckpt")
         config = str(write_config(tmp_path / "cfg.yaml", assets, tmp_path, eval_every=100))
-        first = run_cli("pretrain", "--config", config, "--storage", "s3://ckpt/runs", "--max-steps", "2", "--json", env=env)
+        first = run_cli("pretrain", "--config", config, "--storage", "s3://ckpt/runs", "--max-steps", "2", "--json",
+                        env=env)
         assert first.returncode == 0, first.stderr[-3000:]
         report = json.loads(first.stdout)
-        assert report["checkpoint"].startswith("s3://ckpt/runs/encoder-") and report["checkpoint"].endswith("step-00000002")
+        assert report["checkpoint"].startswith("s3://ckpt/runs/encoder-")
+        assert report["checkpoint"].endswith("step-00000002")
         keys = {o["Key"] for o in s3.list_objects_v2(Bucket="ckpt")["Contents"]}
         prefix = report["checkpoint"][len("s3://ckpt/"):]
         assert {f"{prefix}/encoder/model.safetensors", f"{prefix}/trainer.pt", f"{prefix}/rng-0.pt"} <= keys
