@@ -139,8 +139,10 @@ def read(clip, images: list[np.ndarray], looks: list[tuple[tw.ToyConcept, str]])
     combos = [(c.shape, c.colour, bg) for c, bg in looks]
     pil = [Image.fromarray(image) for image in images]
     right = [share.get(c.colour, 0.0) >= reader.OBJECT_COLOUR_SHARE for share, (c, _) in zip(shares, looks)]
-    return {"colour_read_as": [colour_read_as(c.colour if ok else next(iter(share), None), c, bg)
-                               for ok, share, (c, bg) in zip(right, shares, looks)],
+    # a wrong reading reads as the object's main colour other than the concept's (which covers under a quarter)
+    seen = [c.colour if ok else next((s for s in share if s != c.colour), None)
+            for ok, share, (c, _) in zip(right, shares, looks)]
+    return {"colour_read_as": [colour_read_as(colour, c, bg) for colour, (c, bg) in zip(seen, looks)],
             "colour_pixel": right,
             "background_pixel": [seen == bg for seen, (_, bg) in zip(backgrounds, looks)],
             "shape_pixel": [reader.read_shape(image) == c.shape for image, (c, _) in zip(images, looks)],
