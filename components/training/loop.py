@@ -511,7 +511,7 @@ def worker_loop(job: dict) -> None:
     os.chdir(job["project_dir"])  # the config's relative paths mean what they meant to the driver
     # Ray Train sets the worker's root logger to INFO (open_clip logs each model load there, Ray Train each report):
     # third-party lines at the CLI's level; our progress keeps INFO on a handler of its own
-    logging.getLogger().setLevel(job.get("log_level", "WARNING"))
+    logging.getLogger().setLevel(job["log_level"])
     progress_log = logging.getLogger("datencoder")
     if not progress_log.handlers:
         handler = logging.StreamHandler(sys.stderr)

@@ -97,6 +97,7 @@ def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, f
 
 
     p = cfg.pretrain
+    log_level = chatter_level()  # third-party lines in Ray's processes, as on the CLI
     use_gpu = p.use_gpu if p.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= p.workers
     tags = {"data_version": version, "preset": cfg.preset, "stage": "pretrain"}
     with tracking.run(p.experiment, name, tags, parent_run_id, params=resolved(cfg)) as (client, run_id):
@@ -108,7 +109,7 @@ def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, f
             worker_loop,
             train_loop_config={"config": cfg.model_dump(), "project_dir": os.getcwd(),
                                "tracking_uri": client.tracking_uri, "run_id": run_id,
-                               "log_level": chatter_level()},
+                               "log_level": log_level},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": p.cpus_per_worker,
@@ -117,7 +118,7 @@ def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, f
                                  failure_config=FailureConfig(max_failures=p.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=p.keep_checkpoints),
                                  # Ray Train's own lines (worker group started, each checkpoint reported)
-                                 logging_config=LoggingConfig(log_level=chatter_level())))
+                                 logging_config=LoggingConfig(log_level=log_level)))
         t0 = time.perf_counter()
         try:
             result = interruptible(trainer.fit)

@@ -127,7 +127,8 @@ def test_smoke_pipeline_runs_its_stages_and_reports(smoke):
     noise = [line for line in stderr if re.search(r"\bERROR\b|\] E \d|\d E \d+ \d+\]", line)
              or "Loading full pretrained weights" in line or "Reporting training result" in line]
     assert not noise, noise[:5]
-    assert len(stderr) < 60, stderr[:60]
+    events = [line for line in stderr if "datencoder.progress" not in line]  # progress lines come with time
+    assert len(events) < 60, events[:60]
 
     # MLflow: stages nest under the pipeline's parent run; the model is registered as champion
     client = MlflowClient(out["tracking_uri"])
