@@ -15,7 +15,10 @@ runtime of the environment (DATENCODER_DEVICE, DATENCODER_DTYPE), else auto.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from pydantic import ValidationError
@@ -27,6 +30,7 @@ from components.errors import UserError
 DEVICE_ENV = "DATENCODER_DEVICE"
 DTYPE_ENV = "DATENCODER_DTYPE"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RAY_MIN_FREE_BYTES = 2 * 1024**3  # a Ray cluster of our own counts its disk full when less than this is left
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,22 @@ def serving_config(cfg: Config, given: dict | None = None) -> Config:
         raise UserError(f"runtime {problem['loc'][0]} {problem['input']!r} ({DEVICE_ENV}/{DTYPE_ENV} or the "
                         f"model config): {problem['msg']}") from None
     return cfg.model_copy(update={"runtime": runtime})
+
+
+def own_ray_cluster_environment() -> None:
+    """Environment for a Ray cluster this process starts for itself (never one it joins); its processes inherit
+    it, and a value the user set wins:
+    - its workers are the work, so they do not get Ray's default niceness (15), which starves them behind any
+      other process on a shared machine;
+    - its disk is full when less than RAY_MIN_FREE_BYTES is left, not at Ray's 95% of the capacity: on a large
+      disk that is still gigabytes free, and Ray logs an error line every 10 s for it."""
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    temp = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir())
+    while not temp.exists():
+        temp = temp.parent
+    capacity = shutil.disk_usage(temp).total
+    threshold = min(0.999, max(0.95, 1 - RAY_MIN_FREE_BYTES / capacity)) if capacity else 0.95
+    os.environ.setdefault("RAY_local_fs_capacity_threshold", f"{threshold:.4f}")
 
 
 def out_of_memory(error: BaseException) -> UserError | None:

@@ -1,7 +1,11 @@
 """Device and precision (components/runtime.py): resolution, the serving environment's override, and the
-one-line errors for CUDA asked for where there is none and for a GPU out of memory."""
+one-line errors for CUDA asked for where there is none and for a GPU out of memory; the environment of a Ray
+cluster of our own."""
 
 from __future__ import annotations
+
+import os
+import shutil
 
 import pytest
 import torch
@@ -11,8 +15,10 @@ from components.errors import UserError
 from components.runtime import (
     DEVICE_ENV,
     DTYPE_ENV,
+    RAY_MIN_FREE_BYTES,
     Runtime,
     out_of_memory,
+    own_ray_cluster_environment,
     resolve,
     serving_config,
 )
@@ -109,3 +115,18 @@ def test_gpu_out_of_memory_is_one_line_naming_what_to_lower(capsys, monkeypatch)
     assert cli.main(["check-base", "--preset", "smoke"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"datencoder check-base: error: {error}"]
+
+
+def test_own_ray_cluster_counts_its_disk_full_by_free_bytes_and_the_user_wins(monkeypatch, tmp_path):
+    for name in ("RAY_local_fs_capacity_threshold", "RAY_worker_niceness"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "not" / "made" / "yet"))  # measured on the nearest parent
+    own_ray_cluster_environment()
+    threshold = float(os.environ["RAY_local_fs_capacity_threshold"])
+    total = shutil.disk_usage(tmp_path).total
+    assert 0.95 <= threshold <= 0.999
+    assert threshold == pytest.approx(min(0.999, max(0.95, 1 - RAY_MIN_FREE_BYTES / total)), abs=1e-4)
+    assert os.environ["RAY_worker_niceness"] == "0"
+    monkeypatch.setenv("RAY_local_fs_capacity_threshold", "0.5")
+    own_ray_cluster_environment()
+    assert os.environ["RAY_local_fs_capacity_threshold"] == "0.5"

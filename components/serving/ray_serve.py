@@ -45,7 +45,7 @@ from starlette.responses import Response
 from components import tracking
 from components.config import Config, ServeConfig, load_config
 from components.errors import UserError
-from components.runtime import runtime_environment
+from components.runtime import own_ray_cluster_environment, runtime_environment
 from components.serving import limits, registry, scoring
 
 
@@ -227,8 +227,7 @@ def serve(cfg: Config, model: str, host: str, port: int, trust_model_code: bool)
     model = pinned(model)
     local = registry.trusted_model_dir(model, trust_model_code)  # refused here, in one line, before Ray starts
     if not address:
-        # a cluster of our own: its replicas are the work, so they do not get Ray's default niceness (15)
-        os.environ.setdefault("RAY_worker_niceness", "0")
+        own_ray_cluster_environment()
     try:
         ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING)
     except Exception as e:  # noqa: BLE001 - Ray raises bare Exceptions for start-up failures

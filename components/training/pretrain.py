@@ -43,6 +43,7 @@ from components.data.prepare import data_version
 from components.errors import UserError
 from components.model.base import _is_local, base_fingerprint
 from components.model.placeholder import PLACEHOLDER
+from components.runtime import own_ray_cluster_environment
 from components.training.loop import train_rows, worker_loop
 
 
@@ -263,9 +264,7 @@ def connect(address: str | None) -> bool:
             raise UserError(f"Ray cluster at {address} is unreachable ({getattr(e, 'strerror', None) or e}); "
                             f"start one with `ray start --head` or fix --address / RAY_ADDRESS") from None
     if not address:
-        # a cluster of our own exists for this job: its workers are the work, so they do not get Ray's
-        # default niceness (15), which starves them behind any other process on a shared machine
-        os.environ.setdefault("RAY_worker_niceness", "0")
+        own_ray_cluster_environment()
         # one node that no autoscaler drains: Ray Train's preemption watcher has nothing to watch, and its actor
         # logs an error line at every start (ray-project/ray#53727)
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
