@@ -196,7 +196,7 @@ def cmd_pretrain(args: argparse.Namespace) -> dict:
 
 def cmd_targets(args: argparse.Namespace) -> dict:
     from components.config import load_config
-    from components.model.hypernetwork import targets_report
+    from components.training.targets import targets_report
 
     # the base's own preset supplies the encoder sizes unless --preset/--config say otherwise
     preset = args.preset or (args.base if args.config is None else None)

@@ -98,3 +98,10 @@ def test_no_import_circles():
 def test_every_module_has_a_layer():
     for module in project_imports():
         layer_of(module)
+
+
+def test_the_model_knows_no_toy_world():
+    """The paper's modules work on any base: what they need of one arrives as an argument, never from toy/."""
+    toy = [f"{m} imports {t}" for m, targets in project_imports().items() if m.startswith("components.model")
+           for t in targets if t.startswith("components.toy")]
+    assert not toy, "\n".join(toy)
