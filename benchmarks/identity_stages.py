@@ -244,7 +244,7 @@ def concept_sets(cfg, n: int, seed: int) -> dict[str, list[tw.ToyConcept]]:
     held_out = cfg.toy_world.encoder_holdout_shapes
     evaluation = set(cfg.evaluate.concepts)
     try:
-        seen = pretraining_looks(cfg.pretrain.data, cfg.toy_world.out).contains
+        seen = pretraining_looks(cfg.prepare.out, cfg.toy_world.out).contains
     except Exception:  # noqa: BLE001 - no prepared data here: only the evaluation concepts are excluded
         seen = lambda concept: False  # noqa: E731
     exclude = lambda concept: concept.key in evaluation or seen(concept)  # noqa: E731

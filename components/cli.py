@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-run-id", help="nest the MLflow run under this run")
     p.add_argument("--restart", action="store_true", help="discard this run's checkpoints and start from step 0")
     p.add_argument("--force", action="store_true",
-                   help="replace an encoder in pretrain.out that was trained under another recipe")
+                   help="replace an encoder in personalize.encoder that was trained under another recipe")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("targets", help="list the UNet matrices the hypernetwork adapts and its parameter count")

@@ -227,7 +227,7 @@ def retrain(workspace: str = ".", preset: str | None = None, refresh: bool = Fal
 
 def _stage(stage: str, cfg: Config, results: dict, parent: str, refresh: bool) -> dict:
     """Run one stage flow; a failure ends the run with the stage named and its error."""
-    data = (results.get("prepare_data") or {}).get("data_version") or data_version(cfg.pretrain.data, missing="none")
+    data = (results.get("prepare_data") or {}).get("data_version") or data_version(cfg.prepare.out, missing="none")
     done = results.get("pretrain") or {}
     encoder = f"{done.get('run_name')}@{done.get('end_step')}" if done else encoder_version(cfg)
     # the encoder this run's pretrain stage returned is the one evaluate and ablate score and register registers;

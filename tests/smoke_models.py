@@ -127,7 +127,7 @@ def smoke_evaluation_setup(tmp: Path) -> Path:
         "openimages_classes": str(raw / "openimages/oidv7-class-descriptions.csv"),
         "openimages_images": str(raw / "openimages/train"), "captions": str(raw / "captions.csv")}))
     values = yaml.safe_load(config_file.read_text())
-    values.update({"toy_world": {"out": str(raw)}, "pretrain": {"data": str(tmp / "prepared"), "workers": 1},
+    values.update({"toy_world": {"out": str(raw)}, "pretrain": {"workers": 1},
                    "personalize": {"encoder": str(encoder)},
                    "evaluate": {"cache": str(tmp / "cache"), "out": str(tmp / "evaluate"),
                                 "baseline_results": str(tmp / "baselines"), "variant_results": str(tmp / "variants")},

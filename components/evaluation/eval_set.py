@@ -169,7 +169,7 @@ def check_held_out(cfg: Config) -> dict:
     """Raise when a toy evaluation concept was in pre-training data; returns what was checked."""
     if cfg.base.kind != "toy" or cfg.evaluate.concept_dir:
         return {"checked": False, "reason": "not a toy-world evaluation set"}
-    prepared, raw = Path(cfg.pretrain.data), Path(cfg.toy_world.out)
+    prepared, raw = Path(cfg.prepare.out), Path(cfg.toy_world.out)
     if not (prepared / "manifest.parquet").is_file() or not (raw / "captions.csv").is_file():
         log.warning("cannot check the evaluation concepts against pre-training data: %s or %s is missing",
                     prepared / "manifest.parquet", raw / "captions.csv")

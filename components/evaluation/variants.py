@@ -55,7 +55,7 @@ def encoder_variant(cfg: Config, overrides: dict, steps: int) -> tuple[Config, P
     variant = variant.model_copy(update={"pretrain": variant.pretrain.model_copy(update={
         # a short run warms up for at most a tenth of its length, not the full recipe's 50 steps
         "warmup_steps": min(cfg.pretrain.warmup_steps, max(1, steps // 10))})})
-    key = f"{run_name(variant, data_version(cfg.pretrain.data))}-{steps}"
+    key = f"{run_name(variant, data_version(cfg.prepare.out))}-{steps}"
     out = Path(cfg.evaluate.cache) / key
     # Ray's checkpoints beside the main run's, not in the cache: the cache holds encoders only (a DVC output)
     variant = variant.model_copy(update={"pretrain": variant.pretrain.model_copy(update={

@@ -14,6 +14,7 @@ import yaml
 
 from components.config import Config, load_config
 from components.errors import UserError
+from components import home
 from components.home import ROOT
 from components.orchestration.dvc import run_dvc
 from components.orchestration.stages import dvc_view
@@ -64,8 +65,11 @@ def init_workspace(workspace: Path, cfg: Config) -> None:
 def workspace_params(cfg: Config) -> dict:
     """params.yaml of a workspace elsewhere: `cfg` with its read-only inputs (base model, CLIPs) made absolute.
     Defaults are read from the project home already (components/home.py); a config file's relative paths
-    mean the working directory's."""
+    mean the working directory's. The encoder is the workspace's own (its pretrain stage writes it), never the
+    committed one in the home."""
     values = cfg.model_dump()
+    if home.holds(cfg.personalize.encoder):
+        values["personalize"]["encoder"] = str(Path(cfg.personalize.encoder).relative_to(home.home()))
     base = values["base"]
     for holder, key in [(base, "pretrained"), *((base[c], k) for c in ("backbone_clip", "metrics_clip")
                                                   for k in ("pretrained", "config_path"))]:

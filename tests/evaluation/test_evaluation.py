@@ -229,7 +229,7 @@ def toy_pretraining_data(tmp_path: Path):
     from components.toy.world import write_toy_world
 
     cfg = load_config("toy")
-    if ((ROOT / cfg.pretrain.data / "manifest.parquet").is_file()
+    if ((ROOT / cfg.prepare.out / "manifest.parquet").is_file()
             and (ROOT / cfg.toy_world.out / "captions.csv").is_file()):
         return cfg
     raw, prepared = tmp_path / "raw", tmp_path / "prepared"
@@ -238,7 +238,7 @@ def toy_pretraining_data(tmp_path: Path):
     def moved(path):
         return str(raw / Path(path).relative_to(w.out))
     sources = ("imagenet", "openimages_boxes", "openimages_classes", "openimages_images", "captions")
-    cfg = load_config("toy", overrides={"toy_world": {"out": str(raw)}, "pretrain": {"data": str(prepared)},
+    cfg = load_config("toy", overrides={"toy_world": {"out": str(raw)},
                                         "prepare": {"out": str(prepared),
                                                     **{k: moved(getattr(cfg.prepare, k)) for k in sources}}})
     prepare(cfg.prepare)
@@ -254,7 +254,7 @@ def test_eval_set_is_held_out_of_pretraining_through_the_manifest(tmp_path):
     )
 
     cfg = toy_pretraining_data(tmp_path)
-    prepared, raw = ROOT / cfg.pretrain.data, ROOT / cfg.toy_world.out
+    prepared, raw = ROOT / cfg.prepare.out, ROOT / cfg.toy_world.out
     eval_set = load_eval_set(cfg)
     assert len(eval_set.concepts) >= 17 and len(eval_set.prompts) >= 10
     assert all(3 <= len(c.images) <= 5 for c in eval_set.concepts)
