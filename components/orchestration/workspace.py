@@ -12,9 +12,9 @@ from pathlib import Path
 
 import yaml
 
+from components import home
 from components.config import Config, load_config
 from components.errors import UserError
-from components import home
 from components.home import ROOT
 from components.orchestration.dvc import run_dvc
 from components.orchestration.stages import dvc_view
