@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 from prefect import flow, task
@@ -194,10 +195,11 @@ def register(cfg: Config, data_version: str, encoder: str, parent_run_id: str | 
 # --- the parent flow --------------------------------------------------------------------------------
 @flow(name="retrain", log_prints=True)
 def retrain(workspace: str = ".", preset: str | None = None, refresh: bool = False,
-            stages: list[str] | None = None) -> dict[str, Any]:
+            stages: list[str] | None = None, config: Config | None = None) -> dict[str, Any]:
     """The whole pipeline in `workspace` (its params.yaml; `preset` must agree with it; a new directory becomes a
-    workspace of `preset`), or only `stages` of it (default pipeline.stages)."""
-    path, cfg = resolve(preset, None, workspace)
+    workspace of `preset`), or only `stages` of it (default pipeline.stages). `config`: the workspace's config
+    when the caller has read it (the main job), so that a run reads it once; a scheduled run reads it here."""
+    path, cfg = (Path(workspace).resolve(), config) if config is not None else resolve(preset, None, workspace)
     if stages is not None:
         unknown = sorted(set(stages) - set(STAGES))
         if unknown:
