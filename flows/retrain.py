@@ -29,7 +29,7 @@ from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from components import tracking
-from components.config import STAGES, Config, resolved, variant_config
+from components.config import STAGES, Config, PipelineConfig, resolved, variant_config
 from components.data.prepare import data_version
 from components.errors import UserError
 from components.evaluation.ablate import ablate as ablate_stage
@@ -58,8 +58,7 @@ def _retry_if_transient(task, task_run, state) -> bool:
     return is_transient(state.result(raise_on_failure=False))
 
 
-def _configured(t, cfg: Config, refresh: bool):
-    p = cfg.pipeline
+def _configured(t, p: PipelineConfig, refresh: bool):
     return t.with_options(retries=p.retries, retry_delay_seconds=exponential_backoff(p.retry_delay_s),
                           retry_jitter_factor=0.2, retry_condition_fn=_retry_if_transient,
                           timeout_seconds=p.timeout_s, refresh_cache=refresh)
@@ -151,27 +150,27 @@ def report_task(cfg: Config, results: dict, parent_run_id: str, durations: dict[
 # --- stage flows ------------------------------------------------------------------------------------
 @flow(name="prepare_data")
 def prepare_data(cfg: Config, refresh: bool = False) -> dict:
-    return _configured(dvc_repro_task, cfg, refresh)(cfg)
+    return _configured(dvc_repro_task, cfg.pipeline, refresh)(cfg)
 
 
 @flow(name="pretrain")
 def pretrain(cfg: Config, data_version: str, parent_run_id: str | None = None, refresh: bool = False) -> dict:
-    return _configured(pretrain_task, cfg, refresh)(cfg, stage_key(cfg, "pretrain", data_version),
+    return _configured(pretrain_task, cfg.pipeline, refresh)(cfg, stage_key(cfg, "pretrain", data_version),
                                                     parent_run_id)
 
 
 @flow(name="baselines")
 def baselines(cfg: Config, parent_run_id: str | None = None, refresh: bool = False) -> dict:
-    return _configured(baselines_task, cfg, refresh)(cfg, parent_run_id, refresh)
+    return _configured(baselines_task, cfg.pipeline, refresh)(cfg, parent_run_id, refresh)
 
 
 @flow(name="variants")
 def variants(cfg: Config, parent_run_id: str | None = None, refresh: bool = False) -> dict:
-    return _configured(variants_task, cfg, refresh)(cfg, parent_run_id, refresh)
+    return _configured(variants_task, cfg.pipeline, refresh)(cfg, parent_run_id, refresh)
 
 
 def _after_pretrain(t, cfg: Config, stage: str, data_version: str, encoder: str, parent_run_id, refresh) -> dict:
-    return _configured(t, cfg, refresh)(cfg, stage_key(cfg, stage, data_version, encoder), parent_run_id)
+    return _configured(t, cfg.pipeline, refresh)(cfg, stage_key(cfg, stage, data_version, encoder), parent_run_id)
 
 
 @flow(name="evaluate")
@@ -205,7 +204,7 @@ def retrain(workspace: str = ".", preset: str | None = None, refresh: bool = Fal
         if unknown:
             raise UserError(f"unknown stage {', '.join(unknown)}; the stages are {', '.join(STAGES)}")
         cfg = variant_config(cfg, pipeline={"stages": list(stages)})
-    with pipeline_run(path, cfg):
+    with pipeline_run(path, cfg.pipeline):
         results: dict[str, dict] = {}
         durations: dict[str, float] = {}  # each stage flow's wall time in this run, for the report
         with tracking.run(cfg.pipeline.experiment, flow_run.get_name() or "retrain",
@@ -231,7 +230,7 @@ def _stage(stage: str, cfg: Config, results: dict, parent: str, refresh: bool) -
     """Run one stage flow; a failure ends the run with the stage named and its error."""
     data = (results.get("prepare_data") or {}).get("data_version") or data_version(cfg.prepare.out, missing="none")
     done = results.get("pretrain") or {}
-    encoder = f"{done.get('run_name')}@{done.get('end_step')}" if done else encoder_version(cfg)
+    encoder = f"{done.get('run_name')}@{done.get('end_step')}" if done else encoder_version(cfg.personalize.encoder)
     # the encoder this run's pretrain stage returned is the one evaluate and ablate score and register registers;
     # without that stage in the run, personalize.encoder
     scored = variant_config(cfg, personalize={"encoder": done["out"]}) if done.get("out") else cfg

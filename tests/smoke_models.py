@@ -146,8 +146,8 @@ def seed_encoder_cache(cfg: Config) -> list[Path]:
     )
 
     dirs = []
-    for overrides in [*EVALUATE_RETRAINED.values(), *retrained_variants(cfg).values()]:
-        variant, encoder_dir = encoder_variant(cfg, overrides, retrain_steps(cfg))
+    for overrides in [*EVALUATE_RETRAINED.values(), *retrained_variants(cfg.ablate).values()]:
+        variant, encoder_dir = encoder_variant(cfg, overrides, retrain_steps(cfg.evaluate))
         if not encoder_dir.exists():
             write_smoke_encoder(variant, encoder_dir)
         dirs.append(encoder_dir)

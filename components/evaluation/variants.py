@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import ray
 
-from components.config import Config, variant_config
+from components.config import AblateConfig, Config, EvaluateConfig, variant_config
 from components.data.prepare import data_version
 from components.evaluation.harness import (
     MethodResult,
@@ -44,8 +44,7 @@ EVALUATE_RETRAINED: dict[str, dict] = {
 }
 
 
-def retrain_steps(cfg: Config) -> int:
-    e = cfg.evaluate
+def retrain_steps(e: EvaluateConfig) -> int:
     return e.full_retrain_steps if e.full else e.retrain_steps
 
 
@@ -69,7 +68,7 @@ def training_session(cfg: Config) -> Iterator[Callable[[str, dict, str | None], 
     """Yields train(name, encoder overrides, parent run id) -> encoder directory, cached; Ray is started
     once, on the first variant that needs training, and stopped at the end if this call started it."""
     started_ray = False
-    steps = retrain_steps(cfg)
+    steps = retrain_steps(cfg.evaluate)
 
     def train(name: str, overrides: dict, parent_run_id: str | None) -> Path:
         nonlocal started_ray
@@ -106,8 +105,8 @@ def tuning_variants(cfg: Config) -> dict[str, Config]:
     return variants
 
 
-def retrained_variants(cfg: Config) -> dict[str, dict]:
-    variants = {f"reg-{r}": {"regulariser": r} for r in cfg.ablate.regularisers}
+def retrained_variants(a: AblateConfig) -> dict[str, dict]:
+    variants = {f"reg-{r}": {"regulariser": r} for r in a.regularisers}
     variants["reg-contrastive"] = {"regulariser": "contrastive"}  # the reference of every re-trained variant
     variants["no-dual-path-train"] = {"dual_path": False}
     variants["no-hypernet"] = {"use_hypernetwork": False}
@@ -126,11 +125,11 @@ SCORING_SETTINGS = {
 
 def wanted_variants(cfg: Config) -> dict[str, dict]:
     """Every re-trained variant of `evaluate` and `ablate`: name -> encoder overrides (several names may share one)."""
-    return {**EVALUATE_RETRAINED, **retrained_variants(cfg)}
+    return {**EVALUATE_RETRAINED, **retrained_variants(cfg.ablate)}
 
 
 def variants_key(cfg: Config) -> dict:
-    steps = retrain_steps(cfg)
+    steps = retrain_steps(cfg.evaluate)
     recipes = {name: encoder_variant(cfg, overrides, steps)[1].parent.name
                for name, overrides in wanted_variants(cfg).items()}
     return {**settings_key(cfg, SCORING_SETTINGS), "encoder.alpha_blend_tune": cfg.encoder.alpha_blend_tune,
@@ -149,7 +148,7 @@ def train_variants(cfg: Config, parent_run_id: str | None = None, force: bool = 
     {"steps", "cache", "out", "encoders": {variant name: directory}, "up_to_date"}."""
     e, wanted = cfg.evaluate, wanted_variants(cfg)
     key = variants_key(cfg)
-    report = {"steps": retrain_steps(cfg), "cache": e.cache, "out": e.variant_results}
+    report = {"steps": retrain_steps(cfg.evaluate), "cache": e.cache, "out": e.variant_results}
     if not force and stored_key(e.variant_results) == key:
         log.info("variants: %s is up to date", e.variant_results)
         return {**report, "up_to_date": True}
@@ -164,7 +163,7 @@ def train_variants(cfg: Config, parent_run_id: str | None = None, force: bool = 
                 scored[encoder_dir] = harness.ours(name, harness.personalizer.variant(cfg, encoder_dir), limit)
             result = scored[encoder_dir]
             run.add(MethodResult(**{**result.to_dict(), "name": name}, grid=result.grid),
-                    {"encoder": str(encoder_dir), "retrain_steps": retrain_steps(cfg), **wanted[name]})
+                    {"encoder": str(encoder_dir), "retrain_steps": retrain_steps(cfg.evaluate), **wanted[name]})
         path = save_results(e.variant_results, "variants", key, run.results)
         run.client.log_artifact(run.run_id, str(path), "results")
     return {**report, "up_to_date": False, "encoders": {n: str(d) for n, d in encoders.items()}}

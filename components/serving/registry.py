@@ -269,7 +269,7 @@ def score_tag(cfg: Config) -> str:
     # registering only (it loads pandas): `personalize` starts without it
     from components.evaluation.gate import GATE, gate_size
 
-    return f"{GATE}.{gate_size(cfg)}"
+    return f"{GATE}.{gate_size(cfg.registry)}"
 
 
 def logged_personalizer(model_uri: str, runtime: RuntimeConfig) -> Personalizer:

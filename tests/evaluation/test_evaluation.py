@@ -209,14 +209,14 @@ def test_blend_sweep_changes_the_default_only_beyond_the_noise():
     def sweep(lead: list[float]) -> dict:
         leader = MethodResult("alpha-0", [v + d for v, d in zip(default.identity, lead)], [0.6] * 4, concepts)
         worse = MethodResult("alpha-1", [v - 0.1 for v in default.identity], [0.6] * 4, concepts)
-        return choose_alpha(cfg, {r.name: r for r in (leader, default, worse)})
+        return choose_alpha(cfg.encoder, {r.name: r for r in (leader, default, worse)})
 
     noisy = sweep([0.08, -0.06, 0.07, -0.05])  # ahead on average, not consistently
     assert noisy["best"] == 0.0 and noisy["chosen"] == 0.5 and not noisy["change_default"]
     steady = sweep([0.02, 0.021, 0.019, 0.02])  # a small lead on every sample
     assert steady["chosen"] == 0.0 and steady["change_default"] and steady["lead_over_default"]["change_pct"] > 0
     # without the default in the sweep (the smoke preset's 0 and 1) the best is chosen
-    no_default = choose_alpha(cfg, {"alpha-1": default,
+    no_default = choose_alpha(cfg.encoder, {"alpha-1": default,
                                     "alpha-0": MethodResult("alpha-0", [0.0] * 4, [0.6] * 4, concepts)})
     assert no_default["chosen"] == 1.0 and no_default["lead_over_default"] is None
 
