@@ -199,9 +199,9 @@ def main() -> int:
 
     from components.config import load_config
     from components.data.images import read_image, to_pixels
-    from components.evaluation.baselines import train_lora, train_textual_inversion
     from components.inference.export import export_concept, export_files
     from components.serving import registry
+    from components.training.baselines import train_lora, train_textual_inversion
     from components.training.pretrain import pretrain
 
     scratch = None if args.keep else tempfile.TemporaryDirectory(prefix="datencoder-gpu-e2e-")

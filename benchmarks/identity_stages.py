@@ -43,7 +43,6 @@ import torch
 from PIL import Image
 
 from components.data.images import to_pixels
-from components.evaluation.baselines import train_textual_inversion
 from components.evaluation.check_base import clip_accuracy, read_colours
 from components.evaluation.eval_set import background_for, pretraining_looks
 from components.inference.engine import Personalizer
@@ -53,6 +52,7 @@ from components.model.base import load_clip
 from components.model.placeholder import PLACEHOLDER
 from components.toy import reader
 from components.toy import world as tw
+from components.training.baselines import train_textual_inversion
 
 
 # prompt backgrounds, in order of preference; each concept takes the first four its colours leave free

@@ -237,7 +237,7 @@ def cmd_pipeline(args: argparse.Namespace) -> dict:
 
 
 def cmd_baseline(args: argparse.Namespace) -> dict:
-    from components.evaluation.baselines import baseline
+    from components.training.baselines import baseline
 
     return baseline(_config(args), args.method, args.image, args.prompt, steps=args.steps, out=args.out,
                     scheduler=args.scheduler, seed=args.seed, num_images=args.num_images,

@@ -510,7 +510,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def variant_config(cfg: Config, **sections: dict) -> Config:
-    """cfg with fields of some sections replaced, e.g. variant_config(cfg, personalize={"tuning_steps": 0})."""
+    """cfg with fields of some sections replaced, e.g. variant_config(cfg, personalize={"tuning_steps": 0}).
+    model_copy validates nothing: a field name that does not exist is an error here, not a silent extra."""
+    for name, values in sections.items():
+        unknown = set(values) - set(type(getattr(cfg, name)).model_fields)
+        if unknown:
+            raise ValueError(f"config section {name} has no field {', '.join(sorted(unknown))}")
     return cfg.model_copy(update={name: getattr(cfg, name).model_copy(update=values)
                                   for name, values in sections.items()})
 

@@ -138,7 +138,7 @@ def smoke_evaluation_setup(tmp: Path) -> Path:
 
 def seed_encoder_cache(cfg: Config) -> list[Path]:
     """The re-trained variants' cache entries, as a previous run leaves them (random smoke weights)."""
-    from components.evaluation.variants import (
+    from components.training.variants import (
         EVALUATE_RETRAINED,
         encoder_variant,
         retrain_steps,

@@ -19,9 +19,9 @@ LAYERS = [
     ("components.toy",),            # the synthetic world and the toy base's recipe
     ("components.data",),           # image reading, dataset preparation
     ("components.model",),          # the encoder and the parts of the paper's Figure 2
-    ("components.training",),       # pre-training on Ray Train
     ("components.inference",),      # tuning, generation, the engine, export
-    ("components.evaluation",),     # metrics, baselines, the harness, evaluate, ablate, the gate
+    ("components.training",),       # whatever changes weights: pre-training on Ray Train, variants, the baselines
+    ("components.evaluation",),     # metrics, the harness, evaluate, ablate, the gate
     ("components.serving",),        # registry, pyfunc, serve, the personalize command
     ("components.orchestration",),  # workspaces, locks, DVC, the pipeline report
     ("flows",),                     # Prefect flows and the main job

@@ -27,7 +27,8 @@ from components.config import Config, EncoderConfig
 from components.evaluation import report
 from components.evaluation.harness import StageRun, load_harness
 from components.evaluation.report import COMBINED, compare, metric_values
-from components.evaluation.variants import retrained_variants, tuning_variants, variant_results
+from components.evaluation.variants import tuning_variants, variant_results
+from components.training.variants import retrained_variants
 
 
 log = logging.getLogger(__name__)

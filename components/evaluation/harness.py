@@ -33,7 +33,6 @@ from components.config import Config, EvaluateConfig, resolved
 from components.data.images import to_pixels
 from components.errors import UserError
 from components.evaluation import report
-from components.evaluation.baselines import photo_template, sample, train_baseline
 from components.evaluation.eval_set import (
     EvalConcept,
     EvalSet,
@@ -45,6 +44,7 @@ from components.inference.generate import generate
 from components.memory import PeakMemory
 from components.model.base import load_clip
 from components.progress import Progress
+from components.training.baselines import photo_template, sample, train_baseline
 
 
 log = logging.getLogger(__name__)
