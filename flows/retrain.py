@@ -39,7 +39,7 @@ from components.evaluation.report import method_metrics
 from components.evaluation.variants import train_variants as variants_stage
 from components.orchestration.dvc import dvc_repro, pretrain_stage
 from components.orchestration.locks import pipeline_run
-from components.orchestration.report import serve_commands, stage_images, write_report
+from components.orchestration.pipeline_report import serve_commands, stage_images, write_report
 from components.orchestration.stages import (
     StageFailed,
     encoder_version,
