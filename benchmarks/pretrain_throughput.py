@@ -45,7 +45,7 @@ def ray_run(cfg, steps: int, workers: int, work: Path) -> dict:
     from components.config import variant_config
     from components.training.pretrain import pretrain
 
-    cfg = variant_config(cfg, pretrain={"out": str(work / f"encoder-{workers}")})
+    cfg = variant_config(cfg, personalize={"encoder": str(work / f"encoder-{workers}")})
     report = pretrain(cfg, workers=workers, max_steps=steps, checkpoint_every=steps,
                       storage=str(work / f"checkpoints-{workers}"), restart=True)
     return {"samples_per_s": round(report["samples_per_s"], 2),
