@@ -199,9 +199,9 @@ def main() -> int:
 
     from components.config import load_config
     from components.data.images import read_image, to_pixels
-    from components.evaluation.baselines import train_lora, train_textual_inversion
     from components.inference.export import export_concept, export_files
     from components.serving import registry
+    from components.training.baselines import train_lora, train_textual_inversion
     from components.training.pretrain import pretrain
 
     scratch = None if args.keep else tempfile.TemporaryDirectory(prefix="datencoder-gpu-e2e-")
@@ -215,11 +215,11 @@ def main() -> int:
         write_prepared(root / "prepared", side, train=max(16, batch), val=2)
         private_store(root)
     cfg = load_config("sd15", overrides={
-        **overrides, "prepare": {"resolution": side},
+        **overrides, "prepare": {"resolution": side, "out": str(root / "prepared")},
         **({"encoder": TINY_ENCODER} if tiny else {}),
-        "personalize": {"views": counts["views"], "tuning_steps": counts["tuning_steps"], "cache_size": 4},
-        "pretrain": {"data": str(root / "prepared"), "out": str(root / "encoder"),
-                     "storage": str(root / "checkpoints"), "workers": workers, "use_gpu": cuda, "batch_size": batch,
+        "personalize": {"views": counts["views"], "tuning_steps": counts["tuning_steps"], "cache_size": 4,
+                        "encoder": str(root / "encoder")},
+        "pretrain": {"storage": str(root / "checkpoints"), "workers": workers, "use_gpu": cuda, "batch_size": batch,
                      "max_steps": pretrain_steps, "warmup_steps": 2, "checkpoint_every": pretrain_steps,
                      "log_every": 5, "eval_every": pretrain_steps, "heldout_images": 2, "sample_concepts": 1,
                      "sample_steps": 2, "experiment": "datencoder-e2e-pretrain",

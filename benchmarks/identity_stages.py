@@ -43,7 +43,6 @@ import torch
 from PIL import Image
 
 from components.data.images import to_pixels
-from components.evaluation.baselines import train_textual_inversion
 from components.evaluation.check_base import clip_accuracy, read_colours
 from components.evaluation.eval_set import background_for, pretraining_looks
 from components.inference.engine import Personalizer
@@ -53,6 +52,7 @@ from components.model.base import load_clip
 from components.model.placeholder import PLACEHOLDER
 from components.toy import reader
 from components.toy import world as tw
+from components.training.baselines import train_textual_inversion
 
 
 # prompt backgrounds, in order of preference; each concept takes the first four its colours leave free
@@ -244,7 +244,7 @@ def concept_sets(cfg, n: int, seed: int) -> dict[str, list[tw.ToyConcept]]:
     held_out = cfg.toy_world.encoder_holdout_shapes
     evaluation = set(cfg.evaluate.concepts)
     try:
-        seen = pretraining_looks(cfg.pretrain.data, cfg.toy_world.out).contains
+        seen = pretraining_looks(cfg.prepare.out, cfg.toy_world.out).contains
     except Exception:  # noqa: BLE001 - no prepared data here: only the evaluation concepts are excluded
         seen = lambda concept: False  # noqa: E731
     exclude = lambda concept: concept.key in evaluation or seen(concept)  # noqa: E731

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/personalize_speed.py [--preset toy] [--encoder DIR] [--full] [--views V ...]
 
 Ours: encoder forward + `personalize.tuning_steps` tuning steps (the concept is then ready), and sampling one
-image. Baselines (components/evaluation/baselines.py), from scratch on the same image and base: LoRA for 500 steps
+image. Baselines (components/training/baselines.py), from scratch on the same image and base: LoRA for 500 steps
 and Textual Inversion for 3000 steps. Without --full the baselines run --measure-steps steps and their
 per-step time is extrapolated to 500 / 3000; the output says so. Goals: >= 30x faster than LoRA-500,
 >= 100x faster than TI-3000 (adaptation time: until the concept is ready; sampling costs the same for all).
@@ -28,10 +28,10 @@ import torch
 
 from components.config import variant_config
 from components.data.images import to_pixels
-from components.evaluation.baselines import train_lora, train_textual_inversion
 from components.inference.engine import Personalizer
 from components.memory import peak_mb
 from components.toy import world as tw
+from components.training.baselines import train_lora, train_textual_inversion
 
 
 GOALS = {"lora_500": 30.0, "textual_inversion_3000": 100.0}

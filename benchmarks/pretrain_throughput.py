@@ -8,7 +8,7 @@ MLflow logging every log_every steps) into a throwaway storage and MLflow store.
 
     .venv/bin/python benchmarks/pretrain_throughput.py [--preset toy] [--config params.yaml] [--steps 30]
 
-Relative paths (pretrain.data) are read from the working directory, as `datencoder pretrain` reads them.
+Relative paths (prepare.out) are read from the working directory, as `datencoder pretrain` reads them.
 
 Goals: Ray overhead at 1 worker <= 10% of the plain loop; the 1 -> 2 worker scaling is reported.
 """
@@ -31,7 +31,7 @@ def plain_loop(cfg, steps: int) -> dict:
     from components.training.loop import Training
 
     torch.set_num_threads(cfg.pretrain.cpus_per_worker)
-    manifest = pd.read_parquet(Path(cfg.pretrain.data) / "manifest.parquet")
+    manifest = pd.read_parquet(Path(cfg.prepare.out) / "manifest.parquet")
     training = Training.build(cfg, manifest, rank=0, world=1, device=torch.device("cpu"))
     training.step(0)  # warm-up, as the Ray loop does not time its first step either
     with harness.timed() as t:
@@ -45,7 +45,7 @@ def ray_run(cfg, steps: int, workers: int, work: Path) -> dict:
     from components.config import variant_config
     from components.training.pretrain import pretrain
 
-    cfg = variant_config(cfg, pretrain={"out": str(work / f"encoder-{workers}")})
+    cfg = variant_config(cfg, personalize={"encoder": str(work / f"encoder-{workers}")})
     report = pretrain(cfg, workers=workers, max_steps=steps, checkpoint_every=steps,
                       storage=str(work / f"checkpoints-{workers}"), restart=True)
     return {"samples_per_s": round(report["samples_per_s"], 2),

@@ -196,7 +196,7 @@ def cmd_pretrain(args: argparse.Namespace) -> dict:
 
 def cmd_targets(args: argparse.Namespace) -> dict:
     from components.config import load_config
-    from components.model.hypernetwork import targets_report
+    from components.training.targets import targets_report
 
     # the base's own preset supplies the encoder sizes unless --preset/--config say otherwise
     preset = args.preset or (args.base if args.config is None else None)
@@ -237,7 +237,7 @@ def cmd_pipeline(args: argparse.Namespace) -> dict:
 
 
 def cmd_baseline(args: argparse.Namespace) -> dict:
-    from components.evaluation.baselines import baseline
+    from components.training.baselines import baseline
 
     return baseline(_config(args), args.method, args.image, args.prompt, steps=args.steps, out=args.out,
                     scheduler=args.scheduler, seed=args.seed, num_images=args.num_images,
@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-run-id", help="nest the MLflow run under this run")
     p.add_argument("--restart", action="store_true", help="discard this run's checkpoints and start from step 0")
     p.add_argument("--force", action="store_true",
-                   help="replace an encoder in pretrain.out that was trained under another recipe")
+                   help="replace an encoder in personalize.encoder that was trained under another recipe")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("targets", help="list the UNet matrices the hypernetwork adapts and its parameter count")

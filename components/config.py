@@ -152,7 +152,7 @@ class S3Config(Section):
 class PrepareConfig(Section):
     """Data preparation: ImageNet class folders + Open Images largest-object crops (toy world here)."""
 
-    out: str = "data/prepared"
+    out: str = "data/prepared"  # the prepared set (manifest.parquet + images): pre-training and evaluation read it
     imagenet: str | None = "data/raw/toy-world/imagenet"  # class folders (under train/ if present)
     imagenet_synsets: str | None = None  # LOC_synset_mapping.txt; default: <imagenet>/LOC_synset_mapping.txt
     openimages_boxes: str | None = "data/raw/toy-world/openimages/oidv6-train-annotations-bbox.csv"
@@ -214,8 +214,7 @@ class EncoderConfig(Section):
 class PretrainConfig(Section):
     """Distributed encoder pre-training (docs/pretrain.md). Batch sizes are global (all workers together)."""
 
-    data: str = "data/prepared"  # prepared dataset (manifest.parquet + images) on a filesystem every worker sees
-    out: str = "models/toy-encoder"  # the final encoder (config.json + model.safetensors)
+    # it reads prepare.out (on a filesystem every worker sees) and writes the encoder to personalize.encoder
     storage: str = "checkpoints"  # Ray Train storage for checkpoints: a local path or s3://bucket/prefix
     s3: S3Config = S3Config()  # endpoint/region for s3:// storage; credentials only from the environment
     workers: int = Field(2, gt=0)
@@ -299,7 +298,9 @@ class PersonalizeConfig(Section):
     scheduler: Literal["ddim", "dpm"] = "ddim"  # DDIM or DPM-Solver++ on the base pipeline's config
     cache_size: int = Field(32, ge=0)  # tuned concepts kept in memory (LRU); 0 disables the cache
     max_pixels: int = Field(20_000_000, gt=0)  # larger input images are refused
-    encoder: str = "models/toy-encoder"  # the committed encoder, used when the registry has no champion
+    # the encoder (config.json + model.safetensors): pretrain writes it; personalize uses it when the registry has no
+    # champion; evaluate, ablate and register read it
+    encoder: str = "models/toy-encoder"
     out: str = "outputs/personalize"  # where the CLI writes images
 
 
@@ -466,7 +467,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "encoder": {"trunk_channels": 32, "trunk_blocks": 1, "token_hidden": 32, "hyper_hidden": 32,
                     "hyper_basis": 8},
         # its own encoder: a smoke run never replaces the committed toy encoder (models/toy-encoder)
-        "pretrain": {"out": "outputs/smoke-encoder", "max_steps": 6, "batch_size": 4, "warmup_steps": 2,
+        "pretrain": {"max_steps": 6, "batch_size": 4, "warmup_steps": 2,
                      "checkpoint_every": 3, "log_every": 1, "eval_every": 4, "heldout_images": 4,
                      "sample_concepts": 2, "sample_steps": 2, "system_metrics_s": 1.0},
         "personalize": {"tuning_steps": 2, "num_inference_steps": 2, "encoder": "outputs/smoke-encoder"},
@@ -491,7 +492,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "captions": None, "openimages_classes": None, "openimages_images": None},
         "encoder": {"trunk_channels": 512, "token_hidden": 512, "hyper_hidden": 512, "hyper_basis": 64},
         # paper: 150k steps for the final model; bf16 on GPUs, so 8 per micro-batch
-        "pretrain": {"out": "models/encoder-sd15", "max_steps": 150_000, "batch_size": 64, "grad_accum": 1,
+        "pretrain": {"max_steps": 150_000, "batch_size": 64, "grad_accum": 1,
                      "warmup_steps": 1000, "checkpoint_every": 1000, "log_every": 50, "eval_every": 2000,
                      "describe_scene": False,  # the paper's prompts: the toy reader knows no real photo
                      "lr": 1e-4, "encoder_noise": "matched"},  # the paper's; the toy's were chosen on the toy
@@ -509,7 +510,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def variant_config(cfg: Config, **sections: dict) -> Config:
-    """cfg with fields of some sections replaced, e.g. variant_config(cfg, personalize={"tuning_steps": 0})."""
+    """cfg with fields of some sections replaced, e.g. variant_config(cfg, personalize={"tuning_steps": 0}).
+    model_copy validates nothing: a field name that does not exist is an error here, not a silent extra."""
+    for name, values in sections.items():
+        unknown = set(values) - set(type(getattr(cfg, name)).model_fields)
+        if unknown:
+            raise ValueError(f"config section {name} has no field {', '.join(sorted(unknown))}")
     return cfg.model_copy(update={name: getattr(cfg, name).model_copy(update=values)
                                   for name, values in sections.items()})
 
@@ -550,6 +556,9 @@ RENAMED: dict[tuple[str, str], tuple[str, str]] = {
     # the gate belongs to the registry: its size no longer touches the evaluate stage's params (DVC)
     ("evaluate", "gate_concepts"): ("registry", "gate_concepts"),
     ("evaluate", "gate_prompts"): ("registry", "gate_prompts"),
+    # one key per path: the stage that reads a path names it as the stage that writes it
+    ("pretrain", "data"): ("prepare", "out"),
+    ("pretrain", "out"): ("personalize", "encoder"),
 }
 
 
@@ -643,19 +652,21 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     # over the defaults, so a file may give part of a nested section (base.backbone_clip.pretrained alone)
-    values = deep_merge(deep_merge(Config().model_dump(), PRESETS[name]), _renamed_keys(file_values, source))
-    environment = environment_overrides()
+    file_values = _renamed_keys(file_values, source)
+    values = deep_merge(deep_merge(Config().model_dump(), PRESETS[name]), file_values)
+    environment = _renamed_keys(environment_overrides(), "environment")
     if environment:
         source += " + environment (" + ", ".join(f"{ENV_PREFIX}{s.upper()}__{k.upper()}" for s in environment
                                                 for k in environment[s]) + ")"
         values = deep_merge(values, environment)
-    values = deep_merge(values, _renamed_keys(overrides or {}, "overrides"))
+    overrides = _renamed_keys(overrides or {}, "overrides")
+    values = deep_merge(values, overrides)
     values["preset"] = name
     try:
         cfg = Config.model_validate(values)
     except ValidationError as e:
         raise UserError(_format_validation(e, source)) from None
-    return _inputs_from_home(cfg, [file_values, environment, overrides or {}])
+    return _inputs_from_home(cfg, [file_values, environment, overrides])
 
 
 def resolved(config: Config) -> dict:

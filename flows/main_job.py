@@ -35,7 +35,7 @@ def main_job(preset: str | None = None, config: str | None = None, workspace: st
                         "`prefect server start` and set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
     path, cfg = resolve(preset, config, workspace)
     os.environ.update(prefect_environment(path))  # before prefect is imported
-    with pipeline_run(path, cfg):
+    with pipeline_run(path, cfg.pipeline):
         if not serve:
             own = not os.environ.get("PREFECT_API_URL")
             with local_prefect_server(path, cfg.pipeline.prefect_startup_timeout_s, ui=ui) if own else \
@@ -44,7 +44,7 @@ def main_job(preset: str | None = None, config: str | None = None, workspace: st
                 # imported only now: prefect reads PREFECT_* (the run's own server) when it is imported
                 from flows.retrain import retrain
 
-                result = retrain(workspace=str(path), preset=preset, refresh=refresh)
+                result = retrain(workspace=str(path), preset=preset, refresh=refresh, config=cfg)
                 log.info("report: %s; serve the champion with: %s", result["report"], result["serve"][0])
                 if ui:
                     result["prefect_ui"] = api.removesuffix("/api")

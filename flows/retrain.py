@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 from prefect import flow, task
@@ -28,7 +29,7 @@ from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from components import tracking
-from components.config import STAGES, Config, resolved, variant_config
+from components.config import STAGES, Config, PipelineConfig, resolved, variant_config
 from components.data.prepare import data_version
 from components.errors import UserError
 from components.evaluation.ablate import ablate as ablate_stage
@@ -38,7 +39,7 @@ from components.evaluation.report import method_metrics
 from components.evaluation.variants import train_variants as variants_stage
 from components.orchestration.dvc import dvc_repro, pretrain_stage
 from components.orchestration.locks import pipeline_run
-from components.orchestration.report import serve_commands, stage_images, write_report
+from components.orchestration.pipeline_report import serve_commands, stage_images, write_report
 from components.orchestration.stages import (
     StageFailed,
     encoder_version,
@@ -57,8 +58,7 @@ def _retry_if_transient(task, task_run, state) -> bool:
     return is_transient(state.result(raise_on_failure=False))
 
 
-def _configured(t, cfg: Config, refresh: bool):
-    p = cfg.pipeline
+def _configured(t, p: PipelineConfig, refresh: bool):
     return t.with_options(retries=p.retries, retry_delay_seconds=exponential_backoff(p.retry_delay_s),
                           retry_jitter_factor=0.2, retry_condition_fn=_retry_if_transient,
                           timeout_seconds=p.timeout_s, refresh_cache=refresh)
@@ -150,27 +150,27 @@ def report_task(cfg: Config, results: dict, parent_run_id: str, durations: dict[
 # --- stage flows ------------------------------------------------------------------------------------
 @flow(name="prepare_data")
 def prepare_data(cfg: Config, refresh: bool = False) -> dict:
-    return _configured(dvc_repro_task, cfg, refresh)(cfg)
+    return _configured(dvc_repro_task, cfg.pipeline, refresh)(cfg)
 
 
 @flow(name="pretrain")
 def pretrain(cfg: Config, data_version: str, parent_run_id: str | None = None, refresh: bool = False) -> dict:
-    return _configured(pretrain_task, cfg, refresh)(cfg, stage_key(cfg, "pretrain", data_version),
+    return _configured(pretrain_task, cfg.pipeline, refresh)(cfg, stage_key(cfg, "pretrain", data_version),
                                                     parent_run_id)
 
 
 @flow(name="baselines")
 def baselines(cfg: Config, parent_run_id: str | None = None, refresh: bool = False) -> dict:
-    return _configured(baselines_task, cfg, refresh)(cfg, parent_run_id, refresh)
+    return _configured(baselines_task, cfg.pipeline, refresh)(cfg, parent_run_id, refresh)
 
 
 @flow(name="variants")
 def variants(cfg: Config, parent_run_id: str | None = None, refresh: bool = False) -> dict:
-    return _configured(variants_task, cfg, refresh)(cfg, parent_run_id, refresh)
+    return _configured(variants_task, cfg.pipeline, refresh)(cfg, parent_run_id, refresh)
 
 
 def _after_pretrain(t, cfg: Config, stage: str, data_version: str, encoder: str, parent_run_id, refresh) -> dict:
-    return _configured(t, cfg, refresh)(cfg, stage_key(cfg, stage, data_version, encoder), parent_run_id)
+    return _configured(t, cfg.pipeline, refresh)(cfg, stage_key(cfg, stage, data_version, encoder), parent_run_id)
 
 
 @flow(name="evaluate")
@@ -194,16 +194,17 @@ def register(cfg: Config, data_version: str, encoder: str, parent_run_id: str | 
 # --- the parent flow --------------------------------------------------------------------------------
 @flow(name="retrain", log_prints=True)
 def retrain(workspace: str = ".", preset: str | None = None, refresh: bool = False,
-            stages: list[str] | None = None) -> dict[str, Any]:
+            stages: list[str] | None = None, config: Config | None = None) -> dict[str, Any]:
     """The whole pipeline in `workspace` (its params.yaml; `preset` must agree with it; a new directory becomes a
-    workspace of `preset`), or only `stages` of it (default pipeline.stages)."""
-    path, cfg = resolve(preset, None, workspace)
+    workspace of `preset`), or only `stages` of it (default pipeline.stages). `config`: the workspace's config
+    when the caller has read it (the main job), so that a run reads it once; a scheduled run reads it here."""
+    path, cfg = (Path(workspace).resolve(), config) if config is not None else resolve(preset, None, workspace)
     if stages is not None:
         unknown = sorted(set(stages) - set(STAGES))
         if unknown:
             raise UserError(f"unknown stage {', '.join(unknown)}; the stages are {', '.join(STAGES)}")
         cfg = variant_config(cfg, pipeline={"stages": list(stages)})
-    with pipeline_run(path, cfg):
+    with pipeline_run(path, cfg.pipeline):
         results: dict[str, dict] = {}
         durations: dict[str, float] = {}  # each stage flow's wall time in this run, for the report
         with tracking.run(cfg.pipeline.experiment, flow_run.get_name() or "retrain",
@@ -227,9 +228,9 @@ def retrain(workspace: str = ".", preset: str | None = None, refresh: bool = Fal
 
 def _stage(stage: str, cfg: Config, results: dict, parent: str, refresh: bool) -> dict:
     """Run one stage flow; a failure ends the run with the stage named and its error."""
-    data = (results.get("prepare_data") or {}).get("data_version") or data_version(cfg.pretrain.data, missing="none")
+    data = (results.get("prepare_data") or {}).get("data_version") or data_version(cfg.prepare.out, missing="none")
     done = results.get("pretrain") or {}
-    encoder = f"{done.get('run_name')}@{done.get('end_step')}" if done else encoder_version(cfg)
+    encoder = f"{done.get('run_name')}@{done.get('end_step')}" if done else encoder_version(cfg.personalize.encoder)
     # the encoder this run's pretrain stage returned is the one evaluate and ablate score and register registers;
     # without that stage in the run, personalize.encoder
     scored = variant_config(cfg, personalize={"encoder": done["out"]}) if done.get("out") else cfg

@@ -127,7 +127,7 @@ def smoke_evaluation_setup(tmp: Path) -> Path:
         "openimages_classes": str(raw / "openimages/oidv7-class-descriptions.csv"),
         "openimages_images": str(raw / "openimages/train"), "captions": str(raw / "captions.csv")}))
     values = yaml.safe_load(config_file.read_text())
-    values.update({"toy_world": {"out": str(raw)}, "pretrain": {"data": str(tmp / "prepared"), "workers": 1},
+    values.update({"toy_world": {"out": str(raw)}, "pretrain": {"workers": 1},
                    "personalize": {"encoder": str(encoder)},
                    "evaluate": {"cache": str(tmp / "cache"), "out": str(tmp / "evaluate"),
                                 "baseline_results": str(tmp / "baselines"), "variant_results": str(tmp / "variants")},
@@ -138,7 +138,7 @@ def smoke_evaluation_setup(tmp: Path) -> Path:
 
 def seed_encoder_cache(cfg: Config) -> list[Path]:
     """The re-trained variants' cache entries, as a previous run leaves them (random smoke weights)."""
-    from components.evaluation.variants import (
+    from components.training.variants import (
         EVALUATE_RETRAINED,
         encoder_variant,
         retrain_steps,
@@ -146,8 +146,8 @@ def seed_encoder_cache(cfg: Config) -> list[Path]:
     )
 
     dirs = []
-    for overrides in [*EVALUATE_RETRAINED.values(), *retrained_variants(cfg).values()]:
-        variant, encoder_dir = encoder_variant(cfg, overrides, retrain_steps(cfg))
+    for overrides in [*EVALUATE_RETRAINED.values(), *retrained_variants(cfg.ablate).values()]:
+        variant, encoder_dir = encoder_variant(cfg, overrides, retrain_steps(cfg.evaluate))
         if not encoder_dir.exists():
             write_smoke_encoder(variant, encoder_dir)
         dirs.append(encoder_dir)

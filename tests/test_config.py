@@ -46,3 +46,18 @@ def test_the_gate_size_moved_to_the_registry_and_the_old_keys_still_load(tmp_pat
                                     "registry": {"gate_concepts": 4}}))
     with pytest.raises(UserError, match="registry.gate_concepts only"):
         load_config(path=both)
+
+
+def test_a_path_has_one_key_and_the_old_ones_still_load(tmp_path, monkeypatch):
+    fields = set(type(load_config("smoke").pretrain).model_fields)
+    assert not fields & {"data", "out"}  # pretrain reads prepare.out and writes personalize.encoder
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"preset": "smoke", "pretrain": {"data": "elsewhere/prepared",
+                                                                   "out": "elsewhere/encoder"}}))
+    with pytest.warns(FutureWarning, match="pretrain.out is deprecated; use personalize.encoder"):
+        cfg = load_config(path=old)
+    assert (cfg.prepare.out, cfg.personalize.encoder) == ("elsewhere/prepared", "elsewhere/encoder")
+    # a toy default encoder is read from the home, but an old key's value keeps its meaning like any given path
+    monkeypatch.setenv("DATENCODER_PRETRAIN__OUT", "models/toy-encoder")
+    with pytest.warns(FutureWarning, match="pretrain.out is deprecated"):
+        assert load_config("toy").personalize.encoder == "models/toy-encoder"

@@ -45,8 +45,7 @@ def test_defaults_come_from_the_home_and_given_paths_keep_their_meaning(tmp_path
     assert cfg.base.metrics_clip.config_path == str(ROOT / "models/toy-clip/metrics/datencoder-toy-metrics.json")
     assert cfg.personalize.encoder == str(ROOT / "models/toy-encoder")
     # outputs and data stay relative to where the command runs
-    assert (cfg.personalize.out, cfg.pretrain.out, cfg.pretrain.data) == (
-        "outputs/personalize", "models/toy-encoder", "data/prepared")
+    assert (cfg.personalize.out, cfg.prepare.out) == ("outputs/personalize", "data/prepared")
     # what is not committed keeps its default: a hub id, an sd15 encoder its pretrain writes, the smoke encoder
     sd15 = load_config("sd15")
     assert sd15.base.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"

@@ -19,9 +19,9 @@ LAYERS = [
     ("components.toy",),            # the synthetic world and the toy base's recipe
     ("components.data",),           # image reading, dataset preparation
     ("components.model",),          # the encoder and the parts of the paper's Figure 2
-    ("components.training",),       # pre-training on Ray Train
     ("components.inference",),      # tuning, generation, the engine, export
-    ("components.evaluation",),     # metrics, baselines, the harness, evaluate, ablate, the gate
+    ("components.training",),       # whatever changes weights: pre-training on Ray Train, variants, the baselines
+    ("components.evaluation",),     # metrics, the harness, evaluate, ablate, the gate
     ("components.serving",),        # registry, pyfunc, serve, the personalize command
     ("components.orchestration",),  # workspaces, locks, DVC, the pipeline report
     ("flows",),                     # Prefect flows and the main job
@@ -98,3 +98,10 @@ def test_no_import_circles():
 def test_every_module_has_a_layer():
     for module in project_imports():
         layer_of(module)
+
+
+def test_the_model_knows_no_toy_world():
+    """The paper's modules work on any base: what they need of one arrives as an argument, never from toy/."""
+    toy = [f"{m} imports {t}" for m, targets in project_imports().items() if m.startswith("components.model")
+           for t in targets if t.startswith("components.toy")]
+    assert not toy, "\n".join(toy)

@@ -23,22 +23,23 @@ from dataclasses import replace
 import numpy as np
 
 from components import tracking
-from components.config import Config
+from components.config import Config, EncoderConfig
 from components.evaluation import report
 from components.evaluation.harness import StageRun, load_harness
 from components.evaluation.report import COMBINED, compare, metric_values
-from components.evaluation.variants import retrained_variants, tuning_variants, variant_results
+from components.evaluation.variants import tuning_variants, variant_results
+from components.training.variants import retrained_variants
 
 
 log = logging.getLogger(__name__)
 
-def choose_alpha(cfg: Config, results: dict) -> dict:
+def choose_alpha(encoder: EncoderConfig, results: dict) -> dict:
     """The blend with the highest combined score; it displaces the config's default only when it beats the
     default beyond the paired 95% noise (as components/evaluation/report.py judges the paper's findings): a lead inside
     the noise of a few concepts is no reason to change a default."""
     sweep = {float(name.removeprefix("alpha-")): r for name, r in results.items() if name.startswith("alpha-")}
     scores = {a: float(np.mean(metric_values(r, COMBINED))) for a, r in sweep.items()}
-    default = cfg.encoder.alpha_blend_tune
+    default = encoder.alpha_blend_tune
     best = max(scores.values())
     leader = min((a for a, s in scores.items() if s == best), key=lambda a: abs(a - default))
     verdict = (compare("", "", sweep[leader], sweep[default], COMBINED)
@@ -90,10 +91,10 @@ def ablate(cfg: Config, parent_run_id: str | None = None) -> dict:
                 continue
             run.add(harness.ours(name, p.variant(variant), a.concepts), {"encoder": cfg.personalize.encoder})
         concepts = {c.name for c in harness.concepts(a.concepts)}
-        for name, overrides in retrained_variants(cfg).items():
+        for name, overrides in retrained_variants(cfg.ablate).items():
             run.add(replace(retrained[name].subset(concepts), grid=retrained[name].grid),
                     {"stored": cfg.evaluate.variant_results, **overrides})
-        alpha = choose_alpha(cfg, run.results)
+        alpha = choose_alpha(cfg.encoder, run.results)
         tracking.log_metrics(run.client, run.run_id, {"alpha_blend_chosen": alpha["chosen"]}, step=0)
         extra = (f"## Blend sweep\n\nchosen alpha_blend = {alpha['chosen']:g} (config: {alpha['config_default']:g}; "
                  f"best: {alpha['best']:g}, lead over the default: {alpha['lead_over_default']}); "

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from components.config import Config
+from components.config import Config, EvaluateConfig
 from components.data.images import read_image
 from components.errors import UserError
 from components.model.placeholder import PLACEHOLDER
@@ -82,8 +82,7 @@ def toy_views(concept: tw.ToyConcept, n: int, side: int = 64) -> list[Image.Imag
     return [tw.render(scene, side, seed=i) for i, scene in enumerate(scenes)]
 
 
-def read_prompts(cfg: Config) -> list[str]:
-    e = cfg.evaluate
+def read_prompts(e: EvaluateConfig) -> list[str]:
     prompts = e.prompts
     if e.prompts_file:
         try:
@@ -134,7 +133,7 @@ def load_eval_set(cfg: Config) -> EvalSet:
                         "17 from the Textual Inversion, Custom Diffusion and DreamBooth sets)")
     if not concepts:
         raise UserError("the evaluation needs at least one concept (evaluate.concepts)")
-    return EvalSet(concepts, read_prompts(cfg))
+    return EvalSet(concepts, read_prompts(cfg.evaluate))
 
 
 # --- held out of pre-training ----------------------------------------------------------------------
@@ -169,7 +168,7 @@ def check_held_out(cfg: Config) -> dict:
     """Raise when a toy evaluation concept was in pre-training data; returns what was checked."""
     if cfg.base.kind != "toy" or cfg.evaluate.concept_dir:
         return {"checked": False, "reason": "not a toy-world evaluation set"}
-    prepared, raw = Path(cfg.pretrain.data), Path(cfg.toy_world.out)
+    prepared, raw = Path(cfg.prepare.out), Path(cfg.toy_world.out)
     if not (prepared / "manifest.parquet").is_file() or not (raw / "captions.csv").is_file():
         log.warning("cannot check the evaluation concepts against pre-training data: %s or %s is missing",
                     prepared / "manifest.parquet", raw / "captions.csv")

@@ -28,13 +28,14 @@ from components.evaluation.harness import (
     settings_key,
     stored_key,
 )
-from components.evaluation.variants import EVALUATE_RETRAINED, variant_results
+from components.evaluation.variants import variant_results
 from components.model.base import files_fingerprint
+from components.training.variants import EVALUATE_RETRAINED
 
 
 log = logging.getLogger(__name__)
 
-# row prefix -> components.evaluation.baselines method
+# row prefix -> components.training.baselines method
 BASELINES = {"lora": "lora", "ti": "ti", "dreambooth": "dreambooth"}
 # what the baselines' scores depend on besides the base and the metrics CLIP (dvc.yaml's `baselines` params)
 BASELINE_SETTINGS = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from components.config import Config, RegistryConfig, variant_config
+from components.config import RegistryConfig, variant_config
 from components.evaluation.eval_set import load_eval_set
 from components.evaluation.harness import Harness
 from components.evaluation.metrics import ClipMetrics
@@ -21,10 +21,9 @@ from components.model.base import load_clip
 GATE = "gate_identity_prompt_v2"  # the gate's name: scores are compared only under the same name and size
 
 
-def gate_size(cfg: Config, registry: RegistryConfig | None = None) -> str:
+def gate_size(registry: RegistryConfig) -> str:
     """`<concepts>x<prompts>`: part of a score's identity, since two sizes score different samples."""
-    r = registry or cfg.registry
-    return f"{r.gate_concepts}x{r.gate_prompts}"
+    return f"{registry.gate_concepts}x{registry.gate_prompts}"
 
 
 def gate_run(personalizer, concepts: int, prompts: int, seed: int = 0):
@@ -45,7 +44,7 @@ def gate_scores(personalizer, registry: RegistryConfig | None = None, seed: int 
     result = gate_run(personalizer, r.gate_concepts, r.gate_prompts, seed)
     identity, prompt = float(np.mean(result.identity)), float(np.mean(result.prompt))
     return {"identity": identity, "prompt": prompt, "score": (identity + prompt) / 2,
-            "samples": len(result.identity), "size": gate_size(personalizer.cfg, r)}
+            "samples": len(result.identity), "size": gate_size(r)}
 
 
 def beats(score: float, other: float | None, margin: float) -> bool:

@@ -29,11 +29,10 @@ import torch
 from PIL import Image
 
 from components import tracking
-from components.config import Config, resolved
+from components.config import Config, EvaluateConfig, resolved
 from components.data.images import to_pixels
 from components.errors import UserError
 from components.evaluation import report
-from components.evaluation.baselines import photo_template, sample, train_baseline
 from components.evaluation.eval_set import (
     EvalConcept,
     EvalSet,
@@ -45,6 +44,7 @@ from components.inference.generate import generate
 from components.memory import PeakMemory
 from components.model.base import load_clip
 from components.progress import Progress
+from components.training.baselines import photo_template, sample, train_baseline
 
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,8 @@ def sample_grid(rows: list[tuple[Image.Image, list[np.ndarray]]]) -> Image.Image
     return grid
 
 
-def evaluation_seeds(cfg: Config) -> list[int]:
-    return cfg.evaluate.full_seeds if cfg.evaluate.full else cfg.evaluate.seeds
+def evaluation_seeds(e: EvaluateConfig) -> list[int]:
+    return e.full_seeds if e.full else e.seeds
 
 
 # --- the harness -----------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ class Harness:
 
     def __init__(self, cfg: Config, personalizer, metrics: ClipMetrics, eval_set: EvalSet):
         self.cfg, self.personalizer, self.metrics, self.eval_set = cfg, personalizer, metrics, eval_set
-        self.seeds = evaluation_seeds(cfg)
+        self.seeds = evaluation_seeds(cfg.evaluate)
 
     def concepts(self, limit: int | None) -> list[EvalConcept]:
         return self.eval_set.concepts if self.cfg.evaluate.full or limit is None else self.eval_set.concepts[:limit]
@@ -341,7 +341,7 @@ class StageRun:
                metrics: dict[str, float] | None = None) -> dict:
         """Write and log the report (`metrics`: the stage's own, beside every method's); returns the stage's result
         (what the CLI prints)."""
-        seeds = len(evaluation_seeds(self.cfg))
+        seeds = len(evaluation_seeds(self.cfg.evaluate))
         for f in findings:  # what each finding rests on, in the design's terms (every concept has every prompt x seed)
             f["seeds"] = seeds
             if f.get("samples") and f.get("concepts"):

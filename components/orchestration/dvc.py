@@ -75,14 +75,14 @@ def pretrain_stage(cfg: Config, parent_run_id: str | None, workspace: str | Path
     """The pretrain stage of the pipeline: skipped when the workspace's DVC stage for the encoder is
     up to date in dvc.lock (a fresh clone does not retrain the committed encoder), else
     components.training.pretrain.pretrain, and the new encoder recorded in dvc.lock."""
-    stage = dvc_stage_writing(cfg.pretrain.out, workspace)
+    stage = dvc_stage_writing(cfg.personalize.encoder, workspace)
     if stage:
         with workspace_lock(workspace, "dvc", wait_s=cfg.pipeline.timeout_s, what="a DVC command"):
             status = json.loads(run_dvc(workspace, "status", stage, "--json").strip().splitlines()[-1] or "{}")
         if not status:
-            version = data_version(cfg.pretrain.data)
-            log.info("DVC stage %s is up to date: keeping the encoder in %s", stage, cfg.pretrain.out)
-            return {"out": cfg.pretrain.out, "skipped": f"DVC stage {stage} up to date", "mlflow_run_id": None,
+            version = data_version(cfg.prepare.out)
+            log.info("DVC stage %s is up to date: keeping the encoder in %s", stage, cfg.personalize.encoder)
+            return {"out": cfg.personalize.encoder, "skipped": f"DVC stage {stage} up to date", "mlflow_run_id": None,
                     "run_name": run_name(cfg, version), "end_step": cfg.pretrain.max_steps, "data_version": version}
     # force: the workspace's encoder is the pipeline's own output (in the checkout DVC's, recorded in dvc.lock)
     report = pretrain(cfg, parent_run_id=parent_run_id, force=True)

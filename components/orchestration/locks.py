@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from components import tracking
-from components.config import Config
+from components.config import PipelineConfig
 from components.errors import UserError
 
 
@@ -63,11 +63,11 @@ def workspace_lock(workspace: str | Path, name: str, wait_s: float, what: str) -
 
 
 @contextlib.contextmanager
-def pipeline_run(workspace: str | Path, cfg: Config) -> Iterator[None]:
+def pipeline_run(workspace: str | Path, p: PipelineConfig) -> Iterator[None]:
     """The guard of a pipeline run, for the main job and the retrain flow alike (the main job holds it around its
     Prefect server, the flow again inside it: the lock is re-entrant): work in the workspace, one run at a time,
     and the MLflow server checked before anything starts."""
     os.chdir(workspace)
-    with workspace_lock(workspace, "pipeline", wait_s=cfg.pipeline.lock_wait_s, what="a pipeline run"):
+    with workspace_lock(workspace, "pipeline", wait_s=p.lock_wait_s, what="a pipeline run"):
         tracking.check_server()
         yield

@@ -87,10 +87,10 @@ def stage_key(cfg: Config, stage: str, data_version: str, encoder: str | None = 
             "tracking": tracking.tracking_uri()}  # another MLflow store has no record of the cached result
 
 
-def encoder_version(cfg: Config) -> str:
-    """The encoder's identity when pretrain is not among the stages run (the stages score personalize.encoder):
-    the weights' hash."""
-    weights = Path(cfg.personalize.encoder) / "model.safetensors"
+def encoder_version(encoder: str | Path) -> str:
+    """The identity of the encoder in directory `encoder` when pretrain is not among the stages run (the stages
+    score personalize.encoder): the weights' hash."""
+    weights = Path(encoder) / "model.safetensors"
     return hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.is_file() else "none"
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from components import home
 from components.config import Config, load_config
 from components.errors import UserError
 from components.home import ROOT
@@ -23,49 +24,52 @@ log = logging.getLogger(__name__)
 
 
 def workspace_config(workspace: str | Path, preset: str | None = None, config: str | Path | None = None) -> Config:
-    """The config a pipeline in `workspace` runs with: its params.yaml (DVC's view), or `config` when the
-    workspace is being created. A preset or file that disagrees with params.yaml is refused, because the
-    DVC stages would read params.yaml and the stages would see two different configs."""
-    params = Path(workspace) / "params.yaml"
+    """The config a pipeline in `workspace` runs with: its params.yaml (DVC's view). A preset or file that
+    disagrees with params.yaml is refused, because the DVC stages would read params.yaml and the stages would
+    see two different configs."""
     if not (Path(workspace) / "dvc.yaml").is_file():
         raise UserError(f"{workspace} is not a pipeline workspace (no dvc.yaml); omit --workspace or name a new "
                         f"directory and it is created")
-    cfg = load_config(preset=preset, path=config or params)
-    current = load_config(path=params)
-    if dvc_view(cfg) != dvc_view(current):
+    current, requested = _params_and_request(Path(workspace) / "params.yaml", preset, config)
+    if dvc_view(requested) != dvc_view(current):
         raise UserError(f"workspace {workspace} has params.yaml for preset {current.preset!r}, which differs from "
-                        f"the requested config ({cfg.preset!r}); edit params.yaml there, or use a new workspace: "
-                        f"--workspace outputs/workspaces/{cfg.preset}")
-    return cfg
+                        f"the requested config ({requested.preset!r}); edit params.yaml there, or use a new "
+                        f"workspace: --workspace outputs/workspaces/{requested.preset}")
+    return current
 
 
-def default_workspace(preset: str | None, config: str | Path | None) -> Path:
-    """The project checkout when the requested config is its params.yaml's, else outputs/workspaces/<preset>."""
-    cfg = load_config(preset=preset, path=config or ROOT / "params.yaml")
-    if dvc_view(cfg) == dvc_view(load_config(path=ROOT / "params.yaml")):
-        return ROOT
-    return ROOT / "outputs" / "workspaces" / cfg.preset
+def _params_and_request(params: Path, preset: str | None, config: str | Path | None) -> tuple[Config, Config]:
+    """(the config of `params`, the one asked for); one parse when the request is `params` itself."""
+    current = load_config(path=params)
+    if config is None and preset in (None, current.preset):
+        return current, current  # a preset equal to the file's own changes nothing
+    return current, load_config(preset=preset, path=config or params)
 
 
-def init_workspace(workspace: Path, cfg: Config) -> None:
+def init_workspace(workspace: Path, cfg: Config) -> Config:
     """A new workspace: the project's DVC stages that the pipeline reproduces (code deps made absolute),
     .dvc/ with a local remote, and params.yaml = `cfg` with the project's read-only inputs (base model,
     CLIPs) made absolute."""
     stages = project_stages(cfg.pipeline.dvc_stages)
     workspace.mkdir(parents=True, exist_ok=True)
     (workspace / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
-    (workspace / "params.yaml").write_text(yaml.safe_dump(workspace_params(cfg), sort_keys=False))
+    params = workspace_params(cfg)
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if not (workspace / ".dvc").is_dir():
         run_dvc(workspace, "init", "--no-scm", "-q")
         run_dvc(workspace, "remote", "add", "-d", "local", ".dvc-remote")  # stored relative to .dvc/
     log.info("created workspace %s (preset %s, DVC stages %s)", workspace, cfg.preset, ", ".join(stages))
+    return Config.model_validate(params)  # what its params.yaml says, as the DVC stages read it
 
 
 def workspace_params(cfg: Config) -> dict:
     """params.yaml of a workspace elsewhere: `cfg` with its read-only inputs (base model, CLIPs) made absolute.
     Defaults are read from the project home already (components/home.py); a config file's relative paths
-    mean the working directory's."""
+    mean the working directory's. The encoder is the workspace's own (its pretrain stage writes it), never the
+    committed one in the home."""
     values = cfg.model_dump()
+    if home.holds(cfg.personalize.encoder):
+        values["personalize"]["encoder"] = str(Path(cfg.personalize.encoder).relative_to(home.home()))
     base = values["base"]
     for holder, key in [(base, "pretrained"), *((base[c], k) for c in ("backbone_clip", "metrics_clip")
                                                   for k in ("pretrained", "config_path"))]:
@@ -102,13 +106,20 @@ def _upstream(stages: dict, targets: list[str]) -> list[str]:
 
 
 def resolve(preset: str | None, config: str | None, workspace: str | None) -> tuple[Path, Config]:
-    """(workspace, config) of `datencoder pipeline`; a workspace that does not exist yet is created."""
-    path = Path(workspace).resolve() if workspace else default_workspace(preset, config)
-    if not (path / "dvc.yaml").is_file():
-        if path.exists() and any(path.iterdir()):
-            raise UserError(f"{path} is neither a pipeline workspace (no dvc.yaml) nor empty")
-        init_workspace(path, load_config(preset=preset, path=config))
-        config = None
-    return path, workspace_config(path, preset, config)
+    """(workspace, config) of `datencoder pipeline`, the config read once where it can be: the given workspace,
+    else the project checkout when the requested config is its params.yaml's, else outputs/workspaces/<preset>.
+    A workspace that does not exist yet is created."""
+    if workspace:
+        path = Path(workspace).resolve()
+    else:
+        current, requested = _params_and_request(ROOT / "params.yaml", preset, config)
+        if dvc_view(requested) == dvc_view(current):
+            return ROOT, current
+        path = ROOT / "outputs" / "workspaces" / requested.preset
+    if (path / "dvc.yaml").is_file():
+        return path, workspace_config(path, preset, config)
+    if path.exists() and any(path.iterdir()):
+        raise UserError(f"{path} is neither a pipeline workspace (no dvc.yaml) nor empty")
+    return path, init_workspace(path, load_config(preset=preset, path=config))
 
 

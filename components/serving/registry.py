@@ -269,7 +269,7 @@ def score_tag(cfg: Config) -> str:
     # registering only (it loads pandas): `personalize` starts without it
     from components.evaluation.gate import GATE, gate_size
 
-    return f"{GATE}.{gate_size(cfg)}"
+    return f"{GATE}.{gate_size(cfg.registry)}"
 
 
 def logged_personalizer(model_uri: str, runtime: RuntimeConfig) -> Personalizer:
@@ -330,7 +330,7 @@ def register(cfg: Config, encoder: str | None = None) -> dict:
     _score_of(client, cfg, name, _aliased(client, name, ALIAS))  # a champion from another gate: scored before the lock
     from components.data.prepare import data_version  # registering only (pandas): `personalize` starts without it
 
-    tags = {"data_version": data_version(cfg.pretrain.data, missing="unknown"), "preset": cfg.preset,
+    tags = {"data_version": data_version(cfg.prepare.out, missing="unknown"), "preset": cfg.preset,
             "stage": "register"}
     with tracking.run(EXPERIMENT, f"register-{encoder_dir.name}", tags) as (run_client, run_id):
         tracking.log_metrics(run_client, run_id, {GATE: score, "gate_identity": gate["identity"],

@@ -197,7 +197,7 @@ class Training:
             optimizer, lambda step: lr_factor(step, p.warmup_steps, p.max_steps))
         torch.manual_seed(p.seed * 1000 + rank)  # noise and timesteps differ between workers
         base.prompts.tokenize(p.prompts)  # a generic prompt without S* fails before the first step
-        shard = Shard(Path(p.data), manifest, rank, world, Prompts(p), p.seed)
+        shard = Shard(Path(cfg.prepare.out), manifest, rank, world, Prompts(p), p.seed)
         return cls(cfg, pipe, base, encoder, model, optimizer, schedule, shard, device,
                    p.batch_size // (world * p.grad_accum))
 
@@ -320,7 +320,7 @@ class HeldOut:
         val = manifest[manifest["split"] == "val"].sort_values("path").head(p.heldout_images)
         self.sets: dict[str, HeldOutSet] = {}
         if len(val):
-            pixels = load_pixels([Path(p.data) / path for path in val["path"]])
+            pixels = load_pixels([Path(cfg.prepare.out) / path for path in val["path"]])
             images = to_arrays(pixels)
             self.sets["val"] = HeldOutSet(pixels, [prompts.one(image, row)
                                                    for image, row in zip(images, val.itertuples())])
@@ -526,7 +526,7 @@ def worker_loop(job: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
-    manifest = pd.read_parquet(Path(p.data) / "manifest.parquet")
+    manifest = pd.read_parquet(Path(cfg.prepare.out) / "manifest.parquet")
     training = Training.build(cfg, manifest, rank, world, device)
     start, fallback = 0, None
     checkpoint = ray.train.get_checkpoint()

@@ -5,9 +5,9 @@
 The driver checks everything a user can get wrong (one clear line each, before any worker starts),
 connects to Ray (a local cluster, or --address / RAY_ADDRESS), opens the MLflow run (config, data
 set, tags), runs `components.training.loop.worker_loop` on N workers with DDP, then copies the final
-encoder out of the last checkpoint to `pretrain.out` and logs it as an artifact.
+encoder out of the last checkpoint to `personalize.encoder` and logs it as an artifact.
 
-Replacing: `pretrain.out` gets a `recipe.json` (the run name below). An encoder there from another recipe
+Replacing: `personalize.encoder` gets a `recipe.json` (the run name below). An encoder there from another recipe
 (or, without that file, another encoder config) is never replaced unless `force` (`--force`) says so,
 so a quick smoke run cannot overwrite the toy encoder; each preset also writes to its own place.
 
@@ -37,7 +37,7 @@ import pandas as pd
 import pyarrow
 import pyarrow.fs
 
-from components import tracking
+from components import home, tracking
 from components.config import Config, S3Config, resolved
 from components.data.prepare import data_version
 from components.errors import UserError
@@ -51,7 +51,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # before ray.train is import
 
 log = logging.getLogger(__name__)
 
-RECIPE_FILE = "recipe.json"  # in pretrain.out: the run name of the recipe that trained the encoder there
+RECIPE_FILE = "recipe.json"  # in personalize.encoder: the run name of the recipe that trained the encoder there
 
 # pretrain fields that change what is learned; the others (duration, placement, logging) may change on resume
 RECIPE = ("batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "seed", "templates", "describe_scene",
@@ -63,18 +63,24 @@ def pretrain(cfg: Config, workers: int | None = None, max_steps: int | None = No
              parent_run_id: str | None = None, restart: bool = False, force: bool = False) -> dict[str, Any]:
     """Pre-train the encoder; returns the report (also what `datencoder pretrain --json` prints).
     Arguments given here override cfg.pretrain; `restart` discards this run's checkpoints first;
-    `force` replaces an encoder in pretrain.out that was trained under another recipe."""
+    `force` replaces an encoder in personalize.encoder that was trained under another recipe."""
     given = {"workers": workers, "max_steps": max_steps, "checkpoint_every": checkpoint_every, "storage": storage}
     cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(
         update={k: v for k, v in given.items() if v is not None})})
     p = cfg.pretrain
     check_recipe(cfg)
-    manifest = read_manifest(p.data, p.workers)
+    manifest = read_manifest(cfg.prepare.out, p.workers)
 
-    version = data_version(p.data)
+    version = data_version(cfg.prepare.out)
     name = run_name(cfg, version)
+    out = Path(cfg.personalize.encoder)
+    if home.holds(out) and not Path.cwd().resolve().is_relative_to(home.home()):
+        # the default names the committed encoder, read from the home anywhere; it is rewritten only from there
+        raise UserError(f"personalize.encoder is the committed encoder in the project home ({out}); outside the "
+                        f"checkout, pretrain writes where it is told: set personalize.encoder (--config, or "
+                        f"DATENCODER_PERSONALIZE__ENCODER)")
     if not force:
-        check_replaceable(Path(p.out), cfg, name)
+        check_replaceable(out, cfg, name)
     filesystem, root = storage_filesystem(p.storage, p.s3)
     check_writable(filesystem, f"{root}/{name}", p.storage, discard=restart)
 
@@ -103,8 +109,8 @@ def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, f
     tags = {"data_version": version, "preset": cfg.preset, "stage": "pretrain"}
     with tracking.run(p.experiment, name, tags, parent_run_id, params=resolved(cfg)) as (client, run_id):
         tracking.log_dataset(client, run_id, train_rows(manifest),
-                             source=str(Path(p.data, "manifest.parquet").resolve()),
-                             name=Path(p.data).name, digest=version)
+                             source=str(Path(cfg.prepare.out, "manifest.parquet").resolve()),
+                             name=Path(cfg.prepare.out).name, digest=version)
 
         trainer = TorchTrainer(
             worker_loop,
@@ -132,7 +138,7 @@ def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, f
 
         # the final checkpoint's metrics are the run's summary (an earlier invocation's when nothing was left to do)
         summary = result.metrics
-        out = Path(p.out)
+        out = Path(cfg.personalize.encoder)
         with result.checkpoint.as_directory() as directory:
             staging = out.with_name(out.name + ".partial")
             shutil.rmtree(staging, ignore_errors=True)
@@ -195,7 +201,7 @@ def check_replaceable(out: Path, cfg: Config, name: str) -> None:
     if not same:
         what = f"run {recipe}" if recipe else "another encoder config"
         raise UserError(f"{out} holds an encoder trained under {what}, not this {cfg.preset} recipe ({name}); "
-                        f"set pretrain.out to another place, or pass --force to replace it")
+                        f"set personalize.encoder to another place, or pass --force to replace it")
 
 
 def read_manifest(data: str, workers: int) -> pd.DataFrame:

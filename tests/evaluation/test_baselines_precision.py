@@ -9,9 +9,9 @@ import torch
 from smoke_models import smoke_setup
 
 from components.config import variant_config
-from components.evaluation.baselines import train_lora, train_textual_inversion
 from components.model.base import load_pipeline
 from components.runtime import resolve
+from components.training.baselines import train_lora, train_textual_inversion
 
 
 def test_lora_and_textual_inversion_train_on_a_bfloat16_base(tmp_path):

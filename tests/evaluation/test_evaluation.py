@@ -209,14 +209,14 @@ def test_blend_sweep_changes_the_default_only_beyond_the_noise():
     def sweep(lead: list[float]) -> dict:
         leader = MethodResult("alpha-0", [v + d for v, d in zip(default.identity, lead)], [0.6] * 4, concepts)
         worse = MethodResult("alpha-1", [v - 0.1 for v in default.identity], [0.6] * 4, concepts)
-        return choose_alpha(cfg, {r.name: r for r in (leader, default, worse)})
+        return choose_alpha(cfg.encoder, {r.name: r for r in (leader, default, worse)})
 
     noisy = sweep([0.08, -0.06, 0.07, -0.05])  # ahead on average, not consistently
     assert noisy["best"] == 0.0 and noisy["chosen"] == 0.5 and not noisy["change_default"]
     steady = sweep([0.02, 0.021, 0.019, 0.02])  # a small lead on every sample
     assert steady["chosen"] == 0.0 and steady["change_default"] and steady["lead_over_default"]["change_pct"] > 0
     # without the default in the sweep (the smoke preset's 0 and 1) the best is chosen
-    no_default = choose_alpha(cfg, {"alpha-1": default,
+    no_default = choose_alpha(cfg.encoder, {"alpha-1": default,
                                     "alpha-0": MethodResult("alpha-0", [0.0] * 4, [0.6] * 4, concepts)})
     assert no_default["chosen"] == 1.0 and no_default["lead_over_default"] is None
 
@@ -229,7 +229,7 @@ def toy_pretraining_data(tmp_path: Path):
     from components.toy.world import write_toy_world
 
     cfg = load_config("toy")
-    if ((ROOT / cfg.pretrain.data / "manifest.parquet").is_file()
+    if ((ROOT / cfg.prepare.out / "manifest.parquet").is_file()
             and (ROOT / cfg.toy_world.out / "captions.csv").is_file()):
         return cfg
     raw, prepared = tmp_path / "raw", tmp_path / "prepared"
@@ -238,7 +238,7 @@ def toy_pretraining_data(tmp_path: Path):
     def moved(path):
         return str(raw / Path(path).relative_to(w.out))
     sources = ("imagenet", "openimages_boxes", "openimages_classes", "openimages_images", "captions")
-    cfg = load_config("toy", overrides={"toy_world": {"out": str(raw)}, "pretrain": {"data": str(prepared)},
+    cfg = load_config("toy", overrides={"toy_world": {"out": str(raw)},
                                         "prepare": {"out": str(prepared),
                                                     **{k: moved(getattr(cfg.prepare, k)) for k in sources}}})
     prepare(cfg.prepare)
@@ -254,7 +254,7 @@ def test_eval_set_is_held_out_of_pretraining_through_the_manifest(tmp_path):
     )
 
     cfg = toy_pretraining_data(tmp_path)
-    prepared, raw = ROOT / cfg.pretrain.data, ROOT / cfg.toy_world.out
+    prepared, raw = ROOT / cfg.prepare.out, ROOT / cfg.toy_world.out
     eval_set = load_eval_set(cfg)
     assert len(eval_set.concepts) >= 17 and len(eval_set.prompts) >= 10
     assert all(3 <= len(c.images) <= 5 for c in eval_set.concepts)

@@ -256,7 +256,7 @@ def test_the_kuberay_clusters_use_the_sd15_params_and_their_one_secret(tmp_path)
         cfg = load_config(path=ROOT / config)
         sd15 = load_config("sd15")
         assert cfg.preset == "sd15" and cfg.base == sd15.base and cfg.encoder == sd15.encoder
-        assert cfg.pretrain.max_steps == sd15.pretrain.max_steps and cfg.pretrain.out.startswith("/models/")
+        assert cfg.pretrain.max_steps == sd15.pretrain.max_steps and cfg.personalize.encoder.startswith("/models/")
         assert cfg.pretrain.storage.startswith("s3://checkpoints/")
     claims = {d["metadata"]["name"] for d in manifests.values() if d["kind"] == "PersistentVolumeClaim"}
     assert {d["metadata"]["name"] for d in manifests.values() if d["kind"] == "Namespace"} == {"datencoder"}

@@ -249,7 +249,7 @@ def test_regulariser_variants():
 
 
 def test_sd15_target_discovery_and_hypernetwork_size():
-    from components.model.hypernetwork import targets_report
+    from components.training.targets import targets_report
 
     report = targets_report(load_config("sd15"))
     assert report["count"] == 96

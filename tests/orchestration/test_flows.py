@@ -569,3 +569,17 @@ def test_only_transient_errors_are_retried():
                  wrapped(TaskRunTimeoutError("Scope timed out after 21600 second(s)."))]
     assert [is_transient(e) for e in transient] == [True] * len(transient)
     assert [is_transient(e) for e in permanent] == [False] * len(permanent)
+
+
+def test_a_pipeline_in_the_checkout_reads_its_config_once(monkeypatch):
+    """`datencoder pipeline` in the checkout parses params.yaml once; the main job hands that config to the flow."""
+    from components.orchestration import workspace
+    from components.orchestration.stages import dvc_view
+
+    real, calls = workspace.load_config, []
+    monkeypatch.setattr(workspace, "load_config", lambda *a, **k: calls.append(k) or real(*a, **k))
+    path, cfg = workspace.resolve(None, None, None)
+    assert path == ROOT and len(calls) == 1
+    assert dvc_view(cfg) == dvc_view(real(path=ROOT / "params.yaml"))
+    calls.clear()
+    assert workspace.resolve("toy", None, None)[0] == ROOT and len(calls) == 1  # params.yaml's own preset

@@ -55,9 +55,10 @@ def assets(tmp_path_factory) -> dict:
     return {"base": overrides["base"], "data": tmp / "prepared"}
 
 
-def smoke_overrides(assets: dict, work: Path, **pretrain) -> dict:
-    return {"base": assets["base"], "pretrain": {"data": str(assets["data"]), "out": str(work / "encoder"),
-                                                 "storage": str(work / "checkpoints"), **pretrain}}
+def smoke_overrides(assets: dict, work: Path, data: Path | None = None, **pretrain) -> dict:
+    return {"base": assets["base"], "prepare": {"out": str(data or assets["data"])},
+            "personalize": {"encoder": str(work / "encoder")},
+            "pretrain": {"storage": str(work / "checkpoints"), **pretrain}}
 
 
 def write_config(path: Path, assets: dict, work: Path, **pretrain) -> Path:
@@ -182,7 +183,8 @@ def test_held_out_images_are_scored_under_the_prompt_they_would_train_with(tmp_p
     tw.render(tw.Scene(tw.ToyConcept("ring", "white"), background="beach"), 64).save(tmp_path / "b.jpg", quality=95)
     manifest = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "split": "val", "label": ["star", "ring"],
                              "template": ["", "a small {} on a beach"]})
-    cfg = load_config("toy", overrides={"pretrain": {"data": str(tmp_path), "heldout_images": 3}})
+    cfg = load_config("toy", overrides={"prepare": {"out": str(tmp_path)},
+                                        "pretrain": {"heldout_images": 3}})
     held = HeldOut(cfg, manifest)
     assert held.sets["val"].prompts == ["S* on a blue background", "a small S* on a beach"]
     assert [len(s.prompts) for s in held.sets.values()] == [2, 3, 3]
@@ -405,11 +407,12 @@ def test_user_errors_are_one_line_and_exit_2(assets, tmp_path, case, capsys):
 
 
 def test_each_preset_trains_its_own_encoder_and_personalizes_with_it():
-    outs = {name: load_config(name).pretrain.out for name in ("toy", "smoke", "sd15")}
-    assert len(set(outs.values())) == 3 and outs["toy"] == "models/toy-encoder"
-    assert not outs["smoke"].startswith("models/")  # a smoke run writes outside the committed models
+    # one key: pretrain writes personalize.encoder, and personalize reads it
+    outs = {name: load_config(name).personalize.encoder for name in ("toy", "smoke", "sd15")}
+    assert len(set(outs.values())) == 3
     # the committed toy encoder is read from the project home wherever the command runs
-    assert all(load_config(name).personalize.encoder == home.committed(out) for name, out in outs.items())
+    assert outs["toy"] == home.committed("models/toy-encoder")
+    assert not outs["smoke"].startswith("models/")  # a smoke run writes outside the committed models
 
 
 def test_an_encoder_of_another_recipe_is_not_replaced_without_force(assets, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""The pipeline report (components/orchestration/report.py): findings as a markdown table with their rules and
+"""The pipeline report (components/orchestration/pipeline_report.py): findings as a markdown table with their rules and
 counts, a smoke run's first line, the plots and the sample grid beside report.md, the stages' wall times; the stage
 plots as markdown with the images inline (what the Prefect artifacts carry)."""
 
@@ -13,7 +13,7 @@ from components.config import load_config
 from components.evaluation import report as evaluation_report
 from components.evaluation.harness import MethodResult, sample_grid
 from components.evaluation.report import compare, method_metrics
-from components.orchestration.report import stage_images, write_report
+from components.orchestration.pipeline_report import stage_images, write_report
 from components.toy import world as tw
 
 
