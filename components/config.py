@@ -388,7 +388,7 @@ class EvaluateConfig(Section):
 class AblateConfig(Section):
     """The ablation grid (docs/evaluation.md); re-training variants share evaluate.retrain_steps."""
 
-    concepts: int = Field(4, gt=0)  # the first N evaluation concepts
+    max_concepts: int = Field(4, gt=0)  # the first N evaluation concepts (evaluate.concepts names them)
     regularisers: list[Literal["none", "l2", "nn-cosine", "contrastive"]] = ["none", "l2", "nn-cosine", "contrastive"]
     alpha_blends: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]  # the tuning/generation blend sweep
     out: str = "outputs/ablate"
@@ -474,7 +474,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "evaluate": {"prompts": ["S* on a beach", "two S* on grass"], "max_concepts": 2, "baseline_concepts": 1,
                      "few_shot_images": 3, "ti_steps": 2, "lora_steps": 2, "dreambooth_steps": 2, "retrain_steps": 2,
                      "time_to_identity_steps": [1, 2]},
-        "ablate": {"concepts": 1, "alpha_blends": [0.0, 1.0]},
+        "ablate": {"max_concepts": 1, "alpha_blends": [0.0, 1.0]},
         "registry": {"gate_concepts": 2, "gate_prompts": 1},
         "pipeline": {"retry_delay_s": 1.0, "timeout_s": 900},
     },
@@ -563,6 +563,7 @@ RENAMED: dict[tuple[str, str], tuple[str, str]] = {
     ("pretrain", "sample_steps"): ("pretrain", "sample_num_inference_steps"),
     ("pretrain", "sample_guidance"): ("pretrain", "sample_guidance_scale"),
     ("prepare", "workers"): ("prepare", "threads"),
+    ("ablate", "concepts"): ("ablate", "max_concepts"),  # a count, like evaluate.max_concepts (evaluate.concepts: names)
 }
 
 

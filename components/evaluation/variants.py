@@ -51,7 +51,7 @@ SCORING_SETTINGS = {
                     "prompts", "describe_scene", "encoder_timestep", "predicted_offsets", "alpha_blend",
                     "guidance_scale", "guidance_rescale", "num_inference_steps", "scheduler"),
     "evaluate": ("concepts", "concept_dir", "prompts", "prompts_file", "seeds", "max_concepts", "full", "full_seeds"),
-    "ablate": ("concepts",),
+    "ablate": ("max_concepts",),
 }
 
 
@@ -82,7 +82,7 @@ def train_variants(cfg: Config, parent_run_id: str | None = None, force: bool = 
     with training_session(cfg) as train:
         encoders = {name: train(name, overrides, parent_run_id) for name, overrides in wanted.items()}
     harness = load_harness(cfg)
-    limit = None if e.max_concepts is None else max(e.max_concepts, cfg.ablate.concepts)
+    limit = None if e.max_concepts is None else max(e.max_concepts, cfg.ablate.max_concepts)
     scored: dict[Path, MethodResult] = {}
     with StageRun(cfg, e.experiment, "variants", parent_run_id) as run:
         for name, encoder_dir in encoders.items():

@@ -467,7 +467,7 @@ def test_evaluate_and_ablate_read_the_stored_baselines_and_variants(smoke, tmp_p
              "alpha-0", "alpha-1"}
     check_logged(client, ablation, names)
     assert ablation["alpha_blend"]["chosen"] in cfg.ablate.alpha_blends
-    assert ablation["methods"]["reg-none"]["concepts"] == cfg.ablate.concepts  # its concepts of the stored scores
+    assert ablation["methods"]["reg-none"]["concepts"] == cfg.ablate.max_concepts  # its concepts of the stored scores
     # nothing was pre-trained: every re-trained variant's scores came from the variants stage
     assert not client.search_runs([client.get_run(parent).info.experiment_id], "tags.stage = 'pretrain'")
 
