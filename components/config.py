@@ -563,7 +563,7 @@ RENAMED: dict[tuple[str, str], tuple[str, str]] = {
     ("pretrain", "sample_steps"): ("pretrain", "sample_num_inference_steps"),
     ("pretrain", "sample_guidance"): ("pretrain", "sample_guidance_scale"),
     ("prepare", "workers"): ("prepare", "threads"),
-    ("ablate", "concepts"): ("ablate", "max_concepts"),  # a count, like evaluate.max_concepts (evaluate.concepts: names)
+    ("ablate", "concepts"): ("ablate", "max_concepts"),  # a count, as evaluate.max_concepts
 }
 
 
