@@ -437,7 +437,8 @@ def test_an_encoder_of_another_recipe_is_not_replaced_without_force(assets, tmp_
     assert not (work / "checkpoints").exists()  # refused before any training
     # the same recipe (a longer run of it) continues into the same place
     (work / "encoder" / "recipe.json").write_text(json.dumps({"run_name": "encoder-same"}))
-    check_replaceable(work / "encoder", load_config(path=config), "encoder-same")
+    cfg = load_config(path=config)
+    check_replaceable(work / "encoder", cfg.encoder, cfg.preset, "encoder-same")
 
 
 # --- slow: a two-node cluster, job submission, whole-job kill, S3 -----------------------------------
