@@ -222,7 +222,7 @@ def main() -> int:
         "pretrain": {"storage": str(root / "checkpoints"), "workers": workers, "use_gpu": cuda, "batch_size": batch,
                      "max_steps": pretrain_steps, "warmup_steps": 2, "checkpoint_every": pretrain_steps,
                      "log_every": 5, "eval_every": pretrain_steps, "heldout_images": 2, "sample_concepts": 1,
-                     "sample_steps": 2, "experiment": "datencoder-e2e-pretrain",
+                     "sample_num_inference_steps": 2, "experiment": "datencoder-e2e-pretrain",
                      "max_failures": 0,  # a failure is a finding here, not something to retry
                      "cpus_per_worker": max(1, min(8, (os.cpu_count() or 2) // workers - 1))}})
 

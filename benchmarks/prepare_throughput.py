@@ -1,6 +1,6 @@
 """Prepare throughput next to PIL decode-only throughput, measured in the same run on the same files.
 
-    .venv/bin/python benchmarks/prepare_throughput.py [--n 120] [--workers 2]
+    .venv/bin/python benchmarks/prepare_throughput.py [--n 120] [--threads 2]
 
 Cases: 64 px from 256x256 PNGs (toy scale), 512 px from 1024x768 JPEGs (Open Images' 1024 px
 downloads) and from 2048x1536 JPEGs (larger originals, where JPEG's reduced-scale decoding pays off
@@ -56,20 +56,20 @@ def write_sources(root: Path, n: int, size: tuple[int, int], fmt: str) -> list[P
     return paths
 
 
-def decode_only(paths: list[Path], workers: int) -> float:
+def decode_only(paths: list[Path], threads: int) -> float:
     def decode(path: Path) -> None:
         Image.open(io.BytesIO(path.read_bytes())).load()
 
-    with harness.timed() as t, ThreadPoolExecutor(workers) as pool:
+    with harness.timed() as t, ThreadPoolExecutor(threads) as pool:
         list(pool.map(decode, paths))
     return len(paths) / t.seconds
 
 
-def prepare_rate(root: Path, resolution: int, workers: int, n: int, run: int) -> float:
+def prepare_rate(root: Path, resolution: int, threads: int, n: int, run: int) -> float:
     # the generated ImageNet-layout folder only: no Open Images, no caption templates (data/raw is not needed)
     config = PrepareConfig(out=str(root / f"prepared-{run}"), imagenet=str(root / "imagenet"), openimages_boxes=None,
                            openimages_classes=None, openimages_images=None, captions=None, resolution=resolution,
-                           workers=workers, exclude_labels=[])
+                           threads=threads, exclude_labels=[])
     with harness.timed() as t:
         summary = prepare(config)
     assert summary["accepted"] == n, summary
@@ -79,20 +79,20 @@ def prepare_rate(root: Path, resolution: int, workers: int, n: int, run: int) ->
 def main() -> None:
     parser = harness.parser(__doc__, __file__, config=False)
     parser.add_argument("--n", type=int, default=120, help="images per case")
-    parser.add_argument("--workers", type=int, default=2, help="threads, for both prepare and decode-only")
+    parser.add_argument("--threads", type=int, default=2, help="for both prepare and decode-only")
     args = parser.parse_args()
     results = {}
     for name, size, fmt, resolution in CASES:
         with tempfile.TemporaryDirectory() as tmp:
             paths = write_sources(Path(tmp), args.n, size, fmt)
-            decode_only(paths, args.workers)  # warm the page cache and the thread pool
-            decode = max(decode_only(paths, args.workers) for _ in range(2))
-            prepared = max(prepare_rate(Path(tmp), resolution, args.workers, args.n, run) for run in range(2))
+            decode_only(paths, args.threads)  # warm the page cache and the thread pool
+            decode = max(decode_only(paths, args.threads) for _ in range(2))
+            prepared = max(prepare_rate(Path(tmp), resolution, args.threads, args.n, run) for run in range(2))
         results[name] = {"decode_only_img_s": round(decode, 1), "prepare_img_s": round(prepared, 1),
                          "ratio": round(prepared / decode, 3)}
         harness.log(f"{name}: decode-only {decode:.1f} img/s, prepare {prepared:.1f} img/s, "
                     f"ratio {prepared / decode:.2f} (goal >= 0.70)")
-    harness.report({"n": args.n, "workers": args.workers, **results}, args)
+    harness.report({"n": args.n, "threads": args.threads, **results}, args)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ PREPARE_SOURCES = ("imagenet", "openimages_boxes", "openimages_classes", "openim
 def cmd_prepare(args: argparse.Namespace) -> dict:
     from components.data.prepare import prepare
 
-    options = (*PREPARE_SOURCES, "captions", "imagenet_synsets", "out", "resolution", "workers")
+    options = (*PREPARE_SOURCES, "captions", "imagenet_synsets", "out", "resolution", "threads")
     given = {k: getattr(args, k) for k in options if getattr(args, k) is not None}
     # sources named on the command line replace the configured (toy) ones and their captions instead of adding
     if any(k in given for k in PREPARE_SOURCES):
@@ -239,7 +239,7 @@ def cmd_pipeline(args: argparse.Namespace) -> dict:
 def cmd_baseline(args: argparse.Namespace) -> dict:
     from components.training.baselines import baseline
 
-    return baseline(_config(args), args.method, args.image, args.prompt, steps=args.steps, out=args.out,
+    return baseline(_config(args), args.method, args.image, args.prompt, steps=args.max_train_steps, out=args.out,
                     scheduler=args.scheduler, seed=args.seed, num_images=args.num_images,
                     guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps)
 
@@ -328,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s3-unsigned", action="store_true", help="read S3 anonymously (public buckets)")
     p.add_argument("--out", help="output directory (default: prepare.out)")
     p.add_argument("--resolution", type=_positive_int, help="side of the square output images in pixels")
-    p.add_argument("--workers", type=_positive_int, help="reader/decoder threads")
+    p.add_argument("--threads", type=_positive_int, help="reader/decoder threads (default: prepare.threads)")
+    p.add_argument("--workers", dest="threads", type=_positive_int, action=_Renamed, help=argparse.SUPPRESS)
     p.epilog = "Sources given here replace the configured ones (the toy preset's toy world); give at least one."
     p.set_defaults(func=cmd_prepare)
 
@@ -405,8 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("method", help="ti (textual inversion), lora or dreambooth")
     p.add_argument("--image", action="append", required=True, help="an image of the concept; repeat for few-shot")
     p.add_argument("--prompt", action="append", required=True, help="prompt with the placeholder S*; repeatable")
-    p.add_argument("--steps", type=_positive_int,
+    p.add_argument("--max-train-steps", type=_positive_int,  # diffusers' training scripts' name
                    help="optimisation steps (default: evaluate.{ti,lora,dreambooth}_steps)")
+    p.add_argument("--steps", dest="max_train_steps", type=_positive_int, action=_Renamed, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, help="training seed and seed of the first image; image i uses seed + i")
     _add_sampling_options(p)
     p.add_argument("--out", help="image directory (default: outputs/baseline-METHOD)")

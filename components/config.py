@@ -167,7 +167,7 @@ class PrepareConfig(Section):
     max_pixels: int = Field(50_000_000, gt=0)  # larger is a decompression bomb, not a photo
     skip_group_of: bool = True
     skip_depiction: bool = True
-    workers: int = Field(8, gt=0)  # threads: PIL and S3 reads release the GIL
+    threads: int = Field(8, gt=0)  # PIL and S3 reads release the GIL
     retries: int = Field(3, ge=0)  # extra attempts for S3 timeouts and 5xx
     s3: S3Config = S3Config()
     # fewer inputs read than this fraction of those requested (or no read of a source at all) fails the run
@@ -254,8 +254,8 @@ class PretrainConfig(Section):
     heldout_images: int = Field(32, gt=0)  # per held-out set: the val split, the unseen shapes (toy)
     sample_concepts: int = Field(4, gt=0)  # grid rows
     sample_prompts: list[str] = ["a photo of S*", "S* on a beach"]  # grid columns after the input
-    sample_steps: int = Field(25, gt=0)
-    sample_guidance: float = Field(4.0, ge=1)
+    sample_num_inference_steps: int = Field(25, gt=0)
+    sample_guidance_scale: float = Field(4.0, ge=1)
     system_metrics_s: float = Field(10.0, gt=0)  # MLflow system-metrics sampling interval
 
 
@@ -388,7 +388,7 @@ class EvaluateConfig(Section):
 class AblateConfig(Section):
     """The ablation grid (docs/evaluation.md); re-training variants share evaluate.retrain_steps."""
 
-    concepts: int = Field(4, gt=0)  # the first N evaluation concepts
+    max_concepts: int = Field(4, gt=0)  # the first N evaluation concepts (evaluate.concepts names them)
     regularisers: list[Literal["none", "l2", "nn-cosine", "contrastive"]] = ["none", "l2", "nn-cosine", "contrastive"]
     alpha_blends: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]  # the tuning/generation blend sweep
     out: str = "outputs/ablate"
@@ -469,12 +469,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         # its own encoder: a smoke run never replaces the committed toy encoder (models/toy-encoder)
         "pretrain": {"max_steps": 6, "batch_size": 4, "warmup_steps": 2,
                      "checkpoint_every": 3, "log_every": 1, "eval_every": 4, "heldout_images": 4,
-                     "sample_concepts": 2, "sample_steps": 2, "system_metrics_s": 1.0},
+                     "sample_concepts": 2, "sample_num_inference_steps": 2, "system_metrics_s": 1.0},
         "personalize": {"tuning_steps": 2, "num_inference_steps": 2, "encoder": "outputs/smoke-encoder"},
         "evaluate": {"prompts": ["S* on a beach", "two S* on grass"], "max_concepts": 2, "baseline_concepts": 1,
                      "few_shot_images": 3, "ti_steps": 2, "lora_steps": 2, "dreambooth_steps": 2, "retrain_steps": 2,
                      "time_to_identity_steps": [1, 2]},
-        "ablate": {"concepts": 1, "alpha_blends": [0.0, 1.0]},
+        "ablate": {"max_concepts": 1, "alpha_blends": [0.0, 1.0]},
         "registry": {"gate_concepts": 2, "gate_prompts": 1},
         "pipeline": {"retry_delay_s": 1.0, "timeout_s": 900},
     },
@@ -559,6 +559,11 @@ RENAMED: dict[tuple[str, str], tuple[str, str]] = {
     # one key per path: the stage that reads a path names it as the stage that writes it
     ("pretrain", "data"): ("prepare", "out"),
     ("pretrain", "out"): ("personalize", "encoder"),
+    # diffusers' names for the sampler's settings; threads are not workers (pretrain's and serve's are processes)
+    ("pretrain", "sample_steps"): ("pretrain", "sample_num_inference_steps"),
+    ("pretrain", "sample_guidance"): ("pretrain", "sample_guidance_scale"),
+    ("prepare", "workers"): ("prepare", "threads"),
+    ("ablate", "concepts"): ("ablate", "max_concepts"),  # a count, as evaluate.max_concepts
 }
 
 

@@ -44,7 +44,7 @@ def main_job(preset: str | None = None, config: str | None = None, workspace: st
                 # imported only now: prefect reads PREFECT_* (the run's own server) when it is imported
                 from flows.retrain import retrain
 
-                result = retrain(workspace=str(path), preset=preset, refresh=refresh, config=cfg)
+                result = retrain(workspace=str(path), preset=preset, refresh=refresh, config=cfg.model_dump())
                 log.info("report: %s; serve the champion with: %s", result["report"], result["serve"][0])
                 if ui:
                     result["prefect_ui"] = api.removesuffix("/api")

@@ -194,11 +194,15 @@ def register(cfg: Config, data_version: str, encoder: str, parent_run_id: str | 
 # --- the parent flow --------------------------------------------------------------------------------
 @flow(name="retrain", log_prints=True)
 def retrain(workspace: str = ".", preset: str | None = None, refresh: bool = False,
-            stages: list[str] | None = None, config: Config | None = None) -> dict[str, Any]:
+            stages: list[str] | None = None, config: dict | None = None) -> dict[str, Any]:
     """The whole pipeline in `workspace` (its params.yaml; `preset` must agree with it; a new directory becomes a
     workspace of `preset`), or only `stages` of it (default pipeline.stages). `config`: the workspace's config
-    when the caller has read it (the main job), so that a run reads it once; a scheduled run reads it here."""
-    path, cfg = (Path(workspace).resolve(), config) if config is not None else resolve(preset, None, workspace)
+    (`Config.model_dump()`, a flow parameter Prefect can store) when the caller has read it (the main job), so that
+    a run reads params.yaml once; a scheduled run reads it here."""
+    if config is not None:
+        path, cfg = Path(workspace).resolve(), Config.model_validate(config)
+    else:
+        path, cfg = resolve(preset, None, workspace)
     if stages is not None:
         unknown = sorted(set(stages) - set(STAGES))
         if unknown:

@@ -122,7 +122,7 @@ def smoke_evaluation_setup(tmp: Path) -> Path:
     raw = tmp / "raw"
     tw.write_toy_world(raw, n=cfg.toy_world.n, seed=0, scene_fraction=cfg.toy_world.scene_fraction)
     prepare(cfg.prepare.model_copy(update={
-        "out": str(tmp / "prepared"), "imagenet": str(raw / "imagenet"), "workers": 2,
+        "out": str(tmp / "prepared"), "imagenet": str(raw / "imagenet"), "threads": 2,
         "openimages_boxes": str(raw / "openimages/oidv6-train-annotations-bbox.csv"),
         "openimages_classes": str(raw / "openimages/oidv7-class-descriptions.csv"),
         "openimages_images": str(raw / "openimages/train"), "captions": str(raw / "captions.csv")}))

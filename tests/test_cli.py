@@ -160,3 +160,12 @@ def test_sd15_without_weights_says_first_how_to_provide_them(capsys, tmp_path, t
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"personalize": {"encoder": "no/encoder"}}))
     line = error_of(capsys, main(["personalize", "--config", "c.yaml", "--image", str(toy_photo), "--prompt", "S*"]))
     assert "no/encoder does not exist" in line and "run the pipeline first" in line
+
+
+def test_renamed_options_still_work_with_one_line_naming_the_new_one(capsys, tmp_path):
+    missing = str(tmp_path / "missing.yaml")  # the config is read after parsing: each command stops there
+    for argv, old, new in ((["baseline", "ti", "--image", "x.png", "--prompt", "S*", "--steps", "5"], "--steps",
+                            "--max-train-steps"),
+                           (["prepare", "--workers", "2"], "--workers", "--threads")):
+        assert _exit_code([*argv, "--config", missing]) == 2
+        assert f"{old} is deprecated; use {new}" in capsys.readouterr().err

@@ -61,3 +61,13 @@ def test_a_path_has_one_key_and_the_old_ones_still_load(tmp_path, monkeypatch):
     monkeypatch.setenv("DATENCODER_PRETRAIN__OUT", "models/toy-encoder")
     with pytest.warns(FutureWarning, match="pretrain.out is deprecated"):
         assert load_config("toy").personalize.encoder == "models/toy-encoder"
+
+
+def test_diffusers_names_for_the_sampler_and_threads_for_threads(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"preset": "smoke", "prepare": {"workers": 3},
+                                   "pretrain": {"sample_steps": 7, "sample_guidance": 2.0}}))
+    with pytest.warns(FutureWarning, match="sample_steps is deprecated; use pretrain.sample_num_inference_steps"):
+        cfg = load_config(path=old)
+    assert (cfg.prepare.threads, cfg.pretrain.sample_num_inference_steps, cfg.pretrain.sample_guidance_scale) == (
+        3, 7, 2.0)

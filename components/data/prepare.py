@@ -119,7 +119,7 @@ def prepare(config: PrepareConfig) -> dict:
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    s3 = s3_client(config.s3, config.workers) if any(c.location.startswith("s3://") for c in candidates) else None
+    s3 = s3_client(config.s3, config.threads) if any(c.location.startswith("s3://") for c in candidates) else None
 
     def read(location: str) -> bytes:
         return read_s3(s3, location, config.retries) if location.startswith("s3://") else read_file(location)
@@ -141,7 +141,7 @@ def prepare(config: PrepareConfig) -> dict:
     # The filter is process-wide while it lasts, so it is set here, around the pool, not per thread.
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        for done, (candidate, result) in enumerate(imap_bounded(work, candidates, config.workers), 1):
+        for done, (candidate, result) in enumerate(imap_bounded(work, candidates, config.threads), 1):
             if isinstance(result, Rejected):
                 rejected.append(candidate.rejection(result.reason, result.detail))
                 if isinstance(result, ReadFailed):

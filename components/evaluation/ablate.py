@@ -84,13 +84,13 @@ def ablate(cfg: Config, parent_run_id: str | None = None) -> dict:
         # the sweep point that is ours' own setting is not run twice
         same_as_ours = (f"alpha-{cfg.encoder.alpha_blend_tune:g}"
                         if cfg.encoder.dual_path and cfg.personalize.alpha_blend is None else None)
-        run.add(harness.ours("ours", limit=a.concepts), {"encoder": cfg.personalize.encoder})
+        run.add(harness.ours("ours", limit=a.max_concepts), {"encoder": cfg.personalize.encoder})
         for name, variant in tuning_variants(cfg).items():
             if name == same_as_ours:
                 run.add(replace(run.results["ours"], name=name), {"same_as": "ours"})
                 continue
-            run.add(harness.ours(name, p.variant(variant), a.concepts), {"encoder": cfg.personalize.encoder})
-        concepts = {c.name for c in harness.concepts(a.concepts)}
+            run.add(harness.ours(name, p.variant(variant), a.max_concepts), {"encoder": cfg.personalize.encoder})
+        concepts = {c.name for c in harness.concepts(a.max_concepts)}
         for name, overrides in retrained_variants(cfg.ablate).items():
             run.add(replace(retrained[name].subset(concepts), grid=retrained[name].grid),
                     {"stored": cfg.evaluate.variant_results, **overrides})

@@ -377,10 +377,10 @@ def smoke_notice(preset: str, concepts: list[int]) -> str | None:
             f"it only shows that every stage runs)")
 
 
-def markdown(title: str, frame: pd.DataFrame, findings: list[dict], cfg: Config, extra: str = "") -> str:
-    notice = smoke_notice(cfg.preset, [int(c) for c in frame["concepts"]] if "concepts" in frame else [])
+def markdown(title: str, frame: pd.DataFrame, findings: list[dict], preset: str, extra: str = "") -> str:
+    notice = smoke_notice(preset, [int(c) for c in frame["concepts"]] if "concepts" in frame else [])
     lines = [*([f"**{notice}**", ""] if notice else []), f"# {title}", "",
-             f"preset `{cfg.preset}`; identity and prompt similarity: mean over concepts x prompts x seeds, "
+             f"preset `{preset}`; identity and prompt similarity: mean over concepts x prompts x seeds, "
              f"`_low`/`_high` its {INTERVAL_NOTE}; seconds = mean time to personalise one concept; peak_mb = peak "
              f"memory while the method ran.", "", markdown_table(frame), "", "## Paper findings", "",
              *findings_table(findings)]
@@ -444,7 +444,7 @@ def write_report(out: Path, title: str, results: dict, findings: list[dict], cfg
     summaries = {name: r.summary() for name, r in results.items()}
     files["metrics"].write_text(json.dumps({**method_metrics(summaries), **(metrics or {})}, indent=1,
                                            sort_keys=True) + "\n")
-    files["markdown"].write_text(markdown(title, frame, findings, cfg, extra))
+    files["markdown"].write_text(markdown(title, frame, findings, cfg.preset, extra))
     tradeoff_plot(results, files["plot"], f"{title}: identity vs prompt similarity ({cfg.preset})")
     files["grids"].mkdir(exist_ok=True)
     for name, r in results.items():

@@ -51,14 +51,14 @@ SCORING_SETTINGS = {
                     "prompts", "describe_scene", "encoder_timestep", "predicted_offsets", "alpha_blend",
                     "guidance_scale", "guidance_rescale", "num_inference_steps", "scheduler"),
     "evaluate": ("concepts", "concept_dir", "prompts", "prompts_file", "seeds", "max_concepts", "full", "full_seeds"),
-    "ablate": ("concepts",),
+    "ablate": ("max_concepts",),
 }
 
 
 def variants_key(cfg: Config) -> dict:
     steps = retrain_steps(cfg.evaluate)
     recipes = {name: encoder_variant(cfg, overrides, steps)[1].parent.name
-               for name, overrides in wanted_variants(cfg).items()}
+               for name, overrides in wanted_variants(cfg.ablate).items()}
     return {**settings_key(cfg, SCORING_SETTINGS), "encoder.alpha_blend_tune": cfg.encoder.alpha_blend_tune,
             "recipes": recipes, "metrics_clip": files_fingerprint(cfg.base.metrics_clip.pretrained)}
 
@@ -73,7 +73,7 @@ def train_variants(cfg: Config, parent_run_id: str | None = None, force: bool = 
     once) into `evaluate.cache`, each scored on the evaluation concepts (as many as `evaluate` or `ablate` uses) into
     `evaluate.variant_results`; with the same key stored, nothing is trained or scored unless `force`. Returns
     {"steps", "cache", "out", "encoders": {variant name: directory}, "up_to_date"}."""
-    e, wanted = cfg.evaluate, wanted_variants(cfg)
+    e, wanted = cfg.evaluate, wanted_variants(cfg.ablate)
     key = variants_key(cfg)
     report = {"steps": retrain_steps(cfg.evaluate), "cache": e.cache, "out": e.variant_results}
     if not force and stored_key(e.variant_results) == key:
@@ -82,7 +82,7 @@ def train_variants(cfg: Config, parent_run_id: str | None = None, force: bool = 
     with training_session(cfg) as train:
         encoders = {name: train(name, overrides, parent_run_id) for name, overrides in wanted.items()}
     harness = load_harness(cfg)
-    limit = None if e.max_concepts is None else max(e.max_concepts, cfg.ablate.concepts)
+    limit = None if e.max_concepts is None else max(e.max_concepts, cfg.ablate.max_concepts)
     scored: dict[Path, MethodResult] = {}
     with StageRun(cfg, e.experiment, "variants", parent_run_id) as run:
         for name, encoder_dir in encoders.items():

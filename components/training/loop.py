@@ -431,10 +431,11 @@ class HeldOut:
         for prompt in p.sample_prompts:
             soft, concept = condition(base.prompts, base.prompts.tokenize([prompt] * n), v_star, factors,
                                       cfg.lora_scale, alpha)
-            images = training.pipe(prompt_embeds=soft, negative_prompt_embeds=uncond, guidance_scale=p.sample_guidance,
+            images = training.pipe(prompt_embeds=soft, negative_prompt_embeds=uncond,
+                                   guidance_scale=p.sample_guidance_scale,
                                    cross_attention_kwargs={"concept": concept.with_guidance(uncond)
-                                                           if p.sample_guidance > 1 else concept},
-                                   num_inference_steps=p.sample_steps,
+                                                           if p.sample_guidance_scale > 1 else concept},
+                                   num_inference_steps=p.sample_num_inference_steps,
                                    generator=torch.Generator().manual_seed(self.seed),
                                    output_type="pt").images
             columns.append(images.float().cpu())

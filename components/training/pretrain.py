@@ -38,7 +38,7 @@ import pyarrow
 import pyarrow.fs
 
 from components import home, tracking
-from components.config import Config, S3Config, resolved
+from components.config import Config, EncoderConfig, S3Config, resolved
 from components.data.prepare import data_version
 from components.errors import UserError
 from components.model.base import _is_local, base_fingerprint
@@ -80,7 +80,7 @@ def pretrain(cfg: Config, workers: int | None = None, max_steps: int | None = No
                         f"checkout, pretrain writes where it is told: set personalize.encoder (--config, or "
                         f"DATENCODER_PERSONALIZE__ENCODER)")
     if not force:
-        check_replaceable(out, cfg, name)
+        check_replaceable(out, cfg.encoder, cfg.preset, name)
     filesystem, root = storage_filesystem(p.storage, p.s3)
     check_writable(filesystem, f"{root}/{name}", p.storage, discard=restart)
 
@@ -186,7 +186,7 @@ def check_recipe(cfg: Config) -> None:
                         f"`datencoder bootstrap` (toy) or set base.pretrained")
 
 
-def check_replaceable(out: Path, cfg: Config, name: str) -> None:
+def check_replaceable(out: Path, encoder_config: EncoderConfig, preset: str, name: str) -> None:
     """A UserError when `out` holds an encoder trained under another recipe than this run's (`name`):
     told by its recipe.json, or for an encoder without one by its config.json's encoder section."""
     if not (out / "config.json").is_file():
@@ -197,10 +197,10 @@ def check_replaceable(out: Path, cfg: Config, name: str) -> None:
     except (OSError, ValueError, KeyError, AttributeError) as e:
         raise UserError(f"{out} holds an encoder whose recipe cannot be read ({e}); "
                         "pass --force to replace it") from None
-    same = recipe == name if recipe is not None else encoder == cfg.encoder.model_dump()
+    same = recipe == name if recipe is not None else encoder == encoder_config.model_dump()
     if not same:
         what = f"run {recipe}" if recipe else "another encoder config"
-        raise UserError(f"{out} holds an encoder trained under {what}, not this {cfg.preset} recipe ({name}); "
+        raise UserError(f"{out} holds an encoder trained under {what}, not this {preset} recipe ({name}); "
                         f"set personalize.encoder to another place, or pass --force to replace it")
 
 

@@ -55,9 +55,9 @@ def retrained_variants(a: AblateConfig) -> dict[str, dict]:
     return variants
 
 
-def wanted_variants(cfg: Config) -> dict[str, dict]:
+def wanted_variants(a: AblateConfig) -> dict[str, dict]:
     """Every re-trained variant of `evaluate` and `ablate`: name -> encoder overrides (several names may share one)."""
-    return {**EVALUATE_RETRAINED, **retrained_variants(cfg.ablate)}
+    return {**EVALUATE_RETRAINED, **retrained_variants(a)}
 
 
 @contextlib.contextmanager

@@ -61,7 +61,7 @@ def config(tmp_path: Path, **values) -> PrepareConfig:
     """A config with no sources (tests name theirs), writing to tmp_path/out."""
     # min_read_fraction 0.5: these tests quarantine a missing file or a failing read among a handful on purpose
     base = {"out": str(tmp_path / "out"), "imagenet": None, "openimages_boxes": None, "openimages_classes": None,
-            "openimages_images": None, "captions": None, "resolution": 16, "workers": 2, "exclude_labels": [],
+            "openimages_images": None, "captions": None, "resolution": 16, "threads": 2, "exclude_labels": [],
             "min_read_fraction": 0.5}
     return PrepareConfig(**{**base, **values})
 
@@ -306,7 +306,7 @@ def toy_config(toy_world: Path, out: Path) -> PrepareConfig:
     section = load_config(preset="toy").prepare.model_dump()
     for key in ("imagenet", "openimages_boxes", "openimages_classes", "openimages_images", "captions"):
         section[key] = section[key].replace("data/raw/toy-world", str(toy_world))
-    return PrepareConfig(**{**section, "out": str(out), "workers": 2})
+    return PrepareConfig(**{**section, "out": str(out), "threads": 2})
 
 
 def test_toy_preset_holds_out_shapes_is_deterministic_and_atomic(toy_world, tmp_path, monkeypatch):

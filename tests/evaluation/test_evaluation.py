@@ -317,7 +317,7 @@ def test_baseline_cli_json_has_the_personalize_shape(smoke, tmp_path, capsys):
     runs = {"lora": paths[:2], "ti": paths[:2], "dreambooth": paths}  # one-shot, one-shot, few-shot
     for method, images in runs.items():
         code = main(["baseline", method, "--config", str(config_file), *images, "--prompt", "S* on a beach",
-                     "--prompt", "two S* on grass", "--steps", "2", "--num-images", "2", "--seed", "3",
+                     "--prompt", "two S* on grass", "--max-train-steps", "2", "--num-images", "2", "--seed", "3",
                      "--out", str(tmp_path / method), "--json"])
         out = capsys.readouterr().out
         assert code == 0
@@ -338,7 +338,7 @@ def test_baseline_bad_input_is_one_line(smoke, tmp_path, capsys):
     data = png(tw.render(tw.canonical(tw.ToyConcept("star", "red")), 64))
     image.write_bytes(data)
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
-    common = ["--config", str(config_file), "--steps", "1"]
+    common = ["--config", str(config_file), "--max-train-steps", "1"]
     cases = [(["lora", "--image", str(tmp_path / "missing.png"), "--prompt", "S*"], "cannot read image"),
              (["lora", "--image", str(tmp_path / "cut.png"), "--prompt", "S*"], "truncated or corrupt"),
              (["ti", "--image", str(image), "--prompt", " "], "non-empty --prompt"),
@@ -467,7 +467,7 @@ def test_evaluate_and_ablate_read_the_stored_baselines_and_variants(smoke, tmp_p
              "alpha-0", "alpha-1"}
     check_logged(client, ablation, names)
     assert ablation["alpha_blend"]["chosen"] in cfg.ablate.alpha_blends
-    assert ablation["methods"]["reg-none"]["concepts"] == cfg.ablate.concepts  # its concepts of the stored scores
+    assert ablation["methods"]["reg-none"]["concepts"] == cfg.ablate.max_concepts  # its concepts of the stored scores
     # nothing was pre-trained: every re-trained variant's scores came from the variants stage
     assert not client.search_runs([client.get_run(parent).info.experiment_id], "tags.stage = 'pretrain'")
 

@@ -48,7 +48,7 @@ def assets(tmp_path_factory) -> dict:
     raw = tmp / "raw"
     write_toy_world(raw, n=cfg.toy_world.n, seed=0, scene_fraction=cfg.toy_world.scene_fraction)
     prepare(cfg.prepare.model_copy(update={
-        "out": str(tmp / "prepared"), "imagenet": str(raw / "imagenet"), "workers": 2,
+        "out": str(tmp / "prepared"), "imagenet": str(raw / "imagenet"), "threads": 2,
         "openimages_boxes": str(raw / "openimages/oidv6-train-annotations-bbox.csv"),
         "openimages_classes": str(raw / "openimages/oidv7-class-descriptions.csv"),
         "openimages_images": str(raw / "openimages/train"), "captions": str(raw / "captions.csv")}))
@@ -437,7 +437,8 @@ def test_an_encoder_of_another_recipe_is_not_replaced_without_force(assets, tmp_
     assert not (work / "checkpoints").exists()  # refused before any training
     # the same recipe (a longer run of it) continues into the same place
     (work / "encoder" / "recipe.json").write_text(json.dumps({"run_name": "encoder-same"}))
-    check_replaceable(work / "encoder", load_config(path=config), "encoder-same")
+    cfg = load_config(path=config)
+    check_replaceable(work / "encoder", cfg.encoder, cfg.preset, "encoder-same")
 
 
 # --- slow: a two-node cluster, job submission, whole-job kill, S3 -----------------------------------
