@@ -5,9 +5,11 @@
 
 Each repository's `components` is imported in its own child process (they cannot share one: the child runs
 with that repository first on PYTHONPATH, and checks that its `components` came from there); the children
-alternate (A, B, A, B, ...) so that the machine's drift falls on both. Each child loads the same encoder and
-image, runs `tuning.tune` once to warm up, times `--runs` tunings, counts the operators one tuning dispatches
-(torch.profiler: on the toy base a step is bound by dispatch, not arithmetic), saves the tuned tensors and
+alternate (A, B, A, B, ...) so that the machine's drift falls on both. Each child works in its checkout
+(relative default paths are its own) and loads its checkout's committed encoder (or `--encoder`: one for all,
+or one per checkout) and the same image, runs `tuning.tune` once to warm up, times `--runs` tunings, counts the
+operators one tuning dispatches (torch.profiler: on the toy base a step is bound by dispatch, not arithmetic),
+saves the tuned tensors and
 draws 4 images with a whole `Personalizer.run` (its own tuning, then sampling at blends 1 and 0.5), so the
 report also says whether the two checkouts tune to the same concept and draw the same pixels. Prints one
 JSON object: per repo the median and fastest seconds and the operator count, and the ratios to the first repo.
@@ -34,6 +36,7 @@ def child(repo: str, encoder: str, runs: int, threads: int, views: int | None, o
 
     if Path(components.__file__).resolve().parents[1] != Path(repo):
         raise SystemExit(f"--child: components comes from {components.__file__}, not from {repo}")
+    os.chdir(repo)  # a checkout's relative default paths (one that predates the project home) mean its own files
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -84,7 +87,9 @@ def main() -> None:
     parser = harness.parser(__doc__, __file__, config=False)
     parser.add_argument("--repo", action="append", required=True,
                         help="a checkout (repeatable; the first is the baseline)")
-    parser.add_argument("--encoder", help="encoder directory (default: models/toy-encoder in the project home)")
+    parser.add_argument("--encoder", action="append", default=[],
+                        help="encoder directory: one for every checkout, or one per --repo in their order (default: "
+                             "each checkout's models/toy-encoder)")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the children")
     parser.add_argument("--runs", type=int, default=5, help="timed tunings per child")
     parser.add_argument("--threads", type=int, default=2)
@@ -92,20 +97,21 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.repo[0], args.encoder, args.runs, args.threads, args.views, args.child)
+        child(args.repo[0], args.encoder[0], args.runs, args.threads, args.views, args.child)
         return
 
     import torch
 
-    from components.home import home
-
-    encoder = args.encoder or str(home() / "models" / "toy-encoder")
-
     repos = [str(Path(r).resolve()) for r in args.repo]
+    if len(args.encoder) not in (0, 1, len(repos)):
+        raise SystemExit(f"--encoder: give one, or one per --repo ({len(repos)}), not {len(args.encoder)}")
+    encoders = ([str(Path(e).resolve()) for e in args.encoder]
+                or [str(Path(r) / "models" / "toy-encoder") for r in repos])
+    encoders = encoders * len(repos) if len(encoders) == 1 else encoders
     results: dict[str, dict] = {r: {"seconds": []} for r in repos}
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(args.rounds):
-            for i, repo in enumerate(repos):
+            for i, (repo, encoder) in enumerate(zip(repos, encoders)):
                 harness.log(f"round {round_ + 1}/{args.rounds}: {repo}")
                 out = str(Path(scratch) / f"{i}.pt")
                 path = os.pathsep.join([repo, *filter(None, [os.environ.get("PYTHONPATH")])])
@@ -126,7 +132,8 @@ def main() -> None:
         median = statistics.median(r["seconds"])
         same = len(r["tensors"]) == len(first["tensors"]) and all(
             torch.equal(x, y) for x, y in zip(r["tensors"], first["tensors"]))
-        report[repo] = {"median_s": round(median, 3), "min_s": round(min(r["seconds"]), 3), "ops": r["ops"],
+        report[repo] = {"encoder": encoders[repos.index(repo)],
+                        "median_s": round(median, 3), "min_s": round(min(r["seconds"]), 3), "ops": r["ops"],
                         "time_ratio": round(median / statistics.median(first["seconds"]), 3),
                         "ops_ratio": round(r["ops"] / first["ops"], 3), "same_concept_as_first": same,
                         "same_images_as_first": torch.equal(r["pixels"], first["pixels"])}
