@@ -329,7 +329,7 @@ def test_toy_preset_holds_out_shapes_is_deterministic_and_atomic(toy_world, tmp_
     manifest_bytes = (tmp_path / "prepared" / "manifest.parquet").read_bytes()
     assert first["data_version"] == hashlib.md5(manifest_bytes).hexdigest() == data_version(tmp_path / "prepared")
 
-    cfg.workers = 5  # another thread count and timing, the same bytes
+    cfg.threads = 5  # another thread count and timing, the same bytes
     assert prepare(cfg) == first
     assert (tmp_path / "prepared" / "manifest.parquet").read_bytes() == manifest_bytes
 
