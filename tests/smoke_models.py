@@ -127,6 +127,7 @@ def smoke_evaluation_setup(tmp: Path) -> Path:
         "openimages_classes": str(raw / "openimages/oidv7-class-descriptions.csv"),
         "openimages_images": str(raw / "openimages/train"), "captions": str(raw / "captions.csv")}))
     values = yaml.safe_load(config_file.read_text())
+    values.setdefault("prepare", {})["out"] = str(tmp / "prepared")  # pretrain and the eval set read it
     values.update({"toy_world": {"out": str(raw)}, "pretrain": {"workers": 1},
                    "personalize": {"encoder": str(encoder)},
                    "evaluate": {"cache": str(tmp / "cache"), "out": str(tmp / "evaluate"),
