@@ -104,7 +104,7 @@ def own_ray_cluster_environment() -> None:
         temp = temp.parent
     capacity = shutil.disk_usage(temp).total
     threshold = min(0.999, max(0.95, 1 - RAY_MIN_FREE_BYTES / capacity)) if capacity else 0.95
-    os.environ.setdefault("RAY_local_fs_capacity_threshold", f"{threshold:.4f}")
+    os.environ.setdefault("RAY_local_fs_capacity_threshold", str(threshold))
 
 
 def out_of_memory(error: BaseException) -> UserError | None:

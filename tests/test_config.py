@@ -48,6 +48,15 @@ def test_the_gate_size_moved_to_the_registry_and_the_old_keys_still_load(tmp_pat
         load_config(path=both)
 
 
+def test_a_variant_of_a_field_that_does_not_exist_is_an_error():
+    from components.config import variant_config
+
+    cfg = load_config("smoke")
+    with pytest.raises(ValueError, match="config section pretrain has no field out"):
+        variant_config(cfg, pretrain={"out": "elsewhere", "max_steps": 3})
+    assert variant_config(cfg, pretrain={"max_steps": 3}).pretrain.max_steps == 3
+
+
 def test_a_path_has_one_key_and_the_old_ones_still_load(tmp_path, monkeypatch):
     fields = set(type(load_config("smoke").pretrain).model_fields)
     assert not fields & {"data", "out"}  # pretrain reads prepare.out and writes personalize.encoder

@@ -583,3 +583,15 @@ def test_a_pipeline_in_the_checkout_reads_its_config_once(monkeypatch):
     assert dvc_view(cfg) == dvc_view(real(path=ROOT / "params.yaml"))
     calls.clear()
     assert workspace.resolve("toy", None, None)[0] == ROOT and len(calls) == 1  # params.yaml's own preset
+
+
+def test_a_workspace_elsewhere_trains_an_encoder_of_its_own():
+    """Its params.yaml names the encoder relative to it: its pretrain stage never writes the committed one."""
+    from components.config import load_config
+    from components.orchestration.workspace import workspace_params
+
+    toy = load_config("toy")
+    assert Path(toy.personalize.encoder).is_absolute()  # the committed encoder, read from the home
+    params = workspace_params(toy)
+    assert params["personalize"]["encoder"] == "models/toy-encoder"
+    assert Path(params["base"]["pretrained"]).is_absolute()  # the read-only inputs stay the home's

@@ -29,6 +29,7 @@ from smoke_models import free_port, write_smoke_models
 
 from components import home
 from components.config import load_config
+from components.errors import UserError
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -413,6 +414,19 @@ def test_each_preset_trains_its_own_encoder_and_personalizes_with_it():
     # the committed toy encoder is read from the project home wherever the command runs
     assert outs["toy"] == home.committed("models/toy-encoder")
     assert not outs["smoke"].startswith("models/")  # a smoke run writes outside the committed models
+
+
+def test_outside_the_checkout_pretrain_does_not_rewrite_the_committed_encoder(assets, tmp_path, monkeypatch):
+    from components.training.pretrain import pretrain
+
+    committed = Path(load_config("toy").personalize.encoder)
+    before = {p.name: p.stat().st_mtime_ns for p in committed.iterdir()}
+    monkeypatch.chdir(tmp_path)  # anywhere but the checkout, with data of its own
+    cfg = load_config("toy", overrides={"prepare": {"out": str(assets["data"])}})
+    with pytest.raises(UserError, match="committed encoder in the project home.*set personalize.encoder"):
+        pretrain(cfg, storage=str(tmp_path / "checkpoints"))
+    assert {p.name: p.stat().st_mtime_ns for p in committed.iterdir()} == before
+    assert not (tmp_path / "checkpoints").exists()  # refused before anything was written
 
 
 def test_an_encoder_of_another_recipe_is_not_replaced_without_force(assets, tmp_path, capsys):
