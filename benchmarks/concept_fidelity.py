@@ -132,12 +132,11 @@ def main() -> int:
               "variants": []}
     for encoder in args.encoder or [cfg.personalize.encoder]:
         # one loaded base for every encoder: the variants differ only in what they are asked to compare
-        personalizer = Personalizer(cfg, encoder) if first is None else first.variant(cfg, encoder)
+        personalizer = Personalizer(cfg.engine, encoder) if first is None else first.variant(cfg.engine, encoder)
         first = first or personalizer
         if args.gate:
-            gated = personalizer.variant(variant_config(cfg, registry={"gate_concepts": args.gate,
-                                                                       "gate_prompts": args.gate}), encoder)
-            report.setdefault("gate", {})[str(encoder)] = gate_scores(gated)
+            size = variant_config(cfg, registry={"gate_concepts": args.gate, "gate_prompts": args.gate}).registry
+            report.setdefault("gate", {})[str(encoder)] = gate_scores(personalizer, cfg.evaluate, size)
             harness.log(json.dumps({"encoder": encoder, "gate": report["gate"][str(encoder)]}))
         variants = itertools.product(args.steps or [cfg.personalize.tuning_steps], args.blend or [1.0], prompts)
         for steps, blend, prompt in variants:

@@ -33,9 +33,9 @@ def main() -> None:
     scores = {}
     with tempfile.TemporaryDirectory() as untrained:
         torch.manual_seed(0)
-        TuningEncoder.for_base(cfg.encoder, FrozenBase.load(cfg)).save_pretrained(untrained)
-        scores["untrained"] = gate_scores(Personalizer(cfg, untrained), registry=SUBSET)
-    scores["trained"] = gate_scores(Personalizer(cfg, cfg.personalize.encoder), registry=SUBSET)
+        TuningEncoder.for_base(cfg.encoder, FrozenBase.load(cfg.base, cfg.runtime)).save_pretrained(untrained)
+        scores["untrained"] = gate_scores(Personalizer(cfg.engine, untrained), cfg.evaluate, SUBSET)
+    scores["trained"] = gate_scores(Personalizer(cfg.engine, cfg.personalize.encoder), cfg.evaluate, SUBSET)
     scores["identity_gain"] = round(scores["trained"]["identity"] / scores["untrained"]["identity"] - 1, 4)
     harness.report(scores, args)
 

@@ -48,11 +48,11 @@ def main() -> None:
 
     cfg = harness.config(args)
     encoder = args.encoder or cfg.personalize.encoder
-    personalizer = Personalizer(cfg, encoder)
+    personalizer = Personalizer(cfg.engine, encoder)
     runs = []  # [seed][concept][prompt] combined score
     clock = harness.Timer()
     for seed in range(args.seeds):
-        result = gate_run(personalizer, args.concepts, args.prompts, seed)
+        result = gate_run(personalizer, cfg.evaluate, args.concepts, args.prompts, seed)
         combined = (np.asarray(result.identity) + np.asarray(result.prompt)) / 2
         runs.append(combined.reshape(len(combined) // args.prompts, args.prompts))
         harness.log(f"seed {seed}: {combined.mean():.4f} ({clock.elapsed():.0f} s)")

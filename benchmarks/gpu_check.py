@@ -91,7 +91,7 @@ def main() -> int:
     if args.warmup:
         warm = predict_concept(encoder, vae, pixels, cfg.personalize.encoder_timestep,
                                torch.Generator().manual_seed(1))
-        recipe = replace(TuningRecipe.from_config(cfg, args.warmup), views=batch, alpha=alpha)
+        recipe = replace(TuningRecipe.from_config(cfg.engine, args.warmup), views=batch, alpha=alpha)
         tune(base, vae, warm, pixels, ids, recipe, torch.Generator().manual_seed(1))
         del warm
     if cuda:
@@ -101,7 +101,7 @@ def main() -> int:
         start = predict_concept(encoder, vae, pixels, cfg.personalize.encoder_timestep, generator)
     with harness.timed(sync) as tune_t:
         tune(base, vae, start, pixels, ids,
-             replace(TuningRecipe.from_config(cfg, args.steps), views=batch, alpha=alpha), generator)
+             replace(TuningRecipe.from_config(cfg.engine, args.steps), views=batch, alpha=alpha), generator)
     encoder_s, tune_s = encoder_t.seconds, tune_t.seconds
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     harness.report({

@@ -235,13 +235,13 @@ def main() -> int:
     with phases("register") as extra:
         with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name(registry.EXPERIMENT).experiment_id):
             info = registry.log_model(cfg, report["out"])
-        version = mlflow.register_model(info.model_uri, registry.model_name(cfg)).version
-        mlflow.MlflowClient().set_registered_model_alias(registry.model_name(cfg), registry.ALIAS, version)
-        extra.update(model_uri=f"models:/{registry.model_name(cfg)}@{registry.ALIAS}", version=int(version))
+        name = registry.model_name(cfg.registry, cfg.preset)
+        version = mlflow.register_model(info.model_uri, name).version
+        mlflow.MlflowClient().set_registered_model_alias(name, registry.ALIAS, version)
+        extra.update(model_uri=f"models:/{name}@{registry.ALIAS}", version=int(version))
     with phases("load") as extra:
         # the pyfunc runs where it is loaded (auto: this GPU in bfloat16); --dtype reaches it as its model_config
-        model = mlflow.pyfunc.load_model(f"models:/{registry.model_name(cfg)}@{registry.ALIAS}",
-                                         model_config={"dtype": args.dtype})
+        model = mlflow.pyfunc.load_model(f"models:/{name}@{registry.ALIAS}", model_config={"dtype": args.dtype})
         personalizer = model.unwrap_python_model().personalizer
         extra.update(personalizer.runtime.describe())
 

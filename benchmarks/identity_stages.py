@@ -153,9 +153,9 @@ def read(clip, images: list[np.ndarray], looks: list[tuple[tw.ToyConcept, str]])
 class Stages:
     """Images of one concept for every row, sharing the encoder's prediction and the tuning runs between rows."""
 
-    def __init__(self, personalizer: Personalizer, seed: int):
-        self.p, self.seed = personalizer, seed
-        self.cfg = personalizer.cfg
+    def __init__(self, personalizer: Personalizer, ti_lr: float, seed: int):
+        self.p, self.ti_lr, self.seed = personalizer, ti_lr, seed
+        self.cfg = personalizer.config
         self.settings = personalizer.settings()
         self.tuned: dict[tuple, tuple[Concept, float]] = {}
 
@@ -173,7 +173,7 @@ class Stages:
                 if row.start == "ti":
                     template = reader.describe(np.asarray(self.photo(concept))) or "a photo of {}"
                     result = train_textual_inversion(self.p.pipe, pixels, row.steps, template=template,
-                                                     lr=self.cfg.evaluate.ti_lr, seed=self.seed)
+                                                     lr=self.ti_lr, seed=self.seed)
                     tuned = Concept(next(iter(result.weights.values())).to(pixels), None, self.cfg.encoder.lora_scale)
                 else:
                     start = self.p.predict(pixels, generator)
@@ -278,9 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown rows {unknown}; known: {', '.join(table)}")
     sets = concept_sets(cfg, args.concepts, args.fresh_seed)
-    personalizer = Personalizer(cfg, args.encoder or cfg.personalize.encoder)
+    personalizer = Personalizer(cfg.engine, args.encoder or cfg.personalize.encoder)
     clip = load_clip(cfg.base.metrics_clip)
-    stages = Stages(personalizer, args.seed)
+    stages = Stages(personalizer, cfg.evaluate.ti_lr, args.seed)
     clock = harness.Timer()
     s = stages.settings
     result = {"rows": {}, "seed": args.seed, "overrides": overrides,

@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = harness.config(args, {"evaluate": {"few_shot_images": max(3, min(5, args.photos + 1))}})
-    evaluation = load_harness(cfg)
+    evaluation = load_harness(cfg.engine, cfg.evaluate)
     p, seeds, prompts = evaluation.personalizer, evaluation.seeds, evaluation.eval_set.prompts[:args.prompts]
     settings = p.settings()
     concepts = evaluation.eval_set.concepts[:args.concepts]

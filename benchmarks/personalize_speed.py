@@ -81,14 +81,14 @@ def main() -> None:
         from components.model.encoder import FrozenBase, TuningEncoder
 
         encoder = str(Path(scratch.name) / "encoder")
-        TuningEncoder.for_base(cfg.encoder, FrozenBase.load(cfg)).save_pretrained(encoder)
-    personalizer = Personalizer(cfg, encoder)
+        TuningEncoder.for_base(cfg.encoder, FrozenBase.load(cfg.base, cfg.runtime)).save_pretrained(encoder)
+    personalizer = Personalizer(cfg.engine, encoder)
     image = tw.render(tw.canonical(tw.ToyConcept("star", "red", "striped", "white")), 64, seed=0)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     settings = personalizer.settings(num_images=1)
     personalizer.run(buf.getvalue(), ["a photo of S*"], personalizer.settings(tuning_steps=1, num_images=1))  # warm-up
-    by_views = {views: personalizer.variant(variant_config(cfg, personalize={"views": views}))
+    by_views = {views: personalizer.variant(variant_config(cfg.engine, personalize={"views": views}))
                 for views in args.views}
 
     def measure_ours(ours: Personalizer = personalizer) -> dict:

@@ -32,7 +32,7 @@ def plain_loop(cfg, steps: int) -> dict:
 
     torch.set_num_threads(cfg.pretrain.cpus_per_worker)
     manifest = pd.read_parquet(Path(cfg.prepare.out) / "manifest.parquet")
-    training = Training.build(cfg, manifest, rank=0, world=1, device=torch.device("cpu"))
+    training = Training.build(cfg.training, manifest, rank=0, world=1, device=torch.device("cpu"))
     training.step(0)  # warm-up, as the Ray loop does not time its first step either
     with harness.timed() as t:
         for step in range(1, steps):

@@ -81,11 +81,11 @@ def register_champion(cfg, encoder: str) -> str:
         client.create_experiment(registry.EXPERIMENT))
     with mlflow.start_run(experiment_id=experiment.experiment_id):
         info = registry.log_model(cfg, encoder)
-    version = mlflow.register_model(info.model_uri, registry.model_name(cfg)).version
-    client.set_model_version_tag(registry.model_name(cfg), version, registry.CODE_TAG,
+    version = mlflow.register_model(info.model_uri, registry.model_name(cfg.registry, cfg.preset)).version
+    client.set_model_version_tag(registry.model_name(cfg.registry, cfg.preset), version, registry.CODE_TAG,
                                  registry.code_sha256(registry.PYFUNC_CODE))
-    client.set_registered_model_alias(registry.model_name(cfg), registry.ALIAS, version)
-    return f"models:/{registry.model_name(cfg)}@{registry.ALIAS}"
+    client.set_registered_model_alias(registry.model_name(cfg.registry, cfg.preset), registry.ALIAS, version)
+    return f"models:/{registry.model_name(cfg.registry, cfg.preset)}@{registry.ALIAS}"
 
 
 def body(rows: list[tuple[bytes, str]], params: dict) -> bytes:

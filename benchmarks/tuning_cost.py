@@ -49,7 +49,8 @@ def child(repo: str, encoder: str, runs: int, threads: int, views: int | None, o
     torch.set_num_threads(threads)
     # the timed tunings call `tune` directly; the cache only spares run's second blend
     cfg = load_config("toy", overrides={"personalize": {"views": views}} if views else None)
-    personalizer = Personalizer(cfg, encoder)
+    engine = getattr(cfg, "engine", cfg)  # the engine's sections; a checkout before EngineConfig took the whole config
+    personalizer = Personalizer(engine, encoder)
     image = tw.render(tw.canonical(tw.ToyConcept("star", "red", "striped", "white")), 64, seed=0)
     pixels = to_pixels(image, personalizer.side)
     p = cfg.personalize
@@ -58,7 +59,7 @@ def child(repo: str, encoder: str, runs: int, threads: int, views: int | None, o
 
     def one():
         return tune(personalizer.base, personalizer.pipe.vae, start, pixels, personalizer.tuning_prompt_ids(pixels),
-                    TuningRecipe.from_config(cfg), torch.Generator().manual_seed(1))
+                    TuningRecipe.from_config(engine), torch.Generator().manual_seed(1))
 
     one()
     seconds = []

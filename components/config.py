@@ -12,7 +12,7 @@ import copy
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
@@ -448,6 +448,45 @@ class Config(Section):
     pipeline: PipelineConfig = PipelineConfig()
 
     @property
+    def engine(self) -> EngineConfig:
+        """The sections the personalisation engine reads."""
+        return EngineConfig(base=self.base, runtime=self.runtime, encoder=self.encoder, personalize=self.personalize)
+
+    @property
+    def training(self) -> TrainingConfig:
+        """What encoder pre-training reads."""
+        return TrainingConfig(preset=self.preset, base=self.base, encoder=self.encoder, pretrain=self.pretrain,
+                              data=self.prepare.out, resolution=self.prepare.resolution,
+                              holdout_shapes=self.toy_world.encoder_holdout_shapes,
+                              encoder_timestep=self.personalize.encoder_timestep, out=self.personalize.encoder)
+
+
+class TrainingConfig(Section):
+    """What encoder pre-training (components/training/pretrain.py and loop.py, on every Ray worker) reads: the base,
+    the encoder and its recipe, and the few values of other sections it needs. Entry points build it with
+    `Config.training`."""
+
+    preset: Literal["toy", "smoke", "sd15"]
+    base: BaseConfig
+    encoder: EncoderConfig
+    pretrain: PretrainConfig
+    data: str  # prepare.out: the prepared set it trains on
+    resolution: int  # prepare.resolution: the side of the toy world's held-out renders
+    holdout_shapes: list[str]  # toy_world.encoder_holdout_shapes: the unseen shapes' held-out set
+    encoder_timestep: int  # personalize.encoder_timestep: what the encoder reads with pretrain.encoder_noise "fixed"
+    out: str  # personalize.encoder: where the trained encoder goes
+
+
+class EngineConfig(Section):
+    """What the personalisation engine (components/inference/engine.py) reads: the base model, where it runs, the
+    encoder's blend and the personalisation recipe. Entry points build it with `Config.engine`."""
+
+    base: BaseConfig
+    runtime: RuntimeConfig
+    encoder: EncoderConfig
+    personalize: PersonalizeConfig
+
+    @property
     def sampling_alpha(self) -> float:
         """The generation blend: `personalize.alpha_blend` when set, else the tuning blend."""
         given = self.personalize.alpha_blend
@@ -509,8 +548,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def variant_config(cfg: Config, **sections: dict) -> Config:
-    """cfg with fields of some sections replaced, e.g. variant_config(cfg, personalize={"tuning_steps": 0}).
+SectionsT = TypeVar("SectionsT", bound=Section)
+
+
+def variant_config(cfg: SectionsT, **sections: dict) -> SectionsT:
+    """cfg (a Config, or a bundle of its sections such as EngineConfig) with fields of some sections replaced, e.g.
+    variant_config(cfg, personalize={"tuning_steps": 0}).
     model_copy validates nothing: a field name that does not exist is an error here, not a silent extra."""
     for name, values in sections.items():
         unknown = set(values) - set(type(getattr(cfg, name)).model_fields)

@@ -8,7 +8,7 @@ on the CPU, bfloat16 on a GPU that has it, else float16), float32, bfloat16 or f
 base's (UNet, VAE, text encoder), so sampling runs in it; what is trained or tuned (the encoder, v* and the
 LoRA factors, their optimiser) stays float32, and the CLIP towers stay float32 (they see float32 pixels).
 
-A served model runs where it is served, not where it was registered: `serving_config` gives it the
+A served model runs where it is served, not where it was registered: `serving_runtime` gives it the
 runtime of the environment (DATENCODER_DEVICE, DATENCODER_DTYPE), else auto.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from components.config import Config, RuntimeConfig
+from components.config import RuntimeConfig
 from components.errors import UserError
 
 
@@ -70,16 +70,15 @@ def resolve(settings: RuntimeConfig) -> Runtime:
 
 
 def runtime_environment(runtime: RuntimeConfig) -> dict[str, str]:
-    """DATENCODER_DEVICE / DATENCODER_DTYPE for a served model (`serving_config` reads them): `runtime`'s settings
+    """DATENCODER_DEVICE / DATENCODER_DTYPE for a served model (`serving_runtime` reads them): `runtime`'s settings
     other than auto; auto keeps the environment's, else the serving machine decides."""
     return {name: value for name, value in ((DEVICE_ENV, runtime.device), (DTYPE_ENV, runtime.dtype))
             if value != "auto"}
 
 
-def serving_config(cfg: Config, given: dict | None = None) -> Config:
-    """`cfg` with the runtime of the machine that serves it: DATENCODER_DEVICE / DATENCODER_DTYPE, else auto;
-    `given` ({"device": ..., "dtype": ...}, e.g. a pyfunc's model_config) wins over the environment where it
-    is not auto."""
+def serving_runtime(given: dict | None = None) -> RuntimeConfig:
+    """The runtime of the machine that serves a model: DATENCODER_DEVICE / DATENCODER_DTYPE, else auto; `given`
+    ({"device": ..., "dtype": ...}, e.g. a pyfunc's model_config) wins over the environment where it is not auto."""
     values = {"device": os.environ.get(DEVICE_ENV) or "auto", "dtype": os.environ.get(DTYPE_ENV) or "auto"}
     values.update({k: v for k, v in (given or {}).items() if k in values and v not in (None, "auto")})
     try:
@@ -88,7 +87,7 @@ def serving_config(cfg: Config, given: dict | None = None) -> Config:
         problem = e.errors()[0]
         raise UserError(f"runtime {problem['loc'][0]} {problem['input']!r} ({DEVICE_ENV}/{DTYPE_ENV} or the "
                         f"model config): {problem['msg']}") from None
-    return cfg.model_copy(update={"runtime": runtime})
+    return runtime
 
 
 def own_ray_cluster_environment() -> None:

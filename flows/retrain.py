@@ -48,6 +48,7 @@ from components.orchestration.stages import (
 )
 from components.orchestration.workspace import resolve
 from components.progress import following
+from components.serving.registry import model_name
 from components.serving.registry import register as register_stage
 
 
@@ -139,7 +140,8 @@ def register_task(cfg: Config, key: dict, parent_run_id: str | None) -> dict:
 
 @task(name="report", cache_policy=NO_CACHE)
 def report_task(cfg: Config, results: dict, parent_run_id: str, durations: dict[str, float]) -> dict:
-    report = write_report(cfg, results, parent_run_id, flow_run.get_name() or "retrain", durations)
+    report = write_report(cfg.pipeline, cfg.preset, model_name(cfg.registry, cfg.preset), results, parent_run_id,
+                          flow_run.get_name() or "retrain", durations)
     create_markdown_artifact(markdown=report["markdown"], key="retrain-report",
                              description=f"datencoder retrain ({cfg.preset})")
     if report["rows"]:
@@ -227,7 +229,7 @@ def retrain(workspace: str = ".", preset: str | None = None, refresh: bool = Fal
     return {"workspace": os.getcwd(), "report": report["report"], "metrics_csv": report["csv"],
             "mlflow_parent_run_id": parent, "tracking_uri": tracking.tracking_uri(),
             "stages": {s: {k: v for k, v in r.items() if not isinstance(v, (dict, list))} for s, r in results.items()},
-            "serve": serve_commands(cfg)}
+            "serve": serve_commands(cfg.preset, model_name(cfg.registry, cfg.preset))}
 
 
 def _stage(stage: str, cfg: Config, results: dict, parent: str, refresh: bool) -> dict:

@@ -61,7 +61,7 @@ def write_smoke_encoder(cfg: Config, out: Path, seed: int = 1) -> Path:
     from components.model.encoder import FrozenBase, TuningEncoder
 
     torch.manual_seed(seed)
-    TuningEncoder.for_base(cfg.encoder, FrozenBase.load(cfg)).save_pretrained(out)
+    TuningEncoder.for_base(cfg.encoder, FrozenBase.load(cfg.base, cfg.runtime)).save_pretrained(out)
     return out
 
 

@@ -20,7 +20,7 @@ from components.runtime import (
     out_of_memory,
     own_ray_cluster_environment,
     resolve,
-    serving_config,
+    serving_runtime,
 )
 
 
@@ -76,19 +76,18 @@ def test_cli_device_cuda_without_a_gpu_is_one_line_exit_2(command, capsys, tmp_p
 
 
 def test_serving_runtime_comes_from_the_environment_not_the_registered_config(monkeypatch):
-    registered = load_config("toy", overrides={"runtime": {"device": "cuda:3", "dtype": "float16"}})
     monkeypatch.delenv(DEVICE_ENV, raising=False)
     monkeypatch.delenv(DTYPE_ENV, raising=False)
-    assert serving_config(registered).runtime == RuntimeConfig()  # auto: the serving machine decides
+    assert serving_runtime() == RuntimeConfig()  # auto: the serving machine decides
     monkeypatch.setenv(DEVICE_ENV, "cpu")
     monkeypatch.setenv(DTYPE_ENV, "bfloat16")
-    assert serving_config(registered).runtime == RuntimeConfig(device="cpu", dtype="bfloat16")
-    assert serving_config(registered, {"dtype": "float32"}).runtime == RuntimeConfig(device="cpu", dtype="float32")
+    assert serving_runtime() == RuntimeConfig(device="cpu", dtype="bfloat16")
+    assert serving_runtime({"dtype": "float32"}) == RuntimeConfig(device="cpu", dtype="float32")
     # the logged model_config's own values (auto) leave the environment's in place
-    assert serving_config(registered, {"device": "auto", "dtype": "auto"}).runtime.dtype == "bfloat16"
+    assert serving_runtime({"device": "auto", "dtype": "auto"}).dtype == "bfloat16"
     monkeypatch.setenv(DEVICE_ENV, "tpu")
     with pytest.raises(UserError, match="DATENCODER_DEVICE"):
-        serving_config(registered)
+        serving_runtime()
 
 
 def test_serve_passes_the_runtime_to_the_served_model_environment():

@@ -23,7 +23,7 @@ from dataclasses import replace
 import numpy as np
 
 from components import tracking
-from components.config import Config, EncoderConfig
+from components.config import Config, EncoderConfig, resolved
 from components.evaluation import report
 from components.evaluation.harness import StageRun, load_harness
 from components.evaluation.report import COMBINED, compare, metric_values
@@ -78,14 +78,14 @@ def ablate(cfg: Config, parent_run_id: str | None = None) -> dict:
     """Run the ablation grid (module docstring); returns the report the CLI prints."""
     a = cfg.ablate
     retrained = variant_results(cfg)
-    harness = load_harness(cfg)
-    with StageRun(cfg, a.experiment, "ablate", parent_run_id) as run:
+    harness = load_harness(cfg.engine, cfg.evaluate)
+    with StageRun(a.experiment, "ablate", parent_run_id, resolved(cfg), cfg.preset) as run:
         p = harness.personalizer
         # the sweep point that is ours' own setting is not run twice
         same_as_ours = (f"alpha-{cfg.encoder.alpha_blend_tune:g}"
                         if cfg.encoder.dual_path and cfg.personalize.alpha_blend is None else None)
         run.add(harness.ours("ours", limit=a.max_concepts), {"encoder": cfg.personalize.encoder})
-        for name, variant in tuning_variants(cfg).items():
+        for name, variant in tuning_variants(p.config, a.alpha_blends).items():
             if name == same_as_ours:
                 run.add(replace(run.results["ours"], name=name), {"same_as": "ours"})
                 continue
@@ -99,5 +99,6 @@ def ablate(cfg: Config, parent_run_id: str | None = None) -> dict:
         extra = (f"## Blend sweep\n\nchosen alpha_blend = {alpha['chosen']:g} (config: {alpha['config_default']:g}; "
                  f"best: {alpha['best']:g}, lead over the default: {alpha['lead_over_default']}); "
                  f"criterion: {alpha['criterion']}; scores: {alpha['scores']}")
-        result = run.report("Ablations", a.out, report.findings_from(run.results, ABLATION_CLAIMS), extra)
+        result = run.report("Ablations", a.out, report.findings_from(run.results, ABLATION_CLAIMS), len(harness.seeds),
+                            extra)
     return {**result, "alpha_blend": alpha}

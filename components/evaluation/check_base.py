@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from components.config import Config
+from components.config import ClipConfig, Config
 from components.model.backbone import ClipImageTower
 from components.model.base import Clip, load_clip, load_pipeline
 from components.progress import Progress
@@ -113,7 +113,7 @@ def check_base(cfg: Config, grid: str | None = None, batch: int = 16) -> dict:
     measured = {"background_colour": float(np.mean(bg_hits)), "object_colour": float(np.mean(obj_hits)),
                 "shape": shape_accuracy(clip, pil, combos), "zero_shot_colour": zero_shot["colour"],
                 "zero_shot_shape": zero_shot["shape"]}
-    probe = backbone_probe(cfg) if cfg.base.kind == "toy" else None
+    probe = backbone_probe(cfg.base.backbone_clip) if cfg.base.kind == "toy" else None
     if grid:
         _save_grid(pil, grid)
     return {
@@ -162,11 +162,11 @@ def linear_probe(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Te
     return float((head(x_test).argmax(-1) == test_labels).float().mean())
 
 
-def backbone_probe(cfg: Config, train_images: int = 2400, test_images: int = 600, seed: int = 123) -> dict:
+def backbone_probe(backbone_clip: ClipConfig, train_images: int = 2400, test_images: int = 600, seed: int = 123,
+                   ) -> dict:
     """Linear probes of colour and shape on the backbone CLIP's features of fresh renders of one object as a user
     photographs it (centred, any look and background; a seed no bootstrap stage uses), against PROBE_TARGETS."""
-    torch.set_num_threads(cfg.bootstrap.threads)
-    visual = load_clip(cfg.base.backbone_clip).model.visual
+    visual = load_clip(backbone_clip).model.visual
     rng = random.Random(seed)
     scenes = [tw.sample_scene(rng, edits=False) for _ in range(train_images + test_images)]
     pixels = torch.from_numpy(tw.render_batch(scenes, 64, seed)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

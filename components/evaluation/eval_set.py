@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from components.config import Config, EvaluateConfig
+from components.config import EvaluateConfig
 from components.data.images import read_image
 from components.errors import UserError
 from components.model.placeholder import PLACEHOLDER
@@ -122,18 +122,18 @@ def folder_concepts(folder: str, few_shot: int) -> list[EvalConcept]:
     return concepts
 
 
-def load_eval_set(cfg: Config) -> EvalSet:
-    e = cfg.evaluate
+def load_eval_set(e: EvaluateConfig, base_kind: str) -> EvalSet:
+    """The concepts and prompts `e` names: its concept_dir, or on the toy base (`base_kind`) its toy concepts."""
     if e.concept_dir:
         concepts = folder_concepts(e.concept_dir, e.few_shot_images)
-    elif cfg.base.kind == "toy":
+    elif base_kind == "toy":
         concepts = [EvalConcept(key, toy_views(parse_concept(key), e.few_shot_images)) for key in e.concepts]
     else:
         raise UserError("the sd15 evaluation needs evaluate.concept_dir: a folder of concept images (the paper used "
                         "17 from the Textual Inversion, Custom Diffusion and DreamBooth sets)")
     if not concepts:
         raise UserError("the evaluation needs at least one concept (evaluate.concepts)")
-    return EvalSet(concepts, read_prompts(cfg.evaluate))
+    return EvalSet(concepts, read_prompts(e))
 
 
 # --- held out of pre-training ----------------------------------------------------------------------
@@ -164,19 +164,20 @@ def pretraining_looks(prepared: str | Path, raw: str | Path) -> PretrainingLooks
     return PretrainingLooks(set(manifest["label"]), looks, " and ".join(scenes["caption"]))
 
 
-def check_held_out(cfg: Config) -> dict:
-    """Raise when a toy evaluation concept was in pre-training data; returns what was checked."""
-    if cfg.base.kind != "toy" or cfg.evaluate.concept_dir:
+def check_held_out(e: EvaluateConfig, base_kind: str, prepared: str | Path, raw: str | Path) -> dict:
+    """Raise when a toy evaluation concept was in the pre-training data (`prepared`, from the raw toy world `raw`);
+    returns what was checked."""
+    if base_kind != "toy" or e.concept_dir:
         return {"checked": False, "reason": "not a toy-world evaluation set"}
-    prepared, raw = Path(cfg.prepare.out), Path(cfg.toy_world.out)
+    prepared, raw = Path(prepared), Path(raw)
     if not (prepared / "manifest.parquet").is_file() or not (raw / "captions.csv").is_file():
         log.warning("cannot check the evaluation concepts against pre-training data: %s or %s is missing",
                     prepared / "manifest.parquet", raw / "captions.csv")
         return {"checked": False, "reason": "no prepared data"}
     seen = pretraining_looks(prepared, raw)
-    leaked = [key for key in cfg.evaluate.concepts if seen.contains(parse_concept(key))]
+    leaked = [key for key in e.concepts if seen.contains(parse_concept(key))]
     if leaked:
         raise UserError(f"evaluation concepts {', '.join(leaked)} appear in the pre-training data ({prepared}); "
                         f"choose others in evaluate.concepts")
-    return {"checked": True, "concepts": len(cfg.evaluate.concepts), "unseen_shapes": sorted(
-        {parse_concept(k).shape for k in cfg.evaluate.concepts} - seen.labels)}
+    return {"checked": True, "concepts": len(e.concepts), "unseen_shapes": sorted(
+        {parse_concept(k).shape for k in e.concepts} - seen.labels)}

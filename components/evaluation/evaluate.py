@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from components.config import Config, variant_config
+from components.config import Config, EvaluateConfig, resolved, variant_config
 from components.evaluation import report
 from components.evaluation.eval_set import check_held_out
 from components.evaluation.harness import (
@@ -60,11 +60,11 @@ def baselines(cfg: Config, parent_run_id: str | None = None, force: bool = False
     if not force and stored_key(e.baseline_results) == key:
         log.info("baselines: %s is up to date", e.baseline_results)
         return {"up_to_date": True, "out": e.baseline_results}
-    harness = load_harness(cfg, encoder=False)
+    harness = load_harness(cfg.engine, e, encoder=False)
     # never more concepts than ours ran on: every comparison with ours is paired on the baselines' concepts
     concepts = min((n for n in (e.baseline_concepts, e.max_concepts) if n is not None), default=None)
     series: dict[str, list[str]] = {}
-    with StageRun(cfg, e.experiment, "baselines", parent_run_id) as run:
+    with StageRun(e.experiment, "baselines", parent_run_id, resolved(cfg), cfg.preset) as run:
         for prefix, method in BASELINES.items():
             for shots, label in ((1, "one-shot"), (e.few_shot_images, "few-shot")):
                 run.add(harness.baseline(f"{prefix}-{label}", method, shots, concepts),
@@ -84,16 +84,16 @@ def baselines(cfg: Config, parent_run_id: str | None = None, force: bool = False
 def evaluate(cfg: Config, parent_run_id: str | None = None) -> dict:
     """Evaluate ours, its variants and the baselines (module docstring); returns the report the CLI prints."""
     e = cfg.evaluate
-    held_out = check_held_out(cfg)
+    held_out = check_held_out(e, cfg.base.kind, cfg.prepare.out, cfg.toy_world.out)
     stored, extra = load_results(e.baseline_results, "baselines", baselines_key(cfg))
     retrained = variant_results(cfg)
-    harness = load_harness(cfg)
-    with StageRun(cfg, e.experiment, "evaluate", parent_run_id) as run:
+    harness = load_harness(cfg.engine, e)
+    with StageRun(e.experiment, "evaluate", parent_run_id, resolved(cfg), cfg.preset) as run:
         p = harness.personalizer
         run.add(harness.ours("ours", limit=e.max_concepts))
-        run.add(harness.ours("ours-no-tuning", p.variant(variant_config(cfg, personalize={"tuning_steps": 0})),
+        run.add(harness.ours("ours-no-tuning", p.variant(variant_config(p.config, personalize={"tuning_steps": 0})),
                              e.max_concepts))
-        run.add(harness.ours("ours-no-dual-path", p.variant(variant_config(cfg, encoder={"dual_path": False})),
+        run.add(harness.ours("ours-no-dual-path", p.variant(variant_config(p.config, encoder={"dual_path": False})),
                              e.max_concepts))
         for name in EVALUATE_RETRAINED:
             run.add(retrained[name], {"stored": e.variant_results})
@@ -102,39 +102,39 @@ def evaluate(cfg: Config, parent_run_id: str | None = None) -> dict:
         for name, result in stored.items():
             if name not in in_series:
                 run.add(result, {"stored": e.baseline_results})
-        curve = time_to_identity(run, stored, series) if series else None
+        curve = time_to_identity(run, stored, series, e) if series else None
         extra_md = report.time_to_identity_markdown(curve, Path(curve["plot"]).name) if curve else ""
-        result = run.report("Evaluation", e.out, report.evaluation_findings(run.results), extra_md,
-                            report.time_to_identity_metrics(curve) if curve else None)
-        comparison = comparison_grid(run, harness, [n for n in stored if n not in in_series])
+        result = run.report("Evaluation", e.out, report.evaluation_findings(run.results), len(harness.seeds),
+                            extra_md, report.time_to_identity_metrics(curve) if curve else None)
+        comparison = comparison_grid(run, harness, [n for n in stored if n not in in_series], e.out)
         if comparison:
             result["report"]["comparison"] = str(comparison)
     return {**result, "held_out": held_out, **({"time_to_identity": curve} if curve else {})}
 
 
-def comparison_grid(run: StageRun, harness: Harness, baselines: list[str]) -> Path | None:
-    """comparison.png under evaluate.out: the first concept (the baselines run on the first concepts too) as ours
-    and each baseline drew it, from their sample grids; logged beside the report."""
+def comparison_grid(run: StageRun, harness: Harness, baselines: list[str], out: str) -> Path | None:
+    """comparison.png under `out` (evaluate.out): the first concept (the baselines run on the first concepts too) as
+    ours and each baseline drew it, from their sample grids; logged beside the report."""
     grids = {name: run.results[name].grid for name in ["ours", *baselines] if name in run.results}
     path = report.comparison_grid(grids, harness.eval_set.prompts[:GRID_PROMPTS], harness.concepts(1)[0].name,
-                                  Path(run.cfg.evaluate.out) / "comparison.png")
+                                  Path(out) / "comparison.png")
     if path:
         run.client.log_artifact(run.run_id, str(path), "report")
     return path
 
 
-def time_to_identity(run: StageRun, stored: dict, series: dict[str, list[str]]) -> dict:
+def time_to_identity(run: StageRun, stored: dict, series: dict[str, list[str]], e: EvaluateConfig) -> dict:
     """The stored one-shot LoRA and TI series (rows `<prefix>-one-shot-<steps>`) beside ours at 0 and the default
     tuning steps on the same concepts; the plot and the quality-matched speed-ups go to the stage's MLflow run
     (report/time_to_identity.png), results.md and metrics.json."""
     for names in series.values():
         for name in names:
-            run.add(stored[name], {"stored": run.cfg.evaluate.baseline_results})
+            run.add(stored[name], {"stored": e.baseline_results})
     shared = set(run.results[next(iter(series.values()))[0]].concept)
     for name in ("ours-no-tuning", "ours"):  # ours on the baselines' concepts
         subset = f"{name}{report.BASELINE_SUBSET}"
         run.results[subset] = run.results[name].subset(shared, subset)
-    out = Path(run.cfg.evaluate.out)
+    out = Path(e.out)
     out.mkdir(parents=True, exist_ok=True)
     curve = report.time_to_identity(run.results, series, [f"ours-no-tuning{report.BASELINE_SUBSET}",
                                                           f"ours{report.BASELINE_SUBSET}"],

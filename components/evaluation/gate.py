@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from components.config import RegistryConfig, variant_config
+from components.config import EvaluateConfig, RegistryConfig
 from components.evaluation.eval_set import load_eval_set
 from components.evaluation.harness import Harness
 from components.evaluation.metrics import ClipMetrics
@@ -26,22 +26,22 @@ def gate_size(registry: RegistryConfig) -> str:
     return f"{registry.gate_concepts}x{registry.gate_prompts}"
 
 
-def gate_run(personalizer, concepts: int, prompts: int, seed: int = 0):
-    """The harness's MethodResult of ours on the first `concepts` evaluation concepts x the first `prompts`
-    prompts at `seed` (one sample per concept and prompt, concept-major)."""
-    cfg = personalizer.cfg
-    gate_cfg = variant_config(cfg, evaluate={"full": False, "seeds": [seed]})
-    eval_set = load_eval_set(gate_cfg)
-    clip = load_clip(cfg.base.metrics_clip, personalizer.runtime.device)
-    harness = Harness(gate_cfg, personalizer, ClipMetrics(clip), eval_set)
+def gate_run(personalizer, evaluate: EvaluateConfig, concepts: int, prompts: int, seed: int = 0):
+    """The harness's MethodResult of ours on the first `concepts` concepts x the first `prompts` prompts of the
+    evaluation set `evaluate` names, at `seed` (one sample per concept and prompt, concept-major)."""
+    evaluate = evaluate.model_copy(update={"full": False, "seeds": [seed]})
+    base = personalizer.config.base
+    eval_set = load_eval_set(evaluate, base.kind)
+    clip = load_clip(base.metrics_clip, personalizer.runtime.device)
+    harness = Harness(evaluate, personalizer, ClipMetrics(clip), eval_set)
     return harness.ours("gate", limit=concepts, prompts=eval_set.prompts[:prompts])
 
 
-def gate_scores(personalizer, registry: RegistryConfig | None = None, seed: int = 0) -> dict:
-    """The registry gate of a loaded Personalizer at `registry`'s size (default: its own config's):
+def gate_scores(personalizer, evaluate: EvaluateConfig, registry: RegistryConfig, seed: int = 0) -> dict:
+    """The registry gate of a loaded Personalizer at `registry`'s size on `evaluate`'s concepts and prompts:
     {"identity", "prompt", "score", "samples", "size"}; a `seed` other than 0 only to measure the gate's noise."""
-    r = registry or personalizer.cfg.registry
-    result = gate_run(personalizer, r.gate_concepts, r.gate_prompts, seed)
+    r = registry
+    result = gate_run(personalizer, evaluate, r.gate_concepts, r.gate_prompts, seed)
     identity, prompt = float(np.mean(result.identity)), float(np.mean(result.prompt))
     return {"identity": identity, "prompt": prompt, "score": (identity + prompt) / 2,
             "samples": len(result.identity), "size": gate_size(r)}

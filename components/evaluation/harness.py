@@ -1,7 +1,7 @@
 """The evaluation harness: ours, its variants and the optimisation baselines on one set, one metric.
 
-    harness = load_harness(cfg)
-    with StageRun(cfg, experiment, "evaluate", parent_run_id) as run:
+    harness = load_harness(cfg.engine, cfg.evaluate)
+    with StageRun(experiment, "evaluate", parent_run_id, resolved(cfg), cfg.preset) as run:
         run.add(harness.ours("ours"))
         result = run.report(title, out, findings)
 
@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from components import tracking
-from components.config import Config, EvaluateConfig, resolved
+from components.config import Config, EngineConfig, EvaluateConfig
 from components.data.images import to_pixels
 from components.errors import UserError
 from components.evaluation import report
@@ -121,12 +121,12 @@ def evaluation_seeds(e: EvaluateConfig) -> list[int]:
 class Harness:
     """A loaded base (inside `personalizer`), the metrics CLIP and the evaluation set."""
 
-    def __init__(self, cfg: Config, personalizer, metrics: ClipMetrics, eval_set: EvalSet):
-        self.cfg, self.personalizer, self.metrics, self.eval_set = cfg, personalizer, metrics, eval_set
-        self.seeds = evaluation_seeds(cfg.evaluate)
+    def __init__(self, evaluate: EvaluateConfig, personalizer: Personalizer, metrics: ClipMetrics, eval_set: EvalSet):
+        self.evaluate, self.personalizer, self.metrics, self.eval_set = evaluate, personalizer, metrics, eval_set
+        self.seeds = evaluation_seeds(evaluate)
 
     def concepts(self, limit: int | None) -> list[EvalConcept]:
-        return self.eval_set.concepts if self.cfg.evaluate.full or limit is None else self.eval_set.concepts[:limit]
+        return self.eval_set.concepts if self.evaluate.full or limit is None else self.eval_set.concepts[:limit]
 
     def _run(self, name: str, concepts: list[EvalConcept], personalise, draw, prompts: list[str] | None = None,
              ) -> MethodResult:
@@ -181,7 +181,7 @@ class Harness:
                  steps: int | None = None) -> MethodResult:
         """An optimisation baseline trained per concept on `shots` images of it (1: one-shot) for `steps` steps
         (default: the config's `<method>_steps`)."""
-        p, e = self.personalizer, self.cfg.evaluate
+        p, e = self.personalizer, self.evaluate
         settings = p.settings()
         steps = getattr(e, f"{method}_steps") if steps is None else steps
 
@@ -190,7 +190,7 @@ class Harness:
             progress = Progress(f"{name} {concept.name}", steps)
             return train_baseline(method, p.pipe, pixels, steps, e, seed=self.seeds[0],
                                   guidance_rescale=settings.guidance_rescale,
-                                  template=photo_template(pixels, self.cfg.personalize),
+                                  template=photo_template(pixels, p.config.personalize),
                                   on_step=lambda i, loss: progress.update(i, loss=loss))
 
         def draw(state, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
@@ -205,7 +205,7 @@ class Harness:
         to the largest count, sampled and scored at each count on the way (the lr is constant, so the snapshot at k
         steps is the k-step run). A point's seconds: set-up plus the loop to k, without the earlier points'
         sampling; peak memory and wall time are the whole series'."""
-        p, e = self.personalizer, self.cfg.evaluate
+        p, e = self.personalizer, self.evaluate
         settings = p.settings()
         steps = sorted(set(steps))
         results = {k: MethodResult(f"{prefix}-one-shot-{k}") for k in steps}
@@ -230,7 +230,7 @@ class Harness:
             pixels = to_pixels(concept.images[0], p.side)
             train_baseline(method, p.pipe, pixels, steps[-1], e, seed=self.seeds[0],
                            guidance_rescale=settings.guidance_rescale, snapshots=steps, on_snapshot=snapshot,
-                           template=photo_template(pixels, self.cfg.personalize),
+                           template=photo_template(pixels, p.config.personalize),
                            on_step=lambda i, loss: progress.update(i, loss=loss))
 
         started = time.perf_counter()
@@ -296,28 +296,28 @@ def _image(path: Path) -> Image.Image | None:
 
 
 def settings_key(cfg: Config, fields: dict[str, tuple[str, ...]]) -> dict:
-    """{"section.key": value} of the given config fields (what a stored result depends on)."""
+    """{"section.key": value} of the given config fields (what a stored result depends on: a key over the config)."""
     return {f"{section}.{name}": getattr(getattr(cfg, section), name) for section, names in fields.items()
             for name in names}
 
 
-def load_harness(cfg: Config, encoder: bool = True) -> Harness:
+def load_harness(engine: EngineConfig, evaluate: EvaluateConfig, encoder: bool = True) -> Harness:
     """The base, the metrics CLIP, the evaluation set and (with `encoder`) ours' encoder, loaded once."""
-    eval_set = load_eval_set(cfg)
-    personalizer = Personalizer(cfg, cfg.personalize.encoder if encoder else None)
-    return Harness(cfg, personalizer, ClipMetrics(load_clip(cfg.base.metrics_clip, personalizer.runtime.device)),
-                   eval_set)
+    eval_set = load_eval_set(evaluate, engine.base.kind)
+    personalizer = Personalizer(engine, engine.personalize.encoder if encoder else None)
+    clip = load_clip(engine.base.metrics_clip, personalizer.runtime.device)
+    return Harness(evaluate, personalizer, ClipMetrics(clip), eval_set)
 
 
 class StageRun:
     """The MLflow run of `evaluate` or `ablate`: one nested run per method (metrics, parameters, sample grid),
-    then the report's files as artifacts; the run ends FAILED if the block raises."""
+    then the report's files as artifacts; the run ends FAILED if the block raises. `params`: the stage's
+    resolved config (components.config.resolved), logged as the run's parameters."""
 
-    def __init__(self, cfg: Config, experiment: str, stage: str, parent_run_id: str | None):
-        self.cfg, self.experiment, self.stage = cfg, experiment, stage
+    def __init__(self, experiment: str, stage: str, parent_run_id: str | None, params: dict, preset: str):
+        self.experiment, self.stage, self.preset = experiment, stage, preset
         self.started = time.perf_counter()
-        self._run = tracking.run(experiment, stage, {"stage": stage, "preset": cfg.preset}, parent_run_id,
-                                 params=resolved(cfg))
+        self._run = tracking.run(experiment, stage, {"stage": stage, "preset": preset}, parent_run_id, params=params)
         self.results: dict[str, MethodResult] = {}
 
     def __enter__(self) -> StageRun:
@@ -337,16 +337,15 @@ class StageRun:
             if result.grid is not None:
                 client.log_image(run_id, result.grid, artifact_file=f"samples/{result.name}.png")
 
-    def report(self, title: str, out: str, findings: list[dict], extra: str = "",
+    def report(self, title: str, out: str, findings: list[dict], seeds: int, extra: str = "",
                metrics: dict[str, float] | None = None) -> dict:
-        """Write and log the report (`metrics`: the stage's own, beside every method's); returns the stage's result
-        (what the CLI prints)."""
-        seeds = len(evaluation_seeds(self.cfg.evaluate))
+        """Write and log the report (`seeds`: the evaluation seeds of every sample; `metrics`: the stage's own,
+        beside every method's); returns the stage's result (what the CLI prints)."""
         for f in findings:  # what each finding rests on, in the design's terms (every concept has every prompt x seed)
             f["seeds"] = seeds
             if f.get("samples") and f.get("concepts"):
                 f["prompts"] = f["samples"] // f["concepts"] // seeds
-        files = report.write_report(Path(out), title, self.results, findings, self.cfg, extra, metrics)
+        files = report.write_report(Path(out), title, self.results, findings, self.preset, extra, metrics)
         report.log_report(self.client, self.run_id, files)
         methods = {name: r.summary() for name, r in self.results.items()}
         tracking.log_metrics(self.client, self.run_id, {**report.method_metrics(methods), **(metrics or {})}, step=0)

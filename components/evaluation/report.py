@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from components.config import Config
 from components.evaluation.metrics import INTERVAL_NOTE, mean_ci
 
 
@@ -431,7 +430,7 @@ def findings_table(findings: list[dict]) -> list[str]:
     return lines + [line for note in notes for line in ("", note)]
 
 
-def write_report(out: Path, title: str, results: dict, findings: list[dict], cfg: Config, extra: str = "",
+def write_report(out: Path, title: str, results: dict, findings: list[dict], preset: str, extra: str = "",
                  metrics: dict[str, float] | None = None) -> dict:
     """results.csv (one row per method: the trade-off data), metrics.json (method_metrics and the stage's own
     `metrics`: DVC's metrics file), results.md, tradeoff.png and grids/<method>.png under `out`; returns their
@@ -444,8 +443,8 @@ def write_report(out: Path, title: str, results: dict, findings: list[dict], cfg
     summaries = {name: r.summary() for name, r in results.items()}
     files["metrics"].write_text(json.dumps({**method_metrics(summaries), **(metrics or {})}, indent=1,
                                            sort_keys=True) + "\n")
-    files["markdown"].write_text(markdown(title, frame, findings, cfg.preset, extra))
-    tradeoff_plot(results, files["plot"], f"{title}: identity vs prompt similarity ({cfg.preset})")
+    files["markdown"].write_text(markdown(title, frame, findings, preset, extra))
+    tradeoff_plot(results, files["plot"], f"{title}: identity vs prompt similarity ({preset})")
     files["grids"].mkdir(exist_ok=True)
     for name, r in results.items():
         if r.grid is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from components.config import Config, variant_config
+from components.config import Config, EngineConfig, resolved, variant_config
 from components.evaluation.harness import (
     MethodResult,
     StageRun,
@@ -29,18 +29,20 @@ from components.training.variants import encoder_variant, retrain_steps, trainin
 log = logging.getLogger(__name__)
 
 
-def tuning_variants(cfg: Config) -> dict[str, Config]:
-    """Variants that only change tuning or generation, on the committed encoder."""
+def tuning_variants(engine: EngineConfig, alpha_blends: list[float]) -> dict[str, EngineConfig]:
+    """Variants that only change tuning or generation, on the committed encoder; `alpha_blends`: the blend sweep
+    (ablate.alpha_blends)."""
     variants = {
-        "no-tuning": variant_config(cfg, personalize={"tuning_steps": 0}),
-        "no-dual-path-tune": variant_config(cfg, encoder={"dual_path": False}),
+        "no-tuning": variant_config(engine, personalize={"tuning_steps": 0}),
+        "no-dual-path-tune": variant_config(engine, encoder={"dual_path": False}),
         # paper Figure 5b: the encoder's prediction alone, plain LoRA + embedding (blend 1)
-        "no-dual-path-no-tuning": variant_config(cfg, encoder={"dual_path": False}, personalize={"tuning_steps": 0}),
-        "tune-embedding-only": variant_config(cfg, personalize={"tune_parts": "embedding"}),
-        "tune-weights-only": variant_config(cfg, personalize={"tune_parts": "weights"}),
+        "no-dual-path-no-tuning": variant_config(engine, encoder={"dual_path": False},
+                                                 personalize={"tuning_steps": 0}),
+        "tune-embedding-only": variant_config(engine, personalize={"tune_parts": "embedding"}),
+        "tune-weights-only": variant_config(engine, personalize={"tune_parts": "weights"}),
     }
-    for alpha in cfg.ablate.alpha_blends:
-        variants[f"alpha-{alpha:g}"] = variant_config(cfg, encoder={"alpha_blend_tune": alpha, "dual_path": True},
+    for alpha in alpha_blends:
+        variants[f"alpha-{alpha:g}"] = variant_config(engine, encoder={"alpha_blend_tune": alpha, "dual_path": True},
                                                       personalize={"alpha_blend": None})
     return variants
 
@@ -81,13 +83,13 @@ def train_variants(cfg: Config, parent_run_id: str | None = None, force: bool = 
         return {**report, "up_to_date": True}
     with training_session(cfg) as train:
         encoders = {name: train(name, overrides, parent_run_id) for name, overrides in wanted.items()}
-    harness = load_harness(cfg)
+    harness = load_harness(cfg.engine, e)
     limit = None if e.max_concepts is None else max(e.max_concepts, cfg.ablate.max_concepts)
     scored: dict[Path, MethodResult] = {}
-    with StageRun(cfg, e.experiment, "variants", parent_run_id) as run:
+    with StageRun(e.experiment, "variants", parent_run_id, resolved(cfg), cfg.preset) as run:
         for name, encoder_dir in encoders.items():
             if encoder_dir not in scored:  # one scoring per distinct encoder
-                scored[encoder_dir] = harness.ours(name, harness.personalizer.variant(cfg, encoder_dir), limit)
+                scored[encoder_dir] = harness.ours(name, harness.personalizer.variant(cfg.engine, encoder_dir), limit)
             result = scored[encoder_dir]
             run.add(MethodResult(**{**result.to_dict(), "name": name}, grid=result.grid),
                     {"encoder": str(encoder_dir), "retrain_steps": retrain_steps(cfg.evaluate), **wanted[name]})

@@ -1,6 +1,6 @@
 """One-shot personalisation: the stage function behind the CLI, the MLflow pyfunc and the Prefect task.
 
-    personalizer = Personalizer(cfg, "models/toy-encoder")
+    personalizer = Personalizer(cfg.engine, "models/toy-encoder")
     result = personalizer.run(image_bytes, ["S* on a beach"], personalizer.settings(seed=3))
 
 A request is: read and check the image, encoder forward (v* and LoRA factors), at most `steps` tuning
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from components.config import Config
+from components.config import EngineConfig
 from components.data.images import read_image, to_arrays, to_pixels
 from components.errors import UserError
 from components.inference.generate import SCHEDULERS, Sampling, generate
@@ -147,28 +147,27 @@ class ConceptCache:
 class Personalizer:
     """A loaded base + encoder that personalises images on request (thread-safe)."""
 
-    def __init__(self, cfg: Config, encoder_dir: str | Path | None):
+    def __init__(self, config: EngineConfig, encoder_dir: str | Path | None):
         """`encoder_dir` None: the base alone (what the optimisation baselines need), no personalisation."""
-        self.cfg = cfg
-        self.runtime = resolve(cfg.runtime)  # the base in its dtype on its device; the encoder float32 beside it
-        self.pipe = load_pipeline(cfg.base, self.runtime)
-        self.base = FrozenBase.load(cfg, self.pipe)  # shares the pipeline's UNet and text encoder
+        self.config = config
+        self.runtime = resolve(config.runtime)  # the base in its dtype on its device; the encoder float32 beside it
+        self.pipe = load_pipeline(config.base, self.runtime)
+        self.base = FrozenBase.load(config.base, pipe=self.pipe)  # shares the pipeline's UNet and text encoder
         self.encoder = None if encoder_dir is None else self._load_encoder(encoder_dir)
         self.side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        self.cache = ConceptCache(cfg.personalize.cache_size)
-        tuning_prompts = cfg.personalize.prompts
-        self.tuning_ids = self.base.prompts.tokenize(tuning_prompts)  # fails early on a prompt without S*
+        self.cache = ConceptCache(config.personalize.cache_size)
+        self.tuning_ids = self.base.prompts.tokenize(config.personalize.prompts)  # fails early on a prompt without S*
 
-    def variant(self, cfg: Config, encoder_dir: str | Path | None = None) -> Personalizer:
+    def variant(self, config: EngineConfig, encoder_dir: str | Path | None = None) -> Personalizer:
         """A Personalizer over the same loaded base with another config (tuning settings, blend) and
         optionally another encoder: the evaluation's variants without reloading the base each time.
         The base config must be the same; the variant gets its own concept cache."""
-        if cfg.base != self.cfg.base or cfg.runtime != self.cfg.runtime:
+        if config.base != self.config.base or config.runtime != self.config.runtime:
             raise ValueError("a variant must share the base model and its runtime")
         other = copy.copy(self)
-        other.cfg = cfg
-        other.cache = ConceptCache(cfg.personalize.cache_size)
-        other.tuning_ids = self.base.prompts.tokenize(cfg.personalize.prompts)
+        other.config = config
+        other.cache = ConceptCache(config.personalize.cache_size)
+        other.tuning_ids = self.base.prompts.tokenize(config.personalize.prompts)
         if encoder_dir is not None:
             other.encoder = self._load_encoder(encoder_dir)
         return other
@@ -179,10 +178,10 @@ class Personalizer:
 
     def settings(self, scheduler: str | None = None, **given: Any) -> Settings:
         """Request settings: `given` (names of PARAM_LIMITS) checked, the rest from the config."""
-        p = self.cfg.personalize
+        p = self.config.personalize
         values = {"tuning_steps": p.tuning_steps, "num_images": p.num_images, "seed": p.seed,
                   "guidance_scale": p.guidance_scale, "num_inference_steps": p.num_inference_steps,
-                  "alpha_blend": self.cfg.sampling_alpha}
+                  "alpha_blend": self.config.sampling_alpha}
         values.update({name: check_value(name, value) for name, value in given.items() if value is not None})
         scheduler = scheduler or p.scheduler
         if scheduler not in SCHEDULERS:
@@ -196,13 +195,13 @@ class Personalizer:
         """Each photo's tuning prompts (pixels (P, 3, H, W) in [-1, 1]): its `photo_templates` with S* in the
         object's place, or the configured ones where there is none."""
         return [self.tuning_ids if t is None else self.base.prompts.tokenize([t.replace("{}", PLACEHOLDER)])
-                for t in photo_templates(pixels, self.cfg.personalize.describe_scene)]
+                for t in photo_templates(pixels, self.config.personalize.describe_scene)]
 
     def predict(self, pixels: torch.Tensor, generator: torch.Generator) -> Concept:
         """The encoder's prediction for one photo (1, 3, H, W) in [-1, 1]: tuning's start."""
         if self.encoder is None:
             raise ValueError("this Personalizer was loaded without an encoder")
-        p = self.cfg.personalize
+        p = self.config.personalize
         return predict_concept(self.encoder, self.pipe.vae, pixels, p.encoder_timestep, generator, p.predicted_offsets)
 
     def concept(self, images, digest: str, steps: int) -> tuple[Concept, bool, dict[str, float]]:
@@ -210,9 +209,9 @@ class Personalizer:
 
         Several photos: the encoder's prediction for each, combined by `mean_concept`, and tuning draws
         its views across all of them (components/inference/tuning.py `augment`)."""
-        p = self.cfg.personalize
+        p = self.config.personalize
         images = images if isinstance(images, (list, tuple)) else [images]
-        recipe = TuningRecipe.from_config(self.cfg, steps)
+        recipe = TuningRecipe.from_config(self.config, steps)
         key = (digest, recipe, tuple(p.prompts), p.describe_scene, p.encoder_timestep, p.predicted_offsets)
         timings = {"encoder_s": 0.0, "tune_s": 0.0}
 
@@ -238,7 +237,7 @@ class Personalizer:
         photos = [image_bytes] if isinstance(image_bytes, (bytes, bytearray)) else list(image_bytes)
         if not photos:
             raise UserError("give at least one image of the concept")
-        images = [read_image(data, self.cfg.personalize.max_pixels) for data in photos]
+        images = [read_image(data, self.config.personalize.max_pixels) for data in photos]
         digest = images_digest(photos)
         concept, cached, timings = self.concept(images, digest, settings.tuning_steps)
         if cached:

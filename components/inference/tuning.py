@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from components.config import Config
+from components.config import EngineConfig
 from components.model.dual_path import Factors
 
 
@@ -136,10 +136,10 @@ class TuningRecipe:
     l2_reduction: str = "sum"  # L2_REDUCTIONS; see `tune`
 
     @classmethod
-    def from_config(cls, cfg: Config, steps: int | None = None) -> TuningRecipe:
-        p = cfg.personalize
-        return cls(p.tuning_steps if steps is None else steps, p.lr, p.l2_weight, p.views, cfg.encoder.alpha("tune"),
-                   p.tune_parts, p.timestep_sampling, p.l2_reduction)
+    def from_config(cls, config: EngineConfig, steps: int | None = None) -> TuningRecipe:
+        p = config.personalize
+        return cls(p.tuning_steps if steps is None else steps, p.lr, p.l2_weight, p.views,
+                   config.encoder.alpha("tune"), p.tune_parts, p.timestep_sampling, p.l2_reduction)
 
 
 def tune(base, vae, start: Concept, pixels: Tensor, prompt_ids: Tensor | list[Tensor], recipe: TuningRecipe,

@@ -4,7 +4,7 @@
 (UNet, text encoder, noise scheduler, backbone CLIP) is a `FrozenBase`, kept as a plain attribute so
 it is neither in the state dict nor in `parameters()` nor synchronised by DDP.
 
-    base = FrozenBase.load(cfg)                     # or FrozenBase(unet, text_encoder, tokenizer, ...)
+    base = FrozenBase.load(cfg.base, cfg.runtime)   # or FrozenBase(unet, text_encoder, tokenizer, ...)
     encoder = TuningEncoder.for_base(cfg.encoder, base)
     losses = encoder(pixels, latents, ["a photo of S*", ...])   # dict; losses["total"].backward()
     encoder.save_pretrained(path); TuningEncoder.from_pretrained(path, base)
@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from components import __version__
-from components.config import Config, EncoderConfig
+from components.config import BaseConfig, EncoderConfig, RuntimeConfig
 from components.errors import UserError
 from components.model.backbone import (
     ClipImageTower,
@@ -59,19 +59,19 @@ class FrozenBase:
         self.prompts = PromptEncoder(tokenizer, text_encoder, vocabulary)
 
     @classmethod
-    def load(cls, cfg: Config, pipe=None) -> FrozenBase:
-        """From the diffusers pipeline at cfg.base.pretrained in cfg.runtime (or `pipe`, already loaded from it:
-        then the base shares its modules, and the pipeline's VAE and sampler stay usable) and the backbone CLIP,
-        on the pipeline's device."""
+    def load(cls, base: BaseConfig, runtime: RuntimeConfig | None = None, pipe=None) -> FrozenBase:
+        """From the diffusers pipeline at base.pretrained in `runtime` (default auto), or `pipe`, already loaded
+        from it (then the base shares its modules, and the pipeline's VAE and sampler stay usable), and the
+        backbone CLIP, on the pipeline's device."""
         from diffusers import DDPMScheduler  # diffusers: only when the base is wrapped (start-up time)
 
-        pipe = pipe if pipe is not None else load_pipeline(cfg.base, resolve(cfg.runtime))
+        pipe = pipe if pipe is not None else load_pipeline(base, resolve(runtime or RuntimeConfig()))
         # training noises with DDPM on the pipeline's own betas and prediction type
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        clip = ClipImageTower(load_clip(cfg.base.backbone_clip, pipe.device).model.visual)
-        if cfg.base.gradient_checkpointing:  # only acts while gradients flow (tuning, pre-training)
+        clip = ClipImageTower(load_clip(base.backbone_clip, pipe.device).model.visual)
+        if base.gradient_checkpointing:  # only acts while gradients flow (tuning, pre-training)
             pipe.unet.enable_gradient_checkpointing()
-        return cls(pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, clip, cfg.base.vocabulary)
+        return cls(pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, clip, base.vocabulary)
 
     def to(self, *args, **kwargs) -> FrozenBase:
         for module in (self.unet, self.text_encoder, self.clip):

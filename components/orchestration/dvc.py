@@ -83,7 +83,8 @@ def pretrain_stage(cfg: Config, parent_run_id: str | None, workspace: str | Path
             version = data_version(cfg.prepare.out)
             log.info("DVC stage %s is up to date: keeping the encoder in %s", stage, cfg.personalize.encoder)
             return {"out": cfg.personalize.encoder, "skipped": f"DVC stage {stage} up to date", "mlflow_run_id": None,
-                    "run_name": run_name(cfg, version), "end_step": cfg.pretrain.max_steps, "data_version": version}
+                    "run_name": run_name(cfg.training, version), "end_step": cfg.pretrain.max_steps,
+                    "data_version": version}
     # force: the workspace's encoder is the pipeline's own output (in the checkout DVC's, recorded in dvc.lock)
     report = pretrain(cfg, parent_run_id=parent_run_id, force=True)
     if stage:

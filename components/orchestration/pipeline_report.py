@@ -15,10 +15,9 @@ from pathlib import Path
 import pandas as pd
 
 from components import tracking
-from components.config import Config
+from components.config import PipelineConfig
 from components.evaluation.metrics import INTERVAL_NOTE
 from components.evaluation.report import METRICS, findings_table, smoke_notice
-from components.serving.registry import model_name
 
 
 log = logging.getLogger(__name__)
@@ -72,9 +71,10 @@ def stage_images(stage: str, result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def serve_commands(cfg: Config) -> list[str]:
-    uri, name = tracking.tracking_uri(), model_name(cfg)
-    preset = "" if cfg.preset == "toy" else f" --preset {cfg.preset}"
+def serve_commands(preset: str, name: str) -> list[str]:
+    """How to serve registered model `name`'s champion (a `preset` model): with our server, and MLflow's."""
+    uri = tracking.tracking_uri()
+    preset = "" if preset == "toy" else f" --preset {preset}"
     return [f"MLFLOW_TRACKING_URI={uri} datencoder serve{preset}",
             f"MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{name}@champion --env-manager local"]
 
@@ -108,28 +108,29 @@ def copied_image(out: Path, source: str | Path | None, title: str, caption: str)
     return [f"![{title}]({Path(source).name})", "", f"*{caption}*"]
 
 
-def write_report(cfg: Config, results: dict[str, dict], parent_run_id: str, flow_run: str,
-                 durations: dict[str, float] | None = None) -> dict:
-    """report.md + metrics.csv (+ the plots and sample grid) under pipeline.report; `durations`: each stage flow's
-    wall time in this run (seconds). Returns the markdown, the table rows and the paths."""
-    out = Path(cfg.pipeline.report).resolve()
+def write_report(pipeline: PipelineConfig, preset: str, model: str, results: dict[str, dict], parent_run_id: str,
+                 flow_run: str, durations: dict[str, float] | None = None) -> dict:
+    """report.md + metrics.csv (+ the plots and sample grid) under pipeline.report for a run of `preset` that
+    registers `model`; `durations`: each stage flow's wall time in this run (seconds). Returns the markdown, the
+    table rows and the paths."""
+    out = Path(pipeline.report).resolve()
     out.mkdir(parents=True, exist_ok=True)
     durations = durations or {}
     rows = metrics_table(results)
     table = pd.DataFrame(rows, columns=["stage", "method", *METRIC_COLUMNS, "concepts"])
     table.to_csv(out / "metrics.csv", index=False)
     evaluate = results.get("evaluate") or {}
-    notice = smoke_notice(cfg.preset, [m["concepts"] for stage in ("evaluate", "ablate")
+    notice = smoke_notice(preset, [m["concepts"] for stage in ("evaluate", "ablate")
                                        for m in (results.get(stage) or {}).get("methods", {}).values()
                                        if m.get("concepts")])
     lines = [*([f"**{notice}**", ""] if notice else []), f"# datencoder retrain: {flow_run}", "",
-             f"Preset `{cfg.preset}`, data version `{(results.get('prepare_data') or {}).get('data_version', '-')}`, "
+             f"Preset `{preset}`, data version `{(results.get('prepare_data') or {}).get('data_version', '-')}`, "
              f"MLflow `{tracking.tracking_uri()}`, parent run {run_link(parent_run_id)}.", "",
              "## Stages", "",
              "Wall time: each stage flow's time in this run (a stage taken from Prefect's cache or found up to date "
              "shows the time to find that out).", "",
              "| stage | result | wall time | MLflow run |", "|---|---|---|---|"]
-    for stage in cfg.pipeline.stages:
+    for stage in pipeline.stages:
         r = results.get(stage) or {}
         summary = r.get("skipped") or stage_summary(stage, r)
         lines.append(f"| {stage} | {summary} | {duration(durations.get(stage))} | "
@@ -177,10 +178,10 @@ def write_report(cfg: Config, results: dict[str, dict], parent_run_id: str, flow
                  f"{gate.get('margin')} on the gate")
         lines += ["", "## Registered model", "", f"`{reg['model']}` version {reg['version']}: {link}; {alias}."]
         if reg.get("alias") == "challenger":
-            preset = "" if cfg.preset == "toy" else " --preset " + cfg.preset
-            lines += ["", f"Make it the champion with `datencoder promote{preset}"
+            flag = "" if preset == "toy" else " --preset " + preset
+            lines += ["", f"Make it the champion with `datencoder promote{flag}"
                           f" --version {reg['version']}`."]
-    lines += ["", "## Serve the champion", "", *(f"    {c}" for c in serve_commands(cfg))]
+    lines += ["", "## Serve the champion", "", *(f"    {c}" for c in serve_commands(preset, model))]
     markdown = "\n".join(lines) + "\n"
     (out / "report.md").write_text(markdown)
     return {"markdown": markdown, "rows": rows, "report": str(out / "report.md"), "csv": str(out / "metrics.csv")}

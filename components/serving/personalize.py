@@ -17,7 +17,7 @@ from huggingface_hub import try_to_load_from_cache
 from transformers import CLIPTokenizer
 
 from components import home
-from components.config import BaseConfig, Config
+from components.config import BaseConfig, Config, PersonalizeConfig, RegistryConfig
 from components.data.images import read_file
 from components.errors import UserError
 from components.inference.engine import Personalizer, check_prompts, check_value, slug
@@ -51,18 +51,20 @@ def base_tokenizer(base: BaseConfig):
     return CLIPTokenizer.from_pretrained(**source, local_files_only=True)
 
 
-def resolve_model(cfg: Config, model: str | None = None) -> str:
+def resolve_model(personalize: PersonalizeConfig, base: BaseConfig, registry_config: RegistryConfig, preset: str,
+                  model: str | None = None) -> str:
     """What `personalize` runs: `model` (an MLflow model URI or an encoder directory), or by default the registered
     champion when the tracking store has one, else `personalize.encoder`. A missing default encoder is reported
     after a missing base, whose message says how to provide the weights."""
     if model is None:
-        model = registry.champion_uri(cfg) or cfg.personalize.encoder
+        model = registry.champion_uri(registry_config, preset) or personalize.encoder
         if not registry.is_model_uri(model) and not Path(model).is_dir():
-            base_tokenizer(cfg.base)
+            base_tokenizer(base)
             if home.holds(model):
                 raise UserError(home.missing("the committed toy encoder", model))
-            raise UserError(f"no encoder to personalise with: the MLflow store has no {registry.model_name(cfg)}@"
-                            f"{registry.ALIAS} and {model} does not exist; run the pipeline first "
+            name = registry.model_name(registry_config, preset)
+            raise UserError(f"no encoder to personalise with: the MLflow store has no {name}@{registry.ALIAS} and "
+                            f"{model} does not exist; run the pipeline first "
                             f"(`datencoder pretrain`, then `datencoder register`), or pass --model")
     if not registry.is_model_uri(model) and not (Path(model) / "config.json").is_file():
         raise UserError(f"--model {model}: not an MLflow model URI nor an encoder directory (no config.json)")
@@ -80,12 +82,12 @@ def personalize(cfg: Config, images: str | list[str], prompts: list[str], model:
     for name, value in params.items():
         if value is not None:
             check_value(name, value)
-    model = resolve_model(cfg, model)
+    model = resolve_model(cfg.personalize, cfg.base, cfg.registry, cfg.preset, model)
     if registry.is_model_uri(model):  # its logged config names the base: the prompts are checked once it is loaded
         personalizer = registry.load_pyfunc_personalizer(model, trust_model_code, cfg.runtime)
     else:
         check_prompts(prompts, PromptEncoder(base_tokenizer(cfg.base), None))
-        personalizer = Personalizer(cfg, model)
+        personalizer = Personalizer(cfg.engine, model)
     settings = personalizer.settings(scheduler=scheduler, **params)
     result = personalizer.run(photos, prompts, settings)
     out_dir = Path(out or cfg.personalize.out)

@@ -39,17 +39,18 @@ from mlflow.pyfunc import PythonModel
 
 from components.errors import UserError
 from components.inference.engine import Personalizer
-from components.runtime import out_of_memory, serving_config
+from components.runtime import out_of_memory, serving_runtime
 from components.serving import limits
 from components.serving.registry import config_from_artifacts
 
 
 class PersonalizeModel(PythonModel):
     def load_context(self, context) -> None:
-        cfg = serving_config(config_from_artifacts(context.artifacts), context.model_config)
+        cfg = config_from_artifacts(context.artifacts)
+        cfg = cfg.model_copy(update={"runtime": serving_runtime(context.model_config)})  # where it is served
         self.limits = limits.serving_limits(cfg.serve)
         self.slots = limits.Slots(self.limits.max_concurrent, self.limits.max_queue)
-        self.personalizer = Personalizer(cfg, context.artifacts["encoder"])
+        self.personalizer = Personalizer(cfg.engine, context.artifacts["encoder"])
         limits.watch(self.personalizer.pipe.unet)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:

@@ -43,7 +43,7 @@ import torch
 from starlette.responses import Response
 
 from components import tracking
-from components.config import Config, ServeConfig, load_config
+from components.config import Config, RuntimeConfig, ServeConfig, load_config
 from components.errors import UserError
 from components.runtime import own_ray_cluster_environment, runtime_environment
 from components.serving import limits, registry, scoring
@@ -155,17 +155,17 @@ def replica_processes(pid: int) -> list:
     return found
 
 
-def replica_env(cfg: Config) -> dict[str, str]:
+def replica_env(lim: ServeConfig, runtime: RuntimeConfig) -> dict[str, str]:
     """What a replica's pyfunc reads while it loads: the server's limits, device and dtype."""
-    return {limits.LIMITS_ENV: cfg.serve.model_dump_json(), "DATENCODER_REPLICA_CPUS": str(cfg.serve.replica_cpus),
-            **runtime_environment(cfg.runtime)}
+    return {limits.LIMITS_ENV: lim.model_dump_json(), "DATENCODER_REPLICA_CPUS": str(lim.replica_cpus),
+            **runtime_environment(runtime)}
 
 
-def application(cfg: Config, model: str, trust_model_code: bool, defaults: dict[str, Any]):
+def application(lim: ServeConfig, runtime: RuntimeConfig, model: str, trust_model_code: bool,
+                defaults: dict[str, Any]):
     """The Ray Serve application: `Ingress` over `Model` with the options of the module docstring."""
     from ray import serve  # ray: with --backend ray only
 
-    lim = cfg.serve
     model_options: dict[str, Any] = {
         "name": "Model", "max_ongoing_requests": lim.max_concurrent, "max_queued_requests": max(lim.max_queue, 1),
         "ray_actor_options": {"num_cpus": lim.replica_cpus, "num_gpus": lim.replica_gpus},
@@ -176,7 +176,7 @@ def application(cfg: Config, model: str, trust_model_code: bool, defaults: dict[
             "target_ongoing_requests": lim.max_concurrent, "upscale_delay_s": 5, "downscale_delay_s": 120}
     else:
         model_options["num_replicas"] = lim.replicas
-    replica = serve.deployment(Model).options(**model_options).bind(model, trust_model_code, replica_env(cfg))
+    replica = serve.deployment(Model).options(**model_options).bind(model, trust_model_code, replica_env(lim, runtime))
     ingress = serve.deployment(Ingress).options(
         name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=INGRESS_ONGOING,
         max_queued_requests=INGRESS_ONGOING)
@@ -211,10 +211,10 @@ def app_builder(args: dict[str, Any]):
     the champion), `config` (a params.yaml; default the toy preset's), `trust_model_code`. The model is pinned
     to its version and checked here; each replica downloads it."""
     cfg = load_config(path=args["config"]) if args.get("config") else load_config()
-    model = pinned(args.get("model") or f"models:/{registry.model_name(cfg)}@{registry.ALIAS}")
+    model = pinned(args.get("model") or f"models:/{registry.model_name(cfg.registry, cfg.preset)}@{registry.ALIAS}")
     trust = str(args.get("trust_model_code", "")).lower() in ("1", "true", "yes")
     local = registry.trusted_model_dir(model, trust)
-    return application(cfg, model, trust, model_defaults(local))
+    return application(cfg.serve, cfg.runtime, model, trust, model_defaults(local))
 
 
 def serve(cfg: Config, model: str, host: str, port: int, trust_model_code: bool) -> dict:
@@ -236,7 +236,8 @@ def serve(cfg: Config, model: str, host: str, port: int, trust_model_code: bool)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the finally below shuts Ray Serve down
     try:
         ray_serve.start(http_options={"host": host, "port": port})
-        app = application(cfg, local if not address else model, trust_model_code, model_defaults(local))
+        app = application(cfg.serve, cfg.runtime, local if not address else model, trust_model_code,
+                          model_defaults(local))
         ray_serve.run(app, name=APP_NAME, route_prefix="/")
         lim = cfg.serve
         replicas = f"{lim.replicas}-{lim.max_replicas}" if lim.max_replicas else str(lim.replicas)

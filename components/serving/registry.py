@@ -52,7 +52,7 @@ import yaml
 from PIL import Image
 
 from components import tracking
-from components.config import Config, RuntimeConfig, load_config
+from components.config import Config, EngineConfig, EvaluateConfig, RegistryConfig, RuntimeConfig, load_config
 from components.errors import UserError
 from components.inference.engine import Personalizer
 
@@ -60,7 +60,7 @@ from components.inference.engine import Personalizer
 log = logging.getLogger(__name__)
 
 LEGACY_MODEL_NAME = "datencoder"  # the one name every preset shared before names carried the preset
-MODEL_NAME = LEGACY_MODEL_NAME  # deprecated: use model_name(cfg)
+MODEL_NAME = LEGACY_MODEL_NAME  # deprecated: use model_name(cfg.registry, cfg.preset)
 ALIAS = "champion"
 CHALLENGER = "challenger"
 EXPERIMENT = "datencoder-register"
@@ -71,9 +71,9 @@ CODE_TAG = "code_sha256"  # model-version tag: sha256 of the logged model code f
 TRUST_ENV = "DATENCODER_TRUST_MODEL_CODE"  # =1: load models whose code is not this checkout's
 
 
-def model_name(cfg: Config) -> str:
-    """The registered model of a config: `registry.model_name`, else `datencoder-<preset>`."""
-    return cfg.registry.model_name or f"{LEGACY_MODEL_NAME}-{cfg.preset}"
+def model_name(registry: RegistryConfig, preset: str) -> str:
+    """The registered model of a preset's config: `registry.model_name`, else `datencoder-<preset>`."""
+    return registry.model_name or f"{LEGACY_MODEL_NAME}-{preset}"
 
 
 def is_model_uri(model: str) -> bool:
@@ -100,18 +100,18 @@ def _aliased(client, name: str, alias: str):
         return None
 
 
-def champion_uri(cfg: Config) -> str | None:
-    """`models:/<model_name(cfg)>@champion` when the configured tracking store has it (an absent sqlite file is
-    not created just to look). A store that has only the old single name's champion (`datencoder@champion`,
-    same preset) still serves it, with a deprecation line."""
+def champion_uri(registry: RegistryConfig, preset: str) -> str | None:
+    """`models:/<model_name>@champion` when the configured tracking store has it (an absent sqlite file is not
+    created just to look). A store that has only the old single name's champion (`datencoder@champion`, same
+    preset) still serves it, with a deprecation line."""
     uri = tracking.tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return None  # before importing mlflow: a one-shot personalize without a store pays nothing for it
-    client, name = _client(), model_name(cfg)
+    client, name = _client(), model_name(registry, preset)
     if _aliased(client, name, ALIAS) is not None:
         return f"models:/{name}@{ALIAS}"
-    legacy = None if cfg.registry.model_name else _aliased(client, LEGACY_MODEL_NAME, ALIAS)
-    if legacy is not None and legacy.tags.get("preset", cfg.preset) == cfg.preset:
+    legacy = None if registry.model_name else _aliased(client, LEGACY_MODEL_NAME, ALIAS)
+    if legacy is not None and legacy.tags.get("preset", preset) == preset:
         log.warning("models:/%s@%s is the old single model name of every preset (deprecated): using it; register "
                     "again (`datencoder register`) to make models:/%s@%s", LEGACY_MODEL_NAME, ALIAS, name, ALIAS)
         return f"models:/{LEGACY_MODEL_NAME}@{ALIAS}"
@@ -183,7 +183,8 @@ def _model_of_preset(client, name: str, preset: str) -> None:
 
 # --- the logged model's artifacts ----------------------------------------------------------------
 def model_artifacts(cfg: Config, encoder_dir: str | Path, scratch: Path) -> dict[str, str]:
-    """encoder weights + resolved config; the toy base and backbone CLIP too (small), never SD weights."""
+    """encoder weights + resolved config (the whole of it: the model carries the config it was registered with);
+    the toy base and backbone CLIP too (small), never SD weights."""
     config = scratch / "config.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     artifacts = {"encoder": str(encoder_dir), "config": str(config)}
@@ -207,14 +208,14 @@ def config_from_artifacts(artifacts: dict[str, str]) -> Config:
     return load_config(values["preset"], overrides=values)
 
 
-def signature(cfg: Config):
+def signature(engine: EngineConfig):
     """Inputs image (binary) + prompt (string); params with the config's defaults; outputs image/prompt/seed."""
     # mlflow: on use only (start-up time)
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    p = cfg.personalize
-    alpha = cfg.sampling_alpha
+    p = engine.personalize
+    alpha = engine.sampling_alpha
     params = [ParamSpec("tuning_steps", "long", p.tuning_steps), ParamSpec("num_images", "long", p.num_images),
               ParamSpec("seed", "long", p.seed), ParamSpec("guidance_scale", "double", p.guidance_scale),
               ParamSpec("num_inference_steps", "long", p.num_inference_steps),
@@ -244,32 +245,33 @@ def requirements() -> list[str]:
 
 
 def log_model(cfg: Config, encoder_dir: str | Path):
-    """Log the pyfunc model into the active run; returns mlflow's ModelInfo."""
+    """Log the pyfunc model with `cfg` (the whole config: `model_artifacts`) into the active run; returns mlflow's
+    ModelInfo."""
     import mlflow  # mlflow: on use only (start-up time)
 
     with tempfile.TemporaryDirectory(prefix="datencoder-register-") as scratch:
         return mlflow.pyfunc.log_model(
             name="model", python_model=str(PYFUNC_CODE), artifacts=model_artifacts(cfg, encoder_dir, Path(scratch)),
-            signature=signature(cfg), input_example=input_example(), pip_requirements=requirements(),
-            # declared so that load_model(model_config=...) may override them (components/runtime.py serving_config)
+            signature=signature(cfg.engine), input_example=input_example(), pip_requirements=requirements(),
+            # declared so that load_model(model_config=...) may override them (components/runtime.py serving_runtime)
             model_config={"device": "auto", "dtype": "auto"})
 
 
 # --- the gate --------------------------------------------------------------------------------------
-def gate_score(personalizer, registry=None) -> dict:
-    """The gate (components/evaluation/gate.py) of a loaded Personalizer, at `registry`'s size (default its own
-    config's): {"identity", "prompt", "score", "samples", "size"}."""
+def gate_score(personalizer, evaluate: EvaluateConfig, registry: RegistryConfig) -> dict:
+    """The gate (components/evaluation/gate.py) of a loaded Personalizer, at `registry`'s size on `evaluate`'s
+    concepts and prompts: {"identity", "prompt", "score", "samples", "size"}."""
     from components.evaluation.gate import gate_scores  # registering only: `personalize` starts without it
 
-    return gate_scores(personalizer, registry=registry)
+    return gate_scores(personalizer, evaluate, registry)
 
 
-def score_tag(cfg: Config) -> str:
-    """The version tag holding a score on `cfg`'s gate: `<GATE>.<concepts>x<prompts>`."""
+def score_tag(registry: RegistryConfig) -> str:
+    """The version tag holding a score on `registry`'s gate: `<GATE>.<concepts>x<prompts>`."""
     # registering only (it loads pandas): `personalize` starts without it
     from components.evaluation.gate import GATE, gate_size
 
-    return f"{GATE}.{gate_size(cfg.registry)}"
+    return f"{GATE}.{gate_size(registry)}"
 
 
 def logged_personalizer(model_uri: str, runtime: RuntimeConfig) -> Personalizer:
@@ -283,18 +285,20 @@ def logged_personalizer(model_uri: str, runtime: RuntimeConfig) -> Personalizer:
     if not {"encoder", "config"} <= set(artifacts):
         raise UserError(f"{model_uri} is not a datencoder model (no encoder/config artifacts): cannot score it")
     cfg = config_from_artifacts(artifacts).model_copy(update={"runtime": runtime})
-    return Personalizer(cfg, artifacts["encoder"])
+    return Personalizer(cfg.engine, artifacts["encoder"])
 
 
-def _score_of(client, cfg: Config, name: str, version) -> float | None:
-    """A version's score on `cfg`'s gate: its tag, else scored now from its logged model and recorded."""
+def _score_of(client, gate: tuple[EvaluateConfig, RegistryConfig], runtime: RuntimeConfig, name: str,
+              version) -> float | None:
+    """A version's score on the gate (`gate_score`'s evaluate and registry): its tag, else scored now (in `runtime`)
+    from its logged model and recorded."""
     if version is None:
         return None
-    tag = score_tag(cfg)
+    tag = score_tag(gate[1])
     if tag in version.tags:
         return float(version.tags[tag])
     log.info("scoring %s version %s on the gate %s (its score there was never recorded)", name, version.version, tag)
-    score = gate_score(logged_personalizer(f"models:/{name}/{version.version}", cfg.runtime), cfg.registry)["score"]
+    score = gate_score(logged_personalizer(f"models:/{name}/{version.version}", runtime), *gate)["score"]
     client.set_model_version_tag(name, version.version, tag, f"{score:.6g}")
     return float(f"{score:.6g}")
 
@@ -312,7 +316,7 @@ def decide(score: float, champion: float | None, challenger: float | None, margi
 
 
 def register(cfg: Config, encoder: str | None = None) -> dict:
-    """Log and register the encoder at `encoder` (default personalize.encoder) as a version of model_name(cfg);
+    """Log and register the encoder at `encoder` (default personalize.encoder) as a version of `model_name`;
     give it the alias its gate score earns (`decide`), under the model's alias lock."""
     import mlflow  # mlflow: on use only (start-up time)
 
@@ -323,11 +327,13 @@ def register(cfg: Config, encoder: str | None = None) -> dict:
 
     from components.evaluation.gate import GATE  # registering only (it loads pandas): `personalize` starts without it
 
-    client, name, r = _client(), model_name(cfg), cfg.registry
+    client, name, r = _client(), model_name(cfg.registry, cfg.preset), cfg.registry
     _model_of_preset(client, name, cfg.preset)
-    gate = gate_score(Personalizer(cfg, encoder_dir))
+    on_gate = (cfg.evaluate, r)
+    gate = gate_score(Personalizer(cfg.engine, encoder_dir), *on_gate)
     score = float(f"{gate['score']:.6g}")  # as recorded in the tag: what every later comparison reads
-    _score_of(client, cfg, name, _aliased(client, name, ALIAS))  # a champion from another gate: scored before the lock
+    # a champion from another gate: scored before the lock
+    _score_of(client, on_gate, cfg.runtime, name, _aliased(client, name, ALIAS))
     from components.data.prepare import data_version  # registering only (pandas): `personalize` starts without it
 
     tags = {"data_version": data_version(cfg.prepare.out, missing="unknown"), "preset": cfg.preset,
@@ -339,13 +345,13 @@ def register(cfg: Config, encoder: str | None = None) -> dict:
             info = log_model(cfg, encoder_dir)
         version = mlflow.register_model(info.model_uri, name).version
         for key, value in {**tags, "git_commit": tracking.git_commit(), "gate": GATE, "gate_size": gate["size"],
-                           score_tag(cfg): f"{score:.6g}", "encoder": str(encoder_dir),
+                           score_tag(r): f"{score:.6g}", "encoder": str(encoder_dir),
                            CODE_TAG: code_sha256(PYFUNC_CODE)}.items():
             client.set_model_version_tag(name, version, key, str(value))
         with alias_lock(client, name, r.lock_timeout_s):
             champion, challenger = _aliased(client, name, ALIAS), _aliased(client, name, CHALLENGER)
-            champion_score = _score_of(client, cfg, name, champion)
-            challenger_score = _score_of(client, cfg, name, challenger)
+            champion_score = _score_of(client, on_gate, cfg.runtime, name, champion)
+            challenger_score = _score_of(client, on_gate, cfg.runtime, name, challenger)
             alias = decide(score, champion_score, challenger_score, r.margin)
             if alias:
                 client.set_registered_model_alias(name, alias, version)
@@ -367,11 +373,11 @@ def register(cfg: Config, encoder: str | None = None) -> dict:
 
 
 def promote(cfg: Config, version: int | None = None) -> dict:
-    """Move model_name(cfg)'s `@champion` to `version` (default: the `@challenger`), under the alias lock; never
-    onto a version of another preset. The previous champion is recorded on the new one (`promoted_from`)."""
+    """Move the model's (`model_name`) `@champion` to `version` (default: the `@challenger`), under the alias lock;
+    never onto a version of another preset. The previous champion is recorded on the new one (`promoted_from`)."""
     from mlflow.exceptions import MlflowException  # mlflow: on use only (start-up time)
 
-    client, name = _client(), model_name(cfg)
+    client, name = _client(), model_name(cfg.registry, cfg.preset)
     with alias_lock(client, name, cfg.registry.lock_timeout_s):
         try:
             model = client.get_registered_model(name)
@@ -407,7 +413,7 @@ def promote(cfg: Config, version: int | None = None) -> dict:
 
 def load_pyfunc_personalizer(model_uri: str, trust: bool = False, runtime: RuntimeConfig | None = None):
     """The Personalizer inside a logged pyfunc model (what the server runs), after the trust check; `runtime`'s
-    settings other than auto win over the serving environment's (components/runtime.py `serving_config`)."""
+    settings other than auto win over the serving environment's (components/runtime.py `serving_runtime`)."""
     return load_pyfunc(trusted_model_dir(model_uri, trust), runtime).unwrap_python_model().personalizer
 
 

@@ -125,10 +125,11 @@ def app_from_env():
 def serve(cfg: Config, model: str | None = None, host: str = "127.0.0.1", port: int = 5000, workers: int = 1,
           trust_model_code: bool = False) -> dict:
     """Serve until interrupted, on `cfg.serve.backend`."""
-    model = model or registry.champion_uri(cfg)
+    model = model or registry.champion_uri(cfg.registry, cfg.preset)
     if model is None:
-        raise UserError(f"no {registry.model_name(cfg)}@{registry.ALIAS} in {tracking.tracking_uri()}: run "
-                        f"`datencoder register` first, or pass --model")
+        name = registry.model_name(cfg.registry, cfg.preset)
+        raise UserError(f"no {name}@{registry.ALIAS} in {tracking.tracking_uri()}: run `datencoder register` first, "
+                        f"or pass --model")
     resolve(cfg.runtime)  # CUDA asked for on a machine without it: one line now, not a dead server later
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: every host that reaches it can use it; put it behind a proxy that authenticates",

@@ -45,7 +45,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from components import tracking
-from components.config import Config, PretrainConfig
+from components.config import EncoderConfig, PretrainConfig, TrainingConfig
 from components.data.images import to_arrays
 from components.errors import UserError
 from components.memory import peak_mb
@@ -151,11 +151,12 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def initial_encoder(cfg: Config, base: FrozenBase) -> TuningEncoder:
-    """The encoder at step 0: identical on every worker, and reproducible as the untrained baseline."""
+def initial_encoder(encoder: EncoderConfig, seed: int, base: FrozenBase) -> TuningEncoder:
+    """The encoder at step 0 (pretrain.seed): identical on every worker, and reproducible as the untrained
+    baseline."""
     with torch.random.fork_rng():
-        torch.manual_seed(cfg.pretrain.seed)
-        return TuningEncoder.for_base(cfg.encoder, base)
+        torch.manual_seed(seed)
+        return TuningEncoder.for_base(encoder, base)
 
 
 def autocast(device: torch.device):
@@ -167,7 +168,7 @@ def autocast(device: torch.device):
 class Training:
     """Everything one worker trains with; `step` is one optimiser step, `save`/`restore` a checkpoint."""
 
-    cfg: Config
+    config: TrainingConfig
     pipe: Any  # the base pipeline: its VAE makes latents, its sampler draws sample grids
     base: FrozenBase  # shares the pipeline's UNet and text encoder
     encoder: TuningEncoder
@@ -179,13 +180,14 @@ class Training:
     micro_batch: int
 
     @classmethod
-    def build(cls, cfg: Config, manifest: pd.DataFrame, rank: int, world: int, device: torch.device) -> Training:
-        p = cfg.pretrain
-        pipe = load_pipeline(cfg.base)
-        base = FrozenBase.load(cfg, pipe)
+    def build(cls, config: TrainingConfig, manifest: pd.DataFrame, rank: int, world: int, device: torch.device,
+              ) -> Training:
+        p = config.pretrain
+        pipe = load_pipeline(config.base)
+        base = FrozenBase.load(config.base, pipe=pipe)
         pipe.to(device)
         base.to(device)
-        encoder = initial_encoder(cfg, base).to(device)
+        encoder = initial_encoder(config.encoder, p.seed, base).to(device)
         model = encoder
         if world > 1:  # frozen base parts are plain attributes: DDP neither syncs nor broadcasts them
             import ray.train.torch  # ray: in a Ray Train worker only
@@ -197,15 +199,15 @@ class Training:
             optimizer, lambda step: lr_factor(step, p.warmup_steps, p.max_steps))
         torch.manual_seed(p.seed * 1000 + rank)  # noise and timesteps differ between workers
         base.prompts.tokenize(p.prompts)  # a generic prompt without S* fails before the first step
-        shard = Shard(Path(cfg.prepare.out), manifest, rank, world, Prompts(p), p.seed)
-        return cls(cfg, pipe, base, encoder, model, optimizer, schedule, shard, device,
+        shard = Shard(Path(config.data), manifest, rank, world, Prompts(p), p.seed)
+        return cls(config, pipe, base, encoder, model, optimizer, schedule, shard, device,
                    p.batch_size // (world * p.grad_accum))
 
     def encoder_timesteps(self, n: int) -> Tensor | None:
         """What the encoder's input is noised to (PretrainConfig.encoder_noise): None, the loss's own timesteps."""
-        if self.cfg.pretrain.encoder_noise == "matched":
+        if self.config.pretrain.encoder_noise == "matched":
             return None
-        return torch.full((n,), self.cfg.personalize.encoder_timestep, device=self.device)
+        return torch.full((n,), self.config.encoder_timestep, device=self.device)
 
     @torch.no_grad()
     def latents(self, pixels: Tensor) -> Tensor:
@@ -217,7 +219,7 @@ class Training:
         """One optimiser step (0-based `step`): this worker's loss terms (means over its micro-batches; with
         `gradient_norms` also the two pulls on v*, see TuningEncoder.forward), and the learning rate and global
         gradient norm (before clipping) of the step."""
-        p = self.cfg.pretrain
+        p = self.config.pretrain
         accum = p.grad_accum
         totals: dict[str, Tensor] = {}
         for micro in range(accum):
@@ -238,7 +240,7 @@ class Training:
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0) + value.detach().float() / accum
         # the gradient is all-reduced by now, so its norm (and the clipping) is the same on every worker
-        grad_norm = nn.utils.clip_grad_norm_(self.encoder.parameters(), self.cfg.pretrain.grad_clip)
+        grad_norm = nn.utils.clip_grad_norm_(self.encoder.parameters(), self.config.pretrain.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.schedule.step()
@@ -261,7 +263,7 @@ class Training:
         self.schedule.load_state_dict(state["schedule"])
         step = int(state["step"])
         # the decay ends at this run's max_steps, which may have grown since the checkpoint was written
-        p = self.cfg.pretrain
+        p = self.config.pretrain
         for group, base_lr in zip(self.optimizer.param_groups, self.schedule.base_lrs):
             group["lr"] = base_lr * lr_factor(step, p.warmup_steps, p.max_steps)
         rng = directory / f"rng-{rank}.pt"
@@ -314,23 +316,23 @@ class HeldOut:
     """Images the encoder never trains on, with fixed noise and timesteps: the val split of the manifest and, for
     the toy world, renders of the shapes pre-training saw and of those it never saw (the paper's unseen domains)."""
 
-    def __init__(self, cfg: Config, manifest: pd.DataFrame):
-        p = cfg.pretrain
+    def __init__(self, config: TrainingConfig, manifest: pd.DataFrame):
+        p = config.pretrain
         prompts = Prompts(p)
         val = manifest[manifest["split"] == "val"].sort_values("path").head(p.heldout_images)
         self.sets: dict[str, HeldOutSet] = {}
         if len(val):
-            pixels = load_pixels([Path(cfg.prepare.out) / path for path in val["path"]])
+            pixels = load_pixels([Path(config.data) / path for path in val["path"]])
             images = to_arrays(pixels)
             self.sets["val"] = HeldOutSet(pixels, [prompts.one(image, row)
                                                    for image, row in zip(images, val.itertuples())])
-        held_out = cfg.toy_world.encoder_holdout_shapes
-        if cfg.base.kind == "toy" and held_out:
+        held_out = config.holdout_shapes
+        if config.base.kind == "toy" and held_out:
             rng = random.Random(p.seed)
             for name, shapes in (("seen_shapes", [s for s in tw.SHAPES if s not in held_out]),
                                  ("unseen_shapes", held_out)):
                 scenes = [tw.sample_scene(rng, shapes=shapes, edits=False) for _ in range(p.heldout_images)]
-                pixels = model_pixels(tw.render_batch(scenes, cfg.prepare.resolution, p.seed))
+                pixels = model_pixels(tw.render_batch(scenes, config.resolution, p.seed))
                 self.sets[name] = HeldOutSet(pixels, [s.template().replace("{}", PLACEHOLDER) for s in scenes], scenes)
         self.seed = p.seed
 
@@ -412,7 +414,7 @@ class HeldOut:
     def grid(self, training: Training) -> Image.Image:
         """Rows: held-out concepts; columns: the input, then a generation for each sample prompt from
         the encoder's v* and offsets (predicted once, from the image's latent noised to mid-schedule)."""
-        p, base, encoder = training.cfg.pretrain, training.base, training.encoder
+        p, base, encoder = training.config.pretrain, training.base, training.encoder
         cfg = encoder.config
         per_set = max(1, p.sample_concepts // max(1, len(self.sets)))
         pixels = torch.cat([held.pixels[:per_set] for held in self.sets.values()])[: p.sample_concepts]
@@ -502,7 +504,7 @@ def restore_newest_readable(training: Training, checkpoint, rank: int) -> tuple[
 
 
 def worker_loop(job: dict) -> None:
-    """Ray Train's train_loop_per_worker. `job`: config (Config.model_dump()), project_dir,
+    """Ray Train's train_loop_per_worker. `job`: config (TrainingConfig.model_dump()), project_dir,
     tracking_uri, run_id (MLflow, logged to by rank 0 only), log_level (third-party logs)."""
     # ray: in a Ray Train worker only
     import ray.train
@@ -520,15 +522,15 @@ def worker_loop(job: dict) -> None:
         progress_log.addHandler(handler)
         progress_log.propagate = False
     progress_log.setLevel(logging.INFO)
-    cfg = Config.model_validate(job["config"])
-    p = cfg.pretrain
+    config = TrainingConfig.model_validate(job["config"])
+    p = config.pretrain
     torch.set_num_threads(p.cpus_per_worker)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
-    manifest = pd.read_parquet(Path(cfg.prepare.out) / "manifest.parquet")
-    training = Training.build(cfg, manifest, rank, world, device)
+    manifest = pd.read_parquet(Path(config.data) / "manifest.parquet")
+    training = Training.build(config, manifest, rank, world, device)
     start, fallback = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -550,7 +552,7 @@ def worker_loop(job: dict) -> None:
         tracking.log_metrics(mlflow, job["run_id"], {"start_step": start}, step=start)
         if fallback:
             mlflow.set_tag(job["run_id"], "checkpoint_fallback", fallback[:500])
-        heldout = HeldOut(cfg, manifest)
+        heldout = HeldOut(config, manifest)
         progress = Progress("pretrain", p.max_steps)
 
     def report(step: int, metrics: dict[str, Any], save: bool) -> None:
@@ -597,7 +599,7 @@ def worker_loop(job: dict) -> None:
             "peak_memory_mb": gather(round(peak_mb(device), 1)),
             "nodes": gather(ray.get_runtime_context().get_node_id())}
         if rank == 0:
-            untrained = heldout.losses(training, initial_encoder(cfg, training.base).to(device))
+            untrained = heldout.losses(training, initial_encoder(config.encoder, p.seed, training.base).to(device))
             final["heldout"] = {name: {"untrained": untrained[name], "trained": trained[name]} for name in trained}
             final["identity"] = identity
             tracking.log_metrics(mlflow, job["run_id"], {f"heldout_untrained/{k}": v for k, v in untrained.items()},

@@ -38,7 +38,7 @@ import pyarrow
 import pyarrow.fs
 
 from components import home, tracking
-from components.config import Config, EncoderConfig, S3Config, resolved
+from components.config import BaseConfig, Config, EncoderConfig, PretrainConfig, S3Config, TrainingConfig, resolved
 from components.data.prepare import data_version
 from components.errors import UserError
 from components.model.base import _is_local, base_fingerprint
@@ -67,13 +67,13 @@ def pretrain(cfg: Config, workers: int | None = None, max_steps: int | None = No
     given = {"workers": workers, "max_steps": max_steps, "checkpoint_every": checkpoint_every, "storage": storage}
     cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(
         update={k: v for k, v in given.items() if v is not None})})
-    p = cfg.pretrain
-    check_recipe(cfg)
-    manifest = read_manifest(cfg.prepare.out, p.workers)
+    training, p = cfg.training, cfg.pretrain
+    check_recipe(p, cfg.base)
+    manifest = read_manifest(training.data, p.workers)
 
-    version = data_version(cfg.prepare.out)
-    name = run_name(cfg, version)
-    out = Path(cfg.personalize.encoder)
+    version = data_version(training.data)
+    name = run_name(training, version)
+    out = Path(training.out)
     if home.holds(out) and not Path.cwd().resolve().is_relative_to(home.home()):
         # the default names the committed encoder, read from the home anywhere; it is rewritten only from there
         raise UserError(f"personalize.encoder is the committed encoder in the project home ({out}); outside the "
@@ -87,7 +87,7 @@ def pretrain(cfg: Config, workers: int | None = None, max_steps: int | None = No
     with contextlib.redirect_stdout(sys.stderr):  # Ray echoes worker output: keep stdout for the report
         started_ray = connect(address)
         try:
-            return train_on_ray(cfg, manifest, version, name, filesystem, root, parent_run_id)
+            return train_on_ray(training, resolved(cfg), manifest, version, name, (filesystem, root), parent_run_id)
         finally:
             if started_ray:
                 import ray  # ray: only when training runs, after RAY_TRAIN_V2_ENABLED is set above
@@ -95,26 +95,29 @@ def pretrain(cfg: Config, workers: int | None = None, max_steps: int | None = No
                 ray.shutdown()
 
 
-def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, filesystem, root: str,
-        parent_run_id: str | None) -> dict[str, Any]:
+def train_on_ray(training: TrainingConfig, params: dict, manifest: pd.DataFrame, version: str, name: str,
+                 storage: tuple[Any, str], parent_run_id: str | None) -> dict[str, Any]:
+    """Train on the Ray cluster this process is connected to, logged to an MLflow run with `params` (the resolved
+    config) under run name `name`, checkpoints in `storage` (`storage_filesystem`'s pair); the encoder is copied
+    to `training.out`. Returns pretrain's report."""
     # ray: only when training runs, after RAY_TRAIN_V2_ENABLED is set above
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
 
-    p = cfg.pretrain
+    p, (filesystem, root) = training.pretrain, storage
     log_level = chatter_level()  # third-party lines in Ray's processes, as on the CLI
     use_gpu = p.use_gpu if p.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= p.workers
-    tags = {"data_version": version, "preset": cfg.preset, "stage": "pretrain"}
-    with tracking.run(p.experiment, name, tags, parent_run_id, params=resolved(cfg)) as (client, run_id):
+    tags = {"data_version": version, "preset": training.preset, "stage": "pretrain"}
+    with tracking.run(p.experiment, name, tags, parent_run_id, params=params) as (client, run_id):
         tracking.log_dataset(client, run_id, train_rows(manifest),
-                             source=str(Path(cfg.prepare.out, "manifest.parquet").resolve()),
-                             name=Path(cfg.prepare.out).name, digest=version)
+                             source=str(Path(training.data, "manifest.parquet").resolve()),
+                             name=Path(training.data).name, digest=version)
 
         trainer = TorchTrainer(
             worker_loop,
-            train_loop_config={"config": cfg.model_dump(), "project_dir": os.getcwd(),
+            train_loop_config={"config": training.model_dump(), "project_dir": os.getcwd(),
                                "tracking_uri": client.tracking_uri, "run_id": run_id,
                                "log_level": log_level},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -138,12 +141,12 @@ def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, f
 
         # the final checkpoint's metrics are the run's summary (an earlier invocation's when nothing was left to do)
         summary = result.metrics
-        out = Path(cfg.personalize.encoder)
+        out = Path(training.out)
         with result.checkpoint.as_directory() as directory:
             staging = out.with_name(out.name + ".partial")
             shutil.rmtree(staging, ignore_errors=True)
             shutil.copytree(Path(directory) / "encoder", staging)
-        (staging / RECIPE_FILE).write_text(json.dumps({"run_name": name, "preset": cfg.preset}, indent=1) + "\n")
+        (staging / RECIPE_FILE).write_text(json.dumps({"run_name": name, "preset": training.preset}, indent=1) + "\n")
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)
         client.log_artifacts(run_id, str(out), "encoder")
@@ -172,8 +175,8 @@ def train_on_ray(cfg: Config, manifest: pd.DataFrame, version: str, name: str, f
 
 
 # --- what the driver checks before any worker starts ---------------------------------------------
-def check_recipe(cfg: Config) -> None:
-    p = cfg.pretrain
+def check_recipe(p: PretrainConfig, base: BaseConfig) -> None:
+    """What a user can get wrong in the recipe and the base, one clear line each, before any worker starts."""
     if p.batch_size % (p.workers * p.grad_accum):
         raise UserError(f"pretrain.batch_size {p.batch_size} is not divisible by workers x grad_accum "
                         f"({p.workers} x {p.grad_accum})")
@@ -181,8 +184,8 @@ def check_recipe(cfg: Config) -> None:
         prompts = getattr(p, key)
         if not prompts or any(PLACEHOLDER not in prompt for prompt in prompts):
             raise UserError(f"pretrain.{key} must be non-empty and each contain {PLACEHOLDER}; got {prompts!r}")
-    if _is_local(cfg.base) and not (Path(cfg.base.pretrained) / "model_index.json").is_file():
-        raise UserError(f"base model not found at {cfg.base.pretrained} (no model_index.json); run "
+    if _is_local(base) and not (Path(base.pretrained) / "model_index.json").is_file():
+        raise UserError(f"base model not found at {base.pretrained} (no model_index.json); run "
                         f"`datencoder bootstrap` (toy) or set base.pretrained")
 
 
@@ -219,12 +222,13 @@ def read_manifest(data: str, workers: int) -> pd.DataFrame:
     return manifest
 
 
-def run_name(cfg: Config, data_version: str) -> str:
+def run_name(training: TrainingConfig, data_version: str) -> str:
+    """`encoder-<hash>` of what decides what is learned: base, encoder, data version and the RECIPE fields."""
     # the weights' fingerprint, not only their path: a base re-bootstrapped in place must not resume
     # (or, in evaluate/ablate, reuse) an encoder trained on the old one
-    recipe = {"base": cfg.base.model_dump(), "base_weights": base_fingerprint(cfg.base),
-              "encoder": cfg.encoder.model_dump(), "data": data_version,
-              "pretrain": {k: getattr(cfg.pretrain, k) for k in RECIPE}}
+    recipe = {"base": training.base.model_dump(), "base_weights": base_fingerprint(training.base),
+              "encoder": training.encoder.model_dump(), "data": data_version,
+              "pretrain": {k: getattr(training.pretrain, k) for k in RECIPE}}
     return "encoder-" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -11,29 +11,29 @@ from pathlib import Path
 
 import torch
 
-from components.config import Config
+from components.config import BaseConfig, BootstrapConfig, Config
 from components.model import sd15
 from components.model.hypernetwork import HyperNetwork
 from components.model.lora import find_targets
 from components.toy.bootstrap import make_unet
 
 
-def unet_structure(cfg: Config, kind: str | None = None):
-    """The base UNet on the meta device: SD 1.5 from the bundled config, the toy one from the trained
-    model's config if present, else from the bootstrap recipe."""
-    if (kind or cfg.base.kind) == "sd15":
+def unet_structure(base: BaseConfig, bootstrap: BootstrapConfig, kind: str | None = None):
+    """The base UNet on the meta device: SD 1.5 from the bundled config (`kind`, default base.kind), the toy one
+    from the trained model's config if present, else from the bootstrap recipe."""
+    if (kind or base.kind) == "sd15":
         return sd15.meta_unet()
-    saved = Path(cfg.base.pretrained) / "unet" / "config.json"
+    saved = Path(base.pretrained) / "unet" / "config.json"
     if saved.is_file():
         return sd15.meta_unet(json.loads(saved.read_text()))
 
     with torch.device("meta"):
-        return make_unet(cfg.bootstrap)
+        return make_unet(bootstrap)
 
 
 def targets_report(cfg: Config, kind: str | None = None) -> dict:
     """The `targets` stage: which matrices the hypernetwork adapts, and what its head costs."""
-    targets = find_targets(unet_structure(cfg, kind))
+    targets = find_targets(unet_structure(cfg.base, cfg.bootstrap, kind))
     e = cfg.encoder
     with torch.device("meta"):
         head = HyperNetwork(targets, e.trunk_channels, e.hyper_hidden, e.rank, e.hyper_basis)

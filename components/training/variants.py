@@ -38,7 +38,7 @@ def encoder_variant(cfg: Config, overrides: dict, steps: int) -> tuple[Config, P
     # a short run warms up for at most a tenth of its length, not the full recipe's 50 steps
     variant = variant_config(cfg, encoder=overrides,
                              pretrain={"warmup_steps": min(cfg.pretrain.warmup_steps, max(1, steps // 10))})
-    key = f"{run_name(variant, data_version(cfg.prepare.out))}-{steps}"
+    key = f"{run_name(variant.training, data_version(cfg.prepare.out))}-{steps}"
     out = Path(cfg.evaluate.cache) / key
     # Ray's checkpoints beside the main run's, not in the cache: the cache holds encoders only (a DVC output)
     variant = variant_config(variant, pretrain={"storage": str(Path(cfg.pretrain.storage) / "variants" / key),

@@ -255,7 +255,7 @@ def test_eval_set_is_held_out_of_pretraining_through_the_manifest(tmp_path):
 
     cfg = toy_pretraining_data(tmp_path)
     prepared, raw = ROOT / cfg.prepare.out, ROOT / cfg.toy_world.out
-    eval_set = load_eval_set(cfg)
+    eval_set = load_eval_set(cfg.evaluate, cfg.base.kind)
     assert len(eval_set.concepts) >= 17 and len(eval_set.prompts) >= 10
     assert all(3 <= len(c.images) <= 5 for c in eval_set.concepts)
     words = " ".join(eval_set.prompts)
@@ -267,7 +267,7 @@ def test_eval_set_is_held_out_of_pretraining_through_the_manifest(tmp_path):
     unseen_shapes = set(cfg.toy_world.encoder_holdout_shapes)
     assert unseen_shapes <= {c.shape for c in concepts} and not unseen_shapes & seen.labels
     assert {c.shape for c in concepts} - unseen_shapes  # and instances of seen shapes
-    assert check_held_out(cfg)["checked"]
+    assert check_held_out(cfg.evaluate, "toy", cfg.prepare.out, cfg.toy_world.out)["checked"]
 
     # a concept pre-training did see is caught
     import pandas as pd
@@ -279,7 +279,8 @@ def test_eval_set_is_held_out_of_pretraining_through_the_manifest(tmp_path):
     leaked = tw.ToyConcept(row["shape"], row["colour"], row["pattern"], row["pattern_colour"])
     assert seen.contains(leaked)
     with pytest.raises(UserError, match="appear in the pre-training data"):
-        check_held_out(cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"concepts": [leaked.key]})}))
+        check_held_out(cfg.evaluate.model_copy(update={"concepts": [leaked.key]}), "toy", cfg.prepare.out,
+                       cfg.toy_world.out)
 
 
 def test_sd15_eval_set_needs_its_folder(tmp_path):
@@ -287,11 +288,11 @@ def test_sd15_eval_set_needs_its_folder(tmp_path):
 
     cfg = load_config("sd15")
     with pytest.raises(UserError, match="evaluate.concept_dir"):
-        load_eval_set(cfg)
+        load_eval_set(cfg.evaluate, "sd15")
     missing = cfg.model_copy(
         update={"evaluate": cfg.evaluate.model_copy(update={"concept_dir": str(tmp_path / "no")})})
     with pytest.raises(UserError, match="is not a folder"):
-        load_eval_set(missing)
+        load_eval_set(missing.evaluate, "sd15")
     (tmp_path / "dog").mkdir()
     for i in range(3):
         tw.render(tw.canonical(tw.ToyConcept("heart", "red")), 64, seed=i).save(tmp_path / "dog" / f"{i}.png")
@@ -299,7 +300,7 @@ def test_sd15_eval_set_needs_its_folder(tmp_path):
     (tmp_path / "prompts.txt").write_text("a photo of S* on the beach\n\na watercolor of S*\n")
     folder = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={
         "concept_dir": str(tmp_path), "prompts_file": str(tmp_path / "prompts.txt")})})
-    eval_set = load_eval_set(folder)
+    eval_set = load_eval_set(folder.evaluate, "sd15")
     assert [(c.name, len(c.images)) for c in eval_set.concepts] == [("backpack", 1), ("dog", 3)]
     assert eval_set.prompts == ["a photo of S* on the beach", "a watercolor of S*"]
 
@@ -358,7 +359,7 @@ def test_same_seed_and_config_give_the_same_metrics(smoke):
     _, cfg, _ = smoke
 
     def measure() -> list[float]:
-        harness = load_harness(cfg)  # a fresh load: nothing carried over in memory
+        harness = load_harness(cfg.engine, cfg.evaluate)  # a fresh load: nothing carried over in memory
         ours = harness.ours("ours", limit=2)
         lora = harness.baseline("lora-few-shot", "lora", 3, limit=1)
         return ours.identity + ours.prompt + lora.identity + lora.prompt
@@ -374,7 +375,7 @@ def test_time_to_identity_snapshots_are_the_shorter_runs(smoke):
     from components.evaluation.harness import load_harness
 
     _, cfg, _ = smoke
-    harness = load_harness(cfg)
+    harness = load_harness(cfg.engine, cfg.evaluate)
     for method in ("lora", "ti"):
         series = harness.baseline_series(method, method, [3, 1], limit=1)
         assert {k: r.name for k, r in series.items()} == {1: f"{method}-one-shot-1", 3: f"{method}-one-shot-3"}

@@ -37,7 +37,7 @@ def smoke(tmp_path_factory):
 @pytest.fixture(scope="module")
 def personalizer(smoke):
     _, cfg, encoder = smoke
-    return Personalizer(cfg, encoder)
+    return Personalizer(cfg.engine, encoder)
 
 
 def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -162,7 +162,7 @@ def test_a_photo_tunes_on_what_it_shows_besides_the_object(personalizer):
     described = personalizer.tuning_prompt_ids(torch.cat([beach, noise]))
     assert torch.equal(described[0], personalizer.base.prompts.tokenize(["a small S* at the top right on a beach"]))
     assert torch.equal(described[1], personalizer.tuning_ids)  # "a photo of S*"
-    cfg = personalizer.cfg
+    cfg = personalizer.config
     off = personalizer.variant(cfg.model_copy(update={
         "personalize": cfg.personalize.model_copy(update={"describe_scene": False})}))
     assert torch.equal(off.tuning_prompt_ids(on_red)[0], off.tuning_ids)
@@ -176,7 +176,7 @@ def test_gradient_checkpointing_saves_memory_without_changing_the_result(smoke, 
 
     _, cfg, encoder = smoke
     checkpointing = cfg.model_copy(update={"base": cfg.base.model_copy(update={"gradient_checkpointing": True})})
-    checkpointed = Personalizer(checkpointing, encoder)
+    checkpointed = Personalizer(checkpointing.engine, encoder)
     assert checkpointed.pipe.unet.is_gradient_checkpointing and not personalizer.pipe.unet.is_gradient_checkpointing
     pixels = to_pixels(read_image(BLUE_ON_RED, 10**8), personalizer.side)
 
@@ -487,7 +487,8 @@ def test_register_gates_the_challenger_promote_moves_the_champion_and_pyfunc_tun
     weights["hypernetwork.to_b.weight"] = torch.randn(weights["hypernetwork.to_b.weight"].shape,
                                                       generator=torch.Generator().manual_seed(0))
     save_file(weights, str(other / "model.safetensors"))
-    scores = {d: float(f"{registry.gate_score(Personalizer(cfg, d))['score']:.6g}") for d in (encoder, other)}
+    scores = {d: float(f"{registry.gate_score(Personalizer(cfg.engine, d), cfg.evaluate, cfg.registry)['score']:.6g}")
+              for d in (encoder, other)}
     worse_dir, better_dir = sorted(scores, key=scores.get)  # higher is better
     assert scores[worse_dir] < scores[better_dir]
     cfg = variant_config(cfg, registry={"margin": (scores[better_dir] - scores[worse_dir]) / 2})
@@ -504,13 +505,13 @@ def test_register_gates_the_challenger_promote_moves_the_champion_and_pyfunc_tun
     client = MlflowClient()
     assert int(client.get_model_version_by_alias(name, "champion").version) == first["version"]  # never moved here
     tags = client.get_model_version(name, str(worse["version"])).tags
-    assert {"data_version", "git_commit", "gate", "gate_size", "preset", registry.score_tag(cfg)} <= set(tags)
-    assert float(tags[registry.score_tag(cfg)]) == worse["gate"]["score"] and tags["preset"] == "smoke"
+    assert {"data_version", "git_commit", "gate", "gate_size", "preset", registry.score_tag(cfg.registry)} <= set(tags)
+    assert float(tags[registry.score_tag(cfg.registry)]) == worse["gate"]["score"] and tags["preset"] == "smoke"
     promoted = registry.promote(cfg)  # the challenger
     assert (promoted["version"], promoted["previous"]) == (better["version"], first["version"])
     assert int(client.get_model_version_by_alias(name, "champion").version) == better["version"]
     assert "challenger" not in client.get_registered_model(name).aliases
-    assert registry.champion_uri(cfg) == f"models:/{name}@champion"
+    assert registry.champion_uri(cfg.registry, cfg.preset) == f"models:/{name}@champion"
 
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     params = model.metadata.get_params_schema().to_dict()

@@ -42,7 +42,7 @@ def test_cli_personalize_in_bfloat16_on_the_cpu_completes(smoke, tmp_path, capsy
 
 def test_bfloat16_base_tunes_float32_tensors(smoke):
     _, cfg, encoder = smoke
-    personalizer = Personalizer(variant_config(cfg, runtime={"dtype": "bfloat16"}), encoder)
+    personalizer = Personalizer(variant_config(cfg, runtime={"dtype": "bfloat16"}).engine, encoder)
     assert {m.dtype for m in (personalizer.pipe.unet, personalizer.pipe.vae, personalizer.pipe.text_encoder)} == {
         torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in personalizer.encoder.parameters())

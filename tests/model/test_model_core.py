@@ -354,7 +354,7 @@ def test_ablation_configs_train(cfg, base, overrides):
 @pytest.mark.skipif(not Path("models/toy-base/model_index.json").is_file(), reason="toy base not bootstrapped yet")
 def test_trained_toy_base_loads_and_trains():
     cfg = load_config("toy")
-    base = FrozenBase.load(cfg)
+    base = FrozenBase.load(cfg.base, cfg.runtime)
     assert base.noise_scheduler.config.prediction_type == "v_prediction"
     encoder = TuningEncoder.for_base(cfg.encoder, base)
     pixels, latents, noise, t = batch(2)

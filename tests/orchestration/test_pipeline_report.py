@@ -25,7 +25,8 @@ def test_findings_render_as_a_table_and_plots_inline(tmp_path):
     finding = compare("tuning raises identity", "about +20%", better, worse, "identity")
     methods = {"ours": better.summary(), "ours-no-tuning": worse.summary()}
     cfg = load_config("smoke", overrides={"pipeline": {"report": str(tmp_path / "pipeline")}})
-    report = write_report(cfg, {"evaluate": {"methods": methods, "findings": [finding]}}, "run-id", "flow-run")
+    report = write_report(cfg.pipeline, cfg.preset, "datencoder-smoke",
+                          {"evaluate": {"methods": methods, "findings": [finding]}}, "run-id", "flow-run")
     lines = report["markdown"].splitlines()
     header = lines.index("| claim | paper | metric | methods | rests on | values | change % [95%] | rule | status | "
                          "magnitude vs paper |")
@@ -81,7 +82,7 @@ def test_smoke_report_says_so_and_shows_the_plots_grid_and_stage_times(tmp_path)
                                           "evaluate": {"out": str(tmp_path / "evaluate")}})
     out = tmp_path / "evaluate"
     findings = evaluation_report.evaluation_findings(results)
-    files = evaluation_report.write_report(out, "Evaluation", results, findings, cfg)
+    files = evaluation_report.write_report(out, "Evaluation", results, findings, cfg.preset)
     for name in ("ours-no-tuning", "ours"):
         results[f"{name}@baselines"] = results[name].subset({"a"}, f"{name}@baselines")
     curve = evaluation_report.time_to_identity(results, {"lora": ["lora-one-shot-1", "lora-one-shot-2"]},
@@ -93,7 +94,8 @@ def test_smoke_report_says_so_and_shows_the_plots_grid_and_stage_times(tmp_path)
     evaluate = {"methods": {n: r.summary() for n, r in results.items() if "@" not in n}, "findings": findings,
                 "report": {"plot": str(files["plot"]), "comparison": str(comparison)}, "time_to_identity": curve}
     durations = {"prepare_data": 62.4, "pretrain": 3.2, "evaluate": 754.0}
-    report = write_report(cfg, {"evaluate": evaluate}, "run-id", "flow-run", durations)
+    report = write_report(cfg.pipeline, cfg.preset, "datencoder-smoke", {"evaluate": evaluate}, "run-id", "flow-run",
+                          durations)
     markdown, folder = report["markdown"], tmp_path / "pipeline"
     first = markdown.splitlines()[0]
     assert "SMOKE RUN" in first and "preset smoke: 1-2 concepts" in first and "not meaningful" in first
@@ -116,5 +118,6 @@ def test_smoke_report_says_so_and_shows_the_plots_grid_and_stage_times(tmp_path)
     assert "| 0.9 s vs 24.2 s |" in speed and "(ratio 0.037)" in speed and "| reproduced |" in speed
 
     toy = load_config("toy", overrides={"pipeline": {"report": str(tmp_path / "toy")}})
-    assert write_report(toy, {"evaluate": evaluate}, "run-id", "flow-run")["markdown"].startswith(
+    toy_report = write_report(toy.pipeline, toy.preset, "datencoder-toy", {"evaluate": evaluate}, "run-id", "flow-run")
+    assert toy_report["markdown"].startswith(
         "# datencoder retrain: flow-run")

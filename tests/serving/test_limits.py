@@ -142,7 +142,7 @@ def registered(tmp_path_factory):
     os.environ["MLFLOW_TRACKING_URI"] = store
     try:
         registry.register(cfg, str(encoder))
-        uri = f"models:/{registry.model_name(cfg)}@champion"
+        uri = f"models:/{registry.model_name(cfg.registry, cfg.preset)}@champion"
         local = registry.trusted_model_dir(uri)
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI") if old is None else os.environ.__setitem__("MLFLOW_TRACKING_URI", old)

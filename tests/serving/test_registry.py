@@ -49,8 +49,9 @@ def test_one_preset_per_model_promote_never_crosses_presets_and_the_old_name_sti
     monkeypatch.setenv("MLFLOW_TRACKING_URI", isolated_store(tmp_path))
     client, versions = legacy_store(tmp_path)
     toy, smoke = load_config("toy"), load_config("smoke")
-    assert (registry.model_name(toy), registry.model_name(smoke)) == ("datencoder-toy", "datencoder-smoke")
-    assert registry.model_name(variant_config(smoke, registry={"model_name": "team-a"})) == "team-a"
+    names = (registry.model_name(toy.registry, "toy"), registry.model_name(smoke.registry, "smoke"))
+    assert names == ("datencoder-toy", "datencoder-smoke")
+    assert registry.model_name(variant_config(smoke, registry={"model_name": "team-a"}).registry, "smoke") == "team-a"
     # a smoke encoder is never registered into the toy model (refused before it is even loaded)
     (tmp_path / "encoder").mkdir()
     (tmp_path / "encoder" / "config.json").write_text("{}")
@@ -65,9 +66,9 @@ def test_one_preset_per_model_promote_never_crosses_presets_and_the_old_name_sti
         registry.promote(variant_config(toy, registry={"model_name": "datencoder"}))
     # the old name's champion still serves its own preset, with a deprecation line; never another preset
     with caplog.at_level(logging.WARNING, logger="components.serving.registry"):
-        assert registry.champion_uri(toy) == "models:/datencoder@champion"
+        assert registry.champion_uri(toy.registry, toy.preset) == "models:/datencoder@champion"
     assert "old single model name" in caplog.text and "datencoder-toy" in caplog.text
-    assert registry.champion_uri(smoke) is None
+    assert registry.champion_uri(smoke.registry, smoke.preset) is None
     from components.cli import main
 
     assert main(["promote", "--preset", "smoke", "--version", "7"]) == 2  # nothing there: one line, exit 2

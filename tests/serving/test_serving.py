@@ -206,7 +206,7 @@ def test_concurrent_requests_do_not_leak_into_each_other(smoke, server):
     with ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(lambda img: server.post([(img, "a photo of S*")], params), images))
     assert all(status == 200 for status, _ in replies), replies
-    alone = Personalizer(cfg, encoder)
+    alone = Personalizer(cfg.engine, encoder)
     settings = alone.settings(**params)
     for image, (_, out) in zip(images, replies):
         expected = alone.run(image, ["a photo of S*"], settings).images[0].pixels

@@ -364,7 +364,7 @@ def test_backbone_clip_sees_colour_and_shape():
     features, mean-pooled) tell colour and shape apart on fresh renders (check_base.PROBE_TARGETS: 95%, 90%)."""
     from components.evaluation.check_base import backbone_probe
 
-    probe = backbone_probe(load_config("toy"))
+    probe = backbone_probe(load_config("toy").base.backbone_clip)
     assert probe["passed"], probe
 
 

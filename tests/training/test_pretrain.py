@@ -186,7 +186,7 @@ def test_held_out_images_are_scored_under_the_prompt_they_would_train_with(tmp_p
                              "template": ["", "a small {} on a beach"]})
     cfg = load_config("toy", overrides={"prepare": {"out": str(tmp_path)},
                                         "pretrain": {"heldout_images": 3}})
-    held = HeldOut(cfg, manifest)
+    held = HeldOut(cfg.training, manifest)
     assert held.sets["val"].prompts == ["S* on a blue background", "a small S* on a beach"]
     assert [len(s.prompts) for s in held.sets.values()] == [2, 3, 3]
     assert not {s.concept.shape for s in held.sets["seen_shapes"].scenes} & set(cfg.toy_world.encoder_holdout_shapes)
@@ -202,9 +202,10 @@ def test_run_name_keys_the_recipe_not_the_duration():
     same = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"max_steps": 99, "workers": 2})})
     other = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"lr": 3e-4})})
     uncaptioned = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"templates": False})})
-    assert run_name(cfg, "v1") == run_name(same, "v1")
-    assert run_name(cfg, "v1") != run_name(other, "v1") and run_name(cfg, "v1") != run_name(cfg, "v2")
-    assert run_name(cfg, "v1") != run_name(uncaptioned, "v1")  # evaluate/ablate must not reuse a cached variant
+    name = run_name(cfg.training, "v1")
+    assert name == run_name(same.training, "v1")
+    assert name != run_name(other.training, "v1") and name != run_name(cfg.training, "v2")
+    assert name != run_name(uncaptioned.training, "v1")  # evaluate/ablate must not reuse a cached variant
 
 
 def test_run_name_follows_the_base_weights_not_only_their_path(tmp_path):
@@ -218,10 +219,10 @@ def test_run_name_follows_the_base_weights_not_only_their_path(tmp_path):
     weights = base / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(b"old weights")
     cfg = load_config("toy", overrides={"base": {"pretrained": str(base)}})
-    before = (base_fingerprint(cfg.base), run_name(cfg, "v1"))
-    assert (base_fingerprint(cfg.base), run_name(cfg, "v1")) == before
+    before = (base_fingerprint(cfg.base), run_name(cfg.training, "v1"))
+    assert (base_fingerprint(cfg.base), run_name(cfg.training, "v1")) == before
     weights.write_bytes(b"new weights")
-    after = (base_fingerprint(cfg.base), run_name(cfg, "v1"))
+    after = (base_fingerprint(cfg.base), run_name(cfg.training, "v1"))
     assert after[0] != before[0] and after[1] != before[1]
 
 
