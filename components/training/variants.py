@@ -41,7 +41,8 @@ def encoder_variant(cfg: Config, overrides: dict, steps: int) -> tuple[Config, P
     key = f"{run_name(variant.training, data_version(cfg.prepare.out))}-{steps}"
     out = Path(cfg.evaluate.cache) / key
     # Ray's checkpoints beside the main run's, not in the cache: the cache holds encoders only (a DVC output)
-    variant = variant_config(variant, pretrain={"storage": str(Path(cfg.pretrain.storage) / "variants" / key),
+    # (a string join: storage may be an s3:// URI, which Path would fold to s3:/)
+    variant = variant_config(variant, pretrain={"storage": f"{cfg.pretrain.storage.rstrip('/')}/variants/{key}",
                                                 "max_steps": steps},
                              personalize={"encoder": str(out / "encoder")})
     return variant, out / "encoder"

@@ -27,6 +27,7 @@ import pytest
 import yaml
 from smoke_models import free_port, interruptible, write_smoke_models
 
+from components.config import STAGES
 from components.orchestration.processes import stop_session
 
 
@@ -454,7 +455,7 @@ def test_team_mode_logs_and_registers_through_an_mlflow_server_on_s3(smoke, tmp_
             ws = tmp_path / "ws"
             values = yaml.safe_load((smoke["ws"] / "params.yaml").read_text())
             values["pretrain"]["storage"] = "s3://ckpt/runs"
-            values["pipeline"]["stages"] = ["prepare_data", "pretrain", "evaluate", "ablate", "register"]
+            values["pipeline"]["stages"] = list(STAGES)  # every stage: the variants' checkpoints go to S3 too
             init_workspace(ws, load_config(overrides=values, preset="smoke"))
             run_dvc(ws, "remote", "add", "--local", "-d", "team", "s3://dvc/store")  # the team's default remote
             run_dvc(ws, "remote", "modify", "--local", "team", "endpointurl", s3_url)
@@ -470,12 +471,15 @@ def test_team_mode_logs_and_registers_through_an_mlflow_server_on_s3(smoke, tmp_
             assert any(k.endswith("encoder/model.safetensors") for k in keys)  # the logged model, on S3
             assert s3.list_objects_v2(Bucket="dvc").get("KeyCount", 0) > 0
             assert out["stages"]["pretrain"]["checkpoint"].startswith("s3://ckpt/runs/")
+            variant_keys = {o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix="runs/variants/")["Contents"]}
+            variant_runs = {k.split("/")[2] for k in variant_keys} - {""}  # "": the folder's own marker
+            assert len(variant_runs) == 6 and all(run.startswith("encoder-") for run in variant_runs)
             markdown = Path(out["report"]).read_text()
             assert uri in markdown and "## Metrics" in markdown  # links into the team's MLflow UI
             artifacts = dict(prefect_db(ws).execute("select key, type from artifact where key is not null").fetchall())
             assert artifacts == {"retrain-report": "markdown", "retrain-metrics": "table",
-                                 "pretrain-progress": "progress", "evaluate-progress": "progress",
-                                 "ablate-progress": "progress",
+                                 **{f"{stage}-progress": "progress" for stage in STAGES
+                                    if stage not in ("prepare_data", "register")},
                                  "evaluate-plots": "markdown", "ablate-plots": "markdown"}
             plots = prefect_db(ws).execute("select data from artifact where key = 'evaluate-plots'").fetchone()[0]
             assert plots.count("data:image/png;base64,") >= 2  # the trade-off plot and the sample grids, inline

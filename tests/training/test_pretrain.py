@@ -195,6 +195,20 @@ def test_held_out_images_are_scored_under_the_prompt_they_would_train_with(tmp_p
                                                                       held.sets["unseen_shapes"].scenes))
 
 
+def test_a_variant_keeps_its_checkpoints_beside_the_main_runs_on_s3_too(assets, tmp_path):
+    """The variants stage's pre-training runs checkpoint under <pretrain.storage>/variants/<run>-<steps>, a local path
+    or an s3:// URI alike (a Path join folds s3:// to s3:/, a local folder), and write their encoders to the cache."""
+    from components.training.variants import encoder_variant
+
+    for storage, expected in (("s3://ckpt/runs/", "s3://ckpt/runs/variants/"),
+                              (str(tmp_path / "ckpt"), f"{tmp_path / 'ckpt'}/variants/")):
+        cfg = load_config("smoke", overrides={**smoke_overrides(assets, tmp_path), "pretrain": {"storage": storage}})
+        variant, encoder_dir = encoder_variant(cfg, {"regulariser": "none"}, steps=3)
+        key = encoder_dir.parent.name
+        assert variant.pretrain.storage == f"{expected}{key}" and key.endswith("-3")
+        assert variant.encoder.regulariser == "none" and variant.personalize.encoder == str(encoder_dir)
+
+
 def test_run_name_keys_the_recipe_not_the_duration():
     from components.training.pretrain import run_name
 
