@@ -530,11 +530,12 @@ def test_smoke_variants_stage_trains_its_encoders_on_ray(smoke, tmp_path, monkey
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = MlflowClient(uri)
-    for experiment in (cfg.evaluate.experiment, cfg.ablate.experiment):  # artifacts under tmp, not ./mlruns
-        client.create_experiment(experiment, artifact_location=(tmp_path / experiment).as_uri())
+    for experiment in (cfg.evaluate.experiment, cfg.ablate.experiment, cfg.pretrain.experiment):
+        client.create_experiment(experiment, artifact_location=(tmp_path / experiment).as_uri())  # not ./mlruns
     baselines(cfg)
     report = train_variants(cfg)
-    pretrain_runs = client.search_runs([client.get_experiment_by_name(cfg.evaluate.experiment).experiment_id],
+    # without a parent run (the stage on its own) each training is a run of the pretrain experiment
+    pretrain_runs = client.search_runs([client.get_experiment_by_name(cfg.pretrain.experiment).experiment_id],
                                        "tags.stage = 'pretrain'")
     # six distinct recipes: the default, none, nn-cosine, no hypernetwork, l2, no dual path in training
     assert len(pretrain_runs) == 6 and len(list((tmp_path / "cache").iterdir())) == 6
