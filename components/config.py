@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -563,13 +564,31 @@ def variant_config(cfg: SectionsT, **sections: dict) -> SectionsT:
                                   for name, values in sections.items()})
 
 
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: true and false only. DVC writes params.yaml as YAML 1.2
+    (`dvc exp run -S` rewrites the file), where on, off, yes and no are plain strings and go unquoted; read as YAML
+    1.1 the toy vocabulary's word "on" would come back as True."""
+
+
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
+def read_yaml(text: str) -> Any:
+    """A config's YAML (a params file, an override's or environment variable's value), as YAML 1.2 reads it."""
+    return yaml.load(text, Loader=Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_overrides(items: list[str]) -> dict:
     """`SECTION.KEY=VALUE` strings (VALUE as YAML) -> {section: {key: value}} for load_config's overrides."""
     overrides: dict = {}
     for item in items:
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)
-        overrides.setdefault(section, {})[name] = yaml.safe_load(value)
+        overrides.setdefault(section, {})[name] = read_yaml(value)
     return overrides
 
 
@@ -673,7 +692,7 @@ def environment_overrides(environ: dict[str, str] | None = None) -> dict:
         if not section or not key or "__" in key:
             raise UserError(f"environment variable {name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
         try:
-            value = yaml.safe_load(text)
+            value = read_yaml(text)
         except yaml.YAMLError as e:
             raise UserError(f"environment variable {name}: cannot parse {text!r} ({str(e).splitlines()[0]})") from None
         overrides.setdefault(section, {})[key] = value
@@ -689,7 +708,7 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
     if path is not None:
         source = str(path)
         try:
-            file_values = yaml.safe_load(Path(path).read_text()) or {}
+            file_values = read_yaml(Path(path).read_text()) or {}
         except OSError as e:
             raise UserError(f"cannot read config {path}: {e.strerror}") from None
         except yaml.YAMLError as e:

@@ -80,3 +80,18 @@ def test_diffusers_names_for_the_sampler_and_threads_for_threads(tmp_path):
         cfg = load_config(path=old)
     assert (cfg.prepare.threads, cfg.pretrain.sample_num_inference_steps, cfg.pretrain.sample_guidance_scale) == (
         3, 7, 2.0)
+
+
+def test_params_rewritten_by_dvc_load_as_they_were_written(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml as YAML 1.2, leaving the toy vocabulary's word `on` unquoted; the config
+    reads YAML 1.2 booleans (true / false only), so the file means the same after the rewrite."""
+    from ruamel.yaml import YAML  # DVC's own YAML library
+
+    cfg = load_config("toy")
+    path = tmp_path / "params.yaml"
+    YAML().dump({"base": {"vocabulary": cfg.base.vocabulary}, "pretrain": {"templates": False}}, path)
+    assert "- on\n" in path.read_text()  # as DVC writes it: unquoted
+    again = load_config("toy", path=path)
+    assert again.base.vocabulary == cfg.base.vocabulary and "on" in again.base.vocabulary
+    assert again.pretrain.templates is False
+    assert load_config("toy", overrides={"pretrain": {"templates": True}}).pretrain.templates is True

@@ -52,7 +52,15 @@ import yaml
 from PIL import Image
 
 from components import tracking
-from components.config import Config, EngineConfig, EvaluateConfig, RegistryConfig, RuntimeConfig, load_config
+from components.config import (
+    Config,
+    EngineConfig,
+    EvaluateConfig,
+    RegistryConfig,
+    RuntimeConfig,
+    load_config,
+    read_yaml,
+)
 from components.errors import UserError
 from components.inference.engine import Personalizer
 
@@ -196,7 +204,7 @@ def model_artifacts(cfg: Config, encoder_dir: str | Path, scratch: Path) -> dict
 
 def config_from_artifacts(artifacts: dict[str, str]) -> Config:
     """The logged config with the base paths pointed at the logged copies (where there are some)."""
-    values = yaml.safe_load(Path(artifacts["config"]).read_text())
+    values = read_yaml(Path(artifacts["config"]).read_text())
     base = values["base"]
     if "base" in artifacts:
         base["pretrained"] = artifacts["base"]
