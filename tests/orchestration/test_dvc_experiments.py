@@ -19,6 +19,7 @@ from smoke_models import seed_encoder_cache, smoke_evaluation_setup
 
 from components.config import load_config
 from components.orchestration.workspace import project_stages, workspace_params
+from components.training.variants import wanted_variants
 
 
 BIN = Path(sys.executable).parent
@@ -40,9 +41,10 @@ def experiment_repo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dvc-experiments")
     config_file = smoke_evaluation_setup(tmp)
     values = yaml.safe_load(config_file.read_text())
-    # one concept per method and the report inside the repository, where DVC tracks it
-    # the `variants` stage's output inside the repository, as DVC needs it
-    values["evaluate"].update({"out": "outputs/evaluate", "max_concepts": 1, "cache": "models/ablation-encoders"})
+    # one concept per method; the report and the `baselines` and `variants` stages' outputs inside the repository,
+    # where DVC tracks them
+    values["evaluate"].update({"out": "outputs/evaluate", "max_concepts": 1, "cache": "models/ablation-encoders",
+                               "baseline_results": "outputs/baselines", "variant_results": "outputs/variants"})
     repo = tmp / "repo"
     repo.mkdir()
     cfg = load_config(path=config_file, overrides=values)
@@ -55,8 +57,11 @@ def experiment_repo(tmp_path_factory):
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     run(repo, "git", "init", "-q", env=env)
     dvc(repo, "init", "-q", env=env)
-    # the seeded encoders stand for a `variants` run a teammate made: recorded in dvc.lock as up to date
-    dvc(repo, "commit", "-f", "variants", env=env)
+    # the stored baselines and the seeded encoders' scores stand for the runs a teammate made (`dvc repro` would
+    # delete the seeded cache first and train it on Ray): the stages' own commands, then recorded as up to date
+    for stage in ("baselines", "variants"):
+        run(repo, str(BIN / "datencoder"), stage, "--config", "params.yaml", "--json", env=env)
+    dvc(repo, "commit", "-f", "baselines", "variants", env=env)
     run(repo, "git", "add", "-A", env=env)
     run(repo, "git", "commit", "-qm", "evaluate stage", env=env)
     return repo, env
@@ -68,8 +73,12 @@ def test_two_experiments_compare_with_dvc_exp_show_metrics_and_plots_diff(experi
     repo, env = experiment_repo
     for name, steps in (("tune-1", 1), ("tune-3", 3)):
         done = dvc(repo, "exp", "run", "evaluate", "-n", name, "-S", f"personalize.tuning_steps={steps}", env=env)
-        # a tuning experiment re-trains no encoder: the variants stage is up to date
-        assert "Stage 'variants' didn't change, skipping" in done.stdout + done.stderr
+        # a tuning experiment re-runs no baseline, and re-scores the variants' encoders without training one:
+        # their cache persists through the stage (dvc.yaml), so every encoder is found there
+        out = done.stdout + done.stderr
+        assert "Stage 'baselines' didn't change, skipping" in out
+        wanted = wanted_variants(load_config(path=repo / "params.yaml").ablate)  # names; several share an encoder
+        assert "pre-training a" not in out and out.count(": cached encoder ") == len(wanted), out[-3000:]
 
     shown = json.loads(dvc(repo, "exp", "show", "--json", env=env).stdout)
     experiments = {rev["name"]: rev["data"]
