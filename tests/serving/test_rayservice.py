@@ -45,7 +45,9 @@ def test_the_rayservice_serve_config_serves_and_autoscales(tmp_path, root):
     serve_config["http_options"] = {"host": "127.0.0.1", "port": port}
     app = serve_config["applications"][0]
     assert app["import_path"] == "components.serving.ray_serve:app_builder"
-    app["args"].update(config=str(config_file))  # the manifest's model URI stays: the champion
+    # the manifest serves the sd15 champion on the cluster; here the smoke champion registered above, by the same rule
+    app["args"].update(config=str(config_file),
+                       model=f"models:/{registry.model_name(cfg.registry, cfg.preset)}@{registry.ALIAS}")
     deployments = {d["name"]: d for d in app["deployments"]}
     assert set(deployments) == {"Model", "Ingress"}
     model = deployments["Model"]
