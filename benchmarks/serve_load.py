@@ -213,9 +213,9 @@ def stop_server(server: subprocess.Popen) -> None:
 
 def server_config(args, preset: str, path: Path, serve: dict | None = None) -> Path:
     """A config file for `datencoder serve`: this run's (--config, then --set) and `preset`, `serve` keys over it."""
-    from components.config import deep_merge
+    from components.config import deep_merge, read_yaml
 
-    given = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
+    given = (read_yaml(Path(args.config).read_text()) or {}) if args.config else {}
     values = deep_merge(deep_merge(given, harness.overrides(args)), {"preset": preset, "serve": serve or {}})
     path.write_text(yaml.safe_dump(values))
     return path

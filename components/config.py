@@ -579,7 +579,7 @@ Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:tr
 
 def read_yaml(text: str) -> Any:
     """A config's YAML (a params file, an override's or environment variable's value), as YAML 1.2 reads it."""
-    return yaml.load(text, Loader=Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=Yaml12Loader)  # a SafeLoader: no arbitrary objects
 
 
 def parse_overrides(items: list[str]) -> dict:

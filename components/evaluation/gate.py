@@ -12,10 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from components.config import EvaluateConfig, RegistryConfig
-from components.evaluation.eval_set import load_eval_set
-from components.evaluation.harness import Harness
-from components.evaluation.metrics import ClipMetrics
-from components.model.base import load_clip
+from components.evaluation.harness import harness_for
 
 
 GATE = "gate_identity_prompt_v2"  # the gate's name: scores are compared only under the same name and size
@@ -29,22 +26,17 @@ def gate_size(registry: RegistryConfig) -> str:
 def gate_run(personalizer, evaluate: EvaluateConfig, concepts: int, prompts: int, seed: int = 0):
     """The harness's MethodResult of ours on the first `concepts` concepts x the first `prompts` prompts of the
     evaluation set `evaluate` names, at `seed` (one sample per concept and prompt, concept-major)."""
-    evaluate = evaluate.model_copy(update={"full": False, "seeds": [seed]})
-    base = personalizer.config.base
-    eval_set = load_eval_set(evaluate, base.kind)
-    clip = load_clip(base.metrics_clip, personalizer.runtime.device)
-    harness = Harness(evaluate, personalizer, ClipMetrics(clip), eval_set)
-    return harness.ours("gate", limit=concepts, prompts=eval_set.prompts[:prompts])
+    harness = harness_for(personalizer, evaluate.model_copy(update={"full": False, "seeds": [seed]}))
+    return harness.ours("gate", limit=concepts, prompts=harness.eval_set.prompts[:prompts])
 
 
 def gate_scores(personalizer, evaluate: EvaluateConfig, registry: RegistryConfig, seed: int = 0) -> dict:
     """The registry gate of a loaded Personalizer at `registry`'s size on `evaluate`'s concepts and prompts:
     {"identity", "prompt", "score", "samples", "size"}; a `seed` other than 0 only to measure the gate's noise."""
-    r = registry
-    result = gate_run(personalizer, evaluate, r.gate_concepts, r.gate_prompts, seed)
+    result = gate_run(personalizer, evaluate, registry.gate_concepts, registry.gate_prompts, seed)
     identity, prompt = float(np.mean(result.identity)), float(np.mean(result.prompt))
     return {"identity": identity, "prompt": prompt, "score": (identity + prompt) / 2,
-            "samples": len(result.identity), "size": gate_size(r)}
+            "samples": len(result.identity), "size": gate_size(registry)}
 
 
 def beats(score: float, other: float | None, margin: float) -> bool:

@@ -3,7 +3,7 @@
     harness = load_harness(cfg.engine, cfg.evaluate)
     with StageRun(experiment, "evaluate", parent_run_id, resolved(cfg), cfg.preset) as run:
         run.add(harness.ours("ours"))
-        result = run.report(title, out, findings)
+        result = run.report(title, out, findings, len(harness.seeds))
 
 Every method personalises each evaluation concept from its image(s) and draws every prompt x seed with
 the same sampler settings (`personalize.*`); the metrics CLIP scores each image (components/evaluation/metrics.py).
@@ -303,10 +303,15 @@ def settings_key(cfg: Config, fields: dict[str, tuple[str, ...]]) -> dict:
 
 def load_harness(engine: EngineConfig, evaluate: EvaluateConfig, encoder: bool = True) -> Harness:
     """The base, the metrics CLIP, the evaluation set and (with `encoder`) ours' encoder, loaded once."""
-    eval_set = load_eval_set(evaluate, engine.base.kind)
-    personalizer = Personalizer(engine, engine.personalize.encoder if encoder else None)
-    clip = load_clip(engine.base.metrics_clip, personalizer.runtime.device)
-    return Harness(evaluate, personalizer, ClipMetrics(clip), eval_set)
+    return harness_for(Personalizer(engine, engine.personalize.encoder if encoder else None), evaluate)
+
+
+def harness_for(personalizer: Personalizer, evaluate: EvaluateConfig) -> Harness:
+    """A harness around a loaded Personalizer: the evaluation set `evaluate` names and the metrics CLIP of its base,
+    on its device."""
+    base = personalizer.config.base
+    clip = load_clip(base.metrics_clip, personalizer.runtime.device)
+    return Harness(evaluate, personalizer, ClipMetrics(clip), load_eval_set(evaluate, base.kind))
 
 
 class StageRun:

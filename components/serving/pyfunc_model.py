@@ -46,8 +46,7 @@ from components.serving.registry import config_from_artifacts
 
 class PersonalizeModel(PythonModel):
     def load_context(self, context) -> None:
-        cfg = config_from_artifacts(context.artifacts)
-        cfg = cfg.model_copy(update={"runtime": serving_runtime(context.model_config)})  # where it is served
+        cfg = config_from_artifacts(context.artifacts, serving_runtime(context.model_config))
         self.limits = limits.serving_limits(cfg.serve)
         self.slots = limits.Slots(self.limits.max_concurrent, self.limits.max_queue)
         self.personalizer = Personalizer(cfg.engine, context.artifacts["encoder"])

@@ -202,8 +202,9 @@ def model_artifacts(cfg: Config, encoder_dir: str | Path, scratch: Path) -> dict
     return artifacts
 
 
-def config_from_artifacts(artifacts: dict[str, str]) -> Config:
-    """The logged config with the base paths pointed at the logged copies (where there are some)."""
+def config_from_artifacts(artifacts: dict[str, str], runtime: RuntimeConfig) -> Config:
+    """The logged config with the base paths pointed at the logged copies (where there are some), in `runtime`: a
+    model runs where it is loaded, not where it was registered."""
     values = read_yaml(Path(artifacts["config"]).read_text())
     base = values["base"]
     if "base" in artifacts:
@@ -213,7 +214,7 @@ def config_from_artifacts(artifacts: dict[str, str]) -> Config:
         for key in ("pretrained", "config_path"):
             if clip.get(key):
                 clip[key] = str(folder / Path(clip[key]).name)
-    return load_config(values["preset"], overrides=values)
+    return load_config(values["preset"], overrides=values).model_copy(update={"runtime": runtime})
 
 
 def signature(engine: EngineConfig):
@@ -292,7 +293,7 @@ def logged_personalizer(model_uri: str, runtime: RuntimeConfig) -> Personalizer:
     artifacts = {name: str(local / info["path"]) for name, info in (flavor.get("artifacts") or {}).items()}
     if not {"encoder", "config"} <= set(artifacts):
         raise UserError(f"{model_uri} is not a datencoder model (no encoder/config artifacts): cannot score it")
-    cfg = config_from_artifacts(artifacts).model_copy(update={"runtime": runtime})
+    cfg = config_from_artifacts(artifacts, runtime)
     return Personalizer(cfg.engine, artifacts["encoder"])
 
 
